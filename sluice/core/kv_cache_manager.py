@@ -1,0 +1,120 @@
+"""Per-request block tables on top of the block pool, and the prefix-cache lookup.
+
+Layout of one request's blocks (block_size 4, 10 tokens computed, 3 scheduled now):
+
+    tokens   | t0 t1 t2 t3 | t4 t5 t6 t7 | t8 t9 t10 t11 | t12
+    blocks   |  block 7    |  block 2    |   block 9     | block 4
+              full, hashed   full, hashed   full after this   partial
+              (maybe shared)                step: hashed now
+
+`allocate_slots` is the single admission / preemption signal: it returns the new blocks, or
+None when the pool cannot hold the request's next tokens.
+"""
+
+from __future__ import annotations
+
+from sluice.core.block_pool import BlockPool, KVCacheBlock, hash_block
+from sluice.core.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.num_hashed_blocks: dict[str, int] = {}  # leading blocks of a request already indexed
+        self.prefix_cache_queries = 0  # tokens looked up
+        self.prefix_cache_hits = 0  # tokens found
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.pool.num_usable_blocks * self.block_size
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+        """Longest cached prefix of a request that holds no blocks yet: (blocks, tokens).
+
+        At least one token is always left to compute, so the last position yields logits.
+        """
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0
+        self._update_block_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVCacheBlock] = []
+        for block_hash, key in request.block_hashes[:max_blocks]:
+            block = self.pool.lookup(block_hash, key)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count a lookup once its request is admitted (a refused admission retries later)."""
+        if self.enable_caching:
+            self.prefix_cache_queries += num_tokens
+            self.prefix_cache_hits += num_hit_tokens
+
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        computed_blocks: list[KVCacheBlock] | None = None,
+    ) -> list[KVCacheBlock] | None:
+        """Make room for `num_new_tokens` more tokens after the computed (and cache-hit) ones."""
+        computed_blocks = computed_blocks or []
+        held = self.req_blocks.setdefault(request.request_id, [])
+        num_tokens_after = (
+            request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        )
+        num_needed = cdiv(num_tokens_after, self.block_size) - len(held) - len(computed_blocks)
+        num_revived = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if num_needed + num_revived > self.pool.num_free_blocks():
+            if not held:
+                del self.req_blocks[request.request_id]
+            return None
+        self.pool.touch(computed_blocks)
+        held.extend(computed_blocks)
+        new_blocks = self.pool.allocate(max(num_needed, 0))
+        held.extend(new_blocks)
+        self._cache_full_blocks(request, num_tokens_after)
+        return new_blocks
+
+    def free(self, request: Request) -> None:
+        """Release a request's blocks, tail first, so shared prefixes outlive unique tails."""
+        blocks = self.req_blocks.pop(request.request_id, [])
+        self.num_hashed_blocks.pop(request.request_id, None)
+        self.pool.free(list(reversed(blocks)))
+
+    def _update_block_hashes(self, request: Request) -> None:
+        bs = self.block_size
+        hashes = request.block_hashes
+        parent = hashes[-1][0] if hashes else None
+        for start in range(len(hashes) * bs, request.num_tokens - bs + 1, bs):
+            tokens = tuple(request.all_token_ids[start : start + bs])
+            parent, key = hash_block(parent, tokens, request.cache_salt)
+            hashes.append((parent, key))
+
+    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+        """Index the blocks that become full once this step's tokens are written."""
+        if not self.enable_caching:
+            return
+        num_full = min(num_tokens, request.num_tokens) // self.block_size  # known tokens only
+        done = self.num_hashed_blocks.get(request.request_id, 0)
+        if num_full <= done:
+            return
+        self._update_block_hashes(request)
+        blocks = self.req_blocks[request.request_id]
+        for i in range(done, num_full):
+            block_hash, key = request.block_hashes[i]
+            self.pool.cache_block(blocks[i], block_hash, key)
+        self.num_hashed_blocks[request.request_id] = num_full

@@ -1,0 +1,120 @@
+"""A request as the engine core sees it: token ids, progress, and its place in the KV cache."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from sluice.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.value if self.finished else None
+
+
+_FINISHED = {
+    RequestStatus.FINISHED_STOPPED,
+    RequestStatus.FINISHED_LENGTH,
+    RequestStatus.FINISHED_ABORTED,
+    RequestStatus.FINISHED_ERROR,
+}
+
+
+@dataclass
+class EngineCoreRequest:
+    """What crosses from the input processor to the core: already tokenized and validated."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_id: int | None
+    arrival_time: float = field(default_factory=time.time)
+    priority: int = 0
+    cache_salt: str | None = None  # extra key folded into block hashes (LoRA id, tenant salt)
+
+
+_arrival_counter = itertools.count()
+
+
+class Request:
+    """Engine-side state. The invariant: `num_computed_tokens` catches up with `num_tokens`.
+
+    Chunked prefill, prefix-cache hits and preemption are all just moves of
+    `num_computed_tokens`; the scheduler never tracks separate prefill/decode phases.
+    """
+
+    def __init__(self, req: EngineCoreRequest, max_tokens: int) -> None:
+        self.request_id = req.request_id
+        self.prompt_token_ids = req.prompt_token_ids
+        self.sampling_params = req.sampling_params
+        self.arrival_time = req.arrival_time
+        self.arrival_seq = next(_arrival_counter)  # breaks ties between equal arrival times
+        self.priority = req.priority
+        self.cache_salt = req.cache_salt
+        self.max_tokens = max_tokens
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(req.prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # prefix-cache hit of the first scheduling; -1 until then
+        self.num_preemptions = 0
+        self.num_prompt_logprobs_done = 0  # prompt positions whose logprobs were emitted
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.error: str | None = None
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks of all_token_ids
+        params = req.sampling_params
+        self.stop_token_ids: set[int] = set(params.stop_token_ids or [])
+        if req.eos_token_id is not None and not params.ignore_eos:
+            self.stop_token_ids.add(req.eos_token_id)
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+        # Timestamps for metrics (monotonic seconds).
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def sort_key(self, policy: str) -> tuple:
+        """Lower sorts first: served earlier, preempted last."""
+        if policy == "priority":
+            return (self.priority, self.arrival_time, self.arrival_seq)
+        return (self.arrival_time, self.arrival_seq)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, {self.status.value}, "
+            f"computed={self.num_computed_tokens}/{self.num_tokens})"
+        )

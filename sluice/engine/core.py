@@ -1,0 +1,87 @@
+"""The engine core: schedule -> execute -> update, and nothing else.
+
+It sees token ids only; tokenization, chat templates and detokenization live in the caller's
+process, so this loop can run in a process of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sluice.config import EngineConfig
+from sluice.core.kv_cache_manager import KVCacheManager, cdiv
+from sluice.core.request import EngineCoreRequest, Request
+from sluice.core.scheduler import EngineCoreOutput, Scheduler
+from sluice.loader import ModelSource
+from sluice.worker.model_runner import ModelRunner
+
+logger = logging.getLogger("sluice")
+
+
+def resolve_max_model_len(requested: int | None, hf_config) -> int:
+    model_len = getattr(hf_config, "max_position_embeddings", None) or 2048
+    if requested is None:
+        return model_len
+    if requested > model_len:
+        raise ValueError(
+            f"max_model_len={requested} exceeds the model's context length ({model_len} tokens, "
+            "max_position_embeddings in its config)"
+        )
+    return requested
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, hf_config, source: ModelSource) -> None:
+        self.config = config
+        self.max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config)
+        started = time.monotonic()
+        self.runner = ModelRunner(config, hf_config, source)
+        block_size = config.cache.block_size
+        max_useful = cdiv(self.max_model_len, block_size) * config.scheduler.max_num_seqs + 1
+        num_blocks = self.runner.choose_num_blocks(max_useful)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        cache_gib = num_blocks * self.runner.bytes_per_block() / 2**30
+        logger.info(
+            "model %s loaded in %.1f s (%s); KV cache: %d blocks of %d tokens (%.2f GiB), "
+            "max concurrency %.1fx for %d-token requests",
+            source.name, time.monotonic() - started, config.model.torch_dtype, num_blocks,
+            block_size, cache_gib, (num_blocks - 1) * block_size / self.max_model_len, self.max_model_len,
+        )
+
+    def add_request(self, core_request: EngineCoreRequest) -> None:
+        max_tokens = core_request.sampling_params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - len(core_request.prompt_token_ids)
+        self.scheduler.add_request(Request(core_request, max_tokens))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.abort_requests(request_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[EngineCoreOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return self.scheduler.update_from_output(sched, {})
+        result = self.runner.execute_model(sched)
+        return self.scheduler.update_from_output(sched, result.sampled, result.logprobs, result.prompt_logprobs)
+
+    def get_stats(self) -> dict[str, float]:
+        """Counters and gauges under vLLM's metric names."""
+        s, kv = self.scheduler, self.kv
+        return {
+            "vllm:num_requests_running": len(s.running),
+            "vllm:num_requests_waiting": len(s.waiting),
+            "vllm:kv_cache_usage_perc": kv.usage(),
+            "vllm:num_preemptions": s.num_preemptions,
+            "vllm:prompt_tokens": s.num_prompt_tokens,
+            "vllm:generation_tokens": s.num_generation_tokens,
+            "vllm:prefix_cache_queries": kv.prefix_cache_queries,
+            "vllm:prefix_cache_hits": kv.prefix_cache_hits,
+            "vllm:num_free_blocks": kv.pool.num_free_blocks(),
+            "vllm:num_total_blocks": kv.pool.num_usable_blocks,
+        }

@@ -1,0 +1,68 @@
+"""User prompts -> validated, tokenized EngineCoreRequests (before any engine state changes)."""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from sluice.core.request import EngineCoreRequest
+from sluice.sampling_params import SamplingParams
+
+PromptType = Union[str, list[int], dict[str, Any]]
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """Accepts a string, a list of token ids, or vLLM's {"prompt"} / {"prompt_token_ids"} dicts."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_token_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt dict needs a 'prompt' or 'prompt_token_ids' key")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, self._check_token_ids(list(prompt))
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def _check_token_ids(self, token_ids: list) -> list[int]:
+        if not token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        for token_id in token_ids:
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
+                raise ValueError(
+                    f"prompt_token_ids must be ints in [0, {self.vocab_size}); got {token_id!r}"
+                )
+        return list(token_ids)
+
+    def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     priority: int = 0, arrival_time: float | None = None) -> EngineCoreRequest:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty (it has 0 tokens)")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {self.max_model_len}, "
+                "which must leave room for at least one generated token"
+            )
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an int, got {priority!r}")
+        extra = {} if arrival_time is None else {"arrival_time": arrival_time}
+        return EngineCoreRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            sampling_params=params,
+            eos_token_id=self.eos_token_id,
+            priority=priority,
+            **extra,
+        )

@@ -1,0 +1,84 @@
+"""`sluice` command line. Engine flags use vLLM's spellings so existing scripts carry over."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from sluice.loader import DEFAULT_MODEL
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Every engine knob of the offline `LLM`, as a CLI flag with vLLM's name."""
+    parser.add_argument("model", nargs="?", default=None, help=f"HF folder, .gguf file or hub id (default: {DEFAULT_MODEL})")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="weights and activations dtype; auto picks the fastest here")
+    parser.add_argument("--seed", type=int, default=0, help="global random seed")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="reuse KV blocks of shared prompt prefixes")
+    parser.add_argument("--num-gpu-blocks-override", type=int, default=None, help="exact number of KV cache blocks")
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV cache size in bytes (default: a fraction of free memory)")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="most requests in one step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    parser.add_argument("--long-prefill-token-threshold", type=int, default=None, help="per-request prefill chunk cap (default: a quarter of the budget)")
+    parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"], help="fcfs, or priority (lower first, then arrival)")
+
+
+ENGINE_ARG_NAMES = (
+    "model", "dtype", "seed", "max_model_len", "block_size", "enable_prefix_caching",
+    "num_gpu_blocks_override", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
+    "long_prefill_token_threshold", "scheduling_policy",
+)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in ENGINE_ARG_NAMES}
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """A small offline chat on the default model: reads user turns from stdin."""
+    from sluice import LLM, SamplingParams
+
+    llm = LLM(**engine_kwargs(args))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    conversation: list[dict] = []
+    interactive = sys.stdin.isatty()
+    turns = [args.prompt] if args.prompt else None
+    if turns is None and not interactive:
+        turns = [line.strip() for line in sys.stdin if line.strip()] or ["What is PagedAttention, in two sentences?"]
+    while True:
+        if turns is not None:
+            if not turns:
+                return 0
+            user = turns.pop(0)
+            print(f"user> {user}")
+        else:
+            try:
+                user = input("user> ").strip()
+            except EOFError:
+                return 0
+            if not user:
+                continue
+        conversation.append({"role": "user", "content": user})
+        reply = llm.chat(conversation, params, use_tqdm=False)[0].outputs[0].text
+        conversation.append({"role": "assistant", "content": reply})
+        print(f"assistant> {reply}\n", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="sluice", description="LLM inference and serving engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat", help="offline chat with a model in this terminal")
+    add_engine_args(chat)
+    chat.add_argument("--prompt", default=None, help="one user turn, then exit")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.set_defaults(func=run_chat)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

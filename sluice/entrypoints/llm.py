@@ -1,0 +1,161 @@
+"""Offline batch inference: `LLM(...).generate(...)` / `.chat(...)`, vLLM's offline API."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from sluice.config import EngineConfig
+from sluice.engine.core import EngineCore
+from sluice.engine.input_processor import InputProcessor, PromptType
+from sluice.engine.output_processor import OutputProcessor
+from sluice.loader import load_hf_config, load_tokenizer, resolve_model
+from sluice.outputs import RequestOutput
+from sluice.sampling_params import SamplingParams
+
+logger = logging.getLogger("sluice")
+
+
+class LLM:
+    """An engine core driven in-process, with tokenization and detokenization around it."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        num_gpu_blocks_override: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        scheduling_policy: str = "fcfs",
+        **engine_kwargs,
+    ) -> None:
+        self.config = EngineConfig.from_kwargs(
+            model=model, dtype=dtype, seed=seed, max_model_len=max_model_len, block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, num_gpu_blocks_override=num_gpu_blocks_override,
+            kv_cache_memory_bytes=kv_cache_memory_bytes, scheduling_policy=scheduling_policy, **engine_kwargs,
+        )
+        torch.manual_seed(seed)
+        source = resolve_model(model)
+        hf_config = load_hf_config(source)
+        self.tokenizer = load_tokenizer(source)
+        self.engine_core = EngineCore(self.config, hf_config, source)
+        self.input_processor = InputProcessor(self.tokenizer, self.engine_core.max_model_len, hf_config.vocab_size)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def get_metrics(self) -> dict[str, float]:
+        return self.engine_core.get_stats()
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        priority: Sequence[int] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; results come back in input order."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params_list = self._per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        priorities = self._per_prompt(priority if priority is not None else 0, len(prompts), "priority")
+        # Validate everything before the first request reaches the engine.
+        requests = []
+        for prompt, params, prio in zip(prompts, params_list, priorities):
+            text, token_ids = self.input_processor.tokenize_prompt(prompt)
+            request_id = str(next(self._request_counter))
+            for index, child_id, child_params in self._fan_out(request_id, params):
+                core_req = self.input_processor.make_request(child_id, token_ids, child_params, prio)
+                requests.append((request_id, index, text, core_req))
+        for parent_id, index, text, core_req in requests:
+            self.output_processor.add_request(
+                core_req.request_id, text, core_req.prompt_token_ids, core_req.sampling_params,
+                parent_id if core_req.sampling_params.n > 1 else None, index,
+            )
+            self.engine_core.add_request(core_req)
+        order = {rid: i for i, rid in enumerate(dict.fromkeys(r[0] for r in requests))}
+        results = self._run(len(order), use_tqdm, [r[3].request_id for r in requests])
+        return sorted(results, key=lambda r: order[r.request_id])
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conversation in conversations:
+            text = self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template, **(chat_template_kwargs or {}),
+            )
+            token_ids = self.tokenizer.encode(text, add_special_tokens=False)
+            prompts.append({"prompt": text, "prompt_token_ids": token_ids})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    # ---- internals ----------------------------------------------------------------------
+    @staticmethod
+    def _per_prompt(value, count: int, name: str) -> list:
+        if isinstance(value, (list, tuple)):
+            if len(value) != count:
+                raise ValueError(f"{name} has {len(value)} entries for {count} prompts")
+            return list(value)
+        return [value] * count
+
+    @staticmethod
+    def _fan_out(request_id: str, params: SamplingParams):
+        """n > 1 runs as n child requests; seeded children get seed + index so they differ."""
+        if params.n == 1:
+            yield 0, request_id, params
+            return
+        for index in range(params.n):
+            child = params.clone()
+            if child.seed is not None:
+                child.seed += index
+            yield index, f"{request_id}-{index}", child
+
+    def _run(self, num_results: int, use_tqdm: bool, core_ids: list[str]) -> list[RequestOutput]:
+        results: list[RequestOutput] = []
+        bar = tqdm(total=num_results, desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        started, num_out_tokens = time.monotonic(), 0
+        try:
+            while self.output_processor.has_unfinished():
+                outputs = self.engine_core.step()
+                finished, to_abort = self.output_processor.process_outputs(outputs)
+                if to_abort:
+                    self.engine_core.abort_requests(to_abort)
+                for result in finished:
+                    results.append(result)
+                    num_out_tokens += sum(len(c.token_ids) for c in result.outputs)
+                    bar.set_postfix_str(f"output {num_out_tokens / (time.monotonic() - started):.1f} tok/s")
+                    bar.update(1)
+        except BaseException:
+            # Leave the engine clean for the next call: nothing of this batch stays queued.
+            self.engine_core.abort_requests(core_ids)
+            self.output_processor.abort_all(core_ids)
+            raise
+        finally:
+            bar.close()
+        return results

@@ -1,0 +1,164 @@
+"""Turns a SchedulerOutput into one varlen forward pass plus batched sampling."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from sluice.config import EngineConfig, available_memory_bytes
+from sluice.core.scheduler import ScheduledRequest, SchedulerOutput
+from sluice.layers.attention import build_attention_metadata
+from sluice.loader import ModelSource, iter_weights
+from sluice.models.registry import get_model_class
+from sluice.worker.sampler import Sampler, SamplingMetadata, SamplingRow, compute_prompt_logprobs
+
+logger = logging.getLogger(__name__)
+
+MAX_NUM_BLOCKS = 1 << 20  # block objects live in Python; beyond this the pool itself gets slow
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, tuple] = field(default_factory=dict)  # (top ids, top logprobs, rank)
+    prompt_logprobs: dict[str, list] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config, source: ModelSource) -> None:
+        self.config = config
+        self.dtype = config.model.torch_dtype
+        self.device = torch.device(config.model.device)
+        self.block_size = config.cache.block_size
+        model_class = get_model_class(hf_config)
+        with _default_dtype(self.dtype), self.device:
+            self.model = model_class(hf_config)
+        self.model.load_weights(iter_weights(source, hf_config, self.dtype))
+        self.model.eval()
+        self.vocab_size = hf_config.vocab_size
+        self.sampler = Sampler()
+        self.kv_caches: list[torch.Tensor] = []
+
+    # ---- KV cache --------------------------------------------------------------------
+    def bytes_per_block(self) -> int:
+        m = self.model
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
+
+    def choose_num_blocks(self, max_useful_blocks: int) -> int:
+        """Blocks from an exact override, a byte budget, or a fraction of available memory."""
+        cache = self.config.cache
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        budget = cache.kv_cache_memory_bytes
+        if budget is None:
+            budget = int(available_memory_bytes() * cache.kv_cache_memory_fraction)
+        num_blocks = budget // self.bytes_per_block()
+        if num_blocks < 2:
+            raise ValueError(
+                f"kv_cache_memory_bytes={budget} holds no KV block; one block of {self.block_size} "
+                f"tokens needs {self.bytes_per_block()} bytes"
+            )
+        return int(min(num_blocks, max_useful_blocks, MAX_NUM_BLOCKS))
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        m = self.model
+        shape = (2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        # torch.empty leaves pages untouched until used; only the null block must be zero.
+        self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(m.num_layers)]
+        for cache in self.kv_caches:
+            cache[:, 0].zero_()
+
+    # ---- one step --------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> RunnerOutput:
+        scheduled = sched.scheduled
+        input_ids, positions = self._flatten_tokens(scheduled)
+        meta = build_attention_metadata(
+            query_lens=[s.num_new_tokens for s in scheduled],
+            context_lens=[s.num_computed_before for s in scheduled],
+            block_tables=[s.block_ids for s in scheduled],
+            block_size=self.block_size,
+            device=self.device,
+        )
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+
+        out = RunnerOutput()
+        ends = torch.tensor([s.num_new_tokens for s in scheduled]).cumsum(0).tolist()
+        sampling = [(i, s) for i, s in enumerate(scheduled) if s.samples]
+        if sampling:
+            last_index = torch.tensor([ends[i] - 1 for i, _ in sampling], device=self.device)
+            logits = self.model.compute_logits(hidden[last_index])
+            self._sample(logits, [s for _, s in sampling], out)
+        for i, s in enumerate(scheduled):
+            if s.request.sampling_params.prompt_logprobs is not None:
+                self._prompt_logprobs(hidden[ends[i] - s.num_new_tokens : ends[i]], s, out)
+        return out
+
+    def _flatten_tokens(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids: list[int] = []
+        pos: list[int] = []
+        for s in scheduled:
+            start, end = s.num_computed_before, s.num_computed_before + s.num_new_tokens
+            ids.extend(s.request.all_token_ids[start:end])
+            pos.extend(range(start, end))
+        return (
+            torch.tensor(ids, dtype=torch.long, device=self.device),
+            torch.tensor(pos, dtype=torch.long, device=self.device),
+        )
+
+    def _sample(self, logits: torch.Tensor, rows: list[ScheduledRequest], out: RunnerOutput) -> None:
+        sampling_rows = [
+            SamplingRow(
+                params=s.request.sampling_params,
+                prompt_token_ids=s.request.prompt_token_ids,
+                output_token_ids=s.request.output_token_ids,
+                generator=s.request.generator,
+                stop_token_ids=s.request.stop_token_ids,
+            )
+            for s in rows
+        ]
+        meta = SamplingMetadata.build(sampling_rows, self.vocab_size, self.device)
+        result = self.sampler(logits, meta)
+        tokens = result.sampled_token_ids.tolist()
+        for s, token in zip(rows, tokens):
+            out.sampled[s.request.request_id] = token
+        if result.logprobs is not None:
+            lp = result.logprobs
+            ids, values, ranks = lp.token_ids.tolist(), lp.logprobs.tolist(), lp.ranks.tolist()
+            for row, s in enumerate(rows):
+                k = s.request.sampling_params.logprobs
+                if k is None:
+                    continue
+                k = lp.token_ids.shape[1] - 1 if k < 0 else k
+                out.logprobs[s.request.request_id] = (ids[row][: k + 1], values[row][: k + 1], ranks[row])
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, s: ScheduledRequest, out: RunnerOutput) -> None:
+        """Logprobs of prompt tokens 1.. predicted from this chunk's positions."""
+        request = s.request
+        chunk_start = s.num_computed_before
+        start = max(chunk_start, request.num_prompt_logprobs_done)  # a preempted request recomputes
+        end = min(chunk_start + s.num_new_tokens, request.num_prompt_tokens - 1)
+        if end <= start:
+            return
+        request.num_prompt_logprobs_done = end
+        targets = torch.tensor(request.prompt_token_ids[start + 1 : end + 1], device=self.device)
+        logits = self.model.compute_logits(hidden[start - chunk_start : end - chunk_start])
+        k = request.sampling_params.prompt_logprobs
+        k = self.vocab_size if k < 0 else k
+        lp = compute_prompt_logprobs(logits, targets, k)
+        ids, values, ranks = lp.token_ids.tolist(), lp.logprobs.tolist(), lp.ranks.tolist()
+        out.prompt_logprobs[request.request_id] = list(zip(ids, values, ranks))
