@@ -1,0 +1,162 @@
+"""Scheduler decisions without a model: budgets, chunking, preemption, priority, never-fit."""
+
+from sluice.config import SchedulerConfig
+from sluice.core.kv_cache_manager import KVCacheManager
+from sluice.core.request import EngineCoreRequest, Request, RequestStatus
+from sluice.core.scheduler import Scheduler
+from sluice.sampling_params import SamplingParams
+
+BS = 4
+
+
+def make_scheduler(num_blocks=64, caching=True, max_model_len=1024, **cfg) -> Scheduler:
+    kv = KVCacheManager(num_blocks, BS, caching)
+    return Scheduler(SchedulerConfig(**cfg), kv, max_model_len)
+
+
+def add(sched: Scheduler, rid: str, num_prompt: int, max_tokens: int = 8, priority: int = 0,
+        first_token: int = 1, arrival: float = 0.0) -> Request:
+    core = EngineCoreRequest(
+        rid, list(range(first_token, first_token + num_prompt)),
+        SamplingParams(max_tokens=max_tokens, ignore_eos=True), eos_token_id=None,
+        priority=priority, arrival_time=arrival,
+    )
+    request = Request(core, max_tokens)
+    sched.add_request(request)
+    return request
+
+
+def run_step(sched: Scheduler, token: int = 7):
+    """Schedule, pretend the forward pass sampled `token` for every sampling request, update."""
+    out = sched.schedule()
+    sampled = {s.request.request_id: token for s in out.scheduled if s.samples}
+    return out, sched.update_from_output(out, sampled)
+
+
+def scheduled(out) -> dict[str, int]:
+    return {s.request.request_id: s.num_new_tokens for s in out.scheduled}
+
+
+def test_budget_is_shared_and_long_prompts_are_chunked():
+    sched = make_scheduler(max_num_batched_tokens=64, long_prefill_token_threshold=24)
+    add(sched, "long", 100, arrival=0)
+    add(sched, "short", 10, arrival=1, first_token=500)
+    out, _ = run_step(sched)
+    assert scheduled(out) == {"long": 24, "short": 10}
+    out, _ = run_step(sched)
+    # short now decodes (1 token) in the same step as the long prompt's next chunk
+    assert scheduled(out) == {"long": 24, "short": 1}
+    assert out.total_num_tokens <= 64
+
+
+def test_running_decodes_are_never_starved_by_a_new_long_prompt():
+    sched = make_scheduler(max_num_batched_tokens=32, long_prefill_token_threshold=16, max_num_partial_prefills=2)
+    for i in range(4):
+        add(sched, f"chat{i}", 6, max_tokens=50, arrival=i)
+    run_step(sched)
+    add(sched, "long", 4000 // BS, arrival=10)
+    for _ in range(5):
+        out, _ = run_step(sched)
+        steps = scheduled(out)
+        assert all(steps[f"chat{i}"] == 1 for i in range(4))
+        assert steps.get("long", 0) <= 16
+
+
+def test_several_partial_prefills_in_one_step():
+    sched = make_scheduler(max_num_batched_tokens=64, long_prefill_token_threshold=16, max_num_partial_prefills=3)
+    for i in range(4):
+        add(sched, f"p{i}", 40, arrival=i, first_token=100 * i)
+    out, _ = run_step(sched)
+    assert scheduled(out) == {"p0": 16, "p1": 16, "p2": 16}
+
+
+def test_max_num_seqs_caps_running():
+    sched = make_scheduler(max_num_seqs=2)
+    for i in range(3):
+        add(sched, str(i), 5, arrival=i)
+    out, _ = run_step(sched)
+    assert set(scheduled(out)) == {"0", "1"}
+    assert sched.num_waiting == 1
+
+
+def test_preemption_frees_latest_and_admits_nothing_that_step():
+    # 6 usable blocks of 4 tokens; two requests of 11 tokens each take 3 blocks.
+    sched = make_scheduler(num_blocks=7, caching=False)
+    a = add(sched, "a", 11, max_tokens=20, arrival=0)
+    b = add(sched, "b", 11, max_tokens=20, arrival=1)
+    run_step(sched)
+    add(sched, "c", 2, arrival=2)
+    out, _ = run_step(sched)  # both reach 12 tokens: still fits; c waits (no room)
+    out, _ = run_step(sched)  # a needs a 4th block: b (latest) is preempted
+    assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
+    assert sched.num_preemptions == 1 and b.num_preemptions == 1
+    assert set(scheduled(out)) == {"a"}
+    # b's generated tokens are kept and recomputed later, never lost
+    assert b.num_output_tokens == 2 and b in sched.waiting
+
+
+def test_priority_policy_preempts_lowest_priority_first():
+    sched = make_scheduler(num_blocks=7, caching=False, scheduling_policy="priority")
+    add(sched, "important", 11, max_tokens=20, priority=0, arrival=1)
+    low = add(sched, "low", 11, max_tokens=20, priority=5, arrival=0)
+    for _ in range(3):
+        run_step(sched)
+    assert low.status == RequestStatus.PREEMPTED
+
+
+def test_priority_policy_admits_by_priority_then_arrival():
+    sched = make_scheduler(max_num_seqs=1, scheduling_policy="priority")
+    add(sched, "late-urgent", 3, priority=-1, arrival=5)
+    add(sched, "early", 3, priority=0, arrival=0)
+    out, _ = run_step(sched)
+    assert set(scheduled(out)) == {"late-urgent"}
+
+
+def test_request_that_can_never_fit_fails_with_error():
+    sched = make_scheduler(num_blocks=4, caching=False)  # 12 tokens of cache
+    add(sched, "huge", 20)
+    out, outputs = run_step(sched)
+    assert outputs[0].finish_reason == "error" and "KV cache" in outputs[0].error
+    # one that fits the prompt but outgrows the whole cache while decoding also ends cleanly
+    grow = add(sched, "grow", 10, max_tokens=100)
+    finished = []
+    for _ in range(10):
+        _, outputs = run_step(sched)
+        finished += [o for o in outputs if o.finish_reason]
+    assert finished and finished[0].finish_reason == "error"
+    assert grow.status == RequestStatus.FINISHED_ERROR
+    assert sched.kv.pool.num_free_blocks() == 3
+    assert not sched.has_unfinished()
+
+
+def test_abort_frees_blocks_and_reports():
+    sched = make_scheduler()
+    add(sched, "x", 10, max_tokens=100)
+    add(sched, "y", 10, max_tokens=100)
+    run_step(sched)
+    sched.abort_requests(["x", "y", "unknown"])
+    _, outputs = run_step(sched)
+    assert {o.request_id: o.finish_reason for o in outputs} == {"x": "abort", "y": "abort"}
+    assert sched.kv.pool.num_free_blocks() == sched.kv.pool.num_usable_blocks
+
+
+def test_max_tokens_and_stop_token():
+    sched = make_scheduler()
+    add(sched, "len", 3, max_tokens=2)
+    core = EngineCoreRequest("stop", [1, 2, 3], SamplingParams(max_tokens=10, stop_token_ids=[7]), eos_token_id=9)
+    sched.add_request(Request(core, 10))
+    _, outputs = run_step(sched, token=7)
+    by_id = {o.request_id: o for o in outputs}
+    assert by_id["stop"].finish_reason == "stop" and by_id["stop"].stop_reason == 7
+    assert by_id["len"].finish_reason is None
+    _, outputs = run_step(sched, token=7)
+    assert outputs[0].request_id == "len" and outputs[0].finish_reason == "length"
+
+
+def test_prefix_hits_counted_once_per_admission():
+    sched = make_scheduler(max_num_batched_tokens=64)
+    add(sched, "a", 17, max_tokens=1)
+    run_step(sched)
+    add(sched, "b", 17, max_tokens=1)
+    run_step(sched)
+    assert (sched.kv.prefix_cache_queries, sched.kv.prefix_cache_hits) == (34, 16)
