@@ -1,0 +1,288 @@
+"""Batched token sampling on device tensors.
+
+Each step the model runner collects one `SamplingRow` per request that samples
+a token, builds a `SamplingMetadata` once, and calls `Sampler()(logits, meta)`.
+Everything is vectorised over the batch and nothing forces a host sync; the
+only Python loop at sample time draws noise for seeded rows.
+
+Order (vLLM's): logprobs from the raw logits -> min_tokens masking of stop
+ids -> repetition/frequency/presence penalties -> greedy rows take argmax ->
+random rows: temperature, top-k, top-p, min-p, softmax, then the exponential
+race argmax(probs / q), q ~ Exp(1), which samples from probs exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sluice.sampling_params import SamplingParams
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one request this step."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # generated so far, not including the one being sampled
+    generator: torch.Generator | None  # per-request generator for seeded requests
+    stop_token_ids: set[int]  # masked out while len(output_token_ids) < params.min_tokens
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-step batch tensors; a feature's tensors are None when no row uses it."""
+
+    all_greedy: bool
+    all_random: bool
+    greedy_mask: torch.Tensor | None  # [B] bool; only for mixed batches
+    temperature: torch.Tensor | None  # [B] float32, 1.0 on greedy rows
+    top_k: torch.Tensor | None  # [B] int64 in [1, V]; V means disabled
+    max_top_k: int  # largest enabled top_k (0 when none)
+    top_p: torch.Tensor | None  # [B] float32
+    min_p: torch.Tensor | None  # [B] float32
+    generators: dict[int, torch.Generator]  # row index -> generator, random rows only
+    output_counts: torch.Tensor | None  # [B, V] float32 token counts over outputs
+    prompt_mask: torch.Tensor | None  # [B, V] bool: token occurs in the prompt
+    repetition_penalties: torch.Tensor | None  # [B] float32
+    frequency_penalties: torch.Tensor | None  # [B] float32
+    presence_penalties: torch.Tensor | None  # [B] float32
+    min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # (row ids, token ids) to ban
+    max_num_logprobs: int | None  # k for sample logprobs; None when no row asks
+
+    @classmethod
+    def build(cls, rows: list[SamplingRow], vocab_size: int, device) -> SamplingMetadata:
+        params = [r.params for r in rows]
+        greedy = [p.greedy for p in params]
+        all_greedy, all_random = all(greedy), not any(greedy)
+
+        def vec(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        temps = [1.0 if g else p.temperature for g, p in zip(greedy, params)]
+        top_ks = [_effective_top_k(p.top_k, vocab_size) for p in params]
+        enabled_ks = [k for k in top_ks if k < vocab_size]
+        top_ps = [p.top_p for p in params]
+        min_ps = [p.min_p for p in params]
+        reps = [p.repetition_penalty for p in params]
+        freqs = [p.frequency_penalty for p in params]
+        press = [p.presence_penalty for p in params]
+
+        use_rep = any(r != 1.0 for r in reps)
+        use_freq = any(f != 0.0 for f in freqs)
+        use_pres = any(p != 0.0 for p in press)
+        output_counts = prompt_mask = None
+        if use_rep or use_freq or use_pres:
+            output_counts = _token_counts([r.output_token_ids for r in rows], vocab_size, device)
+        if use_rep:
+            prompt_mask = _token_counts([r.prompt_token_ids for r in rows], vocab_size, device) > 0
+
+        return cls(
+            all_greedy=all_greedy,
+            all_random=all_random,
+            greedy_mask=None if all_greedy or all_random else vec(greedy, torch.bool),
+            temperature=None if all(t == 1.0 for t in temps) else vec(temps, torch.float32),
+            top_k=vec(top_ks, torch.int64) if enabled_ks else None,
+            max_top_k=max(enabled_ks, default=0),
+            top_p=vec(top_ps, torch.float32) if any(p < 1.0 for p in top_ps) else None,
+            min_p=vec(min_ps, torch.float32) if any(p > 0.0 for p in min_ps) else None,
+            generators={
+                i: r.generator
+                for i, r in enumerate(rows)
+                if r.generator is not None and not greedy[i]
+            },
+            output_counts=output_counts,
+            prompt_mask=prompt_mask,
+            repetition_penalties=vec(reps, torch.float32) if use_rep else None,
+            frequency_penalties=vec(freqs, torch.float32) if use_freq else None,
+            presence_penalties=vec(press, torch.float32) if use_pres else None,
+            min_tokens_mask=_min_tokens_mask(rows, vocab_size, vec),
+            max_num_logprobs=_max_num_logprobs(params, vocab_size),
+        )
+
+
+@dataclass
+class LogprobsTensors:
+    token_ids: torch.Tensor  # [B, k+1] int64: the sampled (or target) token, then the top-k
+    logprobs: torch.Tensor  # [B, k+1] float32
+    ranks: torch.Tensor  # [B] int64: rank of the sampled token (1 = most likely)
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [B] int64
+    logprobs: LogprobsTensors | None  # k = max requested over rows; rows slice what they asked
+
+
+class Sampler(torch.nn.Module):
+    def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()
+        logprobs = None
+        if meta.max_num_logprobs is not None:
+            # vLLM V1's default: logprobs describe the model, not the sampling rules.
+            logprobs = torch.log_softmax(logits, dim=-1)
+
+        if meta.min_tokens_mask is not None:
+            logits = logits.index_put(meta.min_tokens_mask, logits.new_tensor(_NEG_INF))
+        logits = apply_penalties(logits, meta)
+
+        greedy_ids = None if meta.all_random else logits.argmax(dim=-1)
+        if meta.all_greedy:
+            sampled = greedy_ids
+        elif meta.all_random:
+            sampled = _sample_random(logits, meta)
+        else:
+            sampled = torch.where(meta.greedy_mask, greedy_ids, _sample_random(logits, meta))
+
+        out_logprobs = None
+        if logprobs is not None:
+            out_logprobs = _gather_logprobs(logprobs, meta.max_num_logprobs, sampled)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs=out_logprobs)
+
+
+def compute_prompt_logprobs(
+    logits: torch.Tensor, target_ids: torch.Tensor, num_logprobs: int
+) -> LogprobsTensors:
+    """Logprobs of the actual next prompt tokens ([N] targets for [N, V] logits), plus top-k."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    k = logits.shape[-1] if num_logprobs == -1 else min(num_logprobs, logits.shape[-1])
+    return _gather_logprobs(logprobs, k, target_ids)
+
+
+# ---------------------------------------------------------------- processors
+
+
+def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Repetition (prompt+output), then frequency and presence (output only), as in vLLM."""
+    if meta.repetition_penalties is not None:
+        seen = meta.prompt_mask | (meta.output_counts > 0)
+        r = meta.repetition_penalties.unsqueeze(1)
+        penalised = torch.where(logits > 0, logits / r, logits * r)
+        logits = torch.where(seen, penalised, logits)
+    if meta.frequency_penalties is not None:
+        logits = logits - meta.frequency_penalties.unsqueeze(1) * meta.output_counts
+    if meta.presence_penalties is not None:
+        present = (meta.output_counts > 0).float()
+        logits = logits - meta.presence_penalties.unsqueeze(1) * present
+    return logits
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, max_top_k: int, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Ban tokens outside each row's top-k, then outside its top-p nucleus.
+
+    Top-k keeps every token whose logit is >= the k-th largest (ties kept).
+    Top-p keeps the smallest prefix of the sorted distribution (renormalised
+    over the top-k survivors) whose mass reaches p.
+    """
+    vocab_size = logits.shape[-1]
+    if top_p is None:
+        if top_k is None:
+            return logits
+        # A partial top-k over the largest enabled k is cheaper than a full sort.
+        disabled = top_k >= vocab_size
+        kth_index = (top_k.clamp(max=max_top_k) - 1).unsqueeze(1)
+        kth = logits.topk(max_top_k, dim=-1).values.gather(1, kth_index)
+        kth = kth.masked_fill(disabled.unsqueeze(1), _NEG_INF)
+        return logits.masked_fill(logits < kth, _NEG_INF)
+
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if top_k is not None:
+        kth = sorted_logits.gather(1, (top_k - 1).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, _NEG_INF)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # A token is dropped once the tokens ranked above it already reach top_p.
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    drop[:, 1:] = cum[:, :-1] >= top_p.unsqueeze(1)
+    drop &= (top_p < 1.0).unsqueeze(1)  # float error in cum must not cut p=1 rows
+    sorted_logits = sorted_logits.masked_fill(drop, _NEG_INF)
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero tokens whose probability is below min_p times the row's top probability."""
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    if meta.temperature is not None:
+        logits = logits / meta.temperature.unsqueeze(1)
+    logits = apply_top_k_top_p(logits, meta.top_k, meta.max_top_k, meta.top_p)
+    probs = logits.softmax(dim=-1)
+    if meta.min_p is not None:
+        probs = apply_min_p(probs, meta.min_p)
+    # argmax(p_i / q_i) with q_i ~ Exp(1) picks i with probability p_i / sum(p),
+    # so neither renormalisation nor multinomial (which syncs) is needed.
+    q = torch.empty_like(probs)
+    if len(meta.generators) < q.shape[0]:
+        q.exponential_()
+    for i, generator in meta.generators.items():
+        # Seeded rows draw only from their own generator, so their samples do
+        # not depend on the batch they land in.
+        q[i].exponential_(generator=generator)
+    q.clamp_(min=torch.finfo(q.dtype).tiny)  # q == 0 would give inf or nan
+    return probs.div(q).argmax(dim=-1)
+
+
+def _gather_logprobs(logprobs: torch.Tensor, k: int, token_ids: torch.Tensor) -> LogprobsTensors:
+    token_ids = token_ids.long().unsqueeze(1)
+    token_logprobs = logprobs.gather(1, token_ids)
+    ranks = (logprobs > token_logprobs).sum(dim=-1) + 1
+    if k > 0:
+        top_logprobs, top_ids = logprobs.topk(k, dim=-1)
+        token_ids = torch.cat([token_ids, top_ids], dim=1)
+        token_logprobs = torch.cat([token_logprobs, top_logprobs], dim=1)
+    return LogprobsTensors(token_ids=token_ids, logprobs=token_logprobs, ranks=ranks)
+
+
+# ---------------------------------------------------------------- metadata helpers
+
+
+def _effective_top_k(top_k: int, vocab_size: int) -> int:
+    return vocab_size if top_k <= 0 else min(top_k, vocab_size)
+
+
+def _max_num_logprobs(params: list[SamplingParams], vocab_size: int) -> int | None:
+    asked = [p.logprobs for p in params if p.logprobs is not None]
+    if not asked:
+        return None
+    return vocab_size if -1 in asked else min(max(asked), vocab_size)
+
+
+def _token_counts(token_lists: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    """[B, V] float32 occurrence counts; ids outside the vocab are ignored."""
+    width = max((len(ids) for ids in token_lists), default=0)
+    counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.float32, device=device)
+    if width == 0:
+        return counts[:, :vocab_size]
+    padded = [ids + [vocab_size] * (width - len(ids)) for ids in token_lists]
+    index = torch.tensor(padded, dtype=torch.int64).to(device, non_blocking=True)
+    index = index.masked_fill((index < 0) | (index > vocab_size), vocab_size)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def _min_tokens_mask(
+    rows: list[SamplingRow], vocab_size: int, vec
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row, token) pairs of stop ids to ban for rows still short of min_tokens."""
+    row_ids: list[int] = []
+    token_ids: list[int] = []
+    for i, row in enumerate(rows):
+        if len(row.output_token_ids) < row.params.min_tokens:
+            for t in row.stop_token_ids:
+                if 0 <= t < vocab_size:
+                    row_ids.append(i)
+                    token_ids.append(t)
+    if not row_ids:
+        return None
+    return vec(row_ids, torch.int64), vec(token_ids, torch.int64)

@@ -1,0 +1,41 @@
+"""Helpers shared by tests: the default tokenizer and tiny model configs."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from sluice.loader import resolve_model
+
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    path = resolve_model(None).path
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
+def tiny_config(arch: str):
+    """2 layers, hidden 64, GQA (4 heads, 2 KV heads), the real SmolLM2 vocabulary."""
+    import transformers
+
+    common = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=(arch == "llama"),
+        initializer_range=0.3,  # peaky logits: greedy near-ties stay rare
+    )
+    if arch == "llama":
+        return transformers.LlamaConfig(**common, rope_theta=10000.0)
+    if arch == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=None)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=16)
+    raise ValueError(arch)
+
+
