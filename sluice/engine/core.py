@@ -19,8 +19,13 @@ from sluice.worker.model_runner import ModelRunner
 logger = logging.getLogger("sluice")
 
 
-def resolve_max_model_len(requested: int | None, hf_config) -> int:
+def resolve_max_model_len(requested: int | None, hf_config, model) -> int:
     model_len = getattr(hf_config, "max_position_embeddings", None) or 2048
+    window = getattr(model, "sliding_window", None)
+    if window and window < model_len:
+        # Attention here spans the full context, exact only while it stays inside the window.
+        logger.warning("capping the context at the model's sliding window of %d tokens", window)
+        model_len = window
     if requested is None:
         return model_len
     if requested > model_len:
@@ -34,9 +39,9 @@ def resolve_max_model_len(requested: int | None, hf_config) -> int:
 class EngineCore:
     def __init__(self, config: EngineConfig, hf_config, source: ModelSource) -> None:
         self.config = config
-        self.max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config)
         started = time.monotonic()
         self.runner = ModelRunner(config, hf_config, source)
+        self.max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config, self.runner.model)
         block_size = config.cache.block_size
         max_useful = cdiv(self.max_model_len, block_size) * config.scheduler.max_num_seqs + 1
         num_blocks = self.runner.choose_num_blocks(max_useful)

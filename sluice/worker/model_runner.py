@@ -17,7 +17,8 @@ from sluice.worker.sampler import Sampler, SamplingMetadata, SamplingRow, comput
 
 logger = logging.getLogger(__name__)
 
-MAX_NUM_BLOCKS = 1 << 20  # block objects live in Python; beyond this the pool itself gets slow
+MAX_NUM_BLOCKS = 1 << 20
+DEFAULT_KV_CACHE_CAP = 4 << 30  # without an explicit size, like vLLM's CPU default of 4 GiB  # block objects live in Python; beyond this the pool itself gets slow
 
 
 @dataclass
@@ -65,7 +66,7 @@ class ModelRunner:
             return cache.num_gpu_blocks_override
         budget = cache.kv_cache_memory_bytes
         if budget is None:
-            budget = int(available_memory_bytes() * cache.kv_cache_memory_fraction)
+            budget = min(int(available_memory_bytes() * cache.kv_cache_memory_fraction), DEFAULT_KV_CACHE_CAP)
         num_blocks = budget // self.bytes_per_block()
         if num_blocks < 2:
             raise ValueError(
@@ -77,10 +78,8 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         m = self.model
         shape = (2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        # torch.empty leaves pages untouched until used; only the null block must be zero.
-        self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(m.num_layers)]
-        for cache in self.kv_caches:
-            cache[:, 0].zero_()
+        # Zeroed: attention reads whole blocks, and masked-out garbage (NaN * 0) would poison rows.
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(m.num_layers)]
 
     # ---- one step --------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,0 +1,17 @@
+"""RMSNorm, computed in float32 and cast back before the weight multiply (as HF does),
+so bfloat16 models match the reference implementation bit for bit where it matters."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.rms_norm without a weight is exactly x * rsqrt(mean(x^2) + eps), in one kernel
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)

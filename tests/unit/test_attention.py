@@ -1,0 +1,114 @@
+"""paged_attention against a naive per-request causal softmax attention."""
+
+import math
+
+import pytest
+import torch
+
+from sluice.layers.attention import build_attention_metadata, paged_attention
+
+
+def reference(q, k_full, v_full, ctx, scale):
+    """q [Q, H, D] at positions ctx..ctx+Q-1; k/v_full [ctx+Q, Hkv, D]. fp32 math."""
+    H, Hkv = q.shape[1], k_full.shape[1]
+    k = k_full.float().repeat_interleave(H // Hkv, dim=1)
+    v = v_full.float().repeat_interleave(H // Hkv, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    qpos = ctx + torch.arange(q.shape[0])
+    allowed = torch.arange(k.shape[0])[None, :] <= qpos[:, None]
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", probs, v).reshape(q.shape[0], -1)
+
+
+def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+    need = [math.ceil(s / block_size) for s in seq_lens]
+    num_blocks = sum(need) + 8
+    # shuffled, non-contiguous block ids; block 0 stays the null block
+    ids = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    tables, at = [], 0
+    for n in need:
+        tables.append(ids[at:at + n] + [ids[-1]] * 2)  # extra trailing entries must be ignored
+        at += n
+    # stale random data everywhere (finite), null block zeroed as the runner does
+    kv_cache = torch.randn(2, num_blocks, block_size, Hkv, D, generator=gen).to(dtype)
+    kv_cache[:, 0] = 0
+    k_full = [torch.randn(s, Hkv, D, generator=gen).to(dtype) for s in seq_lens]
+    v_full = [torch.randn(s, Hkv, D, generator=gen).to(dtype) for s in seq_lens]
+    # earlier steps already cached each request's context
+    for t, c, kf, vf in zip(tables, context_lens, k_full, v_full):
+        for p in range(c):
+            kv_cache[0, t[p // block_size], p % block_size] = kf[p]
+            kv_cache[1, t[p // block_size], p % block_size] = vf[p]
+    qs = [torch.randn(n, H, D, generator=gen).to(dtype) for n in query_lens]
+    q = torch.cat(qs)
+    k = torch.cat([kf[c:] for kf, c in zip(k_full, context_lens)])
+    v = torch.cat([vf[c:] for vf, c in zip(v_full, context_lens)])
+
+    meta = build_attention_metadata(query_lens, context_lens, tables, block_size, "cpu")
+    scale = D ** -0.5
+    out = paged_attention(q, k, v, kv_cache, meta, scale)
+    assert out.shape == (sum(query_lens), H * D) and out.dtype == dtype
+    ref = torch.cat([reference(qi, kf, vf, c, scale) for qi, kf, vf, c in zip(qs, k_full, v_full, context_lens)])
+    # new K/V landed in the cache at their slots
+    for t, c, kf, n in zip(tables, context_lens, k_full, query_lens):
+        for p in range(c, c + n):
+            assert torch.equal(kv_cache[0, t[p // block_size], p % block_size], kf[p])
+    return out.float(), ref, meta
+
+
+CASES = {
+    "pure_decode": ([1, 1, 1, 1], [5, 0, 17, 8]),
+    "pure_prefill": ([7], [0]),
+    "prefill_batch": ([3, 9, 4], [0, 0, 0]),
+    "mixed_prefix_hit": ([1, 6, 1, 5, 2], [12, 8, 3, 0, 13]),
+    "chunks_at_block_edges": ([4, 8, 1], [4, 3, 15]),
+    "equal_chunks_no_padding": ([5, 5, 5], [0, 7, 2]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (6, 2), (4, 1)])
+def test_paged_attention_fp32(case, H, Hkv):
+    out, ref, _ = run_case(*CASES[case], H=H, Hkv=Hkv)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_paged_attention_bf16(case):
+    out, ref, _ = run_case(*CASES[case], H=8, Hkv=2, D=32, block_size=16, dtype=torch.bfloat16, seed=1)
+    torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
+
+
+def test_metadata_layout():
+    block_size = 4
+    meta = build_attention_metadata([1, 3, 1], [5, 2, 0], [[7, 3], [2, 9], [4]], block_size, "cpu")
+    assert meta.num_tokens == 5
+    # token 0: req0 pos 5 -> block 3 off 1; tokens 1..3: req1 pos 2,3,4 -> 2*4+2, 2*4+3, 9*4+0; token 4: req2 pos 0
+    assert meta.slot_mapping.tolist() == [13, 10, 11, 36, 16]
+    d, p = meta.decode, meta.prefill
+    assert d.token_index.tolist() == [[0], [4]] and d.query_valid.all()
+    assert d.block_table.tolist() == [[7, 3], [4, 0]]
+    assert d.mask.shape == (2, 1, 1, 8)
+    assert d.mask[0, 0, 0].tolist() == [True] * 6 + [False] * 2
+    assert d.mask[1, 0, 0].tolist() == [True] + [False] * 7
+    assert p.token_index.tolist() == [[1, 2, 3]] and p.block_table.tolist() == [[2, 9]]
+    assert p.mask[0, 0].sum(-1).tolist() == [3, 4, 5]
+
+
+def test_padded_rows_and_no_groups():
+    meta = build_attention_metadata([2, 5], [0, 3], [[1], [2, 3]], 4, "cpu")
+    p = meta.prefill
+    assert meta.decode is None and p.token_index.shape == (2, 5)
+    assert p.query_valid[0].tolist() == [True, True, False, False, False]
+    assert p.token_index[0].tolist() == [0, 1, 1, 1, 1]  # padding points at a valid token
+    assert p.mask[0, 0, 2:].sum(-1).tolist() == [1, 1, 1] and p.mask[0, 0, 2:, 0].all()
+    assert p.mask.any(-1).all()  # never an all-masked row
+    meta = build_attention_metadata([1, 1], [3, 4], [[1], [2, 3]], 4, "cpu")
+    assert meta.prefill is None and meta.decode.block_table.tolist() == [[1, 0], [2, 3]]
+
+
+def test_short_block_table_rejected():
+    with pytest.raises(ValueError, match="needs 2"):
+        build_attention_metadata([3], [2], [[1]], 4, "cpu")
