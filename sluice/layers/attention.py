@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sluice.layers import native
+
 
 @dataclass
 class AttentionGroup:
@@ -27,6 +29,7 @@ class AttentionGroup:
     query_valid: torch.Tensor  # [B, Q] bool
     block_table: torch.Tensor  # [B, NB] int64 block ids, padded with 0 (null block)
     mask: torch.Tensor  # [B, 1, Q, NB*block_size] bool, True = may attend; padded rows attend key 0 only
+    seq_lens: torch.Tensor  # [B] int64 keys of each request once this step's tokens are written
 
 
 @dataclass
@@ -82,6 +85,7 @@ def build_attention_metadata(query_lens: list[int], context_lens: list[int], blo
             query_valid=torch.from_numpy(valid).to(device),
             block_table=torch.from_numpy(np.ascontiguousarray(table[ids, :nb])).to(device),
             mask=mask.unsqueeze(1),
+            seq_lens=torch.from_numpy(np.ascontiguousarray(seq_lens[ids])).to(device),
         )
 
     return AttentionMetadata(
@@ -90,6 +94,16 @@ def build_attention_metadata(query_lens: list[int], context_lens: list[int], blo
         prefill=group(np.flatnonzero(qlens > 1)),
         num_tokens=num_tokens,
     )
+
+
+def _attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttentionGroup,
+                   scale: float, gather_q: bool) -> torch.Tensor:
+    """Decode rows read the paged cache in place through the native kernel when it is built."""
+    rows = q.index_select(0, g.token_index.view(-1)) if gather_q else q
+    out = native.paged_decode_attention(rows.contiguous(), k_cache, v_cache, g.block_table, g.seq_lens, scale)
+    if out is None:
+        return _attend(q, k_cache, v_cache, g, scale, gather_q)
+    return out
 
 
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttentionGroup,
@@ -131,14 +145,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, Hkv, D]
     k_cache.view(-1, Hkv, D).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, Hkv, D).index_copy_(0, meta.slot_mapping, v)
-    groups = [g for g in (meta.decode, meta.prefill) if g is not None]
-    if len(groups) == 1 and groups[0].token_index.numel() == T:
+    groups = [(g, fn) for g, fn in ((meta.decode, _attend_decode), (meta.prefill, _attend)) if g is not None]
+    if len(groups) == 1 and groups[0][0].token_index.numel() == T:
         # one group, no padding: its rows are the flat batch in order (pure decode, or
         # prefills of equal length), so skip the gather and scatter
-        return _attend(q, k_cache, v_cache, groups[0], scale, gather_q=False).reshape(T, H * D)
+        g, attend = groups[0]
+        return attend(q, k_cache, v_cache, g, scale, gather_q=False).reshape(T, H * D)
     out = q.new_empty(T, H, D)
-    for g in groups:
-        o = _attend(q, k_cache, v_cache, g, scale, gather_q=True)
+    for g, attend in groups:
+        o = attend(q, k_cache, v_cache, g, scale, gather_q=True)
         index = g.token_index.view(-1)
         if g.token_index.shape[1] > 1 and not bool(g.query_valid.all()):  # drop padding rows
             valid = g.query_valid.view(-1).nonzero().squeeze(1)

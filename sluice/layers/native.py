@@ -1,0 +1,89 @@
+"""Small C kernels for the CPU hot path, built once with the system compiler and loaded with ctypes.
+
+Plain C with a C ABI (no torch headers) compiles in about a second, so the first start
+builds it and later starts reuse the cached library. Without a compiler, or with
+SLUICE_DISABLE_NATIVE=1, callers fall back to the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread"]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SLUICE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sluice"
+    )
+    return Path(root) / "kernels"
+
+
+@functools.lru_cache(maxsize=1)
+def load_library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when they can't be built here."""
+    if os.environ.get("SLUICE_DISABLE_NATIVE") == "1":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("no C compiler found; using the PyTorch attention path")
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(CFLAGS).encode() + platform.machine().encode()).hexdigest()[:16]
+    target = _cache_dir() / f"paged_decode-{key}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                subprocess.run([compiler, *CFLAGS, "-o", str(built), str(SOURCE), "-lm"],
+                               check=True, capture_output=True, timeout=120)
+                os.replace(built, target)  # atomic: concurrent builders never see half a file
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        logger.warning("could not build native kernels (%s %s); using the PyTorch path", exc, detail.decode()[-500:])
+        return None
+    fn = lib.paged_decode_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """q [B, H, D] -> [B, H, D], attending each row to its sequence's first seq_lens[b] cached keys.
+
+    Returns None when the kernel can't serve this call (no library, non-CPU tensors, odd
+    dtype or sizes); the caller then takes the PyTorch path.
+    """
+    lib = load_library()
+    if lib is None or q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    if k_cache.dtype != q.dtype or not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    block_table = block_table.contiguous()
+    seq_lens = seq_lens.to(torch.int64).contiguous()
+    out = torch.empty_like(q)
+    status = lib.paged_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(), seq_lens.data_ptr(),
+        out.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, block_size, block_table.shape[1],
+        scale, int(q.dtype == torch.bfloat16), torch.get_num_threads(),
+    )
+    return out if status == 0 else None
