@@ -30,6 +30,7 @@ class AttentionGroup:
     block_table: torch.Tensor  # [B, NB] int64 block ids, padded with 0 (null block)
     mask: torch.Tensor  # [B, 1, Q, NB*block_size] bool, True = may attend; padded rows attend key 0 only
     seq_lens: torch.Tensor  # [B] int64 keys of each request once this step's tokens are written
+    fresh: bool = False  # every request starts at position 0: its keys are exactly its new tokens
 
 
 @dataclass
@@ -86,6 +87,7 @@ def build_attention_metadata(query_lens: list[int], context_lens: list[int], blo
             block_table=torch.from_numpy(np.ascontiguousarray(table[ids, :nb])).to(device),
             mask=mask.unsqueeze(1),
             seq_lens=torch.from_numpy(np.ascontiguousarray(seq_lens[ids])).to(device),
+            fresh=bool(c.max() == 0),
         )
 
     return AttentionMetadata(
@@ -96,19 +98,35 @@ def build_attention_metadata(query_lens: list[int], context_lens: list[int], blo
     )
 
 
-def _attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttentionGroup,
-                   scale: float, gather_q: bool) -> torch.Tensor:
+def _attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, g: AttentionGroup, scale: float, gather_q: bool) -> torch.Tensor:
     """Decode rows read the paged cache in place through the native kernel when it is built."""
     rows = q.index_select(0, g.token_index.view(-1)) if gather_q else q
     out = native.paged_decode_attention(rows.contiguous(), k_cache, v_cache, g.block_table, g.seq_lens, scale)
     if out is None:
-        return _attend(q, k_cache, v_cache, g, scale, gather_q)
+        return _attend(q, k, v, k_cache, v_cache, g, scale, gather_q)
     return out
 
 
-def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttentionGroup,
-            scale: float, gather_q: bool) -> torch.Tensor:
+def _attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: AttentionGroup,
+                  scale: float, gather_q: bool) -> torch.Tensor:
+    """Prompts starting at position 0 attend causally to their own new K/V: no cache gather,
+    no mask (padding keys sit after every valid query, so causality already hides them)."""
+    B, Q = g.token_index.shape
+    if gather_q:
+        index = g.token_index.view(-1)
+        q, k, v = q.index_select(0, index), k.index_select(0, index), v.index_select(0, index)
+    H, D, Hkv = q.shape[1], q.shape[2], k.shape[1]
+    qb, kb, vb = (t.view(B, Q, t.shape[1], D).transpose(1, 2) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=Hkv != H)
+    return o.transpose(1, 2).reshape(B * Q, H, D)
+
+
+def _attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+            v_cache: torch.Tensor, g: AttentionGroup, scale: float, gather_q: bool) -> torch.Tensor:
     """Attention for one group -> [B*Q, H, D], row b*Q + i for query i of request b."""
+    if g.fresh:
+        return _attend_fresh(q, k_new, v_new, g, scale, gather_q)
     B, Q = g.token_index.shape
     H, D = q.shape[1], q.shape[2]
     Hkv = k_cache.shape[2]
@@ -150,10 +168,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         # one group, no padding: its rows are the flat batch in order (pure decode, or
         # prefills of equal length), so skip the gather and scatter
         g, attend = groups[0]
-        return attend(q, k_cache, v_cache, g, scale, gather_q=False).reshape(T, H * D)
+        return attend(q, k, v, k_cache, v_cache, g, scale, gather_q=False).reshape(T, H * D)
     out = q.new_empty(T, H, D)
     for g, attend in groups:
-        o = attend(q, k_cache, v_cache, g, scale, gather_q=True)
+        o = attend(q, k, v, k_cache, v_cache, g, scale, gather_q=True)
         index = g.token_index.view(-1)
         if g.token_index.shape[1] > 1 and not bool(g.query_valid.all()):  # drop padding rows
             valid = g.query_valid.view(-1).nonzero().squeeze(1)
