@@ -49,6 +49,7 @@ class EngineCoreOutput:
     new_logprobs: list | None = None  # per new token: (token ids, logprobs, rank of sampled)
     new_prompt_logprobs: list | None = None
     num_cached_tokens: int = 0
+    num_preemptions: int = 0
 
 
 class Scheduler:
@@ -222,6 +223,7 @@ class Scheduler:
                 new_logprobs=[logprobs[request.request_id]] if logprobs and request.request_id in logprobs else None,
                 new_prompt_logprobs=plp,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
+                num_preemptions=request.num_preemptions,
             )
             if status is not None:
                 self._finish(request, status, emit=False)
@@ -253,6 +255,7 @@ class Scheduler:
                 EngineCoreOutput(
                     request.request_id, [], finish_reason=status.finish_reason, error=request.error,
                     num_cached_tokens=max(request.num_cached_tokens, 0),
+                    num_preemptions=request.num_preemptions,
                 )
             )
 

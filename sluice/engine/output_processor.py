@@ -43,6 +43,7 @@ class RequestState:
         self.stop_reason: int | str | None = None
         self.error: str | None = None
         self.num_cached_tokens = 0
+        self.num_preemptions = 0
 
     def completion(self, delta: bool = False) -> CompletionOutput:
         finished = self.finish_reason is not None
@@ -111,6 +112,7 @@ class OutputProcessor:
     def _apply(self, state: RequestState, out: EngineCoreOutput) -> None:
         state.token_ids.extend(out.new_token_ids)
         state.num_cached_tokens = out.num_cached_tokens
+        state.num_preemptions = out.num_preemptions
         if out.new_logprobs and state.logprobs is not None:
             for ids, values, rank in out.new_logprobs:
                 state.logprobs.append(self._logprob_dict(state, ids, values, rank))
@@ -136,15 +138,17 @@ class OutputProcessor:
     def _finished_output(self, state: RequestState) -> RequestOutput | None:
         parent = state.parent
         if parent is None:
-            return self._request_output(state.request_id, state, [state.completion()])
+            return self._request_output(state.request_id, state, [state.completion()], state.num_preemptions)
         if not parent.finished():
             return None
         del self.parents[parent.request_id]
         children = [parent.children[i] for i in sorted(parent.children)]
-        return self._request_output(parent.request_id, children[0], [c.completion() for c in children])
+        return self._request_output(parent.request_id, children[0], [c.completion() for c in children],
+                                    sum(c.num_preemptions for c in children))
 
     @staticmethod
-    def _request_output(request_id: str, first: RequestState, completions: list[CompletionOutput]) -> RequestOutput:
+    def _request_output(request_id: str, first: RequestState, completions: list[CompletionOutput],
+                        num_preemptions: int = 0) -> RequestOutput:
         return RequestOutput(
             request_id=request_id,
             prompt=first.prompt,
@@ -153,4 +157,5 @@ class OutputProcessor:
             outputs=completions,
             finished=True,
             num_cached_tokens=first.num_cached_tokens,
+            metrics={"num_preemptions": num_preemptions},
         )

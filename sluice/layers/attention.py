@@ -6,11 +6,13 @@ tokens already cached). Each group is attended as one padded batch: its requests
 are gathered from the paged cache a whole block at a time, and a bool mask encodes
 causality, each request's context length and padding, so one SDPA call covers it.
 
-KV cache layout, per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
-(0 = K, 1 = V). Block 0 is the null block used for padding block tables. Every slot
-of a gathered block is read, masked or not, so the cache must hold finite values
-everywhere: masking is additive (-inf), and NaN/inf garbage in never-written memory
-would leak NaN into real rows. Allocate it with torch.zeros, not torch.empty.
+KV cache, per layer: one tensor [2, num_blocks, block_size, num_kv_heads, head_dim]; index 1
+(V) is used in that shape. The K half keeps each block's memory as [num_kv_heads, head_dim/2,
+block_size, 2] (pairs of dims, tokens along the row): the layout in which the native decode
+kernel scores 16 keys per bf16 dot-product instruction. `write_kv` and `gather_k` hide it.
+Block 0 is the null block used for padding block tables. Every slot of a gathered block is
+read, masked or not, so the cache must hold finite values everywhere (the runner zeroes it):
+masking is additive (-inf), and NaN garbage would leak into real rows.
 """
 
 from dataclasses import dataclass
@@ -98,6 +100,22 @@ def build_attention_metadata(query_lens: list[int], context_lens: list[int], blo
     )
 
 
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' K/V [T, Hkv, D] at their slots (K in the paired layout)."""
+    _, num_blocks, block_size, Hkv, D = kv_cache.shape
+    k_blocks = kv_cache[0].view(num_blocks, Hkv, D // 2, block_size, 2)
+    k_blocks[slot_mapping // block_size, :, :, slot_mapping % block_size, :] = k.view(-1, Hkv, D // 2, 2)
+    kv_cache[1].view(-1, Hkv, D).index_copy_(0, slot_mapping, v)
+
+
+def gather_k(k_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """K of whole blocks, in token order: [B, NB] block ids -> [B, NB*block_size, Hkv, D]."""
+    num_blocks, block_size, Hkv, D = k_cache.shape
+    B, NB = block_table.shape
+    blocks = k_cache.view(num_blocks, Hkv, D // 2, block_size, 2).index_select(0, block_table.view(-1))
+    return blocks.permute(0, 3, 1, 2, 4).reshape(B, NB * block_size, Hkv, D)
+
+
 def _attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, g: AttentionGroup, scale: float, gather_q: bool) -> torch.Tensor:
     """Decode rows read the paged cache in place through the native kernel when it is built."""
@@ -136,7 +154,7 @@ def _attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: 
     # directly). index_select copies rows with memcpy; advanced indexing (cache[table])
     # goes element by element and is ~5x slower on CPU.
     blocks = g.block_table.view(-1)
-    k = k_cache.index_select(0, blocks).view(B, L, Hkv, D).transpose(1, 2)
+    k = gather_k(k_cache, g.block_table).transpose(1, 2)
     v = v_cache.index_select(0, blocks).view(B, L, Hkv, D).transpose(1, 2)
     if gather_q:
         q = q.index_select(0, g.token_index.view(-1))
@@ -160,9 +178,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """
     T, H, D = q.shape
     Hkv = k.shape[1]
-    k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, Hkv, D]
-    k_cache.view(-1, Hkv, D).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, Hkv, D).index_copy_(0, meta.slot_mapping, v)
+    write_kv(kv_cache, k, v, meta.slot_mapping)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
     groups = [(g, fn) for g, fn in ((meta.decode, _attend_decode), (meta.prefill, _attend)) if g is not None]
     if len(groups) == 1 and groups[0][0].token_index.numel() == T:
         # one group, no padding: its rows are the flat batch in order (pure decode, or

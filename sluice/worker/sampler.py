@@ -120,6 +120,9 @@ class SamplerOutput:
 
 class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        if meta.all_greedy and meta.max_num_logprobs is None and meta.min_tokens_mask is None and not _has_penalties(meta):
+            # argmax is exact in the model's dtype: skip upcasting a [B, vocab] tensor
+            return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1), logprobs=None)
         logits = logits.float()
         logprobs = None
         if meta.max_num_logprobs is not None:
@@ -154,6 +157,11 @@ def compute_prompt_logprobs(
 
 
 # ---------------------------------------------------------------- processors
+
+
+def _has_penalties(meta: SamplingMetadata) -> bool:
+    return (meta.repetition_penalties is not None or meta.frequency_penalties is not None
+            or meta.presence_penalties is not None)
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

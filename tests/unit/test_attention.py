@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sluice.layers.attention import build_attention_metadata, paged_attention
+from sluice.layers.attention import build_attention_metadata, gather_k, paged_attention, write_kv
 
 
 def reference(q, k_full, v_full, ctx, scale):
@@ -38,9 +38,9 @@ def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.f
     v_full = [torch.randn(s, Hkv, D, generator=gen).to(dtype) for s in seq_lens]
     # earlier steps already cached each request's context
     for t, c, kf, vf in zip(tables, context_lens, k_full, v_full):
-        for p in range(c):
-            kv_cache[0, t[p // block_size], p % block_size] = kf[p]
-            kv_cache[1, t[p // block_size], p % block_size] = vf[p]
+        if c:
+            slots = torch.tensor([t[p // block_size] * block_size + p % block_size for p in range(c)])
+            write_kv(kv_cache, kf[:c], vf[:c], slots)
     qs = [torch.randn(n, H, D, generator=gen).to(dtype) for n in query_lens]
     q = torch.cat(qs)
     k = torch.cat([kf[c:] for kf, c in zip(k_full, context_lens)])
@@ -52,9 +52,10 @@ def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.f
     assert out.shape == (sum(query_lens), H * D) and out.dtype == dtype
     ref = torch.cat([reference(qi, kf, vf, c, scale) for qi, kf, vf, c in zip(qs, k_full, v_full, context_lens)])
     # new K/V landed in the cache at their slots
-    for t, c, kf, n in zip(tables, context_lens, k_full, query_lens):
-        for p in range(c, c + n):
-            assert torch.equal(kv_cache[0, t[p // block_size], p % block_size], kf[p])
+    for t, c, kf, vf, n in zip(tables, context_lens, k_full, v_full, query_lens):
+        table = torch.tensor([t])
+        assert torch.equal(gather_k(kv_cache[0], table)[0, c:c + n], kf[c:c + n])
+        assert torch.equal(kv_cache[1][table[0]].reshape(-1, Hkv, D)[c:c + n], vf[c:c + n])
     return out.float(), ref, meta
 
 
@@ -112,3 +113,27 @@ def test_padded_rows_and_no_groups():
 def test_short_block_table_rejected():
     with pytest.raises(ValueError, match="needs 2"):
         build_attention_metadata([3], [2], [[1]], 4, "cpu")
+
+
+DECODE_CASE = ([1, 1, 1, 1, 1], [0, 5, 16, 37, 70])  # decodes at and across block edges
+
+
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("H,Hkv", [(9, 3), (4, 4), (8, 1)])
+def test_native_decode_kernel_bf16_fast_path(D, block_size, H, Hkv):
+    """head_dim a multiple of 32 in bf16 takes the vectorised kernel path (where the CPU has it)."""
+    out, ref, _ = run_case(*DECODE_CASE, H=H, Hkv=Hkv, D=D, block_size=block_size, dtype=torch.bfloat16)
+    torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_fallback_matches_native_kernel(dtype, monkeypatch):
+    from sluice.layers import native
+
+    with_kernel, ref, _ = run_case(*DECODE_CASE, H=6, Hkv=2, D=64, block_size=16, dtype=dtype)
+    monkeypatch.setattr(native, "load_library", lambda: None)
+    without, _, _ = run_case(*DECODE_CASE, H=6, Hkv=2, D=64, block_size=16, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(with_kernel, without, atol=tol, rtol=tol)
+    torch.testing.assert_close(without, ref, atol=tol, rtol=tol)

@@ -2,13 +2,16 @@
  * Paged attention for decode rows (one query token per sequence), on CPU.
  *
  * Reads each sequence's K/V straight out of the paged cache, block by block, with an
- * online softmax, so nothing is gathered or copied: at large batch the decode step is
- * bound by reading the cache once. Work items are (sequence, KV head) pairs; the G query
- * heads sharing a KV head are served by one pass over its keys (GQA without expansion).
+ * online softmax, so nothing is gathered or copied. Work is split across threads by
+ * sequence; one pass over a sequence serves all its query heads (GQA without expansion).
  *
- * Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim], bf16 or f32.
- * Built by sluice/layers/native.py with the system C compiler; called through ctypes,
- * which releases the GIL.
+ * Cache layout per layer and block (see sluice/layers/attention.py):
+ *   K: [num_kv_heads, head_dim / 2, block_size, 2]  pairs of dims, keys along the row,
+ *      so one 64-byte load holds 16 keys x 2 dims: exactly the operand of the bf16
+ *      dot-product instruction, and scores of 16 keys need no horizontal reductions.
+ *   V: [block_size, num_kv_heads, head_dim]
+ * bf16 or f32. Built by sluice/layers/native.py with the system C compiler and called
+ * through ctypes, which releases the GIL.
  */
 #include <math.h>
 #include <pthread.h>
@@ -16,22 +19,21 @@
 #include <string.h>
 
 #define MAX_HEAD_DIM 256
-#define MAX_GROUP 16
 #define MAX_HEADS 64
 #define MAX_BLOCK 256
 #define MAX_THREADS 64
 
 typedef struct {
-    const void *q;            /* [num_seqs, num_heads, head_dim] */
+    const void *q;              /* [num_seqs, num_heads, head_dim] */
     const void *k_cache;
     const void *v_cache;
     const int64_t *block_table; /* [num_seqs, table_width] */
-    const int64_t *seq_lens;  /* keys per sequence, including the new token */
-    void *out;                /* [num_seqs, num_heads, head_dim] */
+    const int64_t *seq_lens;    /* keys per sequence, including the new token */
+    void *out;                  /* [num_seqs, num_heads, head_dim] */
     int64_t num_heads, num_kv_heads, head_dim, block_size, table_width;
     float scale;
     int is_bf16;
-    int64_t item_begin, item_end;
+    int64_t seq_begin, seq_end;
 } Job;
 
 static inline float bf16_to_f32(uint16_t x) {
@@ -48,76 +50,59 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-static inline void load_row(const void *base, int64_t offset, int64_t n, int is_bf16, float *dst) {
-    if (is_bf16) {
-        const uint16_t *src = (const uint16_t *)base + offset;
-        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
-    } else {
-        memcpy(dst, (const float *)base + offset, (size_t)n * sizeof(float));
-    }
+static inline float load_elem(const void *base, int64_t index, int is_bf16) {
+    return is_bf16 ? bf16_to_f32(((const uint16_t *)base)[index]) : ((const float *)base)[index];
 }
 
-static void attend_item(const Job *job, int64_t item) {
-    const int64_t hkv_count = job->num_kv_heads, D = job->head_dim, bs = job->block_size;
-    const int64_t G = job->num_heads / hkv_count;
-    const int64_t seq = item / hkv_count, hkv = item % hkv_count;
-    const int64_t len = job->seq_lens[seq];
-    const int64_t token_stride = hkv_count * D, block_stride = bs * token_stride;
+/* Offset of K[token `off` of a block][kv head][dim d] from the block's start. */
+static inline int64_t k_offset(int64_t hkv, int64_t d, int64_t off, int64_t D, int64_t bs) {
+    return ((hkv * (D / 2) + d / 2) * bs + off) * 2 + (d & 1);
+}
 
-    float q[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];
-    float m[MAX_GROUP], l[MAX_GROUP], s[MAX_GROUP][MAX_BLOCK];
-    float key[MAX_HEAD_DIM], val[MAX_HEAD_DIM];
-    for (int64_t g = 0; g < G; g++) {
-        load_row(job->q, (seq * job->num_heads + hkv * G + g) * D, D, job->is_bf16, q[g]);
-        for (int64_t d = 0; d < D; d++) { q[g][d] *= job->scale; acc[g][d] = 0.0f; }
-        m[g] = -INFINITY;
-        l[g] = 0.0f;
-    }
+/* Portable path: any dtype/head_dim, one key at a time. */
+static void attend_seq_generic(const Job *job, int64_t seq) {
+    const int64_t H = job->num_heads, hkv_count = job->num_kv_heads, D = job->head_dim, bs = job->block_size;
+    const int64_t G = H / hkv_count, len = job->seq_lens[seq];
+    const int64_t block_elems = bs * hkv_count * D;
     const int64_t *table = job->block_table + seq * job->table_width;
-    for (int64_t start = 0; start < len; start += bs) {
-        const int64_t n = (len - start < bs) ? len - start : bs;
-        const int64_t base = table[start / bs] * block_stride + hkv * D;
-        for (int64_t j = 0; j < n; j++) {
-            load_row(job->k_cache, base + j * token_stride, D, job->is_bf16, key);
-            for (int64_t g = 0; g < G; g++) {
-                float dot = 0.0f;
-                for (int64_t d = 0; d < D; d++) dot += q[g][d] * key[d];
-                s[g][j] = dot;
-            }
+    static __thread float q[MAX_HEADS][MAX_HEAD_DIM], acc[MAX_HEADS][MAX_HEAD_DIM];
+    float m[MAX_HEADS], l[MAX_HEADS];
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t d = 0; d < D; d++) {
+            q[h][d] = load_elem(job->q, (seq * H + h) * D + d, job->is_bf16) * job->scale;
+            acc[h][d] = 0.0f;
         }
-        for (int64_t g = 0; g < G; g++) {
-            float block_max = m[g];
-            for (int64_t j = 0; j < n; j++) block_max = s[g][j] > block_max ? s[g][j] : block_max;
-            const float correction = expf(m[g] - block_max);
-            l[g] *= correction;
-            for (int64_t d = 0; d < D; d++) acc[g][d] *= correction;
-            for (int64_t j = 0; j < n; j++) {
-                s[g][j] = expf(s[g][j] - block_max);
-                l[g] += s[g][j];
-            }
-            m[g] = block_max;
-        }
-        for (int64_t j = 0; j < n; j++) {
-            load_row(job->v_cache, base + j * token_stride, D, job->is_bf16, val);
-            for (int64_t g = 0; g < G; g++) {
-                const float p = s[g][j];
-                for (int64_t d = 0; d < D; d++) acc[g][d] += p * val[d];
-            }
+        m[h] = -INFINITY;
+        l[h] = 0.0f;
+    }
+    for (int64_t pos = 0; pos < len; pos++) {
+        const int64_t block = table[pos / bs], off = pos % bs;
+        const int64_t base = block * block_elems;
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t hkv = h / G;
+            float score = 0.0f;
+            for (int64_t d = 0; d < D; d++)
+                score += q[h][d] * load_elem(job->k_cache, base + k_offset(hkv, d, off, D, bs), job->is_bf16);
+            const float new_max = score > m[h] ? score : m[h];
+            const float correction = expf(m[h] - new_max), p = expf(score - new_max);
+            l[h] = l[h] * correction + p;
+            m[h] = new_max;
+            const int64_t vbase = base + (off * hkv_count + hkv) * D;
+            for (int64_t d = 0; d < D; d++)
+                acc[h][d] = acc[h][d] * correction + p * load_elem(job->v_cache, vbase + d, job->is_bf16);
         }
     }
-    for (int64_t g = 0; g < G; g++) {
-        const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-        const int64_t offset = (seq * job->num_heads + hkv * G + g) * D;
-        if (job->is_bf16) {
-            uint16_t *dst = (uint16_t *)job->out + offset;
-            for (int64_t d = 0; d < D; d++) dst[d] = f32_to_bf16(acc[g][d] * inv);
-        } else {
-            float *dst = (float *)job->out + offset;
-            for (int64_t d = 0; d < D; d++) dst[d] = acc[g][d] * inv;
+    for (int64_t h = 0; h < H; h++) {
+        const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+        for (int64_t d = 0; d < D; d++) {
+            const int64_t index = (seq * H + h) * D + d;
+            if (job->is_bf16)
+                ((uint16_t *)job->out)[index] = f32_to_bf16(acc[h][d] * inv);
+            else
+                ((float *)job->out)[index] = acc[h][d] * inv;
         }
     }
 }
-
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -144,63 +129,64 @@ static inline __m512 bf16x16_to_f32(const uint16_t *src) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-/* All heads of one sequence, for bf16 caches with head_dim a multiple of 32 (<= 256).
- * Serving every KV head in one pass reads each cached token's K (and V) row for all heads
- * as one contiguous run, so a block streams from memory instead of being read in strides. */
+/* bf16 caches, head_dim a multiple of 32: up to 16 keys of one block per chunk. */
 static void attend_seq_bf16(const Job *job, int64_t seq) {
     const int64_t H = job->num_heads, hkv_count = job->num_kv_heads, D = job->head_dim, bs = job->block_size;
-    const int64_t G = H / hkv_count, DV = D / 32;
-    const int64_t len = job->seq_lens[seq];
-    const int64_t token_stride = hkv_count * D, block_stride = bs * token_stride;
+    const int64_t G = H / hkv_count, len = job->seq_lens[seq];
+    const int64_t block_elems = bs * hkv_count * D;
     const uint16_t *kc = (const uint16_t *)job->k_cache, *vc = (const uint16_t *)job->v_cache;
+    const uint32_t *qpairs = (const uint32_t *)((const uint16_t *)job->q + seq * H * D); /* [H][D/2] */
+    const int64_t *table = job->block_table + seq * job->table_width;
 
-    __m512bh q[MAX_HEADS][MAX_HEAD_DIM / 32];
     __m512 acc[MAX_HEADS][MAX_HEAD_DIM / 16];
     float m[MAX_HEADS], l[MAX_HEADS];
-    float s[MAX_HEADS][16] __attribute__((aligned(64)));
-    const uint16_t *qrow = (const uint16_t *)job->q + seq * H * D;
+    float p[MAX_HEADS][16] __attribute__((aligned(64)));
     for (int64_t h = 0; h < H; h++) {
-        for (int64_t v = 0; v < DV; v++) q[h][v] = (__m512bh)_mm512_loadu_si512(qrow + h * D + 32 * v);
-        for (int64_t v = 0; v < 2 * DV; v++) acc[h][v] = _mm512_setzero_ps();
+        for (int64_t v = 0; v < D / 16; v++) acc[h][v] = _mm512_setzero_ps();
         m[h] = -INFINITY;
         l[h] = 0.0f;
     }
-    const int64_t *table = job->block_table + seq * job->table_width;
-    for (int64_t start = 0; start < len; start += 16) {
-        /* 16 keys at a time, never crossing a block: a chunk is one contiguous run of rows. */
+    for (int64_t start = 0, n = 0; start < len; start += n) {
         const int64_t in_block = start % bs;
-        int64_t n = len - start < 16 ? len - start : 16;
+        n = len - start < 16 ? len - start : 16;
         if (n > bs - in_block) n = bs - in_block;
-        const int64_t offset = table[start / bs] * block_stride + in_block * token_stride;
-        const uint16_t *kbase = kc + offset, *vbase = vc + offset;
-        for (int64_t j = 0; j < n; j++) {
-            for (int64_t h = 0; h < H; h++) {
-                const uint16_t *krow = kbase + j * token_stride + (h / G) * D;
-                __m512 dot = _mm512_setzero_ps();
-                for (int64_t v = 0; v < DV; v++)
-                    dot = _mm512_dpbf16_ps(dot, q[h][v], (__m512bh)_mm512_loadu_si512(krow + 32 * v));
-                s[h][j] = _mm512_reduce_add_ps(dot) * job->scale;
+        const int64_t base = table[start / bs] * block_elems;
+        const __mmask32 pair_mask = (__mmask32)(n == 16 ? 0xFFFFFFFFu : ((1u << (2 * n)) - 1u));
+        const __mmask16 live = (__mmask16)((1u << n) - 1u);
+        for (int64_t hkv = 0; hkv < hkv_count; hkv++) {
+            __m512 score[MAX_HEADS];
+            for (int64_t g = 0; g < G; g++) score[g] = _mm512_setzero_ps();
+            const uint16_t *kpairs = kc + base + (hkv * (D / 2) * bs + in_block) * 2;
+            for (int64_t i = 0; i < D / 2; i++) {
+                /* 16 keys x dims (2i, 2i+1) */
+                const __m512bh keys = (__m512bh)_mm512_maskz_loadu_epi16(pair_mask, kpairs + i * bs * 2);
+                for (int64_t g = 0; g < G; g++) {
+                    const __m512bh qq = (__m512bh)_mm512_set1_epi32((int)qpairs[(hkv * G + g) * (D / 2) + i]);
+                    score[g] = _mm512_dpbf16_ps(score[g], qq, keys);
+                }
+            }
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t h = hkv * G + g;
+                const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), live, score[g],
+                                                    _mm512_set1_ps(job->scale));
+                const float block_max = fmaxf(m[h], _mm512_reduce_max_ps(s));
+                const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(s, _mm512_set1_ps(block_max))));
+                const float correction = expf(m[h] - block_max);
+                l[h] = l[h] * correction + _mm512_reduce_add_ps(e);
+                m[h] = block_max;
+                _mm512_store_ps(p[h], e);
+                const __m512 c = _mm512_set1_ps(correction);
+                for (int64_t v = 0; v < D / 16; v++) acc[h][v] = _mm512_mul_ps(acc[h][v], c);
             }
         }
-        const __mmask16 live = (__mmask16)((1u << n) - 1u);
-        for (int64_t h = 0; h < H; h++) {
-            const __m512 scores = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, s[h]);
-            const float block_max = fmaxf(m[h], _mm512_reduce_max_ps(scores));
-            const __m512 p = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(scores, _mm512_set1_ps(block_max))));
-            const float correction = expf(m[h] - block_max);
-            l[h] = l[h] * correction + _mm512_reduce_add_ps(p);
-            m[h] = block_max;
-            _mm512_store_ps(s[h], p);
-            const __m512 c = _mm512_set1_ps(correction);
-            for (int64_t v = 0; v < 2 * DV; v++) acc[h][v] = _mm512_mul_ps(acc[h][v], c);
-        }
+        const uint16_t *vrows = vc + base + in_block * hkv_count * D;
         for (int64_t j = 0; j < n; j++) {
-            for (int64_t kv = 0; kv < hkv_count; kv++) {
-                const uint16_t *vrow = vbase + j * token_stride + kv * D;
-                for (int64_t v = 0; v < 2 * DV; v++) {
+            for (int64_t hkv = 0; hkv < hkv_count; hkv++) {
+                const uint16_t *vrow = vrows + (j * hkv_count + hkv) * D;
+                for (int64_t v = 0; v < D / 16; v++) {
                     const __m512 val = bf16x16_to_f32(vrow + 16 * v);
-                    for (int64_t h = kv * G; h < (kv + 1) * G; h++)
-                        acc[h][v] = _mm512_fmadd_ps(_mm512_set1_ps(s[h][j]), val, acc[h][v]);
+                    for (int64_t h = hkv * G; h < (hkv + 1) * G; h++)
+                        acc[h][v] = _mm512_fmadd_ps(_mm512_set1_ps(p[h][j]), val, acc[h][v]);
                 }
             }
         }
@@ -209,7 +195,7 @@ static void attend_seq_bf16(const Job *job, int64_t seq) {
         const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
         uint16_t *dst = (uint16_t *)job->out + (seq * H + h) * D;
         float tmp[16] __attribute__((aligned(64)));
-        for (int64_t v = 0; v < 2 * DV; v++) {
+        for (int64_t v = 0; v < D / 16; v++) {
             _mm512_store_ps(tmp, _mm512_mul_ps(acc[h][v], _mm512_set1_ps(inv)));
             for (int i = 0; i < 16; i++) dst[16 * v + i] = f32_to_bf16(tmp[i]);
         }
@@ -221,16 +207,20 @@ static void attend_seq_bf16(const Job *job, int64_t seq) {
 
 static void *run_job(void *arg) {
     const Job *job = (const Job *)arg;
+    int fast = 0;
 #if HAVE_BF16_FAST_PATH
-    if (job->is_bf16 && job->head_dim % 32 == 0 && job->num_heads <= MAX_HEADS) {
-        /* items are (sequence, KV head) pairs; this path takes whole sequences */
-        const int64_t hkv = job->num_kv_heads;
-        for (int64_t seq = (job->item_begin + hkv - 1) / hkv; seq < (job->item_end + hkv - 1) / hkv; seq++)
-            attend_seq_bf16(job, seq);
-        return NULL;
-    }
+    fast = job->is_bf16 && job->head_dim % 32 == 0;
 #endif
-    for (int64_t item = job->item_begin; item < job->item_end; item++) attend_item(job, item);
+    for (int64_t seq = job->seq_begin; seq < job->seq_end; seq++) {
+#if HAVE_BF16_FAST_PATH
+        if (fast) {
+            attend_seq_bf16(job, seq);
+            continue;
+        }
+#endif
+        attend_seq_generic(job, seq);
+    }
+    (void)fast;
     return NULL;
 }
 
@@ -240,19 +230,18 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                            int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                            int64_t head_dim, int64_t block_size, int64_t table_width,
                            float scale, int is_bf16, int num_threads) {
-    if (head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK || num_heads % num_kv_heads != 0 ||
-        num_heads / num_kv_heads > MAX_GROUP)
+    if (head_dim > MAX_HEAD_DIM || head_dim % 2 != 0 || block_size > MAX_BLOCK || num_heads > MAX_HEADS ||
+        num_heads % num_kv_heads != 0)
         return -1;
-    const int64_t items = num_seqs * num_kv_heads;
     if (num_threads < 1) num_threads = 1;
     if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
-    if (num_threads > items) num_threads = (int)(items > 0 ? items : 1);
+    if (num_threads > num_seqs) num_threads = (int)(num_seqs > 0 ? num_seqs : 1);
     Job jobs[MAX_THREADS];
     pthread_t threads[MAX_THREADS];
     for (int t = 0; t < num_threads; t++) {
         Job job = {q, k_cache, v_cache, block_table, seq_lens, out, num_heads, num_kv_heads,
                    head_dim, block_size, table_width, scale, is_bf16,
-                   items * t / num_threads, items * (t + 1) / num_threads};
+                   num_seqs * t / num_threads, num_seqs * (t + 1) / num_threads};
         jobs[t] = job;
     }
     int started = 0;
