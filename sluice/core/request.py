@@ -45,7 +45,7 @@ class EngineCoreRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    eos_token_id: int | None
+    eos_token_ids: tuple[int, ...]  # the tokenizer's EOS plus generation_config's (Llama 3 has several)
     arrival_time: float = field(default_factory=time.time)
     priority: int = 0
     cache_salt: str | None = None  # extra key folded into block hashes (LoRA id, tenant salt)
@@ -82,8 +82,8 @@ class Request:
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of all_token_ids
         params = req.sampling_params
         self.stop_token_ids: set[int] = set(params.stop_token_ids or [])
-        if req.eos_token_id is not None and not params.ignore_eos:
-            self.stop_token_ids.add(req.eos_token_id)
+        if not params.ignore_eos:
+            self.stop_token_ids.update(req.eos_token_ids)
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

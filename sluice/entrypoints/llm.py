@@ -14,7 +14,7 @@ from sluice.config import EngineConfig
 from sluice.engine.core import EngineCore
 from sluice.engine.input_processor import InputProcessor, PromptType
 from sluice.engine.output_processor import OutputProcessor
-from sluice.loader import load_hf_config, load_tokenizer, resolve_model
+from sluice.loader import load_eos_token_ids, load_hf_config, load_tokenizer, resolve_model
 from sluice.outputs import RequestOutput
 from sluice.sampling_params import SamplingParams
 
@@ -51,7 +51,9 @@ class LLM:
         hf_config = load_hf_config(source)
         self.tokenizer = load_tokenizer(source)
         self.engine_core = EngineCore(self.config, hf_config, source)
-        self.input_processor = InputProcessor(self.tokenizer, self.engine_core.max_model_len, hf_config.vocab_size)
+        self.input_processor = InputProcessor(
+            self.tokenizer, self.engine_core.max_model_len, hf_config.vocab_size, load_eos_token_ids(source)
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._request_counter = itertools.count()
 

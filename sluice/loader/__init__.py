@@ -9,6 +9,7 @@ model code only knows one naming scheme.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ __all__ = [
     "resolve_model",
     "load_hf_config",
     "load_tokenizer",
+    "load_eos_token_ids",
     "iter_weights",
 ]
 
@@ -157,6 +159,21 @@ def load_tokenizer(src: ModelSource) -> transformers.PreTrainedTokenizerBase:
         return transformers.AutoTokenizer.from_pretrained(src.path)
     except Exception as e:
         raise ModelLoadError(f"{src.path}: could not load the tokenizer ({e})") from e
+
+
+def load_eos_token_ids(src: ModelSource) -> tuple[int, ...]:
+    """End-of-sequence ids from generation_config.json (several for Llama 3); () when absent."""
+    path = os.path.join(src.path, "generation_config.json")
+    if src.kind != "hf_folder" or not os.path.isfile(path):
+        return ()
+    try:
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from e
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (eos,)
 
 
 def iter_weights(

@@ -169,3 +169,22 @@ def test_engine_arguments_are_validated():
         LLM(scheduling_policy="random")
     with pytest.raises(ValueError, match="dtype"):
         LLM(dtype="int3")
+
+
+def test_generation_config_eos_ids_stop_generation(tmp_path, tiny_model_dir):
+    """Llama 3 style: generation_config.json lists several EOS ids; each one ends a request."""
+    import json
+    import shutil
+
+    folder = tmp_path / "multi-eos"
+    shutil.copytree(tiny_model_dir("qwen2"), folder)
+    llm = LLM(str(folder), dtype="float32", max_model_len=256, kv_cache_memory_bytes=16 << 20)
+    free = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    tokens = free[0].outputs[0].token_ids
+    assert 2 not in tokens
+    stop_at = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, tokens[stop_at]]}))
+    llm = LLM(str(folder), dtype="float32", max_model_len=256, kv_cache_memory_bytes=16 << 20)
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == tokens[: stop_at + 1]
+    assert out.finish_reason == "stop" and out.stop_reason is None

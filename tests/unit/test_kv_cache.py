@@ -11,7 +11,7 @@ BS = 4
 
 
 def make_request(request_id: str, token_ids: list[int], salt: str | None = None) -> Request:
-    core = EngineCoreRequest(request_id, token_ids, SamplingParams(max_tokens=4), eos_token_id=None, cache_salt=salt)
+    core = EngineCoreRequest(request_id, token_ids, SamplingParams(max_tokens=4), eos_token_ids=(), cache_salt=salt)
     return Request(core, max_tokens=4)
 
 

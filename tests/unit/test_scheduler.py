@@ -18,7 +18,7 @@ def add(sched: Scheduler, rid: str, num_prompt: int, max_tokens: int = 8, priori
         first_token: int = 1, arrival: float = 0.0) -> Request:
     core = EngineCoreRequest(
         rid, list(range(first_token, first_token + num_prompt)),
-        SamplingParams(max_tokens=max_tokens, ignore_eos=True), eos_token_id=None,
+        SamplingParams(max_tokens=max_tokens, ignore_eos=True), eos_token_ids=(),
         priority=priority, arrival_time=arrival,
     )
     request = Request(core, max_tokens)
@@ -143,7 +143,7 @@ def test_abort_frees_blocks_and_reports():
 def test_max_tokens_and_stop_token():
     sched = make_scheduler()
     add(sched, "len", 3, max_tokens=2)
-    core = EngineCoreRequest("stop", [1, 2, 3], SamplingParams(max_tokens=10, stop_token_ids=[7]), eos_token_id=9)
+    core = EngineCoreRequest("stop", [1, 2, 3], SamplingParams(max_tokens=10, stop_token_ids=[7]), eos_token_ids=(9,))
     sched.add_request(Request(core, 10))
     _, outputs = run_step(sched, token=7)
     by_id = {o.request_id: o for o in outputs}
