@@ -8,6 +8,8 @@ model code only knows one naming scheme.
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import json
 import os
@@ -115,14 +117,36 @@ def _looks_like_path(model: str) -> bool:
     )
 
 
+def _file_stamp(path: str) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_mtime_ns, info.st_size
+
+
+# transformers parses a whole GGUF (tens of thousands of vocabulary strings) for the config
+# and again for the tokenizer, seconds each: parse once per process and file version.
+@functools.lru_cache(maxsize=4)
+def _read_gguf_config(path: str, stamp: tuple[int, int]):
+    import transformers
+
+    folder, filename = os.path.split(path)
+    return transformers.AutoConfig.from_pretrained(folder, gguf_file=filename)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gguf_tokenizer(path: str, stamp: tuple[int, int]):
+    import transformers
+
+    folder, filename = os.path.split(path)
+    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+
+
 def load_hf_config(src: ModelSource) -> transformers.PretrainedConfig:
     """The transformers config, with `architectures` always set."""
     import transformers
 
     if src.kind == "gguf":
-        folder, filename = os.path.split(src.path)
         try:
-            config = transformers.AutoConfig.from_pretrained(folder, gguf_file=filename)
+            config = copy.deepcopy(_read_gguf_config(src.path, _file_stamp(src.path)))
         except Exception as e:
             raise ModelLoadError(
                 f"{src.path}: could not read the GGUF metadata as a model config; truncated or corrupt file? ({e})"
@@ -154,8 +178,7 @@ def load_tokenizer(src: ModelSource) -> transformers.PreTrainedTokenizerBase:
 
     try:
         if src.kind == "gguf":
-            folder, filename = os.path.split(src.path)
-            return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+            return _read_gguf_tokenizer(src.path, _file_stamp(src.path))
         return transformers.AutoTokenizer.from_pretrained(src.path)
     except Exception as e:
         raise ModelLoadError(f"{src.path}: could not load the tokenizer ({e})") from e
