@@ -104,11 +104,16 @@ class BlockPool:
             self._evict(block)
         return True
 
+    def uncache(self, block: KVCacheBlock) -> None:
+        """Drop a block's index entry (its contents will never be computed)."""
+        if self.cached.get(block.block_hash) is block:
+            del self.cached[block.block_hash]
+        block.block_hash = None
+        block.hash_key = None
+
     def _evict(self, block: KVCacheBlock) -> None:
         if block.block_hash is None:
             return
         if self.cached.get(block.block_hash) is block:
-            del self.cached[block.block_hash]
             self.num_evictions += 1
-        block.block_hash = None
-        block.hash_key = None
+        self.uncache(block)

@@ -90,9 +90,16 @@ class KVCacheManager:
         return new_blocks
 
     def free(self, request: Request) -> None:
-        """Release a request's blocks, tail first, so shared prefixes outlive unique tails."""
+        """Release a request's blocks, tail first, so shared prefixes outlive unique tails.
+
+        Blocks were indexed when allocated, for the tokens the step would compute; a request
+        preempted in that same step never computed them, so their index entries go too.
+        """
         blocks = self.req_blocks.pop(request.request_id, [])
         self.num_hashed_blocks.pop(request.request_id, None)
+        for block in blocks[request.num_computed_tokens // self.block_size :]:
+            if block.ref_cnt == 1:
+                self.pool.uncache(block)
         self.pool.free(list(reversed(blocks)))
 
     def _update_block_hashes(self, request: Request) -> None:

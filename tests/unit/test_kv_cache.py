@@ -119,3 +119,17 @@ def test_no_leaked_blocks_after_free_or_abort():
     assert kv.pool.num_free_blocks() == kv.pool.num_usable_blocks
     assert all(b.ref_cnt == 0 for b in kv.pool.blocks[1:])
     assert kv.usage() == 0.0
+
+
+def test_blocks_freed_before_their_tokens_were_computed_are_not_served():
+    """A request preempted in the very step that allocated (and indexed) its blocks never
+    computed them: freeing it must drop those index entries, keeping the computed ones."""
+    kv = KVCacheManager(num_blocks=16, block_size=BS, enable_caching=True)
+    request = make_request("a", list(range(1, 13)))
+    kv.allocate_slots(request, 8)
+    request.num_computed_tokens = 8  # first step ran: blocks 0-1 computed
+    kv.allocate_slots(request, 4)  # second step indexes block 2 ...
+    kv.free(request)  # ... but the request is preempted before it runs
+    again = make_request("b", list(range(1, 13)) + [99])
+    hits, num_hit = kv.get_computed_blocks(again)
+    assert num_hit == 8
