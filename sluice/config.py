@@ -73,8 +73,8 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _check(
-            isinstance(self.block_size, int) and 1 <= self.block_size <= 256,
-            f"block_size must be an int in [1, 256], got {self.block_size!r}",
+            isinstance(self.block_size, int) and 2 <= self.block_size <= 256 and self.block_size % 2 == 0,
+            f"block_size must be an even int in [2, 256], got {self.block_size!r}",
         )
         _check(
             self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,

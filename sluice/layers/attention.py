@@ -6,10 +6,12 @@ tokens already cached). Each group is attended as one padded batch: its requests
 are gathered from the paged cache a whole block at a time, and a bool mask encodes
 causality, each request's context length and padding, so one SDPA call covers it.
 
-KV cache, per layer: one tensor [2, num_blocks, block_size, num_kv_heads, head_dim]; index 1
-(V) is used in that shape. The K half keeps each block's memory as [num_kv_heads, head_dim/2,
-block_size, 2] (pairs of dims, tokens along the row): the layout in which the native decode
-kernel scores 16 keys per bf16 dot-product instruction. `write_kv` and `gather_k` hide it.
+KV cache, per layer: one tensor [2, num_blocks, block_size, num_kv_heads, head_dim] whose
+blocks are laid out for the native decode kernel's bf16 dot-product instruction, which
+multiplies pairs: K keeps a block as [num_kv_heads, head_dim/2, block_size, 2] (pairs of
+dims, tokens along the row: 16 keys scored per instruction), V as [num_kv_heads,
+block_size/2, head_dim, 2] (pairs of tokens, dims along the row). `write_kv`, `gather_k`
+and `gather_v` hide both; block_size must be even.
 Block 0 is the null block used for padding block tables. Every slot of a gathered block is
 read, masked or not, so the cache must hold finite values everywhere (the runner zeroes it):
 masking is additive (-inf), and NaN garbage would leak into real rows.
@@ -104,8 +106,10 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     """Store the new tokens' K/V [T, Hkv, D] at their slots (K in the paired layout)."""
     _, num_blocks, block_size, Hkv, D = kv_cache.shape
     k_blocks = kv_cache[0].view(num_blocks, Hkv, D // 2, block_size, 2)
-    k_blocks[slot_mapping // block_size, :, :, slot_mapping % block_size, :] = k.view(-1, Hkv, D // 2, 2)
-    kv_cache[1].view(-1, Hkv, D).index_copy_(0, slot_mapping, v)
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_blocks[blocks, :, :, offsets, :] = k.view(-1, Hkv, D // 2, 2)
+    v_blocks = kv_cache[1].view(num_blocks, Hkv, block_size // 2, D, 2)
+    v_blocks[blocks, :, offsets // 2, :, offsets % 2] = v
 
 
 def gather_k(k_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -114,6 +118,14 @@ def gather_k(k_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     B, NB = block_table.shape
     blocks = k_cache.view(num_blocks, Hkv, D // 2, block_size, 2).index_select(0, block_table.view(-1))
     return blocks.permute(0, 3, 1, 2, 4).reshape(B, NB * block_size, Hkv, D)
+
+
+def gather_v(v_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """V of whole blocks, in token order: [B, NB] block ids -> [B, NB*block_size, Hkv, D]."""
+    num_blocks, block_size, Hkv, D = v_cache.shape
+    B, NB = block_table.shape
+    blocks = v_cache.view(num_blocks, Hkv, block_size // 2, D, 2).index_select(0, block_table.view(-1))
+    return blocks.permute(0, 2, 4, 1, 3).reshape(B, NB * block_size, Hkv, D)
 
 
 def _attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -150,12 +162,10 @@ def _attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: 
     Hkv = k_cache.shape[2]
     G = H // Hkv
     L = g.block_table.shape[1] * k_cache.shape[1]
-    # Gather whole blocks: [B*NB, bs, Hkv, D] -> [B, Hkv, L, D] (a strided view SDPA reads
-    # directly). index_select copies rows with memcpy; advanced indexing (cache[table])
-    # goes element by element and is ~5x slower on CPU.
-    blocks = g.block_table.view(-1)
+    # Gather whole blocks with index_select (row memcpy; advanced indexing goes element by
+    # element and is ~5x slower on CPU), then reorder them into token order.
     k = gather_k(k_cache, g.block_table).transpose(1, 2)
-    v = v_cache.index_select(0, blocks).view(B, L, Hkv, D).transpose(1, 2)
+    v = gather_v(v_cache, g.block_table).transpose(1, 2)
     if gather_q:
         q = q.index_select(0, g.token_index.view(-1))
     # GQA: fold the G query heads that share a KV head into the query-row dimension

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sluice.layers.attention import build_attention_metadata, gather_k, paged_attention, write_kv
+from sluice.layers.attention import build_attention_metadata, gather_k, gather_v, paged_attention, write_kv
 
 
 def reference(q, k_full, v_full, ctx, scale):
@@ -55,7 +55,7 @@ def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.f
     for t, c, kf, vf, n in zip(tables, context_lens, k_full, v_full, query_lens):
         table = torch.tensor([t])
         assert torch.equal(gather_k(kv_cache[0], table)[0, c:c + n], kf[c:c + n])
-        assert torch.equal(kv_cache[1][table[0]].reshape(-1, Hkv, D)[c:c + n], vf[c:c + n])
+        assert torch.equal(gather_v(kv_cache[1], table)[0, c:c + n], vf[c:c + n])
     return out.float(), ref, meta
 
 

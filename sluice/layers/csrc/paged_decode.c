@@ -9,7 +9,8 @@
  *   K: [num_kv_heads, head_dim / 2, block_size, 2]  pairs of dims, keys along the row,
  *      so one 64-byte load holds 16 keys x 2 dims: exactly the operand of the bf16
  *      dot-product instruction, and scores of 16 keys need no horizontal reductions.
- *   V: [block_size, num_kv_heads, head_dim]
+ *   V: [num_kv_heads, block_size / 2, head_dim, 2]  pairs of keys, dims along the row,
+ *      so one load holds 16 dims x 2 keys for the same instruction with (p_j, p_j+1).
  * bf16 or f32. Built by sluice/layers/native.py with the system C compiler and called
  * through ctypes, which releases the GIL.
  */
@@ -59,6 +60,11 @@ static inline int64_t k_offset(int64_t hkv, int64_t d, int64_t off, int64_t D, i
     return ((hkv * (D / 2) + d / 2) * bs + off) * 2 + (d & 1);
 }
 
+/* Offset of V[token `off` of a block][kv head][dim d] from the block's start. */
+static inline int64_t v_offset(int64_t hkv, int64_t d, int64_t off, int64_t D, int64_t bs) {
+    return ((hkv * (bs / 2) + off / 2) * D + d) * 2 + (off & 1);
+}
+
 /* Portable path: any dtype/head_dim, one key at a time. */
 static void attend_seq_generic(const Job *job, int64_t seq) {
     const int64_t H = job->num_heads, hkv_count = job->num_kv_heads, D = job->head_dim, bs = job->block_size;
@@ -87,9 +93,9 @@ static void attend_seq_generic(const Job *job, int64_t seq) {
             const float correction = expf(m[h] - new_max), p = expf(score - new_max);
             l[h] = l[h] * correction + p;
             m[h] = new_max;
-            const int64_t vbase = base + (off * hkv_count + hkv) * D;
             for (int64_t d = 0; d < D; d++)
-                acc[h][d] = acc[h][d] * correction + p * load_elem(job->v_cache, vbase + d, job->is_bf16);
+                acc[h][d] = acc[h][d] * correction +
+                            p * load_elem(job->v_cache, base + v_offset(hkv, d, off, D, bs), job->is_bf16);
         }
     }
     for (int64_t h = 0; h < H; h++) {
@@ -151,6 +157,14 @@ static void attend_seq_bf16(const Job *job, int64_t seq) {
         n = len - start < 16 ? len - start : 16;
         if (n > bs - in_block) n = bs - in_block;
         const int64_t base = table[start / bs] * block_elems;
+        if (start + n < len && (start + n) % bs == 0) {
+            /* blocks sit anywhere in the pool: pull the next one in while this one computes */
+            const int64_t next = table[(start + n) / bs] * block_elems;
+            for (int64_t e = 0; e < block_elems; e += 32) {
+                _mm_prefetch((const char *)(kc + next + e), _MM_HINT_T0);
+                _mm_prefetch((const char *)(vc + next + e), _MM_HINT_T0);
+            }
+        }
         const __mmask32 pair_mask = (__mmask32)(n == 16 ? 0xFFFFFFFFu : ((1u << (2 * n)) - 1u));
         const __mmask16 live = (__mmask16)((1u << n) - 1u);
         for (int64_t hkv = 0; hkv < hkv_count; hkv++) {
@@ -179,14 +193,17 @@ static void attend_seq_bf16(const Job *job, int64_t seq) {
                 for (int64_t v = 0; v < D / 16; v++) acc[h][v] = _mm512_mul_ps(acc[h][v], c);
             }
         }
-        const uint16_t *vrows = vc + base + in_block * hkv_count * D;
-        for (int64_t j = 0; j < n; j++) {
+        /* probabilities as bf16 pairs (p_2i, p_2i+1); lanes past n are zero */
+        uint32_t ppairs[MAX_HEADS][8] __attribute__((aligned(32)));
+        for (int64_t h = 0; h < H; h++)
+            _mm256_store_si256((__m256i *)ppairs[h], (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(p[h])));
+        for (int64_t i = 0; i < (n + 1) / 2; i++) {
             for (int64_t hkv = 0; hkv < hkv_count; hkv++) {
-                const uint16_t *vrow = vrows + (j * hkv_count + hkv) * D;
+                const uint16_t *vpairs = vc + base + ((hkv * (bs / 2) + in_block / 2 + i) * D) * 2;
                 for (int64_t v = 0; v < D / 16; v++) {
-                    const __m512 val = bf16x16_to_f32(vrow + 16 * v);
+                    const __m512bh vals = (__m512bh)_mm512_loadu_si512(vpairs + 32 * v); /* 16 dims x 2 keys */
                     for (int64_t h = hkv * G; h < (hkv + 1) * G; h++)
-                        acc[h][v] = _mm512_fmadd_ps(_mm512_set1_ps(p[h][j]), val, acc[h][v]);
+                        acc[h][v] = _mm512_dpbf16_ps(acc[h][v], (__m512bh)_mm512_set1_epi32((int)ppairs[h][i]), vals);
                 }
             }
         }
