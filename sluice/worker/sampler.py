@@ -121,8 +121,8 @@ class SamplerOutput:
 class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         if meta.all_greedy and meta.max_num_logprobs is None and meta.min_tokens_mask is None and not _has_penalties(meta):
-            # argmax is exact in the model's dtype: skip upcasting a [B, vocab] tensor
-            return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1), logprobs=None)
+            # nothing to process: argmax alone (float32 argmax is ~2x faster than bf16's on CPU)
+            return SamplerOutput(sampled_token_ids=logits.float().argmax(dim=-1), logprobs=None)
         logits = logits.float()
         logprobs = None
         if meta.max_num_logprobs is not None:
