@@ -129,10 +129,17 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
+    PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+
+    @classmethod
+    def argument_names(cls) -> set[str]:
+        """Every flat engine argument (an LLM kwarg / CLI flag)."""
+        return {f.name for dc in cls.PARTS.values() for f in fields(dc)}
+
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
         """Route flat vLLM-style keyword arguments to the dataclass that owns them."""
-        parts = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+        parts = cls.PARTS
         buckets: dict[str, dict] = {name: {} for name in parts}
         for key, value in kwargs.items():
             owner = next((name for name, dc in parts.items() if key in {f.name for f in fields(dc)}), None)

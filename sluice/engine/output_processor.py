@@ -95,13 +95,11 @@ class OutputProcessor:
             if state is None:
                 continue
             self._apply(state, out)
-            if state.finish_reason is None and out.new_token_ids:
+            if out.new_token_ids:
                 stop = state.detokenizer.update(out.new_token_ids, len(state.token_ids))
-                if stop is not None:
+                if stop is not None and state.finish_reason is None:
                     state.finish_reason, state.stop_reason = "stop", stop
                     to_abort.append(state.request_id)
-            elif out.new_token_ids:
-                state.detokenizer.update(out.new_token_ids, len(state.token_ids))
             if state.finish_reason is not None:
                 del self.states[state.request_id]
                 result = self._finished_output(state)

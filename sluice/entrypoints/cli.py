@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from sluice.config import EngineConfig
 from sluice.loader import DEFAULT_MODEL
 
 
@@ -25,15 +26,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"], help="fcfs, or priority (lower first, then arrival)")
 
 
-ENGINE_ARG_NAMES = (
-    "model", "dtype", "seed", "max_model_len", "block_size", "enable_prefix_caching",
-    "num_gpu_blocks_override", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
-    "long_prefill_token_threshold", "scheduling_policy",
-)
-
-
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in ENGINE_ARG_NAMES}
+    names = EngineConfig.argument_names()
+    return {name: value for name, value in vars(args).items() if name in names}
 
 
 def run_chat(args: argparse.Namespace) -> int:

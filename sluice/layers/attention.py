@@ -102,30 +102,40 @@ def build_attention_metadata(query_lens: list[int], context_lens: list[int], blo
     )
 
 
+def _k_layout(block_size: int, Hkv: int, D: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A K block's shape in memory, and the permutation that puts it in token order."""
+    return (Hkv, D // 2, block_size, 2), (0, 3, 1, 2, 4)
+
+
+def _v_layout(block_size: int, Hkv: int, D: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return (Hkv, block_size // 2, D, 2), (0, 2, 4, 1, 3)
+
+
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store the new tokens' K/V [T, Hkv, D] at their slots (K in the paired layout)."""
+    """Store the new tokens' K/V [T, Hkv, D] at their slots, in the paired layouts."""
     _, num_blocks, block_size, Hkv, D = kv_cache.shape
-    k_blocks = kv_cache[0].view(num_blocks, Hkv, D // 2, block_size, 2)
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_blocks = kv_cache[0].view(num_blocks, *_k_layout(block_size, Hkv, D)[0])
     k_blocks[blocks, :, :, offsets, :] = k.view(-1, Hkv, D // 2, 2)
-    v_blocks = kv_cache[1].view(num_blocks, Hkv, block_size // 2, D, 2)
+    v_blocks = kv_cache[1].view(num_blocks, *_v_layout(block_size, Hkv, D)[0])
     v_blocks[blocks, :, offsets // 2, :, offsets % 2] = v
 
 
-def gather_k(k_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """K of whole blocks, in token order: [B, NB] block ids -> [B, NB*block_size, Hkv, D]."""
-    num_blocks, block_size, Hkv, D = k_cache.shape
+def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, layout) -> torch.Tensor:
+    """Whole blocks in token order: [B, NB] block ids -> [B, NB*block_size, Hkv, D]."""
+    num_blocks, block_size, Hkv, D = cache.shape
     B, NB = block_table.shape
-    blocks = k_cache.view(num_blocks, Hkv, D // 2, block_size, 2).index_select(0, block_table.view(-1))
-    return blocks.permute(0, 3, 1, 2, 4).reshape(B, NB * block_size, Hkv, D)
+    shape, to_token_order = layout(block_size, Hkv, D)
+    blocks = cache.view(num_blocks, *shape).index_select(0, block_table.view(-1))
+    return blocks.permute(*to_token_order).reshape(B, NB * block_size, Hkv, D)
+
+
+def gather_k(k_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    return _gather_blocks(k_cache, block_table, _k_layout)
 
 
 def gather_v(v_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """V of whole blocks, in token order: [B, NB] block ids -> [B, NB*block_size, Hkv, D]."""
-    num_blocks, block_size, Hkv, D = v_cache.shape
-    B, NB = block_table.shape
-    blocks = v_cache.view(num_blocks, Hkv, block_size // 2, D, 2).index_select(0, block_table.view(-1))
-    return blocks.permute(0, 2, 4, 1, 3).reshape(B, NB * block_size, Hkv, D)
+    return _gather_blocks(v_cache, block_table, _v_layout)
 
 
 def _attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import logging
+import itertools
 import mmap
 from dataclasses import dataclass, field
 
@@ -15,8 +15,6 @@ from sluice.layers.attention import build_attention_metadata
 from sluice.loader import ModelSource, iter_weights
 from sluice.models.registry import get_model_class
 from sluice.worker.sampler import Sampler, SamplingMetadata, SamplingRow, compute_prompt_logprobs
-
-logger = logging.getLogger(__name__)
 
 MAX_NUM_BLOCKS = 1 << 20
 DEFAULT_KV_CACHE_CAP = 4 << 30  # without an explicit size, like vLLM's CPU default of 4 GiB  # block objects live in Python; beyond this the pool itself gets slow
@@ -115,7 +113,7 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
 
         out = RunnerOutput()
-        ends = torch.tensor([s.num_new_tokens for s in scheduled]).cumsum(0).tolist()
+        ends = list(itertools.accumulate(s.num_new_tokens for s in scheduled))
         sampling = [(i, s) for i, s in enumerate(scheduled) if s.samples]
         if sampling:
             last_index = torch.tensor([ends[i] - 1 for i, _ in sampling], device=self.device)
