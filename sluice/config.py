@@ -97,8 +97,15 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0  # per-request chunk cap; 0: a quarter of the token budget
     max_num_partial_prefills: int = 4  # prompts that may be mid-prefill in one step
     scheduling_policy: str = "fcfs"
+    # Backpressure: refuse new requests (the server answers 503) while the waiting queue holds
+    # this many requests / prompt tokens still to compute. None: unlimited.
+    max_num_queued_reqs: int | None = None
+    max_num_queued_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("max_num_queued_reqs", "max_num_queued_tokens"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and value >= 1), f"{name} must be an int >= 1, got {value!r}")
         _check(
             isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
             f"max_num_seqs must be an int >= 1, got {self.max_num_seqs!r}",
@@ -148,6 +155,17 @@ class EngineConfig:
             if value is not None or key in ("model", "max_model_len"):
                 buckets[owner][key] = value
         return cls(**{name: parts[name](**buckets[name]) for name in parts})
+
+
+def cache_dir(*parts: str) -> str:
+    """Where sluice keeps derived files (built kernels, GGUF tokenizer sidecars).
+
+    $SLUICE_CACHE_DIR, else $XDG_CACHE_HOME/sluice, else ~/.cache/sluice.
+    """
+    root = os.environ.get("SLUICE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sluice"
+    )
+    return os.path.join(root, *parts)
 
 
 def available_memory_bytes() -> int:

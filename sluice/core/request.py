@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import enum
 import itertools
-import time
-from dataclasses import dataclass, field
 
 import torch
 
-from sluice.sampling_params import SamplingParams
+from sluice.engine.messages import EngineCoreRequest
 
 
 class RequestStatus(enum.Enum):
@@ -36,19 +34,6 @@ _FINISHED = {
     RequestStatus.FINISHED_ABORTED,
     RequestStatus.FINISHED_ERROR,
 }
-
-
-@dataclass
-class EngineCoreRequest:
-    """What crosses from the input processor to the core: already tokenized and validated."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    eos_token_ids: tuple[int, ...]  # the tokenizer's EOS plus generation_config's (Llama 3 has several)
-    arrival_time: float = field(default_factory=time.time)
-    priority: int = 0
-    cache_salt: str | None = None  # extra key folded into block hashes (LoRA id, tenant salt)
 
 
 _arrival_counter = itertools.count()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from sluice.config import SchedulerConfig
 from sluice.core.kv_cache_manager import KVCacheManager, cdiv
 from sluice.core.request import Request, RequestStatus
+from sluice.engine.messages import EngineCoreOutput
 
 
 @dataclass
@@ -37,19 +38,6 @@ class SchedulerOutput:
     @property
     def total_num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
-
-
-@dataclass
-class EngineCoreOutput:
-    request_id: str
-    new_token_ids: list[int]
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    error: str | None = None
-    new_logprobs: list | None = None  # per new token: (token ids, logprobs, rank of sampled)
-    new_prompt_logprobs: list | None = None
-    num_cached_tokens: int = 0
-    num_preemptions: int = 0
 
 
 class Scheduler:
@@ -90,6 +78,10 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    def num_waiting_tokens(self) -> int:
+        """Prompt tokens the waiting queue still has to compute (backpressure and metrics)."""
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
 
     # ---- the step ---------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

@@ -11,8 +11,9 @@ import time
 
 from sluice.config import EngineConfig
 from sluice.core.kv_cache_manager import KVCacheManager, cdiv
-from sluice.core.request import EngineCoreRequest, Request
-from sluice.core.scheduler import EngineCoreOutput, Scheduler
+from sluice.core.request import Request
+from sluice.core.scheduler import Scheduler
+from sluice.engine.messages import EngineCoreOutput, EngineCoreRequest, QueueFullError
 from sluice.loader import ModelSource
 from sluice.worker.model_runner import ModelRunner
 
@@ -56,6 +57,29 @@ class EngineCore:
             block_size, cache_gib, (num_blocks - 1) * block_size / self.max_model_len, self.max_model_len,
         )
 
+    def add_requests(self, core_requests: list[EngineCoreRequest]) -> None:
+        """Admit the children of one user request together, or none of them (QueueFullError)."""
+        self.check_queue_room(core_requests)
+        for core_request in core_requests:
+            self.add_request(core_request)
+
+    def check_queue_room(self, core_requests: list[EngineCoreRequest]) -> None:
+        config = self.config.scheduler
+        if config.max_num_queued_reqs is not None:
+            if self.scheduler.num_waiting + len(core_requests) > config.max_num_queued_reqs:
+                raise QueueFullError(
+                    f"the server is busy: {self.scheduler.num_waiting} requests are waiting "
+                    f"(max_num_queued_reqs={config.max_num_queued_reqs}); retry later"
+                )
+        if config.max_num_queued_tokens is not None:
+            queued = self.scheduler.num_waiting_tokens()
+            new = sum(len(r.prompt_token_ids) for r in core_requests)
+            if queued and queued + new > config.max_num_queued_tokens:
+                raise QueueFullError(
+                    f"the server is busy: {queued} prompt tokens are waiting "
+                    f"(max_num_queued_tokens={config.max_num_queued_tokens}); retry later"
+                )
+
     def add_request(self, core_request: EngineCoreRequest) -> None:
         max_tokens = core_request.sampling_params.max_tokens
         if max_tokens is None:
@@ -81,6 +105,7 @@ class EngineCore:
         return {
             "vllm:num_requests_running": len(s.running),
             "vllm:num_requests_waiting": len(s.waiting),
+            "vllm:num_waiting_tokens": s.num_waiting_tokens(),
             "vllm:kv_cache_usage_perc": kv.usage(),
             "vllm:num_preemptions": s.num_preemptions,
             "vllm:prompt_tokens": s.num_prompt_tokens,

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-from sluice.core.request import EngineCoreRequest
+from sluice.engine.messages import EngineCoreRequest
 from sluice.sampling_params import SamplingParams
 
 PromptType = Union[str, list[int], dict[str, Any]]
 
 
 class InputProcessor:
-    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, eos_token_ids: tuple[int, ...] = ()) -> None:
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, eos_token_ids: tuple[int, ...] = (),
+                 scheduling_policy: str = "fcfs") -> None:
         self.tokenizer = tokenizer
+        self.scheduling_policy = scheduling_policy
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -45,6 +47,22 @@ class InputProcessor:
                 )
         return list(token_ids)
 
+    def make_requests(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                      priority: int = 0) -> list[EngineCoreRequest]:
+        """One user request -> its core requests: n > 1 runs as n children `{id}-{index}`;
+        seeded children get seed + index so that they differ."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if params.n == 1:
+            return [self.make_request(request_id, prompt_token_ids, params, priority)]
+        children = []
+        for index in range(params.n):
+            child = params.clone()
+            if child.seed is not None:
+                child.seed += index
+            children.append(self.make_request(f"{request_id}-{index}", prompt_token_ids, child, priority))
+        return children
+
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                      priority: int = 0, arrival_time: float | None = None) -> EngineCoreRequest:
         if not isinstance(params, SamplingParams):
@@ -56,8 +74,17 @@ class InputProcessor:
                 f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {self.max_model_len}, "
                 "which must leave room for at least one generated token"
             )
+        max_tokens = params.max_tokens
+        if max_tokens is not None and len(prompt_token_ids) + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens={max_tokens} plus the prompt's {len(prompt_token_ids)} tokens exceeds "
+                f"max_model_len={self.max_model_len}; ask for at most {self.max_model_len - len(prompt_token_ids)}"
+            )
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority must be an int, got {priority!r}")
+        if priority != 0 and self.scheduling_policy != "priority":
+            raise ValueError(f"priority={priority} needs scheduling_policy='priority' (this engine runs "
+                             f"{self.scheduling_policy!r})")
         extra = {} if arrival_time is None else {"arrival_time": arrival_time}
         return EngineCoreRequest(
             request_id=request_id,

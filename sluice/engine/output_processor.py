@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sluice.core.scheduler import EngineCoreOutput
+from sluice.engine.messages import EngineCoreOutput, EngineCoreRequest
 from sluice.engine.detokenizer import IncrementalDetokenizer
 from sluice.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
 from sluice.sampling_params import SamplingParams
@@ -27,7 +27,8 @@ class ParentRequest:
 
 class RequestState:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, tokenizer, parent: ParentRequest | None, index: int) -> None:
+                 params: SamplingParams, tokenizer, parent: ParentRequest | None, index: int,
+                 stream: bool = False) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
@@ -44,15 +45,35 @@ class RequestState:
         self.error: str | None = None
         self.num_cached_tokens = 0
         self.num_preemptions = 0
+        self.stream = stream
+        self.num_sent_tokens = 0  # streaming: tokens (and their logprobs) already handed out
+        self.prompt_logprobs_sent = False
 
-    def completion(self, delta: bool = False) -> CompletionOutput:
+    def completion(self) -> CompletionOutput:
+        """Everything generated so far."""
+        return self._completion(self.token_ids, self.logprobs, delta=False)
+
+    def take_delta(self) -> CompletionOutput:
+        """What was generated since the previous delta (streaming)."""
+        start, self.num_sent_tokens = self.num_sent_tokens, len(self.token_ids)
+        logprobs = self.logprobs[start:] if self.logprobs is not None else None
+        return self._completion(self.token_ids[start:], logprobs, delta=True)
+
+    def take_prompt_logprobs(self) -> PromptLogprobs | None:
+        """Prompt logprobs go out once, with the first delta."""
+        if self.prompt_logprobs_sent:
+            return None
+        self.prompt_logprobs_sent = True
+        return self.prompt_logprobs
+
+    def _completion(self, token_ids: list[int], logprobs: SampleLogprobs | None, delta: bool) -> CompletionOutput:
         finished = self.finish_reason is not None
         return CompletionOutput(
             index=self.index,
             text=self.detokenizer.get_next_output_text(finished, delta),
-            token_ids=list(self.token_ids),
+            token_ids=list(token_ids),
             cumulative_logprob=self.cumulative_logprob,
-            logprobs=self.logprobs,
+            logprobs=logprobs,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
             error=self.error,
@@ -66,14 +87,25 @@ class OutputProcessor:
         self.parents: dict[str, ParentRequest] = {}
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams, parent_id: str | None = None, index: int = 0) -> None:
+                    params: SamplingParams, parent_id: str | None = None, index: int = 0,
+                    stream: bool = False) -> None:
+        """stream=True: every step that advances the request yields a delta RequestOutput;
+        otherwise one RequestOutput comes when the (whole parent) request finishes."""
         parent = None
         if parent_id is not None:
             parent = self.parents.setdefault(parent_id, ParentRequest(parent_id, n=params.n))
-        state = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer, parent, index)
+        state = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer, parent, index, stream)
         if parent is not None:
             parent.children[index] = state
         self.states[request_id] = state
+
+    def add_requests(self, request_id: str, prompt: str | None, core_requests: list[EngineCoreRequest],
+                     stream: bool = False) -> None:
+        """Track the core requests made from one user request (its n children)."""
+        n = len(core_requests)
+        for index, core_req in enumerate(core_requests):
+            self.add_request(core_req.request_id, prompt, core_req.prompt_token_ids, core_req.sampling_params,
+                             request_id if n > 1 else None, index, stream)
 
     def has_unfinished(self) -> bool:
         return bool(self.states)
@@ -86,9 +118,10 @@ class OutputProcessor:
                 self.parents.pop(state.parent.request_id, None)
 
     def process_outputs(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Returns finished RequestOutputs (whole parents once all children end) and the
-        request ids the core must abort because a stop string matched."""
-        finished: list[RequestOutput] = []
+        """Returns RequestOutputs (streaming deltas, and finished non-streaming requests, whole
+        parents once all children end) and the request ids the core must abort because a stop
+        string matched."""
+        results: list[RequestOutput] = []
         to_abort: list[str] = []
         for out in outputs:
             state = self.states.get(out.request_id)
@@ -102,10 +135,14 @@ class OutputProcessor:
                     to_abort.append(state.request_id)
             if state.finish_reason is not None:
                 del self.states[state.request_id]
+            if state.stream:
+                if out.new_token_ids or state.finish_reason is not None:
+                    results.append(self._delta_output(state))
+            elif state.finish_reason is not None:
                 result = self._finished_output(state)
                 if result is not None:
-                    finished.append(result)
-        return finished, to_abort
+                    results.append(result)
+        return results, to_abort
 
     def _apply(self, state: RequestState, out: EngineCoreOutput) -> None:
         state.token_ids.extend(out.new_token_ids)
@@ -132,6 +169,19 @@ class OutputProcessor:
                 continue
             result[token_id] = Logprob(value, rank if position == 0 else position, state.detokenizer.decode_token(token_id))
         return result
+
+    def _delta_output(self, state: RequestState) -> RequestOutput:
+        parent = state.parent
+        finished = state.finish_reason is not None
+        if parent is not None:
+            finished = parent.finished()
+            if finished:
+                del self.parents[parent.request_id]
+        output = self._request_output(parent.request_id if parent else state.request_id, state,
+                                      [state.take_delta()], state.num_preemptions)
+        output.prompt_logprobs = state.take_prompt_logprobs()
+        output.finished = finished
+        return output
 
     def _finished_output(self, state: RequestState) -> RequestOutput | None:
         parent = state.parent

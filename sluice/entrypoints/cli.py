@@ -24,6 +24,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
     parser.add_argument("--long-prefill-token-threshold", type=int, default=None, help="per-request prefill chunk cap (default: a quarter of the budget)")
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"], help="fcfs, or priority (lower first, then arrival)")
+    parser.add_argument("--max-num-queued-reqs", type=int, default=None, help="refuse new requests (503) while this many wait (default: no limit)")
+    parser.add_argument("--max-num-queued-tokens", type=int, default=None, help="refuse new requests (503) while this many prompt tokens wait (default: no limit)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -61,10 +63,28 @@ def run_chat(args: argparse.Namespace) -> int:
         print(f"assistant> {reply}\n", flush=True)
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from sluice.entrypoints.openai.api_server import check_server_args, run_server
+
+    check_server_args(args)
+    try:
+        config = EngineConfig.from_kwargs(**engine_kwargs(args))  # bad flags fail before any process starts
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"sluice serve: {e}") from None
+    return run_server(args, config)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="sluice", description="LLM inference and serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                           description="Serve a model over an OpenAI-compatible HTTP API (vLLM's flags).")
+    add_engine_args(serve)
+    from sluice.entrypoints.openai.api_server import add_server_args
+
+    add_server_args(serve)
+    serve.set_defaults(func=run_serve)
     chat = sub.add_parser("chat", help="offline chat with a model in this terminal")
     add_engine_args(chat)
     chat.add_argument("--prompt", default=None, help="one user turn, then exit")

@@ -52,7 +52,8 @@ class LLM:
         self.tokenizer = load_tokenizer(source)
         self.engine_core = EngineCore(self.config, hf_config, source)
         self.input_processor = InputProcessor(
-            self.tokenizer, self.engine_core.max_model_len, hf_config.vocab_size, load_eos_token_ids(source)
+            self.tokenizer, self.engine_core.max_model_len, hf_config.vocab_size, load_eos_token_ids(source),
+            self.config.scheduler.scheduling_policy,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._request_counter = itertools.count()
@@ -79,21 +80,18 @@ class LLM:
         params_list = self._per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
         priorities = self._per_prompt(priority if priority is not None else 0, len(prompts), "priority")
         # Validate everything before the first request reaches the engine.
-        requests = []
+        batch = []
         for prompt, params, prio in zip(prompts, params_list, priorities):
             text, token_ids = self.input_processor.tokenize_prompt(prompt)
             request_id = str(next(self._request_counter))
-            for index, child_id, child_params in self._fan_out(request_id, params):
-                core_req = self.input_processor.make_request(child_id, token_ids, child_params, prio)
-                requests.append((request_id, index, text, core_req))
-        for parent_id, index, text, core_req in requests:
-            self.output_processor.add_request(
-                core_req.request_id, text, core_req.prompt_token_ids, core_req.sampling_params,
-                parent_id if core_req.sampling_params.n > 1 else None, index,
-            )
-            self.engine_core.add_request(core_req)
-        order = {rid: i for i, rid in enumerate(dict.fromkeys(r[0] for r in requests))}
-        results = self._run(len(order), use_tqdm, [r[3].request_id for r in requests])
+            batch.append((request_id, text, self.input_processor.make_requests(request_id, token_ids, params, prio)))
+        for request_id, text, core_requests in batch:
+            self.output_processor.add_requests(request_id, text, core_requests)
+            for core_req in core_requests:
+                self.engine_core.add_request(core_req)
+        order = {request_id: i for i, (request_id, _, _) in enumerate(batch)}
+        core_ids = [core_req.request_id for _, _, children in batch for core_req in children]
+        results = self._run(len(order), use_tqdm, core_ids)
         return sorted(results, key=lambda r: order[r.request_id])
 
     def chat(
@@ -125,18 +123,6 @@ class LLM:
                 raise ValueError(f"{name} has {len(value)} entries for {count} prompts")
             return list(value)
         return [value] * count
-
-    @staticmethod
-    def _fan_out(request_id: str, params: SamplingParams):
-        """n > 1 runs as n child requests; seeded children get seed + index so they differ."""
-        if params.n == 1:
-            yield 0, request_id, params
-            return
-        for index in range(params.n):
-            child = params.clone()
-            if child.seed is not None:
-                child.seed += index
-            yield index, f"{request_id}-{index}", child
 
     def _run(self, num_results: int, use_tqdm: bool, core_ids: list[str]) -> list[RequestOutput]:
         results: list[RequestOutput] = []

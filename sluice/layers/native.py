@@ -20,17 +20,12 @@ from pathlib import Path
 
 import torch
 
+from sluice.config import cache_dir
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread"]
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("SLUICE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sluice"
-    )
-    return Path(root) / "kernels"
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,7 +39,7 @@ def load_library() -> ctypes.CDLL | None:
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(CFLAGS).encode() + platform.machine().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"paged_decode-{key}.so"
+    target = Path(cache_dir("kernels")) / f"paged_decode-{key}.so"
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)

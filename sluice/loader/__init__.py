@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
+
+from sluice.config import cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -122,22 +127,48 @@ def _file_stamp(path: str) -> tuple[int, int]:
     return info.st_mtime_ns, info.st_size
 
 
-# transformers parses a whole GGUF (tens of thousands of vocabulary strings) for the config
-# and again for the tokenizer, seconds each: parse once per process and file version.
+# transformers parses a whole GGUF (tens of thousands of vocabulary strings) for the config and
+# again for the tokenizer, seconds each. The first parse is saved as an HF-style sidecar folder
+# in the cache (keyed by path, size and mtime), which later processes load in a fraction of a second.
+@functools.lru_cache(maxsize=4)
+def _gguf_sidecar(path: str, stamp: tuple[int, int]) -> str:
+    """A folder with config.json and tokenizer files equivalent to the GGUF's metadata."""
+    import transformers
+
+    key = hashlib.sha256(f"{path}|{stamp}|{transformers.__version__}".encode()).hexdigest()[:16]
+    folder = cache_dir("gguf", f"{os.path.basename(path)}-{key}")
+    if os.path.isfile(os.path.join(folder, _SIDECAR_DONE)):
+        return folder
+    parent, filename = os.path.split(path)
+    config = transformers.AutoConfig.from_pretrained(parent, gguf_file=filename)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(parent, gguf_file=filename)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    staging = tempfile.mkdtemp(dir=os.path.dirname(folder))
+    config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    open(os.path.join(staging, _SIDECAR_DONE), "w").close()
+    try:
+        os.rename(staging, folder)  # atomic; a concurrent first start may have won the race
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+_SIDECAR_DONE = "sluice-complete"
+
+
 @functools.lru_cache(maxsize=4)
 def _read_gguf_config(path: str, stamp: tuple[int, int]):
     import transformers
 
-    folder, filename = os.path.split(path)
-    return transformers.AutoConfig.from_pretrained(folder, gguf_file=filename)
+    return transformers.AutoConfig.from_pretrained(_gguf_sidecar(path, stamp))
 
 
 @functools.lru_cache(maxsize=4)
 def _read_gguf_tokenizer(path: str, stamp: tuple[int, int]):
     import transformers
 
-    folder, filename = os.path.split(path)
-    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    return transformers.AutoTokenizer.from_pretrained(_gguf_sidecar(path, stamp))
 
 
 def load_hf_config(src: ModelSource) -> transformers.PretrainedConfig:

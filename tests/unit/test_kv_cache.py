@@ -4,7 +4,8 @@ import pytest
 
 from sluice.core.block_pool import BlockPool
 from sluice.core.kv_cache_manager import KVCacheManager
-from sluice.core.request import EngineCoreRequest, Request
+from sluice.core.request import Request
+from sluice.engine.messages import EngineCoreRequest
 from sluice.sampling_params import SamplingParams
 
 BS = 4

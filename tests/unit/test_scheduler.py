@@ -2,7 +2,8 @@
 
 from sluice.config import SchedulerConfig
 from sluice.core.kv_cache_manager import KVCacheManager
-from sluice.core.request import EngineCoreRequest, Request, RequestStatus
+from sluice.core.request import Request, RequestStatus
+from sluice.engine.messages import EngineCoreRequest
 from sluice.core.scheduler import Scheduler
 from sluice.sampling_params import SamplingParams
 

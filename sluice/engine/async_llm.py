@@ -1,0 +1,113 @@
+"""The API process's engine: tokenize and validate here, run in the core process, detokenize here.
+
+Each user request gets an asyncio queue; the core client's receive loop feeds every queue
+from the core's outputs through one OutputProcessor. Cancelling a request's iteration (the
+HTTP client went away) aborts it in the core at once, so its KV blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from sluice.engine.core_client import EngineCoreClient, EngineDeadError
+from sluice.engine.input_processor import InputProcessor
+from sluice.engine.messages import EngineCoreOutput, QueueFullError
+from sluice.engine.output_processor import OutputProcessor
+from sluice.loader import load_eos_token_ids, load_tokenizer, resolve_model
+from sluice.outputs import RequestOutput
+from sluice.sampling_params import SamplingParams
+
+__all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError"]
+
+logger = logging.getLogger("sluice")
+
+
+class AsyncLLM:
+    def __init__(self, client: EngineCoreClient, tokenizer, eos_token_ids: tuple[int, ...]) -> None:
+        info = client.info
+        self.client = client
+        self.tokenizer = tokenizer
+        self.max_model_len: int = info["max_model_len"]
+        self.kv_capacity_tokens: int = info["num_blocks"] * info["block_size"]
+        self.input_processor = InputProcessor(tokenizer, self.max_model_len, info["vocab_size"], eos_token_ids,
+                                              info["scheduling_policy"])
+        self.output_processor = OutputProcessor(tokenizer)
+        self.queues: dict[str, asyncio.Queue] = {}  # user request id -> its outputs
+        self.children: dict[str, list[str]] = {}  # user request id -> its core request ids
+        client.on_outputs = self._on_outputs
+        client.on_dead = self._on_dead
+
+    @classmethod
+    async def connect(cls, model: str | None, address: str, core_pid: int, timeout: float = 600.0) -> "AsyncLLM":
+        """Attach to a running core process; waits until its model is loaded."""
+        source = resolve_model(model)
+        tokenizer = await asyncio.to_thread(load_tokenizer, source)
+        client = EngineCoreClient(address, core_pid)
+        await client.start(timeout)
+        return cls(client, tokenizer, load_eos_token_ids(source))
+
+    @property
+    def alive(self) -> bool:
+        return self.client.alive
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self.queues)
+
+    async def generate(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str, *, priority: int = 0, stream: bool = False) -> AsyncIterator[RequestOutput]:
+        """Yields delta outputs as they come (stream) or one final output. Raises ValueError for
+        bad input and QueueFullError / EngineDeadError before the first output."""
+        if not self.client.alive:
+            raise EngineDeadError(self.client.dead_reason)
+        if request_id in self.queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        core_requests = self.input_processor.make_requests(request_id, prompt_token_ids, params, priority)
+        if len(prompt_token_ids) + 1 > self.kv_capacity_tokens:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens; the whole KV cache holds "
+                f"{self.kv_capacity_tokens} tokens"
+            )
+        queue: asyncio.Queue = asyncio.Queue()
+        self.queues[request_id] = queue
+        self.children[request_id] = [r.request_id for r in core_requests]
+        self.output_processor.add_requests(request_id, prompt, core_requests, stream)
+        finished = False
+        try:
+            await self.client.add(core_requests)
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self.queues.pop(request_id, None)
+            child_ids = self.children.pop(request_id, [])
+            if not finished:  # cancelled, failed or refused: nothing of it may stay in the core
+                self.output_processor.abort_all(child_ids)
+                self.client.abort(child_ids)
+
+    def abort_all(self) -> None:
+        """Abort every request in the core; each ends normally with finish_reason "abort"."""
+        self.client.abort([c for ids in self.children.values() for c in ids])
+
+    async def get_stats(self) -> dict:
+        return await self.client.stats()
+
+    def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
+        results, to_abort = self.output_processor.process_outputs(outputs)
+        self.client.abort(to_abort)
+        for result in results:
+            queue = self.queues.get(result.request_id)
+            if queue is not None:
+                queue.put_nowait(result)
+
+    def _on_dead(self, reason: str) -> None:
+        for queue in self.queues.values():
+            queue.put_nowait(EngineDeadError(reason))
+
+    def close(self) -> None:
+        self.client.close()

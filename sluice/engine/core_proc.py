@@ -1,0 +1,161 @@
+"""The engine core in a process of its own, serving API processes over one ZMQ ROUTER socket.
+
+The loop is vLLM V1's: drain the socket (adds, aborts, stats), run one step, send each API
+process the outputs of its own requests. It never tokenizes, never awaits the network, and
+blocks on the socket only while it has nothing to run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+import uuid
+
+import zmq
+
+from sluice.config import EngineConfig
+from sluice.engine import messages as msg
+from sluice.engine.core import EngineCore
+from sluice.engine.messages import EngineCoreOutput, QueueFullError
+from sluice.loader import load_hf_config, resolve_model
+
+logger = logging.getLogger("sluice")
+
+IDLE_POLL_MS = 1000  # how often an idle core wakes to check that its parent still lives
+
+
+class EngineCoreProc:
+    def __init__(self, config: EngineConfig, address: str) -> None:
+        source = resolve_model(config.model.model)
+        hf_config = load_hf_config(source)
+        self.core = EngineCore(config, hf_config, source)
+        self.info = {
+            "max_model_len": self.core.max_model_len,
+            "vocab_size": hf_config.vocab_size,
+            "num_blocks": self.core.kv.pool.num_usable_blocks,
+            "block_size": config.cache.block_size,
+            "scheduling_policy": config.scheduler.scheduling_policy,
+            "pid": os.getpid(),
+        }
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(address)  # only now, so a client's HELLO is answered by a loaded model
+        self.owners: dict[str, bytes] = {}  # request id -> the API process that added it
+        self.clients: set[bytes] = set()
+        self.parent_pid = os.getppid()
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while os.getppid() == self.parent_pid:  # never outlive the server that started us
+            timeout = 0 if self.core.has_unfinished_requests() else IDLE_POLL_MS
+            while poller.poll(timeout):
+                self._handle(*self.socket.recv_multipart())
+                timeout = 0
+            if self.core.has_unfinished_requests():
+                self._send_outputs(self.core.step())
+        logger.error("engine core: the server process is gone; exiting")
+
+    def _handle(self, client: bytes, kind: bytes, payload: bytes) -> None:
+        self.clients.add(client)
+        body = msg.decode(kind, payload)
+        if kind == msg.ADD:
+            self._send(client, msg.ADDED, [body[0].request_id, *self._add(client, body)])
+        elif kind == msg.ABORT:
+            self.core.abort_requests(body)
+        elif kind == msg.STATS:
+            self._send(client, msg.STATS, self.core.get_stats())
+        elif kind == msg.HELLO:
+            self._send(client, msg.READY, self.info)
+        else:
+            logger.warning("engine core: unknown message kind %r", kind)
+
+    def _add(self, client: bytes, requests: list) -> tuple[str | None, str | None]:
+        """(None, None) when admitted, else (error kind, message)."""
+        try:
+            self.core.add_requests(requests)
+        except QueueFullError as e:
+            return "queue_full", str(e)
+        except ValueError as e:
+            return "invalid", str(e)
+        for request in requests:
+            self.owners[request.request_id] = client
+        return None, None
+
+    def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
+        by_client: dict[bytes, list[EngineCoreOutput]] = {}
+        for out in outputs:
+            client = self.owners.get(out.request_id)
+            if out.finish_reason is not None:
+                self.owners.pop(out.request_id, None)
+            if client is not None:
+                by_client.setdefault(client, []).append(out)
+        for client, outs in by_client.items():
+            self._send(client, msg.OUTPUTS, outs)
+
+    def _send(self, client: bytes, kind: bytes, body) -> None:
+        self.socket.send_multipart([client, kind, msg.encode(body)])
+
+    def fail(self, reason: str) -> None:
+        """Tell every API process that its requests are lost, before the process goes down."""
+        for client in self.clients:
+            try:
+                self._send(client, msg.FATAL, reason)
+            except zmq.ZMQError:
+                pass
+
+
+def run_engine_core(config: EngineConfig, address: str, log_level: int) -> None:
+    """Process entry point."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_process_name(PROCESS_NAME)
+    # Ctrl-C reaches the whole process group; the API process decides when the core stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    proc = None
+    try:
+        proc = EngineCoreProc(config, address)
+        proc.run()
+    except SystemExit:
+        raise
+    except BaseException as e:
+        logger.exception("engine core failed")
+        if proc is not None:
+            proc.fail(f"engine core failed: {type(e).__name__}: {e}")
+        sys.exit(1)
+
+
+PROCESS_NAME = "sluice-core"
+
+
+def set_process_name(name: str) -> None:
+    """Shown by ps/top (and psutil's name()), so operators and tests can find the core process."""
+    try:
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME, Linux only
+    except (OSError, AttributeError):
+        pass
+
+
+def start_engine_core(config: EngineConfig) -> tuple[multiprocessing.Process, str]:
+    """Spawn the core process; returns it and the address API processes connect to."""
+    address = f"ipc://{tempfile.gettempdir()}/sluice-core-{uuid.uuid4().hex[:12]}.sock"
+    process = multiprocessing.get_context("spawn").Process(
+        target=run_engine_core, args=(config, address, logging.getLogger("sluice").getEffectiveLevel()),
+        name="sluice-engine-core", daemon=True,
+    )
+    process.start()
+    return process, address
+
+
+def remove_address(address: str) -> None:
+    """Delete the socket file of an ipc:// address."""
+    if address.startswith("ipc://"):
+        try:
+            os.unlink(address.removeprefix("ipc://"))
+        except OSError:
+            pass

@@ -1,0 +1,423 @@
+"""`sluice serve`: the OpenAI-compatible HTTP server and the processes behind it.
+
+Topology (vLLM V1's): this process binds the port and spawns the engine core process; then
+either serves HTTP itself or spawns `--api-server-count` API processes that share the port.
+Every API process tokenizes and detokenizes; only the core process runs the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import time
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+import sluice
+from sluice.config import EngineConfig
+from sluice.engine.async_llm import AsyncLLM
+from sluice.engine.core_proc import remove_address, start_engine_core
+from sluice.entrypoints.openai.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    validation_error_to_api_error,
+)
+from sluice.entrypoints.openai.serving import RETRY_AFTER_S, OpenAIServing, api_error_from_exception
+from sluice.loader import DEFAULT_MODEL
+
+logger = logging.getLogger("sluice")
+
+ALWAYS_PUBLIC = ("/health", "/version")
+ENGINE_DEAD_EXIT_DELAY_S = 1.0  # lets the 5xx answers of in-flight requests reach their clients
+
+
+# ---- the HTTP app -------------------------------------------------------------------------
+class ServerState:
+    """What the gatekeeper and the routes share in one API process."""
+
+    def __init__(self, engine: AsyncLLM, serving: OpenAIServing, api_keys: list[str], public_paths: set[str]) -> None:
+        self.engine = engine
+        self.serving = serving
+        self.api_keys = [key.encode() for key in api_keys]
+        self.public_paths = public_paths
+        self.draining = False
+
+    def authorized(self, scope: dict) -> bool:
+        if not self.api_keys or scope["path"] in self.public_paths:
+            return True
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        # Compare with every key, constant time each, so timing reveals neither key nor match.
+        matches = [hmac.compare_digest(token.strip(), key) for key in self.api_keys]
+        return any(matches)
+
+
+class Gatekeeper:
+    """ASGI middleware: 503 while draining, 401 without a valid key (deny by default).
+
+    Pure ASGI rather than BaseHTTPMiddleware, which would break disconnect detection of streams.
+    """
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            if self.state.draining:
+                error = APIError("the server is shutting down", 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+                return await error_response(error)(scope, receive, send)
+            if not self.state.authorized(scope):
+                error = APIError("missing or invalid API key (send 'Authorization: Bearer <key>')", 401,
+                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await error_response(error)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+
+
+def as_api_error(exc: Exception) -> APIError:
+    """Engine-side failures in OpenAI's error shape; anything unexpected is a real 500."""
+    error = api_error_from_exception(exc)
+    if error is None:
+        logger.error("internal error", exc_info=exc)
+        error = APIError(f"internal server error: {type(exc).__name__}", 500)
+    return error
+
+
+async def run_until_disconnect(request: Request, work) -> Response:
+    """Run `work`, cancelling it if the client goes away first (that aborts its engine requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+    return task.result()
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="sluice", version=sluice.__version__)
+    app.state.sluice = state
+    serving = state.serving
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error_to_api_error(exc))
+
+    @app.exception_handler(Exception)
+    async def _failed(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(as_api_error(exc))
+
+    async def respond(request: Request, produce) -> Response:
+        async def work() -> Response:
+            try:
+                result = await produce
+            except Exception as exc:
+                return error_response(as_api_error(exc))
+            if isinstance(result, dict):
+                return JSONResponse(result)
+            return StreamingResponse(result, media_type="text/event-stream")
+
+        return await run_until_disconnect(request, work())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await respond(request, serving.chat(body))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await respond(request, serving.completions(body))
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return serving.models()
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request) -> Response:
+        return await respond(request, serving.tokenize(body))
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
+        return await respond(request, serving.detokenize(body))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not state.engine.alive:
+            return error_response(APIError(f"the engine core is dead: {state.engine.client.dead_reason}", 503))
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": sluice.__version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        stats = await state.engine.get_stats()
+        registry = stats_registry(stats, serving.served_model_names[0])
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+_COUNTERS = ("vllm:num_preemptions", "vllm:prompt_tokens", "vllm:generation_tokens",
+             "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
+
+
+def stats_registry(stats: dict[str, float], model_name: str) -> CollectorRegistry:
+    """The core's counters and gauges, as Prometheus metrics with vLLM's names."""
+
+    class Snapshot:
+        def collect(self):
+            for name, value in stats.items():
+                family = CounterMetricFamily if name in _COUNTERS else GaugeMetricFamily
+                metric = family(name, name.removeprefix("vllm:").replace("_", " "), labels=["model_name"])
+                metric.add_metric([model_name], value)
+                yield metric
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Snapshot())
+    return registry
+
+
+# ---- one API process ------------------------------------------------------------------------
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains: new requests get 503, in-flight ones get up
+    to `shutdown_timeout` s, then the rest are aborted. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.state = state
+        self.shutdown_timeout = shutdown_timeout
+        self.exit_code = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # Unlike uvicorn's, never re-raises the signal afterwards: a drained server exits 0.
+        if self.state.draining or self.loop is None:
+            self.force_exit = self.should_exit = True
+            return
+        self.state.draining = True
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.drain()))
+
+    async def drain(self) -> None:
+        engine = self.state.engine
+        logger.info("shutting down: waiting up to %.0f s for %d requests", self.shutdown_timeout, engine.num_in_flight)
+        deadline = time.monotonic() + self.shutdown_timeout
+        while engine.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if engine.num_in_flight:
+            logger.warning("aborting %d requests still running after %.0f s", engine.num_in_flight, self.shutdown_timeout)
+            engine.abort_all()
+            deadline = time.monotonic() + 5
+            while engine.num_in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        self.should_exit = True
+
+    async def exit_when_engine_dies(self) -> None:
+        while self.state.engine.alive:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(ENGINE_DEAD_EXIT_DELAY_S)
+        logger.error("exiting: the engine core is dead")
+        self.exit_code = 1
+        self.should_exit = True
+
+
+class AccessLogFilter(logging.Filter):
+    def __init__(self, paths: set[str]) -> None:
+        super().__init__()
+        self.paths = paths
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        path = args[2] if isinstance(args, tuple) and len(args) >= 3 else ""
+        return str(path).split("?", 1)[0] not in self.paths
+
+
+async def serve_http(args: argparse.Namespace, address: str, core_pid: int, sock: socket.socket) -> int:
+    """Run one API process until shutdown; returns its exit code."""
+    engine = await AsyncLLM.connect(args.model, address, core_pid)
+    serving = OpenAIServing(
+        engine, served_model_names(args), max_n=args.max_n_sequences, chat_template=read_chat_template(args),
+        log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
+    )
+    public = set(ALWAYS_PUBLIC) | set(split_list(args.public_endpoints))
+    state = ServerState(engine, serving, api_keys(args), public)
+    config = uvicorn.Config(
+        Gatekeeper(build_app(state), state), log_level=args.uvicorn_log_level,
+        ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
+        ssl_cert_reqs=args.ssl_cert_reqs, timeout_graceful_shutdown=5, timeout_keep_alive=5,
+    )
+    quiet = set(split_list(args.disable_access_log_for_endpoints))
+    if quiet:
+        logging.getLogger("uvicorn.access").addFilter(AccessLogFilter(quiet))
+    server = DrainingServer(config, state, args.shutdown_timeout)
+    server.loop = asyncio.get_running_loop()
+    watcher = asyncio.ensure_future(server.exit_when_engine_dies())
+    scheme = "https" if args.ssl_certfile else "http"
+    logger.info("serving %s on %s://%s:%d", ", ".join(serving.served_model_names), scheme, args.host, sock.getsockname()[1])
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        watcher.cancel()
+        engine.close()
+    return server.exit_code
+
+
+def run_api_process(args: argparse.Namespace, address: str, core_pid: int, sock: socket.socket) -> None:
+    """Entry point of each of the --api-server-count processes."""
+    configure_logging()
+    raise SystemExit(asyncio.run(serve_http(args, address, core_pid, sock)))
+
+
+# ---- the launcher ---------------------------------------------------------------------------
+def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
+    """Bind, start the core, serve; returns the exit code (non-zero if the core died)."""
+    sock = bind_socket(args.host, args.port)
+    core, address = start_engine_core(config)
+    try:
+        if args.api_server_count == 1:
+            return asyncio.run(serve_http(args, address, core.pid, sock))
+        return run_api_processes(args, address, core.pid, sock)
+    finally:
+        core.terminate()
+        core.join(10)
+        if core.is_alive():
+            core.kill()
+        remove_address(address)
+
+
+def run_api_processes(args: argparse.Namespace, address: str, core_pid: int, sock: socket.socket) -> int:
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=run_api_process, args=(args, address, core_pid, sock), name=f"sluice-api-{i}")
+        for i in range(args.api_server_count)
+    ]
+    for worker in workers:
+        worker.start()
+
+    def forward(sig: int, frame) -> None:
+        for worker in workers:
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C already reaches each worker directly
+    while any(w.is_alive() for w in workers):
+        multiprocessing.connection.wait([w.sentinel for w in workers], timeout=1.0)
+        if any(w.exitcode not in (None, 0) for w in workers):
+            forward(signal.SIGTERM, None)  # one failed: take the rest down so the orchestrator restarts us
+    return max(abs(w.exitcode or 0) for w in workers)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+# ---- flags -------------------------------------------------------------------------------
+def split_list(values: list[str] | None) -> list[str]:
+    """Flags that take 'a,b' or several values or both."""
+    return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    keys = split_list(args.api_key)
+    if not keys and os.environ.get("SLUICE_API_KEY"):
+        keys = split_list([os.environ["SLUICE_API_KEY"]])
+    return keys
+
+
+def served_model_names(args: argparse.Namespace) -> list[str]:
+    return args.served_model_name or [args.model or DEFAULT_MODEL]
+
+
+def read_chat_template(args: argparse.Namespace) -> str | None:
+    """--chat-template takes a file path or the template text itself."""
+    template = args.chat_template
+    if template and os.path.isfile(template):
+        with open(template) as f:
+            return f.read()
+    return template
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of `sluice serve` beyond the engine's; vLLM's spellings where vLLM has them."""
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    group.add_argument("--port", type=int, default=8000, help="port to listen on")
+    group.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="model names clients may ask for (default: the MODEL argument as given)")
+    group.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on every endpoint but /health and /version; "
+                            "repeat or comma-separate for several keys (default: $SLUICE_API_KEY)")
+    group.add_argument("--public-endpoints", action="append", default=None, metavar="PATHS",
+                       help="comma-separated paths that need no API key besides /health and /version, e.g. /metrics")
+    group.add_argument("--ssl-keyfile", default=None, help="TLS private key file (PEM)")
+    group.add_argument("--ssl-certfile", default=None, help="TLS certificate file (PEM); enables https")
+    group.add_argument("--ssl-ca-certs", default=None, help="CA bundle for verifying client certificates")
+    group.add_argument("--ssl-cert-reqs", type=int, default=0,
+                       help="client certificate policy: 0 none, 1 optional, 2 required (ssl.CERT_*)")
+    group.add_argument("--chat-template", default=None, help="chat template file or text (default: the model's)")
+    group.add_argument("--max-n-sequences", type=int, default=16, help="largest n (completions per request) accepted")
+    group.add_argument("--enable-log-requests", action="store_true",
+                       help="log each request's parameters and prompt (cut at --max-log-len)")
+    group.add_argument("--max-log-len", type=int, default=None,
+                       help="characters of prompt logged with --enable-log-requests (default: all)")
+    group.add_argument("--disable-access-log-for-endpoints", action="append", default=None, metavar="PATHS",
+                       help="comma-separated paths left out of the access log, e.g. /health,/metrics")
+    group.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests may run after SIGTERM/SIGINT before they are aborted")
+    group.add_argument("--api-server-count", type=int, default=1, help="API processes sharing the port and one engine core")
+    group.add_argument("--uvicorn-log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
+
+
+def check_server_args(args: argparse.Namespace) -> None:
+    if args.api_server_count < 1:
+        raise SystemExit(f"--api-server-count must be >= 1, got {args.api_server_count}")
+    if args.max_n_sequences < 1:
+        raise SystemExit(f"--max-n-sequences must be >= 1, got {args.max_n_sequences}")
+    if args.shutdown_timeout < 0:
+        raise SystemExit(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        raise SystemExit("--ssl-keyfile and --ssl-certfile must be given together")
+    for path in (args.ssl_keyfile, args.ssl_certfile, args.ssl_ca_certs):
+        if path and not os.path.isfile(path):
+            raise SystemExit(f"TLS file not found: {path}")

@@ -1,0 +1,513 @@
+"""OpenAI-compatible request models (pydantic v2), the API error type and response envelopes.
+
+Requests use OpenAI's field names plus vLLM's extensions (top_k, min_p, repetition_penalty,
+ignore_eos, ...). Unknown top-level fields are refused, so a typo is a 400 naming the field
+rather than a knob silently ignored. Features the engine lacks so far (tools, structured
+outputs, logit_bias, suffix) are parsed, then refused with a 400 by `to_sampling_params`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from sluice.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs (and legacy logprobs)
+
+
+# ---- errors -------------------------------------------------------------------------------
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_type_for(status_code: int) -> str:
+    """OpenAI's conventional `type` string for an HTTP status."""
+    return "server_error" if status_code >= 500 else _ERROR_TYPES.get(status_code, "invalid_request_error")
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """A failure answered to the client as OpenAI's error JSON (status, body, extra headers)."""
+
+    def __init__(self, message: str, status_code: int = 400, type: str | None = None,
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.type = type or error_type_for(status_code)
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def validation_error_to_api_error(exc: Any) -> APIError:
+    """A pydantic ValidationError, FastAPI RequestValidationError or their `errors()` list -> a 400
+    whose message names each bad field path (`messages.0.role`) and whose param is the first."""
+    errors = exc if isinstance(exc, list) else exc.errors()
+    messages: list[str] = []
+    first_param: str | None = None
+    for err in errors:
+        loc = list(err.get("loc", ()))
+        if loc and loc[0] in ("body", "query", "path"):  # FastAPI prefixes where the value came from
+            loc = loc[1:]
+        path = ".".join(str(part) for part in loc)
+        if err.get("type") == "json_invalid":
+            path = ""
+        if first_param is None and path:
+            first_param = path
+        description = _describe(err)
+        if path:
+            message = f"{path}: {description}"
+        else:  # a whole-body check: its own message names the fields
+            message = description if err.get("type") == "value_error" else f"request body: {description}"
+        if message not in messages:
+            messages.append(message)
+    if not messages:
+        messages = ["invalid request"]
+    extra = f" (and {len(messages) - 5} more)" if len(messages) > 5 else ""
+    return APIError("; ".join(messages[:5]) + extra, 400, param=first_param)
+
+
+def _describe(err: dict) -> str:
+    kind, msg = err.get("type"), str(err.get("msg", "invalid value"))
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "field required"
+    if kind == "json_invalid":
+        return f"invalid JSON ({(err.get('ctx') or {}).get('error', msg)})"
+    if kind in ("value_error", "assertion_error"):
+        return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    value = err.get("input")
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return f"{msg} (got {_short_repr(value)})"
+    return msg
+
+
+def _short_repr(value: Any, limit: int = 50) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """Deprecations are logged once per process, not once per request."""
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
+
+
+# ---- reusable field validators --------------------------------------------------------------
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_content(value: Any) -> Any:
+    """Message content: a string, or a list of text parts (joined with newlines, as vLLM does)."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f"must be a string or a list of content parts, got {_type_name(value)}")
+    texts = []
+    for i, part in enumerate(value):
+        if not isinstance(part, dict):
+            raise ValueError(f"part {i} must be an object, got {_type_name(part)}")
+        if part.get("type") != "text":
+            raise ValueError(f"part {i} has type {part.get('type')!r}; only 'text' parts are supported")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"part {i} needs a string 'text'")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _check_stop(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return value
+    raise ValueError("must be a string or a list of strings")
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _check_prompt(value: Any) -> Any:
+    """Completions prompt: a string, a list of strings, a list of token ids or a list of id lists."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty string, list of strings, list of token ids or list of token-id lists")
+    if _is_token_ids(value):
+        return value
+    if all(isinstance(p, str) for p in value) or all(_is_token_ids(p) for p in value):
+        for i, p in enumerate(value):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+        return value
+    raise ValueError("a list prompt must hold only strings, only token ids, or only lists of token ids")
+
+
+def _check_tool_choice(value: Any) -> Any:
+    if value is None or value in ("none", "auto", "required"):
+        return value
+    if isinstance(value, dict) and value.get("type") == "function":
+        return value
+    raise ValueError("must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {...}}")
+
+
+# Arguments of apply_chat_template that the server sets itself; in chat_template_kwargs they
+# would collide ("got multiple values") or change what the call returns.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "tokenize", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tools", "documents", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
+def _check_template_kwargs(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    reserved = sorted(set(value or {}) & _RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise ValueError(f"may not set {', '.join(reserved)}")
+    return value
+
+
+Content = Annotated[Any, AfterValidator(_check_content)]
+Stop = Annotated[str | list[str] | None, BeforeValidator(_check_stop)]
+Prompt = Annotated[Any, AfterValidator(_check_prompt)]
+ToolChoice = Annotated[Any, AfterValidator(_check_tool_choice)]
+TemplateKwargs = Annotated[dict[str, Any] | None, AfterValidator(_check_template_kwargs)]
+
+
+# ---- nested objects ------------------------------------------------------------------------
+class ChatMessage(BaseModel):
+    """One turn. Extra keys (name, tool_calls, tool_call_id, reasoning_content, ...) pass
+    through to the chat template, which may use them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Content = Field(default=None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, value: str | None, info) -> str | None:
+        role = info.data.get("role")
+        if value is None and role is not None and role != "assistant":
+            raise ValueError(f"is required for role '{role}'")
+        return value
+
+    def to_template(self) -> dict[str, Any]:
+        """The dict handed to apply_chat_template. `developer` (OpenAI's newer name for the
+        system role) becomes `system`, the only one chat templates know."""
+        message = self.model_dump(exclude_none=True)
+        message["content"] = self.content
+        if self.role == "developer":
+            message["role"] = "system"
+        return message
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM: running usage on every chunk
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured-output constraints (the successor of the guided_* fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: Any = Field(default=None, alias="json")  # `json` would shadow BaseModel.json
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def is_empty(self) -> bool:
+        return all(v is None for v in (self.json_, self.regex, self.choice, self.grammar))
+
+
+# ---- requests --------------------------------------------------------------------------------
+# Request fields copied onto SamplingParams under the same name when set (None: its default).
+_PASSTHROUGH = (
+    "n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "skip_special_tokens",
+    "spaces_between_special_tokens", "include_stop_str_in_output",
+)
+_GUIDED_KEYS = ("json", "regex", "choice", "grammar")
+
+
+class _SamplingRequest(BaseModel):
+    """Fields and SamplingParams conversion shared by chat and legacy completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None  # None: the first served model name
+    n: int | None = Field(default=1, ge=1)
+    best_of: int | None = None  # deprecated; only 1 is accepted
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: Stop = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(default=None, ge=0)
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    priority: int | None = 0
+    logit_bias: dict[str, float] | None = None  # refused when non-empty
+    structured_outputs: StructuredOutputs | None = None  # refused when non-empty (not implemented yet)
+    guided_json: Any = None  # deprecated spellings of structured_outputs.*
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # Accepted and ignored: common OpenAI client fields with no meaning here.
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None) -> int | None:
+        if value is None:
+            return None
+        if value != 1:
+            raise ValueError(f"must be 1 (best_of is deprecated and unsupported; use n), got {value}")
+        _warn_once("best_of", "best_of is deprecated and ignored; use n")
+        return value
+
+    @model_validator(mode="after")
+    def _guided_to_structured_outputs(self):
+        legacy = {key: getattr(self, f"guided_{key}") for key in _GUIDED_KEYS}
+        legacy = {key: value for key, value in legacy.items() if value is not None}
+        if not legacy:
+            return self
+        _warn_once("guided", "guided_json/guided_regex/guided_choice/guided_grammar are deprecated; "
+                             "use structured_outputs: {json|regex|choice|grammar: ...}")
+        current = {}
+        if self.structured_outputs is not None:
+            current = self.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        clash = sorted(legacy.keys() & current.keys())
+        if clash:
+            raise ValueError(f"guided_{clash[0]} and structured_outputs.{clash[0]} are both set; "
+                             "use structured_outputs only")
+        self.structured_outputs = StructuredOutputs.model_validate({**current, **legacy})
+        return self
+
+    # ---- conversion ----
+    def to_sampling_params(self, default_max_tokens: int, max_n: int) -> SamplingParams:
+        """Raises APIError(400) naming the field for anything refused.
+
+        default_max_tokens is the room left in the context (max_model_len - prompt tokens): the
+        value of a null max_tokens, and the cap of completions' default 16. A larger max_tokens
+        the client asked for is refused, as OpenAI does. A prompt that leaves no room at all is
+        the engine's error to report.
+        """
+        self._check_supported()
+        n = 1 if self.n is None else self.n
+        if n > max_n:
+            raise APIError(f"n must be at most {max_n}, got {n}", param="n")
+        kwargs = {name: getattr(self, name) for name in _PASSTHROUGH if getattr(self, name) is not None}
+        kwargs["max_tokens"] = self._max_tokens(default_max_tokens)
+        kwargs["logprobs"], kwargs["prompt_logprobs"] = self._logprob_counts()
+        try:
+            return SamplingParams(**kwargs)
+        except ValueError as exc:
+            raise APIError(str(exc), param=self._param_of(str(exc))) from None
+
+    def _check_supported(self) -> None:
+        if self.logit_bias:
+            raise APIError("logit_bias is not supported", param="logit_bias")
+        if self.structured_outputs is not None and not self.structured_outputs.is_empty():
+            raise APIError("structured outputs are not supported yet", param="structured_outputs")
+
+    def _max_tokens(self, room: int) -> int:
+        requested, name = self._requested_max_tokens(), self._max_tokens_param()
+        if requested is None:
+            return max(room, 1)
+        if requested > room >= 1 and name in self.model_fields_set:
+            raise APIError(f"{name}={requested} is too large: the prompt leaves room for {room} tokens "
+                           "in the context", param=name)
+        return min(requested, max(room, 1))
+
+    def _requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def _max_tokens_param(self) -> str:
+        return "max_tokens"
+
+    def _logprob_counts(self) -> tuple[int | None, int | None]:
+        """(SamplingParams.logprobs, SamplingParams.prompt_logprobs)."""
+        raise NotImplementedError
+
+    def _param_of(self, message: str) -> str | None:
+        """SamplingParams errors start with their field's name; name the request's field."""
+        name = message.split(" ", 1)[0]
+        renamed = self._renamed_params()
+        if name in renamed:
+            return renamed[name]
+        return name if name in _PASSTHROUGH else None
+
+    def _renamed_params(self) -> dict[str, str]:
+        return {"max_tokens": self._max_tokens_param()}
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def continuous_usage(self) -> bool:
+        return self.include_usage() and bool(self.stream_options.continuous_usage_stats)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer max_tokens; wins
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = True
+    chat_template_kwargs: TemplateKwargs = None
+    response_format: ResponseFormat | None = None  # only {"type": "text"} so far
+    tools: list[dict[str, Any]] | None = None  # refused when non-empty (not implemented yet)
+    tool_choice: ToolChoice = None
+    parallel_tool_calls: bool | None = None
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.to_template() for m in self.messages]
+
+    def _check_supported(self) -> None:
+        super()._check_supported()
+        if self.response_format is not None and self.response_format.type != "text":
+            raise APIError(f"response_format type '{self.response_format.type}' is not supported yet",
+                           param="response_format")
+        if self.tools:
+            raise APIError("tools are not supported yet", param="tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise APIError("tool_choice other than 'none' or 'auto' is not supported yet", param="tool_choice")
+        if self.top_logprobs and not self.logprobs:
+            raise APIError("top_logprobs requires logprobs=true", param="top_logprobs")
+
+    def _requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _logprob_counts(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0) if self.logprobs else None, None
+
+    def _max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def _renamed_params(self) -> dict[str, str]:
+        return {"max_tokens": self._max_tokens_param(), "logprobs": "top_logprobs"}
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Prompt
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for legacy completions
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = False
+    suffix: str | None = None  # refused when set
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of single prompts (a string or a list of token ids each)."""
+        if isinstance(self.prompt, str) or _is_token_ids(self.prompt):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def _check_supported(self) -> None:
+        super()._check_supported()
+        if self.suffix:
+            raise APIError("suffix is not supported", param="suffix")
+
+    def _logprob_counts(self) -> tuple[int | None, int | None]:
+        return self.logprobs, self.logprobs if self.echo else None
+
+    def _renamed_params(self) -> dict[str, str]:
+        return {"max_tokens": "max_tokens", "logprobs": "logprobs", "prompt_logprobs": "logprobs"}
+
+
+class TokenizeRequest(BaseModel):
+    """Either {prompt, add_special_tokens} or {messages, add_generation_prompt, ...}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # None: True for a prompt, False for messages (the template has them)
+    add_generation_prompt: bool = True
+    chat_template_kwargs: TemplateKwargs = None
+    return_token_strs: bool | None = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+# ---- responses -------------------------------------------------------------------------------
+def usage_info(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def response_envelope(object: str, id: str, created: int, model: str, choices: list[dict]) -> dict:
+    """What chat.completion, chat.completion.chunk and text_completion bodies share."""
+    return {"id": id, "object": object, "created": created, "model": model, "choices": choices}
+
+
+def model_list(names: list[str], root: str, max_model_len: int, created: int) -> dict:
+    return {"object": "list", "data": [model_card(name, root, max_model_len, created) for name in names]}
+
+
+def model_card(name: str, root: str, max_model_len: int, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "sluice", "root": root,
+            "max_model_len": max_model_len}

@@ -1,0 +1,524 @@
+"""OpenAI-compatible serving: requests -> engine calls, engine outputs -> OpenAI JSON or SSE.
+
+Everything that can fail a request (unknown model, chat template, prompt length, full queue,
+dead engine) fails before `chat` / `completions` return, so the HTTP layer can still answer
+with a status code; once a stream has started, a failure arrives as an SSE error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sluice.entrypoints.openai.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    model_card,
+    model_list,
+    response_envelope,
+    usage_info,
+)
+from sluice.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
+from sluice.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_SSE_DONE = "data: [DONE]\n\n"
+_MIN_LOGPROB = -9999.0  # JSON has no -inf
+RETRY_AFTER_S = 1  # told to clients refused because the queue is full or the server drains
+
+GenerationRequest = ChatCompletionRequest | CompletionRequest
+
+
+# ---- errors ------------------------------------------------------------------------------------
+def api_error_from_exception(exc: BaseException) -> APIError | None:
+    """The APIError to answer for an engine exception; None for an unexpected one (a 500)."""
+    from sluice.engine.async_llm import EngineDeadError, QueueFullError  # lazily: keeps this module light
+
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return APIError(str(exc) or "the server is overloaded; retry later", 503, code="queue_full",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, EngineDeadError):
+        return APIError(f"the engine is not available: {exc}", 503, code="engine_dead")
+    if isinstance(exc, ValueError):  # the engine's request validation
+        return APIError(str(exc), 400)
+    return None
+
+
+@contextlib.contextmanager
+def _engine_errors(request: GenerationRequest):
+    try:
+        yield
+    except Exception as exc:
+        error = api_error_from_exception(exc)
+        if error is None or error is exc:
+            raise
+        if isinstance(exc, ValueError):
+            error.param = _engine_error_param(str(exc), request)
+        raise error from exc
+
+
+def _engine_error_param(message: str, request: GenerationRequest) -> str | None:
+    """The engine's messages start with the field they are about (as SamplingParams' do); its
+    prompt is the request's messages or prompt."""
+    word = re.match(r"\w*", message).group()
+    if word in ("prompt", "prompt_token_ids"):
+        return "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+    return word if word in type(request).model_fields else None
+
+
+def _stream_error(exc: Exception) -> APIError:
+    """What to put in the SSE error event once the response has started."""
+    error = api_error_from_exception(exc)
+    if error is None:
+        logger.exception("stream failed")
+        error = APIError(str(exc) or type(exc).__name__, 500)
+    return error
+
+
+def _raise_if_failed(output: CompletionOutput) -> None:
+    if output.finish_reason == "error":
+        raise APIError(output.error or "generation failed", 500)
+
+
+# ---- engine streams ----------------------------------------------------------------------------
+# Closing an engine stream aborts its request; every helper here closes what it gives up on.
+_END = object()
+
+
+async def _next(stream: AsyncIterator) -> Any:
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return _END
+
+
+async def _first(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    item = await _next(stream)
+    if item is _END:
+        raise RuntimeError("the engine stream ended without output")
+    return item
+
+
+async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    last = await _first(stream)
+    async for item in stream:
+        last = item
+    return last
+
+
+async def _gather_or_close(streams: list[AsyncIterator], take: Callable) -> list:
+    """`take(stream)` for every stream concurrently; if one fails (or we are cancelled), close
+    all of them, aborting their requests, and re-raise."""
+    tasks: list[asyncio.Future] = []
+    try:
+        if len(streams) == 1:
+            return [await take(streams[0])]
+        tasks = [asyncio.ensure_future(take(s)) for s in streams]
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # a running generator cannot be closed
+        for stream in streams:
+            await stream.aclose()
+        raise
+
+
+async def _replay(first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """An already-awaited first item, then the rest of the stream."""
+    try:
+        yield first
+        async for item in stream:
+            yield item
+    finally:
+        await stream.aclose()
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Items of several streams as they arrive, each tagged with its stream's index."""
+    if len(streams) == 1:
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()
+        return
+    pending = {asyncio.ensure_future(_next(s)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                i = pending.pop(task)
+                item = task.result()
+                if item is not _END:
+                    pending[asyncio.ensure_future(_next(streams[i]))] = i
+                    yield i, item
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+
+
+# ---- small shared pieces -----------------------------------------------------------------------
+def _random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, _MIN_LOGPROB)
+
+
+def _sampled(entry: dict[int, Logprob], token_id: int) -> Logprob:
+    """The sampled token's entry (the engine puts it first)."""
+    return entry.get(token_id) or next(iter(entry.values()))
+
+
+def _top(entry: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    """The k most likely tokens at one position (the sampled one only if it is among them)."""
+    return sorted(entry.items(), key=lambda item: item[1].logprob, reverse=True)[:k]
+
+
+@dataclass
+class _Job:
+    """One prompt of an API request, ready for the engine."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class _Head:
+    """What every body of one API response shares."""
+
+    object: str
+    id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def body(self, choices: list[dict]) -> dict:
+        return response_envelope(self.object, self.id, self.created, self.model, choices)
+
+
+class _Usage:
+    """Token counts of one API request (completions may carry several prompts)."""
+
+    def __init__(self, jobs: list[_Job]) -> None:
+        self.prompt_tokens = sum(len(job.prompt_token_ids) for job in jobs)
+        self.cached_tokens = [0] * len(jobs)
+        self.completion_tokens = 0
+
+    def add(self, prompt_index: int, out: RequestOutput) -> None:
+        # With n > 1 each child has its own count; report the first child's, streamed or not.
+        if any(c.index == 0 for c in out.outputs):
+            self.cached_tokens[prompt_index] = out.num_cached_tokens
+        self.completion_tokens += sum(len(c.token_ids) for c in out.outputs)
+
+    def info(self) -> dict:
+        return usage_info(self.prompt_tokens, self.completion_tokens, sum(self.cached_tokens))
+
+
+def _chat_chunk_choice(index: int, delta: dict, logprobs: dict | None = None,
+                       finish_reason: str | None = None, stop_reason: int | str | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": stop_reason}
+
+
+# ---- the server side -----------------------------------------------------------------------------
+class OpenAIServing:
+    """The OpenAI API over one AsyncLLM. Methods raise APIError for anything the client did
+    wrong or the server cannot do now; other exceptions are bugs (500)."""
+
+    def __init__(self, engine, served_model_names: list[str], max_n: int, chat_template: str | None = None,
+                 log_requests: bool = False, max_log_len: int | None = None) -> None:
+        if not served_model_names:
+            raise ValueError("served_model_names must not be empty")
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.served_model_names = list(served_model_names)
+        self.max_n = max_n
+        self.chat_template = chat_template  # the template text (None: the tokenizer's own)
+        self.log_requests = log_requests
+        self.max_log_len = max_log_len
+        self.created = int(time.time())
+
+    # ---- models ----
+    def check_model(self, name: str | None) -> str:
+        """The served name a request addresses (None: the first one)."""
+        if name is None:
+            return self.served_model_names[0]
+        if name not in self.served_model_names:
+            raise APIError(f"The model `{name}` does not exist.", 404, param="model", code="model_not_found")
+        return name
+
+    def models(self) -> dict:
+        return model_list(self.served_model_names, self.served_model_names[0], self.engine.max_model_len, self.created)
+
+    def model(self, name: str) -> dict:
+        return model_card(self.check_model(name), self.served_model_names[0], self.engine.max_model_len, self.created)
+
+    # ---- chat completions ----
+    async def chat(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
+        """A chat.completion dict, or (stream=true) an iterator of SSE strings."""
+        model = self.check_model(request.model)
+        text, token_ids = self._render_chat(request.template_messages(), request.add_generation_prompt,
+                                            request.chat_template_kwargs)
+        params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n)
+        job = _Job(_random_id("chatcmpl"), text, token_ids, params)
+        if request.stream:
+            streams = await self._start_streams([job], request)
+            return self._chat_stream(_Head("chat.completion.chunk", job.request_id, model), streams, request, job)
+        [out] = await self._run_to_end([job], request)
+        choices = []
+        for c in out.outputs:
+            _raise_if_failed(c)
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": self._chat_logprobs(c, params.logprobs),
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        usage = _Usage([job])
+        usage.add(0, out)
+        return {**_Head("chat.completion", job.request_id, model).body(choices), "usage": usage.info()}
+
+    def _chat_stream(self, head: _Head, streams: list[AsyncIterator[RequestOutput]],
+                     request: ChatCompletionRequest, job: _Job) -> AsyncIterator[str]:
+        params = job.params
+
+        def render(_: int, out: RequestOutput) -> Iterable[dict]:
+            for c in out.outputs:
+                _raise_if_failed(c)
+                logprobs = self._chat_logprobs(c, params.logprobs)
+                if c.text or c.finish_reason or (logprobs and logprobs["content"]):
+                    yield _chat_chunk_choice(c.index, {"content": c.text}, logprobs, c.finish_reason, c.stop_reason)
+
+        roles = [_chat_chunk_choice(i, {"role": "assistant", "content": ""}) for i in range(params.n)]
+        return self._sse_stream(head, streams, render, _Usage([job]), request, roles)
+
+    def _chat_logprobs(self, c: CompletionOutput, k: int | None) -> dict | None:
+        """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+        if c.logprobs is None or k is None:
+            return None
+        content = []
+        for token_id, entry in zip(c.token_ids, c.logprobs):
+            item = self._chat_token(token_id, _sampled(entry, token_id))
+            item["top_logprobs"] = [self._chat_token(t, lp) for t, lp in _top(entry, k)]
+            content.append(item)
+        return {"content": content}
+
+    def _chat_token(self, token_id: int, logprob: Logprob) -> dict:
+        text = self._token_text(token_id, logprob)
+        return {"token": text, "logprob": _finite(logprob.logprob), "bytes": list(text.encode("utf-8", "replace"))}
+
+    def _render_chat(self, messages: list[dict], add_generation_prompt: bool, template_kwargs: dict | None,
+                     add_special_tokens: bool = False) -> tuple[str, list[int]]:
+        """Chat template -> prompt text and ids. The template already holds the special tokens
+        (BOS), so encoding adds none by default."""
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                chat_template=self.chat_template, **(template_kwargs or {}),
+            )
+        except Exception as exc:  # jinja errors, raise_exception() in templates, no template at all
+            raise APIError(f"chat template failed: {exc}", param="messages") from exc
+        return text, self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    # ---- legacy completions ----
+    async def completions(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
+        """A text_completion dict, or (stream=true) an iterator of SSE strings. Several prompts run
+        concurrently; choice index = prompt index * n + completion index."""
+        model = self.check_model(request.model)
+        request_id = _random_id("cmpl")
+        prompts = request.prompts()
+        jobs = []
+        for i, prompt in enumerate(prompts):
+            text, token_ids = self._tokenize_prompt(prompt)
+            params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n)
+            jobs.append(_Job(request_id if len(prompts) == 1 else f"{request_id}-{i}", text, token_ids, params))
+        echo_texts = [job.prompt if job.prompt is not None else self.tokenizer.decode(job.prompt_token_ids)
+                      for job in jobs] if request.echo else None
+        head = _Head("text_completion", request_id, model)
+        if request.stream:
+            streams = await self._start_streams(jobs, request)
+            return self._completion_stream(head, streams, request, jobs, echo_texts)
+        outs = await self._run_to_end(jobs, request)
+        n, k = jobs[0].params.n, request.logprobs
+        choices, usage = [], _Usage(jobs)
+        for p, out in enumerate(outs):
+            usage.add(p, out)
+            echo = (echo_texts[p], out.prompt_token_ids, out.prompt_logprobs) if echo_texts else None
+            for c in out.outputs:
+                _raise_if_failed(c)
+                choices.append(self._completion_choice(p * n + c.index, c, k, echo))
+        return {**head.body(choices), "usage": usage.info()}
+
+    def _completion_stream(self, head: _Head, streams: list[AsyncIterator[RequestOutput]],
+                           request: CompletionRequest, jobs: list[_Job],
+                           echo_texts: list[str] | None) -> AsyncIterator[str]:
+        n, k = jobs[0].params.n, request.logprobs
+        prompt_logprobs: dict[int, PromptLogprobs] = {}  # per prompt; they come on its first output
+        sent: dict[int, int] = {}  # per choice: characters streamed so far (legacy text_offset)
+
+        def render(p: int, out: RequestOutput) -> Iterable[dict]:
+            if out.prompt_logprobs is not None:
+                prompt_logprobs.setdefault(p, out.prompt_logprobs)
+            for c in out.outputs:
+                _raise_if_failed(c)
+                index = p * n + c.index
+                echo = None
+                if echo_texts and index not in sent:
+                    echo = (echo_texts[p], jobs[p].prompt_token_ids, prompt_logprobs.get(p))
+                if not (echo or c.text or c.finish_reason or (k is not None and c.token_ids)):
+                    continue
+                choice = self._completion_choice(index, c, k, echo, offset=sent.get(index, 0))
+                sent[index] = sent.get(index, 0) + len(choice["text"])
+                yield choice
+
+        return self._sse_stream(head, streams, render, _Usage(jobs), request)
+
+    def _completion_choice(self, index: int, c: CompletionOutput, k: int | None,
+                           echo: tuple[str, list[int], PromptLogprobs | None] | None, offset: int = 0) -> dict:
+        """echo: (prompt text, prompt ids, prompt logprobs) to put before this output's text."""
+        text, token_ids, entries = c.text, c.token_ids, c.logprobs or [None] * len(c.token_ids)
+        if echo is not None:
+            echo_text, echo_ids, echo_entries = echo
+            text, token_ids = echo_text + text, echo_ids + token_ids
+            entries = (echo_entries or [None] * len(echo_ids)) + entries
+        logprobs = None if k is None else self._legacy_logprobs(token_ids, entries, k, offset)
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason}
+
+    def _legacy_logprobs(self, token_ids: list[int], entries: SampleLogprobs | PromptLogprobs, k: int,
+                         offset: int) -> dict:
+        """Completions' shape: {tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset};
+        a position without an entry (the first prompt token) has None."""
+        result: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, entry in zip(token_ids, entries):
+            value = top = None
+            if entry is None:
+                text = self._token_text(token_id, None)
+            else:
+                sampled = _sampled(entry, token_id)
+                text, value = self._token_text(token_id, sampled), _finite(sampled.logprob)
+                top = {self._token_text(t, lp): _finite(lp.logprob) for t, lp in [(token_id, sampled), *_top(entry, k)]}
+            result["tokens"].append(text)
+            result["token_logprobs"].append(value)
+            result["top_logprobs"].append(top)
+            result["text_offset"].append(offset)
+            offset += len(text)
+        return result
+
+    def _tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        try:
+            return self.engine.input_processor.tokenize_prompt(prompt)
+        except ValueError as exc:
+            raise APIError(str(exc), param="prompt") from exc
+
+    # ---- tokenizer endpoints ----
+    async def tokenize(self, request: TokenizeRequest) -> dict:
+        self.check_model(request.model)
+        if request.messages is not None:
+            _, token_ids = self._render_chat([m.to_template() for m in request.messages], request.add_generation_prompt,
+                                             request.chat_template_kwargs, bool(request.add_special_tokens))
+        else:
+            add_special = request.add_special_tokens is not False
+            token_ids = self.tokenizer.encode(request.prompt, add_special_tokens=add_special)
+        result = {"count": len(token_ids), "max_model_len": self.engine.max_model_len, "tokens": token_ids}
+        if request.return_token_strs:
+            result["token_strs"] = self.tokenizer.convert_ids_to_tokens(token_ids)
+        return result
+
+    async def detokenize(self, request: DetokenizeRequest) -> dict:
+        self.check_model(request.model)
+        vocab_size = self.engine.input_processor.vocab_size
+        bad = next((t for t in request.tokens if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise APIError(f"tokens must be ids in [0, {vocab_size}), got {bad}", param="tokens")
+        try:
+            return {"prompt": self.tokenizer.decode(request.tokens)}
+        except Exception as exc:  # ids the model has but the tokenizer does not (padded vocabularies)
+            raise APIError(f"cannot decode tokens: {exc}", param="tokens") from exc
+
+    # ---- shared machinery ----
+    def _generate(self, job: _Job, priority: int, stream: bool) -> AsyncIterator[RequestOutput]:
+        self._log(job, priority)
+        return self.engine.generate(job.prompt, job.prompt_token_ids, job.params, job.request_id,
+                                    priority=priority, stream=stream)
+
+    async def _start_streams(self, jobs: list[_Job], request: GenerationRequest) -> list[AsyncIterator[RequestOutput]]:
+        """Starts every job and awaits its first output, so the engine's own checks (prompt
+        length, full queue) fail here, while the HTTP layer can still send a status code."""
+        streams = [self._generate(job, request.priority or 0, stream=True) for job in jobs]
+        with _engine_errors(request):
+            firsts = await _gather_or_close(streams, _first)
+        return [_replay(first, stream) for first, stream in zip(firsts, streams)]
+
+    async def _run_to_end(self, jobs: list[_Job], request: GenerationRequest) -> list[RequestOutput]:
+        streams = [self._generate(job, request.priority or 0, stream=False) for job in jobs]
+        with _engine_errors(request):
+            return await _gather_or_close(streams, _last)
+
+    async def _sse_stream(self, head: _Head, streams: list[AsyncIterator[RequestOutput]],
+                          render: Callable[[int, RequestOutput], Iterable[dict]], usage: _Usage,
+                          request: GenerationRequest,
+                          first_choices: Iterable[dict] = ()) -> AsyncIterator[str]:
+        """One chunk per rendered choice, the usage chunk when asked, then [DONE]. Errors after
+        the start become an error event; closing this iterator aborts the engine requests."""
+        include_usage, continuous = request.include_usage(), request.continuous_usage()
+
+        def frame(choices: list[dict], usage_body: dict | None = None) -> str:
+            body = head.body(choices)
+            if include_usage:  # OpenAI: with include_usage every chunk has a usage key (null)
+                body["usage"] = usage_body
+            return _sse(body)
+
+        merged = _merge(streams)
+        try:
+            for choice in first_choices:
+                yield frame([choice])
+            async for prompt_index, out in merged:
+                usage.add(prompt_index, out)
+                for choice in render(prompt_index, out):
+                    yield frame([choice], usage.info() if continuous else None)
+            if include_usage:
+                yield frame([], usage.info())
+        except Exception as exc:
+            yield _sse(_stream_error(exc).body())
+        finally:
+            await merged.aclose()
+        yield _SSE_DONE
+
+    def _token_text(self, token_id: int, logprob: Logprob | None) -> str:
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self.tokenizer.decode([token_id])
+
+    def _log(self, job: _Job, priority: int) -> None:
+        """Prompt text is logged only with log_requests (it may be private)."""
+        if not self.log_requests:
+            logger.debug("request %s: %d prompt tokens", job.request_id, len(job.prompt_token_ids))
+            return
+        prompt: Any = job.prompt if job.prompt is not None else job.prompt_token_ids
+        if self.max_log_len is not None:
+            prompt = prompt[: self.max_log_len]
+        logger.info("request %s: %d prompt tokens, priority %d, params %s, prompt %r",
+                    job.request_id, len(job.prompt_token_ids), priority, job.params, prompt)
