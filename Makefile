@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: venv serve test bench
+.PHONY: venv serve chat test bench
 
 venv: $(STAMP)
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: venv
+	$(VENV)/bin/sluice serve
+
+chat: venv
 	$(VENV)/bin/sluice chat
 
 test: venv
