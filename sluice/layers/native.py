@@ -56,7 +56,37 @@ def load_library() -> ctypes.CDLL | None:
     fn = lib.paged_decode_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    lib.write_kv.restype = None
+    lib.write_kv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
     return lib
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> bool:
+    """Store k/v [T, Hkv, D] at their slots in the paired layouts; False when the caller must."""
+    lib = load_library()
+    if lib is None or k.device.type != "cpu" or k.dtype != k_cache.dtype or k.dtype not in (torch.bfloat16, torch.float32):
+        return False
+    k, v, slot_mapping = k.contiguous(), v.contiguous(), slot_mapping.to(torch.int64).contiguous()
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    lib.write_kv(k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), v.data_ptr(), slot_mapping.data_ptr(),
+                 k.shape[0], num_kv_heads, head_dim, block_size, k.element_size())
+    return True
+
+
+def has_fast_path(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the vectorised bf16 kernel serves this shape (else only the scalar C path would)."""
+    return (dtype == torch.bfloat16 and head_dim % 32 == 0 and _cpu_has_avx512_bf16()
+            and load_library() is not None)
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

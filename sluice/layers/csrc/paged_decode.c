@@ -1,5 +1,6 @@
 /*
- * Paged attention for decode rows (one query token per sequence), on CPU.
+ * Paged attention on CPU, one query row at a time: a decode token, or one token of a prompt
+ * (its row then sees the keys up to its own position: seq_lens is per row).
  *
  * Reads each sequence's K/V straight out of the paged cache, block by block, with an
  * online softmax, so nothing is gathered or copied. Work is split across threads by
@@ -17,12 +18,15 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_HEAD_DIM 256
 #define MAX_HEADS 64
 #define MAX_BLOCK 256
 #define MAX_THREADS 64
+/* Blocks sit anywhere in the pool, so hardware prefetchers can't follow: fetch this many ahead. */
+#define PREFETCH_BLOCKS 4
 
 typedef struct {
     const void *q;              /* [num_seqs, num_heads, head_dim] */
@@ -135,109 +139,168 @@ static inline __m512 bf16x16_to_f32(const uint16_t *src) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-/* bf16 caches, head_dim a multiple of 32: up to 16 keys of one block per chunk. */
-static void attend_seq_bf16(const Job *job, int64_t seq) {
-    const int64_t H = job->num_heads, hkv_count = job->num_kv_heads, D = job->head_dim, bs = job->block_size;
-    const int64_t G = H / hkv_count, len = job->seq_lens[seq];
-    const int64_t block_elems = bs * hkv_count * D;
-    const uint16_t *kc = (const uint16_t *)job->k_cache, *vc = (const uint16_t *)job->v_cache;
-    const uint32_t *qpairs = (const uint32_t *)((const uint16_t *)job->q + seq * H * D); /* [H][D/2] */
-    const int64_t *table = job->block_table + seq * job->table_width;
+static inline void prefetch_span(const uint16_t *start, int64_t count) {
+    for (int64_t e = 0; e < count; e += 32) _mm_prefetch((const char *)(start + e), _MM_HINT_T0);
+}
 
-    __m512 acc[MAX_HEADS][MAX_HEAD_DIM / 16];
-    float m[MAX_HEADS], l[MAX_HEADS];
-    float p[MAX_HEADS][16] __attribute__((aligned(64)));
-    for (int64_t h = 0; h < H; h++) {
-        for (int64_t v = 0; v < D / 16; v++) acc[h][v] = _mm512_setzero_ps();
-        m[h] = -INFINITY;
-        l[h] = 0.0f;
-    }
+/* Scratch of one thread: scores [H][padded] floats, then probabilities [H][padded] bf16. */
+typedef struct {
+    float *scores;
+    uint16_t *probs;
+    int64_t padded;
+} Scratch;
+
+/* Pass 1: scaled scores of every key for the G heads of one kv head; returns their maxima.
+ * Two accumulators per head (even and odd dim pairs) keep 2G dot-product chains in flight. */
+static inline __attribute__((always_inline)) void score_keys(const Job *job, int64_t seq, int64_t hkv,
+                                                            const Scratch *sc, float *max_out,
+                                                            const int64_t G, const int64_t D) {
+    const int64_t H = job->num_heads, bs = job->block_size;
+    const int64_t len = job->seq_lens[seq];
+    const int64_t block_elems = bs * job->num_kv_heads * D;
+    const uint16_t *kc = (const uint16_t *)job->k_cache;
+    const uint32_t *qpairs = (const uint32_t *)((const uint16_t *)job->q + seq * H * D) + hkv * G * (D / 2);
+    const int64_t *table = job->block_table + seq * job->table_width;
+    const __m512 scale = _mm512_set1_ps(job->scale);
+    __m512 maxv[MAX_HEADS];
+    for (int64_t g = 0; g < G; g++) maxv[g] = _mm512_set1_ps(-INFINITY);
+    for (int64_t b = 0; b < PREFETCH_BLOCKS && b * bs < len; b++)
+        prefetch_span(kc + table[b] * block_elems + hkv * (D / 2) * bs * 2, D * bs);
     for (int64_t start = 0, n = 0; start < len; start += n) {
         const int64_t in_block = start % bs;
         n = len - start < 16 ? len - start : 16;
         if (n > bs - in_block) n = bs - in_block;
-        const int64_t base = table[start / bs] * block_elems;
-        if (start + n < len && (start + n) % bs == 0) {
-            /* blocks sit anywhere in the pool: pull the next one in while this one computes */
-            const int64_t next = table[(start + n) / bs] * block_elems;
-            for (int64_t e = 0; e < block_elems; e += 32) {
-                _mm_prefetch((const char *)(kc + next + e), _MM_HINT_T0);
-                _mm_prefetch((const char *)(vc + next + e), _MM_HINT_T0);
-            }
+        const uint16_t *kpairs = kc + table[start / bs] * block_elems + (hkv * (D / 2) * bs + in_block) * 2;
+        if (in_block == 0 && start + PREFETCH_BLOCKS * bs < len) {
+            prefetch_span(kc + table[start / bs + PREFETCH_BLOCKS] * block_elems + hkv * (D / 2) * bs * 2, D * bs);
         }
         const __mmask32 pair_mask = (__mmask32)(n == 16 ? 0xFFFFFFFFu : ((1u << (2 * n)) - 1u));
         const __mmask16 live = (__mmask16)((1u << n) - 1u);
-        for (int64_t hkv = 0; hkv < hkv_count; hkv++) {
-            __m512 score[MAX_HEADS];
-            for (int64_t g = 0; g < G; g++) score[g] = _mm512_setzero_ps();
-            const uint16_t *kpairs = kc + base + (hkv * (D / 2) * bs + in_block) * 2;
-            for (int64_t i = 0; i < D / 2; i++) {
-                /* 16 keys x dims (2i, 2i+1) */
-                const __m512bh keys = (__m512bh)_mm512_maskz_loadu_epi16(pair_mask, kpairs + i * bs * 2);
-                for (int64_t g = 0; g < G; g++) {
-                    const __m512bh qq = (__m512bh)_mm512_set1_epi32((int)qpairs[(hkv * G + g) * (D / 2) + i]);
-                    score[g] = _mm512_dpbf16_ps(score[g], qq, keys);
-                }
-            }
+        __m512 even[MAX_HEADS], odd[MAX_HEADS];
+        for (int64_t g = 0; g < G; g++) even[g] = odd[g] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < D / 2; i += 2) {
+            /* 16 keys x dims (2i, 2i+1), then x dims (2i+2, 2i+3) */
+            const __m512bh k0 = (__m512bh)_mm512_maskz_loadu_epi16(pair_mask, kpairs + i * bs * 2);
+            const __m512bh k1 = (__m512bh)_mm512_maskz_loadu_epi16(pair_mask, kpairs + (i + 1) * bs * 2);
             for (int64_t g = 0; g < G; g++) {
-                const int64_t h = hkv * G + g;
-                const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), live, score[g],
-                                                    _mm512_set1_ps(job->scale));
-                const float block_max = fmaxf(m[h], _mm512_reduce_max_ps(s));
-                const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(s, _mm512_set1_ps(block_max))));
-                const float correction = expf(m[h] - block_max);
-                l[h] = l[h] * correction + _mm512_reduce_add_ps(e);
-                m[h] = block_max;
-                _mm512_store_ps(p[h], e);
-                const __m512 c = _mm512_set1_ps(correction);
-                for (int64_t v = 0; v < D / 16; v++) acc[h][v] = _mm512_mul_ps(acc[h][v], c);
+                even[g] = _mm512_dpbf16_ps(even[g], (__m512bh)_mm512_set1_epi32((int)qpairs[g * (D / 2) + i]), k0);
+                odd[g] = _mm512_dpbf16_ps(odd[g], (__m512bh)_mm512_set1_epi32((int)qpairs[g * (D / 2) + i + 1]), k1);
             }
         }
-        /* probabilities as bf16 pairs (p_2i, p_2i+1); lanes past n are zero */
-        uint32_t ppairs[MAX_HEADS][8] __attribute__((aligned(32)));
-        for (int64_t h = 0; h < H; h++)
-            _mm256_store_si256((__m256i *)ppairs[h], (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(p[h])));
-        for (int64_t i = 0; i < (n + 1) / 2; i++) {
-            for (int64_t hkv = 0; hkv < hkv_count; hkv++) {
-                const uint16_t *vpairs = vc + base + ((hkv * (bs / 2) + in_block / 2 + i) * D) * 2;
-                for (int64_t v = 0; v < D / 16; v++) {
-                    const __m512bh vals = (__m512bh)_mm512_loadu_si512(vpairs + 32 * v); /* 16 dims x 2 keys */
-                    for (int64_t h = hkv * G; h < (hkv + 1) * G; h++)
-                        acc[h][v] = _mm512_dpbf16_ps(acc[h][v], (__m512bh)_mm512_set1_epi32((int)ppairs[h][i]), vals);
-                }
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 s = _mm512_mul_ps(_mm512_add_ps(even[g], odd[g]), scale);
+            _mm512_mask_storeu_ps(sc->scores + (hkv * G + g) * sc->padded + start, live, s);
+            maxv[g] = _mm512_mask_max_ps(maxv[g], live, maxv[g], s);
+        }
+    }
+    for (int64_t g = 0; g < G; g++) max_out[g] = _mm512_reduce_max_ps(maxv[g]);
+}
+
+/* Pass 2: unnormalised probabilities exp(s - max) as bf16 (zero past len); returns their sum. */
+static float softmax_head(const Scratch *sc, int64_t h, int64_t len, float max) {
+    const float *s = sc->scores + h * sc->padded;
+    uint16_t *p = sc->probs + h * sc->padded;
+    const __m512 m = _mm512_set1_ps(max);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t pos = 0; pos < len; pos += 16) {
+        const __mmask16 live = (__mmask16)(len - pos >= 16 ? 0xFFFF : ((1u << (len - pos)) - 1u));
+        const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + pos), m)));
+        sum = _mm512_add_ps(sum, e);
+        _mm256_storeu_si256((__m256i *)(p + pos), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+/* Pass 3: probability-weighted sum of V for the G heads of one kv head, written as bf16.
+ * V pairs keys (2j, 2j+1), so one instruction takes the matching pair of probabilities. */
+static inline __attribute__((always_inline)) void weigh_values(const Job *job, int64_t seq, int64_t hkv,
+                                                              const Scratch *sc, const float *sums,
+                                                              const int64_t G, const int64_t D) {
+    const int64_t H = job->num_heads, bs = job->block_size;
+    const int64_t len = job->seq_lens[seq], DV = D / 16;
+    const int64_t block_elems = bs * job->num_kv_heads * D;
+    const uint16_t *vc = (const uint16_t *)job->v_cache;
+    const int64_t *table = job->block_table + seq * job->table_width;
+    __m512 acc[MAX_HEADS][MAX_HEAD_DIM / 16];
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t v = 0; v < DV; v++) acc[g][v] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < PREFETCH_BLOCKS && b * bs < len; b++)
+        prefetch_span(vc + table[b] * block_elems + hkv * (bs / 2) * D * 2, D * bs);
+    for (int64_t b = 0; b * bs < len; b++) {
+        const int64_t keys = len - b * bs < bs ? len - b * bs : bs;
+        const uint16_t *vpairs = vc + table[b] * block_elems + hkv * (bs / 2) * D * 2;
+        if ((b + PREFETCH_BLOCKS) * bs < len) {
+            prefetch_span(vc + table[b + PREFETCH_BLOCKS] * block_elems + hkv * (bs / 2) * D * 2, D * bs);
+        }
+        for (int64_t j = 0; j < (keys + 1) / 2; j++) {
+            __m512bh vals[MAX_HEAD_DIM / 16];
+            for (int64_t v = 0; v < DV; v++) vals[v] = (__m512bh)_mm512_loadu_si512(vpairs + (j * D + 16 * v) * 2);
+            for (int64_t g = 0; g < G; g++) {
+                const uint32_t *probs = (const uint32_t *)(sc->probs + (hkv * G + g) * sc->padded);
+                const __m512bh pp = (__m512bh)_mm512_set1_epi32((int)probs[b * (bs / 2) + j]);
+                for (int64_t v = 0; v < DV; v++) acc[g][v] = _mm512_dpbf16_ps(acc[g][v], pp, vals[v]);
             }
         }
     }
-    for (int64_t h = 0; h < H; h++) {
-        const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t h = hkv * G + g;
+        const __m512 inv = _mm512_set1_ps(sums[h] > 0.0f ? 1.0f / sums[h] : 0.0f);
         uint16_t *dst = (uint16_t *)job->out + (seq * H + h) * D;
-        float tmp[16] __attribute__((aligned(64)));
-        for (int64_t v = 0; v < D / 16; v++) {
-            _mm512_store_ps(tmp, _mm512_mul_ps(acc[h][v], _mm512_set1_ps(inv)));
-            for (int i = 0; i < 16; i++) dst[16 * v + i] = f32_to_bf16(tmp[i]);
-        }
+        for (int64_t v = 0; v < DV; v++)
+            _mm256_storeu_si256((__m256i *)(dst + 16 * v), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][v], inv)));
     }
 }
+
+/* bf16 caches, head_dim a multiple of 32. Exact softmax in three passes (scores, softmax,
+ * weighted values) through a scratch buffer: one max per head instead of an online rescale
+ * per chunk, and every inner loop keeps its accumulators in registers. */
+static inline __attribute__((always_inline)) void attend_seq_shape(const Job *job, int64_t seq, const Scratch *sc,
+                                                                  const int64_t G, const int64_t D) {
+    const int64_t H = job->num_heads, hkv_count = H / G;
+    const int64_t len = job->seq_lens[seq];
+    float maxima[MAX_HEADS], sums[MAX_HEADS];
+    for (int64_t hkv = 0; hkv < hkv_count; hkv++) score_keys(job, seq, hkv, sc, maxima + hkv * G, G, D);
+    for (int64_t h = 0; h < H; h++) sums[h] = softmax_head(sc, h, len, maxima[h]);
+    for (int64_t hkv = 0; hkv < hkv_count; hkv++) weigh_values(job, seq, hkv, sc, sums, G, D);
+}
+
+/* Common shapes get their own copy with G and D known, so the compiler keeps every
+ * accumulator in a register; other shapes run the same code with runtime sizes. */
+static void attend_seq_bf16(const Job *job, int64_t seq, const Scratch *sc) {
+    const int64_t G = job->num_heads / job->num_kv_heads, D = job->head_dim;
+#define SHAPE(g, d) if (G == g && D == d) { attend_seq_shape(job, seq, sc, g, d); return; }
+    SHAPE(1, 64) SHAPE(2, 64) SHAPE(3, 64) SHAPE(4, 64) SHAPE(8, 64)
+    SHAPE(1, 128) SHAPE(2, 128) SHAPE(4, 128) SHAPE(5, 128) SHAPE(6, 128) SHAPE(7, 128) SHAPE(8, 128)
+#undef SHAPE
+    attend_seq_shape(job, seq, sc, G, D);
+}
+
 #else
 #define HAVE_BF16_FAST_PATH 0
 #endif
 
 static void *run_job(void *arg) {
-    const Job *job = (const Job *)arg;
-    int fast = 0;
+    Job *job = (Job *)arg;
 #if HAVE_BF16_FAST_PATH
-    fast = job->is_bf16 && job->head_dim % 32 == 0;
-#endif
-    for (int64_t seq = job->seq_begin; seq < job->seq_end; seq++) {
-#if HAVE_BF16_FAST_PATH
-        if (fast) {
-            attend_seq_bf16(job, seq);
-            continue;
+    if (job->is_bf16 && job->head_dim % 32 == 0) {
+        int64_t longest = 0;
+        for (int64_t seq = job->seq_begin; seq < job->seq_end; seq++)
+            if (job->seq_lens[seq] > longest) longest = job->seq_lens[seq];
+        Scratch sc = {NULL, NULL, (longest + 31) / 32 * 32};
+        const size_t count = (size_t)(job->num_heads * sc.padded);
+        sc.scores = (float *)aligned_alloc(64, count * sizeof(float));
+        sc.probs = (uint16_t *)aligned_alloc(64, count * sizeof(uint16_t));
+        if (sc.scores != NULL && sc.probs != NULL) {
+            for (int64_t seq = job->seq_begin; seq < job->seq_end; seq++) attend_seq_bf16(job, seq, &sc);
+            free(sc.scores);
+            free(sc.probs);
+            return NULL;
         }
-#endif
-        attend_seq_generic(job, seq);
+        free(sc.scores);
+        free(sc.probs);
     }
-    (void)fast;
+#endif
+    for (int64_t seq = job->seq_begin; seq < job->seq_end; seq++) attend_seq_generic(job, seq);
     return NULL;
 }
 
@@ -255,10 +318,16 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     if (num_threads > num_seqs) num_threads = (int)(num_seqs > 0 ? num_seqs : 1);
     Job jobs[MAX_THREADS];
     pthread_t threads[MAX_THREADS];
+    /* Work grows with each row's keys (prefill rows see 1..n keys): split by key count. */
+    int64_t total = 0;
+    for (int64_t seq = 0; seq < num_seqs; seq++) total += seq_lens[seq] + 1;
+    int64_t seq = 0, done = 0;
     for (int t = 0; t < num_threads; t++) {
+        const int64_t begin = seq, target = total * (t + 1) / num_threads;
+        while (seq < num_seqs && (t == num_threads - 1 || done + seq_lens[seq] + 1 <= target || seq == begin))
+            done += seq_lens[seq++] + 1;
         Job job = {q, k_cache, v_cache, block_table, seq_lens, out, num_heads, num_kv_heads,
-                   head_dim, block_size, table_width, scale, is_bf16,
-                   num_seqs * t / num_threads, num_seqs * (t + 1) / num_threads};
+                   head_dim, block_size, table_width, scale, is_bf16, begin, seq};
         jobs[t] = job;
     }
     int started = 0;
@@ -271,3 +340,32 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     for (int t = 1; t <= started; t++) pthread_join(threads[t], NULL);
     return 0;
 }
+
+/* Store new tokens' K/V [T, num_kv_heads, head_dim] at their slots, in the paired layouts
+ * above. A plain loop: PyTorch's advanced-index scatter into the paired layout costs ~10x more. */
+#define WRITE_KV(T_)                                                                               \
+    for (int64_t t = 0; t < num_tokens; t++) {                                                     \
+        const int64_t block = slots[t] / bs, off = slots[t] % bs, base = block * block_elems;      \
+        for (int64_t h = 0; h < num_kv_heads; h++) {                                               \
+            const T_ *ks = (const T_ *)k + (t * num_kv_heads + h) * D;                             \
+            const T_ *vs = (const T_ *)v + (t * num_kv_heads + h) * D;                             \
+            T_ *kd = (T_ *)k_cache + base + k_offset(h, 0, off, D, bs);                            \
+            T_ *vd = (T_ *)v_cache + base + v_offset(h, 0, off, D, bs);                            \
+            for (int64_t d = 0; d < D; d += 2) {                                                   \
+                kd[d * bs] = ks[d]; /* dims (d, d+1) are a pair; pairs sit bs*2 apart */           \
+                kd[d * bs + 1] = ks[d + 1];                                                        \
+            }                                                                                      \
+            for (int64_t d = 0; d < D; d++) vd[2 * d] = vs[d];                                     \
+        }                                                                                          \
+    }
+
+void write_kv(void *k_cache, void *v_cache, const void *k, const void *v, const int64_t *slots,
+              int64_t num_tokens, int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t elem_size) {
+    const int64_t D = head_dim, bs = block_size, block_elems = bs * num_kv_heads * D;
+    if (elem_size == 2) {
+        WRITE_KV(uint16_t)
+    } else {
+        WRITE_KV(float)
+    }
+}
+#undef WRITE_KV
