@@ -1,6 +1,9 @@
 """Paged attention over a flattened varlen batch.
 
-A step's T scheduled tokens (all requests concatenated) are split into two groups:
+With the native kernel (bfloat16, AVX-512 BF16), every scheduled token is one query row that
+reads its request's blocks straight from the cache, up to its own position: decodes and
+prompt chunks in one call, no padding. Otherwise, the PyTorch path below:
+a step's T scheduled tokens (all requests concatenated) are split into two groups:
 decodes (one query token each) and prefills (a chunk of prompt each, possibly after
 tokens already cached). Each group is attended as one padded batch: its requests' K/V
 are gathered from the paged cache a whole block at a time, and a bool mask encodes
