@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import uuid
 
 import zmq
@@ -27,6 +28,7 @@ from sluice.loader import load_hf_config, resolve_model
 logger = logging.getLogger("sluice")
 
 IDLE_POLL_MS = 1000  # how often an idle core wakes to check that its parent still lives
+STATS_LOG_INTERVAL_S = 5.0  # a throughput / queue / KV line this often while there is work
 
 
 class EngineCoreProc:
@@ -48,6 +50,7 @@ class EngineCoreProc:
         self.owners: dict[str, bytes] = {}  # request id -> the API process that added it
         self.clients: set[bytes] = set()
         self.parent_pid = os.getppid()
+        self.stats_log = StatsLogger(self.core)
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -59,6 +62,7 @@ class EngineCoreProc:
                 timeout = 0
             if self.core.has_unfinished_requests():
                 self._send_outputs(self.core.step())
+            self.stats_log.maybe_log()
         logger.error("engine core: the server process is gone; exiting")
 
     def _handle(self, client: bytes, kind: bytes, payload: bytes) -> None:
@@ -108,6 +112,36 @@ class EngineCoreProc:
                 self._send(client, msg.FATAL, reason)
             except zmq.ZMQError:
                 pass
+
+
+class StatsLogger:
+    """One line every few seconds while the engine has work, the figures an operator watches."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.last_time = time.monotonic()
+        self.last = core.get_stats()
+
+    def maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self.last_time < STATS_LOG_INTERVAL_S:
+            return
+        stats = self.core.get_stats()
+        delta = {k: stats[k] - self.last[k] for k in ("vllm:prompt_tokens", "vllm:generation_tokens",
+                                                     "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")}
+        busy = stats["vllm:num_requests_running"] or stats["vllm:num_requests_waiting"]
+        if busy or delta["vllm:prompt_tokens"] or delta["vllm:generation_tokens"]:
+            elapsed = now - self.last_time
+            queries = delta["vllm:prefix_cache_queries"]
+            logger.info(
+                "engine: prompt %.1f tok/s, generation %.1f tok/s, running %d, waiting %d, KV cache %.1f%%, "
+                "prefix cache hit rate %.1f%%",
+                delta["vllm:prompt_tokens"] / elapsed, delta["vllm:generation_tokens"] / elapsed,
+                stats["vllm:num_requests_running"], stats["vllm:num_requests_waiting"],
+                100 * stats["vllm:kv_cache_usage_perc"],
+                100 * delta["vllm:prefix_cache_hits"] / queries if queries else 0.0,
+            )
+        self.last_time, self.last = now, stats
 
 
 def run_engine_core(config: EngineConfig, address: str, log_level: int) -> None:

@@ -206,3 +206,12 @@ def test_sampling_fields_reach_the_engine(client, offline_llm):
     assert plain != expected
     chat = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_completion_tokens=3, max_tokens=50)
     assert chat.usage.completion_tokens == 3  # max_completion_tokens wins, as in OpenAI's API
+
+
+def test_busy_engine_logs_periodic_stats(server, client):
+    started = time.monotonic()
+    while time.monotonic() - started < 6:  # the core logs every 5 s while it has work
+        client.completions.create(model=MODEL_NAME, prompt="Tell me a story.", max_tokens=64,
+                                  extra_body={"ignore_eos": True})
+    line = next(line for line in server.logs().splitlines() if "engine: prompt" in line)
+    assert "generation" in line and "running" in line and "KV cache" in line and "prefix cache hit rate" in line
