@@ -58,7 +58,34 @@ def load_library() -> ctypes.CDLL | None:
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     lib.write_kv.restype = None
     lib.write_kv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
+    lib.silu_mul_bf16.restype = ctypes.c_int
+    lib.silu_mul_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.rotary_bf16.restype = ctypes.c_int
+    lib.rotary_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return lib
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for gate_up [T, 2I] in bf16, one pass; None when the caller must."""
+    if not (gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu" and gate_up.is_contiguous()
+            and _cpu_has_avx512_bf16()) or (lib := load_library()) is None:
+        return None
+    rows, cols = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty(rows, cols)
+    status = lib.silu_mul_bf16(gate_up.data_ptr(), out.data_ptr(), rows, cols, torch.get_num_threads())
+    return out if status == 0 else None
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """x [T, heads, D] rotated by cos/sin [T, 1, D] (bf16), one pass; None when the caller must."""
+    if not (x.dtype == cos.dtype == sin.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and _cpu_has_avx512_bf16()) or (lib := load_library()) is None:
+        return None
+    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+    out = torch.empty_like(x)
+    status = lib.rotary_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+                             x.shape[0], x.shape[1], x.shape[2], torch.get_num_threads())
+    return out if status == 0 else None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

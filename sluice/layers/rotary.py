@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from sluice.layers import native
+
 
 def rope_parameters(config) -> dict:
     """The config's RoPE settings as one flat dict with at least rope_type and rope_theta.
@@ -76,4 +78,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x [T, heads, D] rotated pairwise (i, i + D/2), i.e. HF's x*cos + rotate_half(x)*sin:
     rotate_half(x) = cat(-x2, x1) = roll(x, D/2) * [-1.., 1..], and that sign is folded
     into `sin`. cos/sin [T, 1, D] come from RotaryEmbedding.forward, in x's dtype."""
+    out = native.rotary(x, cos, sin)  # one pass in bfloat16, same rounding
+    if out is not None:
+        return out
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin

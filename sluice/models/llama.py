@@ -9,9 +9,9 @@ import logging
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from sluice.layers.activation import silu_and_mul
 from sluice.layers.attention import AttentionMetadata, paged_attention
 from sluice.layers.linear import GateUpLinear, MergedLinear, QKVLinear
 from sluice.layers.norm import RMSNorm
@@ -53,8 +53,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

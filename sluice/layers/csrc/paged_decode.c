@@ -369,3 +369,108 @@ void write_kv(void *k_cache, void *v_cache, const void *k, const void *v, const 
     }
 }
 #undef WRITE_KV
+
+/* ---- elementwise ops of the model, one pass each instead of several PyTorch kernels ------
+ * Rounded to bf16 at the same points as the PyTorch code they replace, so results match it. */
+#if HAVE_BF16_FAST_PATH
+static inline __m512 round_bf16(__m512 x) { /* to bf16 (nearest even) and back */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+
+static inline void store_bf16(uint16_t *dst, __m512 x, __mmask16 live) {
+    _mm256_mask_storeu_epi16(dst, live, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+static inline __m512 load_bf16(const uint16_t *src, __mmask16 live) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, src)), 16));
+}
+
+typedef struct {
+    const uint16_t *a, *b, *c;
+    uint16_t *out;
+    int64_t rows, cols, heads, row_begin, row_end;
+} RowJob;
+
+/* out[t] = bf16(bf16(silu(gate[t])) * up[t]), gate_up rows = [gate (cols) | up (cols)] */
+static void *silu_mul_rows(void *arg) {
+    const RowJob *job = (const RowJob *)arg;
+    const int64_t I = job->cols;
+    for (int64_t t = job->row_begin; t < job->row_end; t++) {
+        const uint16_t *gate = job->a + t * 2 * I, *up = gate + I;
+        for (int64_t i = 0; i < I; i += 16) {
+            const __mmask16 live = (__mmask16)(I - i >= 16 ? 0xFFFF : ((1u << (I - i)) - 1u));
+            const __m512 g = load_bf16(gate + i, live);
+            const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            store_bf16(job->out + t * I + i, _mm512_mul_ps(round_bf16(silu), load_bf16(up + i, live)), live);
+        }
+    }
+    return NULL;
+}
+
+/* out[t, h] = bf16(bf16(x * cos) + bf16(roll(x, D/2) * sin)), cos/sin [T, D] (sign in sin) */
+static void *rotary_rows(void *arg) {
+    const RowJob *job = (const RowJob *)arg;
+    const int64_t D = job->cols, half = D / 2;
+    for (int64_t t = job->row_begin; t < job->row_end; t++) {
+        const uint16_t *cos = job->b + t * D, *sin = job->c + t * D;
+        for (int64_t h = 0; h < job->heads; h++) {
+            const uint16_t *x = job->a + (t * job->heads + h) * D;
+            uint16_t *out = job->out + (t * job->heads + h) * D;
+            for (int64_t i = 0; i < D; i += 16) {
+                const int64_t n = D - i >= 16 ? 16 : D - i, rolled = (i + half) % D;
+                const __mmask16 live = (__mmask16)(n == 16 ? 0xFFFF : ((1u << n) - 1u));
+                /* roll by D/2: element i takes x[i - D/2 mod D]; D/2 is a multiple of 16 here */
+                const __m512 a = round_bf16(_mm512_mul_ps(load_bf16(x + i, live), load_bf16(cos + i, live)));
+                const __m512 b = round_bf16(_mm512_mul_ps(load_bf16(x + rolled, live), load_bf16(sin + i, live)));
+                store_bf16(out + i, _mm512_add_ps(a, b), live);
+            }
+        }
+    }
+    return NULL;
+}
+
+/* Rows split across threads when there is enough work to pay for them. */
+static void run_rows(void *(*fn)(void *), RowJob base, int num_threads, int64_t work) {
+    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
+    if (work < (1 << 18) || num_threads < 2 || base.rows < 2) num_threads = 1;
+    RowJob jobs[MAX_THREADS];
+    pthread_t threads[MAX_THREADS];
+    int started = 0;
+    for (int t = 0; t < num_threads; t++) {
+        jobs[t] = base;
+        jobs[t].row_begin = base.rows * t / num_threads;
+        jobs[t].row_end = base.rows * (t + 1) / num_threads;
+    }
+    for (int t = 1; t < num_threads; t++) {
+        if (pthread_create(&threads[t], NULL, fn, &jobs[t]) != 0) break;
+        started = t;
+    }
+    fn(&jobs[0]);
+    for (int t = started + 1; t < num_threads; t++) fn(&jobs[t]);
+    for (int t = 1; t <= started; t++) pthread_join(threads[t], NULL);
+}
+#endif
+
+int silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t cols, int num_threads) {
+#if HAVE_BF16_FAST_PATH
+    RowJob job = {gate_up, NULL, NULL, out, rows, cols, 1, 0, 0};
+    run_rows(silu_mul_rows, job, num_threads, rows * cols);
+    return 0;
+#else
+    (void)gate_up; (void)out; (void)rows; (void)cols; (void)num_threads;
+    return -1;
+#endif
+}
+
+int rotary_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uint16_t *out,
+                int64_t rows, int64_t heads, int64_t head_dim, int num_threads) {
+#if HAVE_BF16_FAST_PATH
+    if (head_dim % 32 != 0) return -1;
+    RowJob job = {x, cos, sin, out, rows, head_dim, heads, 0, 0};
+    run_rows(rotary_rows, job, num_threads, rows * heads * head_dim);
+    return 0;
+#else
+    (void)x; (void)cos; (void)sin; (void)out; (void)rows; (void)heads; (void)head_dim; (void)num_threads;
+    return -1;
+#endif
+}
