@@ -7,6 +7,7 @@ import json
 import time
 
 import httpx
+import openai
 import pytest
 
 from sluice import LLM, SamplingParams
@@ -22,6 +23,9 @@ def offline_llm():
 
 def test_models_health_version(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+    assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
     with server.http() as http:
         assert http.get("/health").status_code == 200
         assert http.get("/version").json()["version"]
@@ -156,6 +160,15 @@ LONG = {"model": MODEL_NAME, "prompt": "Tell me a very long story.", "max_tokens
         "temperature": 0}
 
 
+def assert_aborted_and_freed(server, before: dict[str, float]) -> None:
+    """The request stopped early (not run to max_tokens) and every block it held is free again."""
+    after = wait_for_idle(server)
+    assert after["vllm:num_requests_running"] == 0
+    assert after["vllm:kv_cache_usage_perc"] == 0
+    assert after["vllm:num_free_blocks"] == before["vllm:num_free_blocks"]
+    assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < LONG["max_tokens"]
+
+
 def test_client_disconnect_frees_blocks_streaming(server):
     before = wait_for_idle(server)
     with server.http() as http, http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
@@ -164,22 +177,14 @@ def test_client_disconnect_frees_blocks_streaming(server):
             next(lines)
         busy = server.metrics()
         assert busy["vllm:num_requests_running"] == 1 and busy["vllm:kv_cache_usage_perc"] > 0
-    after = wait_for_idle(server)
-    assert after["vllm:num_requests_running"] == 0
-    assert after["vllm:kv_cache_usage_perc"] == 0
-    assert after["vllm:num_free_blocks"] == before["vllm:num_free_blocks"]
-    assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < LONG["max_tokens"]
+    assert_aborted_and_freed(server, before)
 
 
 def test_client_disconnect_frees_blocks_non_streaming(server):
     before = wait_for_idle(server)
     with pytest.raises(httpx.ReadTimeout), server.http() as http:
         http.post("/v1/completions", json=LONG, timeout=1.5)
-    after = wait_for_idle(server)
-    assert after["vllm:num_requests_running"] == 0
-    assert after["vllm:kv_cache_usage_perc"] == 0
-    assert after["vllm:num_free_blocks"] == before["vllm:num_free_blocks"]
-    assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < LONG["max_tokens"]
+    assert_aborted_and_freed(server, before)
 
 
 def test_sse_framing(server):

@@ -132,6 +132,10 @@ def build_app(state: ServerState) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(validation_error_to_api_error(exc))
 
+    @app.exception_handler(APIError)
+    async def _refused(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
     @app.exception_handler(Exception)
     async def _failed(request: Request, exc: Exception) -> JSONResponse:
         return error_response(as_api_error(exc))
@@ -159,6 +163,10 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict:
         return serving.models()
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:
+        return serving.model(model)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, request: Request) -> Response:
