@@ -159,13 +159,16 @@ def test_graceful_shutdown_finishes_short_requests_and_aborts_long_ones():
 
 
 def test_killed_core_fails_requests_and_exits_nonzero():
-    server = RemoteServer()
+    server = RemoteServer("--served-model-name", "first-name", "second-name")
     client = server.client()
+    assert [m.id for m in client.models.list().data] == ["first-name", "second-name"]
+    with pytest.raises(openai.NotFoundError):  # only the served names are known
+        client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=1)
     errors = []
 
     def run() -> None:
         try:
-            list(client.completions.create(model=MODEL_NAME, prompt="Go on forever:", max_tokens=1000, stream=True,
+            list(client.completions.create(model="second-name", prompt="Go on forever:", max_tokens=1000, stream=True,
                                            extra_body={"ignore_eos": True}))
         except openai.APIError as e:
             errors.append(e)

@@ -34,7 +34,9 @@ class RemoteServer:
         if tls:
             args += ["--ssl-certfile", tls[0], "--ssl-keyfile", tls[1]]
         self.log = tempfile.NamedTemporaryFile("w+", prefix="sluice-server-", suffix=".log", delete=False)
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        # Unbuffered, so tests that read the server's log see each line as soon as it is written.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.wait_ready()
 
     def wait_ready(self) -> None:
