@@ -207,7 +207,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     context and its own new tokens through the same gathered blocks.
     """
     T, H, D = q.shape
-    Hkv = k.shape[1]
     write_kv(kv_cache, k, v, meta.slot_mapping)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     if native.has_fast_path(q.dtype, D):
