@@ -6,6 +6,7 @@ the rest of the engine trusts these values.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field, fields
 
@@ -33,12 +34,20 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _cpu_has_fast_bf16() -> bool:
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo); empty where that can't be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        pass
+    return frozenset()
 
 
 def _check(condition: bool, message: str) -> None:

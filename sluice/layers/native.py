@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sluice.config import cache_dir
+from sluice.config import cache_dir, cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +65,16 @@ def load_library() -> ctypes.CDLL | None:
     return lib
 
 
+def _bf16_kernels(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The library when its vectorised bf16 kernels can take these tensors, else None."""
+    if "avx512_bf16" in cpu_flags() and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors):
+        return load_library()
+    return None
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up for gate_up [T, 2I] in bf16, one pass; None when the caller must."""
-    if not (gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu" and gate_up.is_contiguous()
-            and _cpu_has_avx512_bf16()) or (lib := load_library()) is None:
+    if not gate_up.is_contiguous() or (lib := _bf16_kernels(gate_up)) is None:
         return None
     rows, cols = gate_up.shape[0], gate_up.shape[1] // 2
     out = gate_up.new_empty(rows, cols)
@@ -78,8 +84,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
     """x [T, heads, D] rotated by cos/sin [T, 1, D] (bf16), one pass; None when the caller must."""
-    if not (x.dtype == cos.dtype == sin.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and _cpu_has_avx512_bf16()) or (lib := load_library()) is None:
+    if (lib := _bf16_kernels(x, cos, sin)) is None:
         return None
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
     out = torch.empty_like(x)
@@ -103,17 +108,8 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 def has_fast_path(dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the vectorised bf16 kernel serves this shape (else only the scalar C path would)."""
-    return (dtype == torch.bfloat16 and head_dim % 32 == 0 and _cpu_has_avx512_bf16()
+    return (dtype == torch.bfloat16 and head_dim % 32 == 0 and "avx512_bf16" in cpu_flags()
             and load_library() is not None)
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_has_avx512_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "avx512_bf16" in f.read()
-    except OSError:
-        return False
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

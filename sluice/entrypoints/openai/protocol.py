@@ -9,6 +9,8 @@ outputs, logit_bias, suffix) are parsed, then refused with a 400 by `to_sampling
 from __future__ import annotations
 
 import logging
+import re
+from abc import abstractmethod
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -352,7 +354,7 @@ class _SamplingRequest(BaseModel):
         try:
             return SamplingParams(**kwargs)
         except ValueError as exc:
-            raise APIError(str(exc), param=self._param_of(str(exc))) from None
+            raise APIError(str(exc), param=self.param_of(str(exc))) from None
 
     def _check_supported(self) -> None:
         if self.logit_bias:
@@ -375,20 +377,22 @@ class _SamplingRequest(BaseModel):
     def _max_tokens_param(self) -> str:
         return "max_tokens"
 
+    @abstractmethod
     def _logprob_counts(self) -> tuple[int | None, int | None]:
         """(SamplingParams.logprobs, SamplingParams.prompt_logprobs)."""
-        raise NotImplementedError
 
-    def _param_of(self, message: str) -> str | None:
-        """SamplingParams errors start with their field's name; name the request's field."""
-        name = message.split(" ", 1)[0]
+    def param_of(self, message: str) -> str | None:
+        """The request field an error is about: SamplingParams' and the engine's messages start
+        with the name of their own field, which may be spelled differently here."""
+        name = re.match(r"\w*", message).group()
         renamed = self._renamed_params()
         if name in renamed:
             return renamed[name]
-        return name if name in _PASSTHROUGH else None
+        return name if name in type(self).model_fields else None
 
     def _renamed_params(self) -> dict[str, str]:
-        return {"max_tokens": self._max_tokens_param()}
+        """Engine-side field name -> this request's field name."""
+        return {"max_tokens": self._max_tokens_param(), "prompt_token_ids": "prompt"}
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -434,7 +438,8 @@ class ChatCompletionRequest(_SamplingRequest):
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def _renamed_params(self) -> dict[str, str]:
-        return {"max_tokens": self._max_tokens_param(), "logprobs": "top_logprobs"}
+        return {"max_tokens": self._max_tokens_param(), "logprobs": "top_logprobs",
+                "prompt": "messages", "prompt_token_ids": "messages"}
 
 
 class CompletionRequest(_SamplingRequest):

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -67,17 +66,8 @@ def _engine_errors(request: GenerationRequest):
         if error is None or error is exc:
             raise
         if isinstance(exc, ValueError):
-            error.param = _engine_error_param(str(exc), request)
+            error.param = request.param_of(str(exc))
         raise error from exc
-
-
-def _engine_error_param(message: str, request: GenerationRequest) -> str | None:
-    """The engine's messages start with the field they are about (as SamplingParams' do); its
-    prompt is the request's messages or prompt."""
-    word = re.match(r"\w*", message).group()
-    if word in ("prompt", "prompt_token_ids"):
-        return "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
-    return word if word in type(request).model_fields else None
 
 
 def _stream_error(exc: Exception) -> APIError:
