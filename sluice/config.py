@@ -139,13 +139,48 @@ class SchedulerConfig:
             self.long_prefill_token_threshold = max(1, self.max_num_batched_tokens // 4)
 
 
+DETAILED_TRACE_MODULES = ("model", "worker", "all")
+
+
+@dataclass
+class ObservabilityConfig:
+    # The model_name label of every metric and span: the first served name (default: the model).
+    served_model_name: str | list[str] | None = None
+    disable_log_stats: bool = False  # the periodic throughput / queue / KV log line
+    kv_cache_metrics: bool = False  # block lifetime, idle-before-evict and reuse-gap histograms
+    otlp_traces_endpoint: str | None = None  # one span per request, exported over OTLP
+    collect_detailed_traces: str | None = None  # adds per-step spans: model | worker | all
+
+    def __post_init__(self) -> None:
+        if isinstance(self.served_model_name, (list, tuple)):
+            self.served_model_name = self.served_model_name[0] if self.served_model_name else None
+        _check(
+            self.collect_detailed_traces in (None, *DETAILED_TRACE_MODULES),
+            f"collect_detailed_traces must be one of {', '.join(DETAILED_TRACE_MODULES)}, "
+            f"got {self.collect_detailed_traces!r}",
+        )
+        _check(
+            self.collect_detailed_traces is None or bool(self.otlp_traces_endpoint),
+            "collect_detailed_traces needs otlp_traces_endpoint (where would the spans go?)",
+        )
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
 
-    PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+    PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+             "observability": ObservabilityConfig}
+
+    @property
+    def model_name(self) -> str:
+        """The name metrics and spans carry."""
+        from sluice.loader import DEFAULT_MODEL  # the loader imports this module
+
+        return self.observability.served_model_name or self.model.model or DEFAULT_MODEL
 
     @classmethod
     def argument_names(cls) -> set[str]:

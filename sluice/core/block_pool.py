@@ -11,8 +11,11 @@ zero-filled by the runner, used to pad block tables.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
+
+from sluice.metrics.stats import KVBlockEvents
 
 BlockHashKey = tuple  # (parent hash, token ids, extra key): verified on every hit
 
@@ -23,6 +26,8 @@ class KVCacheBlock:
     ref_cnt: int = 0
     block_hash: int | None = None
     hash_key: BlockHashKey | None = None
+    allocated_time: float = 0.0  # these two are kept only with --kv-cache-metrics
+    last_used_time: float = 0.0  # last taken or released
 
 
 def hash_block(parent_hash: int | None, token_ids: tuple[int, ...], extra_key: object) -> tuple[int, BlockHashKey]:
@@ -32,7 +37,7 @@ def hash_block(parent_hash: int | None, token_ids: tuple[int, ...], extra_key: o
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool, track_block_times: bool = False) -> None:
         if num_blocks < 2:
             raise ValueError(f"the KV cache needs at least 2 blocks (1 is reserved), got {num_blocks}")
         self.num_blocks = num_blocks
@@ -45,6 +50,15 @@ class BlockPool:
         )
         self.cached: dict[int, KVCacheBlock] = {}
         self.num_evictions = 0
+        self.block_events = KVBlockEvents() if track_block_times else None
+
+    def take_block_events(self) -> KVBlockEvents:
+        """Block timings since the last call (empty unless tracking)."""
+        events = self.block_events
+        if events is None:
+            return KVBlockEvents()
+        self.block_events = KVBlockEvents()
+        return events
 
     @property
     def num_usable_blocks(self) -> int:
@@ -65,28 +79,38 @@ class BlockPool:
 
     def touch(self, blocks: list[KVCacheBlock]) -> None:
         """Take a reference on blocks found in the prefix cache, reviving free ones."""
+        now = time.time() if self.block_events is not None else 0.0
         for block in blocks:
             if block.ref_cnt == 0:
                 del self.free_queue[block.block_id]
             block.ref_cnt += 1
+            if self.block_events is not None:
+                self.block_events.reuse_gaps.append(now - block.last_used_time)
+                block.last_used_time = now
 
     def allocate(self, num: int) -> list[KVCacheBlock]:
         if num > len(self.free_queue):
             raise RuntimeError(f"asked for {num} blocks with {len(self.free_queue)} free")
+        now = time.time() if self.block_events is not None else 0.0
         out = []
         for _ in range(num):
             _, block = self.free_queue.popitem(last=False)
-            self._evict(block)
+            if self._evict(block) and self.block_events is not None:
+                self.block_events.lifetimes.append(now - block.allocated_time)
+                self.block_events.idle_before_evict.append(now - block.last_used_time)
             block.ref_cnt = 1
+            block.allocated_time = block.last_used_time = now
             out.append(block)
         return out
 
     def free(self, blocks: list[KVCacheBlock]) -> None:
         """Drop one reference each; blocks reaching zero join the LRU tail in the given order."""
+        now = time.time() if self.block_events is not None else 0.0
         for block in blocks:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self.free_queue[block.block_id] = block
+                block.last_used_time = now
 
     def cache_block(self, block: KVCacheBlock, block_hash: int, hash_key: BlockHashKey) -> None:
         """Index a block whose tokens are final. A duplicate of an indexed block stays unindexed."""
@@ -111,9 +135,11 @@ class BlockPool:
         block.block_hash = None
         block.hash_key = None
 
-    def _evict(self, block: KVCacheBlock) -> None:
+    def _evict(self, block: KVCacheBlock) -> bool:
+        """Forget a block's cached content; True if it was indexed (a real eviction)."""
         if block.block_hash is None:
-            return
-        if self.cached.get(block.block_hash) is block:
-            self.num_evictions += 1
+            return False
+        evicted = self.cached.get(block.block_hash) is block
+        self.num_evictions += evicted
         self.uncache(block)
+        return evicted

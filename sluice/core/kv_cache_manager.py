@@ -22,14 +22,12 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool, track_block_times: bool = False) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.pool = BlockPool(num_blocks, enable_caching)
+        self.pool = BlockPool(num_blocks, enable_caching, track_block_times)
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
         self.num_hashed_blocks: dict[str, int] = {}  # leading blocks of a request already indexed
-        self.prefix_cache_queries = 0  # tokens looked up
-        self.prefix_cache_hits = 0  # tokens found
 
     @property
     def capacity_tokens(self) -> int:
@@ -57,12 +55,6 @@ class KVCacheManager:
                 break
             hits.append(block)
         return hits, len(hits) * self.block_size
-
-    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
-        """Count a lookup once its request is admitted (a refused admission retries later)."""
-        if self.enable_caching:
-            self.prefix_cache_queries += num_tokens
-            self.prefix_cache_hits += num_hit_tokens
 
     def allocate_slots(
         self,

@@ -72,9 +72,12 @@ class Request:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
-        # Timestamps for metrics (monotonic seconds).
+        self.trace_headers = req.trace_headers
+        # Wall-clock timestamps for metrics and traces, comparable with arrival_time.
+        self.queued_time = self.arrival_time
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -15,6 +15,7 @@ from sluice.config import SchedulerConfig
 from sluice.core.kv_cache_manager import KVCacheManager, cdiv
 from sluice.core.request import Request, RequestStatus
 from sluice.engine.messages import EngineCoreOutput
+from sluice.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
 
 
 @dataclass
@@ -49,12 +50,11 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.finished_outputs: list[EngineCoreOutput] = []  # finished outside a step (aborts, errors)
-        self.num_preemptions = 0
-        self.num_prompt_tokens = 0
-        self.num_generation_tokens = 0
+        self.stats = IterationStats()  # what happened since the stat loggers last took it
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
+        request.queued_time = time.time()
         self.requests[request.request_id] = request
         if cdiv(request.num_tokens + 1, self.kv.block_size) > self.kv.pool.num_usable_blocks:
             self._finish_with_error(
@@ -83,6 +83,24 @@ class Scheduler:
         """Prompt tokens the waiting queue still has to compute (backpressure and metrics)."""
         return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
 
+    # ---- statistics ---------------------------------------------------------------------
+    def take_stats(self) -> IterationStats:
+        """Hand over what happened since the last call, and start afresh."""
+        stats, self.stats = self.stats, IterationStats()
+        stats.kv_blocks = self.kv.pool.take_block_events()
+        return stats
+
+    def scheduler_stats(self) -> SchedulerStats:
+        pool = self.kv.pool
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting_capacity=len(self.waiting),
+            num_waiting_tokens=self.num_waiting_tokens(),
+            kv_cache_usage=pool.usage(),
+            num_free_blocks=pool.num_free_blocks(),
+            num_total_blocks=pool.num_usable_blocks,
+        )
+
     # ---- the step ---------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -92,6 +110,9 @@ class Scheduler:
             self._schedule_waiting(out, budget)
         for s in out.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
+        if out.scheduled:
+            self.stats.num_steps += 1
+            self.stats.step_num_tokens.append(out.total_num_tokens)
         return out
 
     def _chunk(self, remaining: int, budget: int) -> int:
@@ -146,13 +167,15 @@ class Scheduler:
             num_new = self._chunk(request.num_tokens - num_hit_tokens, budget)
             if self.kv.allocate_slots(request, num_new, hits) is None:
                 break
-            self.kv.record_prefix_lookup(request.num_tokens, num_hit_tokens)
+            if self.kv.enable_caching:  # counted once admitted: a refused admission retries later
+                self.stats.prefix_cache_queries += request.num_tokens
+                self.stats.prefix_cache_hits += num_hit_tokens
             self.waiting.pop(0)
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
             if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
+                request.first_scheduled_time = time.time()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(self._scheduled(request, num_new))
@@ -176,7 +199,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
-        self.num_preemptions += 1
+        self.stats.num_preemptions += 1
         out.num_preempted += 1
         self._enqueue_waiting(request)
 
@@ -192,7 +215,7 @@ class Scheduler:
                            prompt_logprobs: dict[str, list] | None = None) -> list[EngineCoreOutput]:
         outputs = self.finished_outputs
         self.finished_outputs = []
-        now = time.monotonic()
+        now = time.time()
         for s in out.scheduled:
             request = s.request
             if request.status.finished:
@@ -204,10 +227,7 @@ class Scheduler:
                     outputs.append(EngineCoreOutput(request.request_id, [], new_prompt_logprobs=plp))
                 continue
             request.append_output_token(token)
-            self.num_generation_tokens += 1
-            if request.first_token_time is None:
-                request.first_token_time = now
-                self.num_prompt_tokens += request.num_prompt_tokens
+            self._record_token(request, now)
             status = self._check_stop(request, token)
             output = EngineCoreOutput(
                 request.request_id,
@@ -223,6 +243,17 @@ class Scheduler:
                 output.stop_reason = request.stop_reason
             outputs.append(output)
         return outputs
+
+    def _record_token(self, request: Request, now: float) -> None:
+        stats = self.stats
+        stats.num_generation_tokens += 1
+        if request.first_token_time is None:
+            request.first_token_time = now
+            stats.num_prompt_tokens += request.num_prompt_tokens
+            stats.time_to_first_tokens.append(now - request.arrival_time)
+        else:
+            stats.inter_token_latencies.append(now - request.last_token_time)
+        request.last_token_time = now
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params
@@ -242,6 +273,7 @@ class Scheduler:
         request.status = status
         self.kv.free(request)
         self.requests.pop(request.request_id, None)
+        self.stats.finished.append(finished_request_stats(request))
         if emit:
             self.finished_outputs.append(
                 EngineCoreOutput(
@@ -254,3 +286,25 @@ class Scheduler:
     def _finish_with_error(self, request: Request, message: str) -> None:
         request.error = message
         self._finish(request, RequestStatus.FINISHED_ERROR)
+
+
+def finished_request_stats(request: Request) -> FinishedRequestStats:
+    params = request.sampling_params
+    return FinishedRequestStats(
+        request_id=request.request_id,
+        finish_reason=request.status.finish_reason,
+        num_prompt_tokens=request.num_prompt_tokens,
+        num_generation_tokens=request.num_output_tokens,
+        max_tokens=request.max_tokens,
+        n=params.n,
+        arrival_time=request.arrival_time,
+        queued_time=request.queued_time,
+        scheduled_time=request.first_scheduled_time,
+        first_token_time=request.first_token_time,
+        finished_time=time.time(),
+        num_cached_tokens=max(request.num_cached_tokens, 0),
+        num_preemptions=request.num_preemptions,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        trace_headers=request.trace_headers,
+    )

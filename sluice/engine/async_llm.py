@@ -57,14 +57,15 @@ class AsyncLLM:
         return len(self.queues)
 
     async def generate(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str, *, priority: int = 0, stream: bool = False) -> AsyncIterator[RequestOutput]:
+                       request_id: str, *, priority: int = 0, stream: bool = False,
+                       trace_headers: dict[str, str] | None = None) -> AsyncIterator[RequestOutput]:
         """Yields delta outputs as they come (stream) or one final output. Raises ValueError for
         bad input and QueueFullError / EngineDeadError before the first output."""
         if not self.client.alive:
             raise EngineDeadError(self.client.dead_reason)
         if request_id in self.queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        core_requests = self.input_processor.make_requests(request_id, prompt_token_ids, params, priority)
+        core_requests = self.input_processor.make_requests(request_id, prompt_token_ids, params, priority, trace_headers)
         if len(prompt_token_ids) + 1 > self.kv_capacity_tokens:
             raise ValueError(
                 f"prompt has {len(prompt_token_ids)} tokens; the whole KV cache holds "
@@ -94,8 +95,8 @@ class AsyncLLM:
         """Abort every request in the core; each ends normally with finish_reason "abort"."""
         self.client.abort([c for ids in self.children.values() for c in ids])
 
-    async def get_stats(self) -> dict:
-        return await self.client.stats()
+    async def metrics_text(self) -> bytes:
+        return await self.client.metrics_text()
 
     def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         results, to_abort = self.output_processor.process_outputs(outputs)

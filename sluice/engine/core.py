@@ -15,6 +15,8 @@ from sluice.core.request import Request
 from sluice.core.scheduler import Scheduler
 from sluice.engine.messages import EngineCoreOutput, EngineCoreRequest, QueueFullError
 from sluice.loader import ModelSource
+from sluice.metrics.loggers import LoggingStatLogger
+from sluice.metrics.prometheus import PrometheusStatLogger
 from sluice.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("sluice")
@@ -47,8 +49,19 @@ class EngineCore:
         max_useful = cdiv(self.max_model_len, block_size) * config.scheduler.max_num_seqs + 1
         num_blocks = self.runner.choose_num_blocks(max_useful)
         self.runner.allocate_kv_cache(num_blocks)
-        self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        obs = config.observability
+        self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, obs.kv_cache_metrics)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.metrics = PrometheusStatLogger(config, self.max_model_len, self.kv.pool.num_usable_blocks)
+        self.stat_loggers: list = [self.metrics]
+        if not obs.disable_log_stats:
+            self.stat_loggers.append(LoggingStatLogger())
+        self.tracer = None
+        if obs.otlp_traces_endpoint:
+            from sluice.metrics.tracing import RequestTracer  # OpenTelemetry loads only when asked for
+
+            self.tracer = RequestTracer(config)
+            self.stat_loggers.append(self.tracer)
         cache_gib = num_blocks * self.runner.bytes_per_block() / 2**30
         logger.info(
             "model %s loaded in %.1f s (%s); KV cache: %d blocks of %d tokens (%.2f GiB), "
@@ -93,25 +106,33 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[EngineCoreOutput]:
+        started = time.time()
         sched = self.scheduler.schedule()
         if not sched.scheduled:
-            return self.scheduler.update_from_output(sched, {})
-        result = self.runner.execute_model(sched)
-        return self.scheduler.update_from_output(sched, result.sampled, result.logprobs, result.prompt_logprobs)
+            outputs = self.scheduler.update_from_output(sched, {})
+        else:
+            scheduled = time.time()
+            result = self.runner.execute_model(sched)
+            executed = time.time()
+            outputs = self.scheduler.update_from_output(sched, result.sampled, result.logprobs, result.prompt_logprobs)
+            if self.tracer is not None and self.tracer.detailed:
+                self.tracer.step_span((started, scheduled, executed, time.time()),
+                                      [s.request.request_id for s in sched.scheduled], sched.total_num_tokens)
+        self.record_stats()
+        return outputs
+
+    def record_stats(self) -> None:
+        """Hand what happened since the last call to every stat logger."""
+        scheduler_stats, iteration_stats = self.scheduler.scheduler_stats(), self.scheduler.take_stats()
+        for stat_logger in self.stat_loggers:
+            stat_logger.record(scheduler_stats, iteration_stats)
 
     def get_stats(self) -> dict[str, float]:
-        """Counters and gauges under vLLM's metric names."""
-        s, kv = self.scheduler, self.kv
-        return {
-            "vllm:num_requests_running": len(s.running),
-            "vllm:num_requests_waiting": len(s.waiting),
-            "vllm:num_waiting_tokens": s.num_waiting_tokens(),
-            "vllm:kv_cache_usage_perc": kv.usage(),
-            "vllm:num_preemptions": s.num_preemptions,
-            "vllm:prompt_tokens": s.num_prompt_tokens,
-            "vllm:generation_tokens": s.num_generation_tokens,
-            "vllm:prefix_cache_queries": kv.prefix_cache_queries,
-            "vllm:prefix_cache_hits": kv.prefix_cache_hits,
-            "vllm:num_free_blocks": kv.pool.num_free_blocks(),
-            "vllm:num_total_blocks": kv.pool.num_usable_blocks,
-        }
+        """Counters and gauges under vLLM's metric names, as they stand now."""
+        self.record_stats()
+        return self.metrics.values()
+
+    def metrics_text(self) -> bytes:
+        """Every metric in the Prometheus text format, as they stand now."""
+        self.record_stats()
+        return self.metrics.render()

@@ -94,7 +94,8 @@ class EngineCoreClient:
         if request_ids and self.alive:
             self.socket.send_multipart([msg.ABORT, msg.encode(request_ids)])
 
-    async def stats(self) -> dict:
+    async def metrics_text(self) -> bytes:
+        """The core's metrics in Prometheus text format."""
         return await self._request(msg.STATS, msg.STATS)
 
     async def _request(self, kind: bytes, reply_kind: bytes):

@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import tempfile
-import time
 import uuid
 
 import zmq
@@ -24,11 +23,11 @@ from sluice.engine import messages as msg
 from sluice.engine.core import EngineCore
 from sluice.engine.messages import EngineCoreOutput, QueueFullError
 from sluice.loader import load_hf_config, resolve_model
+from sluice.metrics.http import MULTIPROC_ENV
 
 logger = logging.getLogger("sluice")
 
 IDLE_POLL_MS = 1000  # how often an idle core wakes to check that its parent still lives
-STATS_LOG_INTERVAL_S = 5.0  # a throughput / queue / KV line this often while there is work
 
 
 class EngineCoreProc:
@@ -50,7 +49,6 @@ class EngineCoreProc:
         self.owners: dict[str, bytes] = {}  # request id -> the API process that added it
         self.clients: set[bytes] = set()
         self.parent_pid = os.getppid()
-        self.stats_log = StatsLogger(self.core)
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -62,7 +60,8 @@ class EngineCoreProc:
                 timeout = 0
             if self.core.has_unfinished_requests():
                 self._send_outputs(self.core.step())
-            self.stats_log.maybe_log()
+            else:
+                self.core.record_stats()  # keeps the gauges and the periodic log line current while idle
         logger.error("engine core: the server process is gone; exiting")
 
     def _handle(self, client: bytes, kind: bytes, payload: bytes) -> None:
@@ -73,7 +72,7 @@ class EngineCoreProc:
         elif kind == msg.ABORT:
             self.core.abort_requests(body)
         elif kind == msg.STATS:
-            self._send(client, msg.STATS, self.core.get_stats())
+            self._send(client, msg.STATS, self.core.metrics_text())
         elif kind == msg.HELLO:
             self._send(client, msg.READY, self.info)
         else:
@@ -114,36 +113,6 @@ class EngineCoreProc:
                 pass
 
 
-class StatsLogger:
-    """One line every few seconds while the engine has work, the figures an operator watches."""
-
-    def __init__(self, core: EngineCore) -> None:
-        self.core = core
-        self.last_time = time.monotonic()
-        self.last = core.get_stats()
-
-    def maybe_log(self) -> None:
-        now = time.monotonic()
-        if now - self.last_time < STATS_LOG_INTERVAL_S:
-            return
-        stats = self.core.get_stats()
-        delta = {k: stats[k] - self.last[k] for k in ("vllm:prompt_tokens", "vllm:generation_tokens",
-                                                     "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")}
-        busy = stats["vllm:num_requests_running"] or stats["vllm:num_requests_waiting"]
-        if busy or delta["vllm:prompt_tokens"] or delta["vllm:generation_tokens"]:
-            elapsed = now - self.last_time
-            queries = delta["vllm:prefix_cache_queries"]
-            logger.info(
-                "engine: prompt %.1f tok/s, generation %.1f tok/s, running %d, waiting %d, KV cache %.1f%%, "
-                "prefix cache hit rate %.1f%%",
-                delta["vllm:prompt_tokens"] / elapsed, delta["vllm:generation_tokens"] / elapsed,
-                stats["vllm:num_requests_running"], stats["vllm:num_requests_waiting"],
-                100 * stats["vllm:kv_cache_usage_perc"],
-                100 * delta["vllm:prefix_cache_hits"] / queries if queries else 0.0,
-            )
-        self.last_time, self.last = now, stats
-
-
 def run_engine_core(config: EngineConfig, address: str, log_level: int) -> None:
     """Process entry point."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -182,7 +151,14 @@ def start_engine_core(config: EngineConfig) -> tuple[multiprocessing.Process, st
         target=run_engine_core, args=(config, address, logging.getLogger("sluice").getEffectiveLevel()),
         name="sluice-engine-core", daemon=True,
     )
-    process.start()
+    # The core's metrics live in a registry of its own; prometheus_client's multiprocess files
+    # are for the API processes only, or a scrape would count the core's metrics twice.
+    shared_metrics = os.environ.pop(MULTIPROC_ENV, None)
+    try:
+        process.start()
+    finally:
+        if shared_metrics is not None:
+            os.environ[MULTIPROC_ENV] = shared_metrics
     return process, address
 
 

@@ -48,23 +48,25 @@ class InputProcessor:
         return list(token_ids)
 
     def make_requests(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                      priority: int = 0) -> list[EngineCoreRequest]:
+                      priority: int = 0, trace_headers: dict[str, str] | None = None) -> list[EngineCoreRequest]:
         """One user request -> its core requests: n > 1 runs as n children `{id}-{index}`;
         seeded children get seed + index so that they differ."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if params.n == 1:
-            return [self.make_request(request_id, prompt_token_ids, params, priority)]
+            return [self.make_request(request_id, prompt_token_ids, params, priority, trace_headers=trace_headers)]
         children = []
         for index in range(params.n):
             child = params.clone()
             if child.seed is not None:
                 child.seed += index
-            children.append(self.make_request(f"{request_id}-{index}", prompt_token_ids, child, priority))
+            children.append(self.make_request(f"{request_id}-{index}", prompt_token_ids, child, priority,
+                                              trace_headers=trace_headers))
         return children
 
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                     priority: int = 0, arrival_time: float | None = None) -> EngineCoreRequest:
+                     priority: int = 0, arrival_time: float | None = None,
+                     trace_headers: dict[str, str] | None = None) -> EngineCoreRequest:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if not prompt_token_ids:
@@ -92,5 +94,6 @@ class InputProcessor:
             sampling_params=params,
             eos_token_ids=self.eos_token_ids,
             priority=priority,
+            trace_headers=trace_headers,
             **extra,
         )

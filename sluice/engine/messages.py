@@ -26,6 +26,7 @@ class EngineCoreRequest:
     arrival_time: float = field(default_factory=time.time)
     priority: int = 0
     cache_salt: str | None = None  # extra key folded into block hashes (LoRA id, tenant salt)
+    trace_headers: dict[str, str] | None = None  # W3C trace context of the HTTP request, for its span
 
 
 @dataclass
@@ -51,7 +52,7 @@ class QueueFullError(RuntimeError):
 # API -> core
 ADD = b"add"  # list[EngineCoreRequest], the children of one user request, admitted all or none
 ABORT = b"abort"  # list[str] request ids
-STATS = b"stats"  # None; the core answers STATS with its get_stats() dict
+STATS = b"stats"  # None; the core answers STATS with its metrics in Prometheus text format
 HELLO = b"hello"  # None; the core answers READY with what the API side needs to know
 # core -> API
 ADDED = b"added"  # [first request id, None or the reason it was refused]

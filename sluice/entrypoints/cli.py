@@ -26,6 +26,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"], help="fcfs, or priority (lower first, then arrival)")
     parser.add_argument("--max-num-queued-reqs", type=int, default=None, help="refuse new requests (503) while this many wait (default: no limit)")
     parser.add_argument("--max-num-queued-tokens", type=int, default=None, help="refuse new requests (503) while this many prompt tokens wait (default: no limit)")
+    parser.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput / queue / KV log line")
+    parser.add_argument("--kv-cache-metrics", action="store_true", help="KV block lifetime, idle-before-evict and reuse-gap histograms on /metrics")
+    parser.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                        help="export one OpenTelemetry span per request over OTLP (grpc; http/protobuf with "
+                             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf)")
+    parser.add_argument("--collect-detailed-traces", default=None, choices=["model", "worker", "all"],
+                        help="also a span per engine step, with schedule / execute_model / update children "
+                             "(needs --otlp-traces-endpoint)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -37,7 +45,7 @@ def run_chat(args: argparse.Namespace) -> int:
     """A small offline chat on the default model: reads user turns from stdin."""
     from sluice import LLM, SamplingParams
 
-    llm = LLM(**engine_kwargs(args))
+    llm = LLM(**{**engine_kwargs(args), "disable_log_stats": True})  # stats lines would interleave the chat
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     conversation: list[dict] = []
     interactive = sys.stdin.isatty()

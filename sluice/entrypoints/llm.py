@@ -38,13 +38,15 @@ class LLM:
         num_gpu_blocks_override: int | None = None,
         kv_cache_memory_bytes: int | None = None,
         scheduling_policy: str = "fcfs",
+        disable_log_stats: bool = True,  # offline runs show a progress bar instead (vLLM's default)
         **engine_kwargs,
     ) -> None:
         self.config = EngineConfig.from_kwargs(
             model=model, dtype=dtype, seed=seed, max_model_len=max_model_len, block_size=block_size,
             enable_prefix_caching=enable_prefix_caching, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, num_gpu_blocks_override=num_gpu_blocks_override,
-            kv_cache_memory_bytes=kv_cache_memory_bytes, scheduling_policy=scheduling_policy, **engine_kwargs,
+            kv_cache_memory_bytes=kv_cache_memory_bytes, scheduling_policy=scheduling_policy,
+            disable_log_stats=disable_log_stats, **engine_kwargs,
         )
         torch.manual_seed(seed)
         source = resolve_model(model)
@@ -62,6 +64,7 @@ class LLM:
         return self.tokenizer
 
     def get_metrics(self) -> dict[str, float]:
+        """The engine's counters and gauges under vLLM's metric names (labels summed)."""
         return self.engine_core.get_stats()
 
     def generate(

@@ -13,6 +13,7 @@ import time
 import httpx
 import openai
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 STARTUP_TIMEOUT_S = 180
 # Small limits keep each server's memory and start-up low; every test server shares them.
@@ -82,11 +83,17 @@ class RemoteServer:
         return self.process.returncode
 
 
+def parse_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Prometheus text -> [(sample name, labels, value)], parsed by prometheus_client."""
+    return [(sample.name, sample.labels, sample.value)
+            for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {sample name: value}, labels dropped (tests use one model)."""
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name.split("{", 1)[0]] = float(value)
+    """Prometheus text -> {sample name: value}, summed over label sets other than `le`."""
+    values: dict[str, float] = {}
+    for name, labels, value in parse_samples(text):
+        if "le" in labels or "quantile" in labels:
+            name = f"{name}{{le={labels.get('le', labels.get('quantile'))}}}"
+        values[name] = values.get(name, 0.0) + value
     return values

@@ -90,7 +90,7 @@ def test_preemption_frees_latest_and_admits_nothing_that_step():
     out, _ = run_step(sched)  # both reach 12 tokens: still fits; c waits (no room)
     out, _ = run_step(sched)  # a needs a 4th block: b (latest) is preempted
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
-    assert sched.num_preemptions == 1 and b.num_preemptions == 1
+    assert sched.stats.num_preemptions == 1 and b.num_preemptions == 1
     assert set(scheduled(out)) == {"a"}
     # b's generated tokens are kept and recomputed later, never lost
     assert b.num_output_tokens == 2 and b in sched.waiting
@@ -160,4 +160,4 @@ def test_prefix_hits_counted_once_per_admission():
     run_step(sched)
     add(sched, "b", 17, max_tokens=1)
     run_step(sched)
-    assert (sched.kv.prefix_cache_queries, sched.kv.prefix_cache_hits) == (34, 16)
+    assert (sched.stats.prefix_cache_queries, sched.stats.prefix_cache_hits) == (34, 16)

@@ -14,16 +14,16 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import sluice
 from sluice.config import EngineConfig
@@ -39,10 +39,12 @@ from sluice.entrypoints.openai.protocol import (
 )
 from sluice.entrypoints.openai.serving import RETRY_AFTER_S, OpenAIServing, api_error_from_exception
 from sluice.loader import DEFAULT_MODEL
+from sluice.metrics.http import MULTIPROC_ENV, HttpMetrics, HttpMetricsMiddleware
 
 logger = logging.getLogger("sluice")
 
 ALWAYS_PUBLIC = ("/health", "/version")
+TRACE_HEADERS = ("traceparent", "tracestate")  # W3C trace context, passed on to the request's span
 ENGINE_DEAD_EXIT_DELAY_S = 1.0  # lets the 5xx answers of in-flight requests reach their clients
 
 
@@ -56,6 +58,7 @@ class ServerState:
         self.api_keys = [key.encode() for key in api_keys]
         self.public_paths = public_paths
         self.draining = False
+        self.http_metrics = HttpMetrics()
 
     def authorized(self, scope: dict) -> bool:
         if not self.api_keys or scope["path"] in self.public_paths:
@@ -154,11 +157,11 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await respond(request, serving.chat(body))
+        return await respond(request, serving.chat(body, trace_headers(request)))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await respond(request, serving.completions(body))
+        return await respond(request, serving.completions(body, trace_headers(request)))
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -188,31 +191,16 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        stats = await state.engine.get_stats()
-        registry = stats_registry(stats, serving.served_model_names[0])
-        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+        text = await state.engine.metrics_text() + state.http_metrics.render()
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
 
 
-_COUNTERS = ("vllm:num_preemptions", "vllm:prompt_tokens", "vllm:generation_tokens",
-             "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
-
-
-def stats_registry(stats: dict[str, float], model_name: str) -> CollectorRegistry:
-    """The core's counters and gauges, as Prometheus metrics with vLLM's names."""
-
-    class Snapshot:
-        def collect(self):
-            for name, value in stats.items():
-                family = CounterMetricFamily if name in _COUNTERS else GaugeMetricFamily
-                metric = family(name, name.removeprefix("vllm:").replace("_", " "), labels=["model_name"])
-                metric.add_metric([model_name], value)
-                yield metric
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Snapshot())
-    return registry
+def trace_headers(request: Request) -> dict[str, str] | None:
+    """The W3C trace context a client sent, so the request's span joins its trace."""
+    found = {name: request.headers[name] for name in TRACE_HEADERS if name in request.headers}
+    return found or None
 
 
 # ---- one API process ------------------------------------------------------------------------
@@ -279,7 +267,7 @@ async def serve_http(args: argparse.Namespace, address: str, core_pid: int, sock
     public = set(ALWAYS_PUBLIC) | set(split_list(args.public_endpoints))
     state = ServerState(engine, serving, api_keys(args), public)
     config = uvicorn.Config(
-        Gatekeeper(build_app(state), state), log_level=args.uvicorn_log_level,
+        HttpMetricsMiddleware(Gatekeeper(build_app(state), state), state.http_metrics), log_level=args.uvicorn_log_level,
         ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
         ssl_cert_reqs=args.ssl_cert_reqs, timeout_graceful_shutdown=5, timeout_keep_alive=5,
     )
@@ -323,6 +311,19 @@ def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
 
 
 def run_api_processes(args: argparse.Namespace, address: str, core_pid: int, sock: socket.socket) -> int:
+    """Spawn the API processes, sharing one folder for their HTTP metrics (the core's are its own)."""
+    if os.environ.get(MULTIPROC_ENV):
+        return _run_api_processes(args, address, core_pid, sock)
+    folder = tempfile.mkdtemp(prefix="sluice-metrics-")
+    os.environ[MULTIPROC_ENV] = folder
+    try:
+        return _run_api_processes(args, address, core_pid, sock)
+    finally:
+        del os.environ[MULTIPROC_ENV]
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_api_processes(args: argparse.Namespace, address: str, core_pid: int, sock: socket.socket) -> int:
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=run_api_process, args=(args, address, core_pid, sock), name=f"sluice-api-{i}")

@@ -196,6 +196,7 @@ class _Job:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    trace_headers: dict[str, str] | None = None  # the HTTP request's trace context, for its span
 
 
 @dataclass
@@ -269,13 +270,14 @@ class OpenAIServing:
         return model_card(self.check_model(name), self.served_model_names[0], self.engine.max_model_len, self.created)
 
     # ---- chat completions ----
-    async def chat(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
+    async def chat(self, request: ChatCompletionRequest,
+                   trace_headers: dict[str, str] | None = None) -> dict | AsyncIterator[str]:
         """A chat.completion dict, or (stream=true) an iterator of SSE strings."""
         model = self.check_model(request.model)
         text, token_ids = self._render_chat(request.template_messages(), request.add_generation_prompt,
                                             request.chat_template_kwargs)
         params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n)
-        job = _Job(_random_id("chatcmpl"), text, token_ids, params)
+        job = _Job(_random_id("chatcmpl"), text, token_ids, params, trace_headers)
         if request.stream:
             streams = await self._start_streams([job], request)
             return self._chat_stream(_Head("chat.completion.chunk", job.request_id, model), streams, request, job)
@@ -333,7 +335,8 @@ class OpenAIServing:
         return text, self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     # ---- legacy completions ----
-    async def completions(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
+    async def completions(self, request: CompletionRequest,
+                          trace_headers: dict[str, str] | None = None) -> dict | AsyncIterator[str]:
         """A text_completion dict, or (stream=true) an iterator of SSE strings. Several prompts run
         concurrently; choice index = prompt index * n + completion index."""
         model = self.check_model(request.model)
@@ -343,7 +346,8 @@ class OpenAIServing:
         for i, prompt in enumerate(prompts):
             text, token_ids = self._tokenize_prompt(prompt)
             params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n)
-            jobs.append(_Job(request_id if len(prompts) == 1 else f"{request_id}-{i}", text, token_ids, params))
+            job_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            jobs.append(_Job(job_id, text, token_ids, params, trace_headers))
         echo_texts = [job.prompt if job.prompt is not None else self.tokenizer.decode(job.prompt_token_ids)
                       for job in jobs] if request.echo else None
         head = _Head("text_completion", request_id, model)
@@ -452,7 +456,7 @@ class OpenAIServing:
     def _generate(self, job: _Job, priority: int, stream: bool) -> AsyncIterator[RequestOutput]:
         self._log(job, priority)
         return self.engine.generate(job.prompt, job.prompt_token_ids, job.params, job.request_id,
-                                    priority=priority, stream=stream)
+                                    priority=priority, stream=stream, trace_headers=job.trace_headers)
 
     async def _start_streams(self, jobs: list[_Job], request: GenerationRequest) -> list[AsyncIterator[RequestOutput]]:
         """Starts every job and awaits its first output, so the engine's own checks (prompt

@@ -1,0 +1,1 @@
+"""Engine statistics: Prometheus metrics, the periodic log line, OpenTelemetry traces."""
