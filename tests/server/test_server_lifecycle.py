@@ -104,7 +104,7 @@ def test_tls_with_the_openai_client(guarded, tls_files):
 def test_queue_over_limit_is_503_with_retry_after(guarded, tls_files):
     """max-num-seqs 1 and max-num-queued-reqs 1: one runs, one waits, the third is refused."""
     headers = {"Authorization": f"Bearer {KEYS[0]}"}
-    long = {"model": MODEL_NAME, "prompt": "Tell me a story.", "max_tokens": 400, "ignore_eos": True}
+    long = {"model": MODEL_NAME, "prompt": "Tell me a story.", "max_tokens": 250, "ignore_eos": True}
     results = []
 
     def run_long():
