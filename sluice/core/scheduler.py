@@ -111,7 +111,6 @@ class Scheduler:
         for s in out.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
         if out.scheduled:
-            self.stats.num_steps += 1
             self.stats.step_num_tokens.append(out.total_num_tokens)
         return out
 

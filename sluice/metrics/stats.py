@@ -92,7 +92,6 @@ class KVBlockEvents:
 class IterationStats:
     """Everything that happened since the stat loggers last looked (normally one step)."""
 
-    num_steps: int = 0
     num_prompt_tokens: int = 0  # counted once per request, when its prefill completes
     num_generation_tokens: int = 0
     num_preemptions: int = 0

@@ -23,7 +23,7 @@ from sluice.core.scheduler import Scheduler
 from sluice.engine.messages import EngineCoreRequest
 from sluice.sampling_params import SamplingParams
 from tests.otlp_receiver import HttpReceiver, span_attributes
-from tests.server.utils import RemoteServer, parse_metrics, parse_samples
+from tests.server.utils import RemoteServer, parse_samples
 
 MODEL = "observed-model"
 NUM_BLOCKS = 20  # 19 usable blocks of 16 tokens: four children of one 60-token prompt growing to 124 cannot all fit
