@@ -115,12 +115,14 @@ def test_queue_over_limit_is_503_with_retry_after(guarded, tls_files):
     for thread in threads:
         thread.start()
     with https(guarded, tls_files) as http:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             metrics = parse_metrics(http.get("/metrics", headers=headers).text)
             if metrics["vllm:num_requests_running"] == 1 and metrics["vllm:num_requests_waiting"] == 1:
                 break
             time.sleep(0.05)
+        else:
+            pytest.fail(f"never saw one request running and one waiting: {metrics}")
         refused = http.post("/v1/completions", json={**long, "max_tokens": 2}, headers=headers)
     assert refused.status_code == 503
     assert refused.headers["Retry-After"] == "1"
