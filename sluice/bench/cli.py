@@ -21,7 +21,8 @@ def add_bench_parser(subparsers) -> None:
     add_serve_args(serve)
     serve.set_defaults(func=functools.partial(_run_serve, serve))
     throughput = commands.add_parser("throughput", help="offline throughput of the engine in this process",
-                                     description="Generate a dataset in one batch in-process; print requests/s and tokens/s.")
+                                     description="Generate a dataset in one batch in-process; "
+                                                 "print requests/s and tokens/s.")
     add_throughput_args(throughput)
     throughput.set_defaults(func=functools.partial(_run_offline, throughput, "throughput"))
     latency = commands.add_parser("latency", help="single-batch latency: prefill ms and per-token decode ms",

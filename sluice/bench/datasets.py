@@ -42,18 +42,25 @@ class BenchRequest:
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("dataset")
     group.add_argument("--dataset-name", default="random", choices=DATASETS, help="where prompts come from")
-    group.add_argument("--dataset-path", default=None, metavar="PATH", help="sharegpt: a ShareGPT JSON file; custom: a JSONL file")
+    group.add_argument("--dataset-path", default=None, metavar="PATH",
+                       help="sharegpt: a ShareGPT JSON file; custom: a JSONL file")
     group.add_argument("--num-prompts", type=int, default=1000, metavar="N", help="requests to send (per sweep level)")
-    group.add_argument("--random-input-len", "--input-len", dest="random_input_len", type=int, default=1024, metavar="N",
+    group.add_argument("--random-input-len", "--input-len", dest="random_input_len", type=int, default=1024,
+                       metavar="N",
                        help="random: prompt tokens")
-    group.add_argument("--random-output-len", "--output-len", dest="random_output_len", type=int, default=128, metavar="N",
+    group.add_argument("--random-output-len", "--output-len", dest="random_output_len", type=int, default=128,
+                       metavar="N",
                        help="random: output tokens to ask for")
     group.add_argument("--random-range-ratio", type=float, default=0.0, metavar="R",
                        help="random: lengths uniform in [len*(1-r), len*(1+r)], 0 <= r < 1")
-    group.add_argument("--prefix-repetition-prefix-len", type=int, default=256, metavar="N", help="tokens of each shared prefix")
-    group.add_argument("--prefix-repetition-suffix-len", type=int, default=256, metavar="N", help="tokens of each unique suffix")
-    group.add_argument("--prefix-repetition-num-prefixes", type=int, default=10, metavar="N", help="distinct shared prefixes")
-    group.add_argument("--prefix-repetition-output-len", type=int, default=128, metavar="N", help="output tokens to ask for")
+    group.add_argument("--prefix-repetition-prefix-len", type=int, default=256, metavar="N",
+                       help="tokens of each shared prefix")
+    group.add_argument("--prefix-repetition-suffix-len", type=int, default=256, metavar="N",
+                       help="tokens of each unique suffix")
+    group.add_argument("--prefix-repetition-num-prefixes", type=int, default=10, metavar="N",
+                       help="distinct shared prefixes")
+    group.add_argument("--prefix-repetition-output-len", type=int, default=128, metavar="N",
+                       help="output tokens to ask for")
     group.add_argument("--sharegpt-output-len", type=int, default=None, metavar="N",
                        help="sharegpt: ask for this many output tokens instead of the reply's length")
     group.add_argument("--custom-output-len", type=int, default=256, metavar="N",

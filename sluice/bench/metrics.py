@@ -110,6 +110,7 @@ def summarize(records: list[RequestRecord], duration: float, percentiles: Iterab
     input_tokens = sum(r.prompt_len for r in done)
     output_tokens = sum(r.output_tokens for r in done)
     usage = [r.usage_output_tokens for r in done]
+    usage_in = [r.usage_prompt_tokens for r in done]
     cached = [r.cached_tokens for r in done if r.cached_tokens is not None]
     rate = (lambda count: count / duration) if duration > 0 else (lambda count: 0.0)
     summary = {
@@ -119,6 +120,7 @@ def summarize(records: list[RequestRecord], duration: float, percentiles: Iterab
         "errors": dict(Counter(r.error for r in records if not r.success)),
         "duration": duration,
         "total_input_tokens": input_tokens,
+        "total_input_tokens_usage": sum(usage_in) if done and None not in usage_in else None,
         "total_output_tokens": output_tokens,
         "total_output_tokens_usage": sum(usage) if done and None not in usage else None,
         "total_cached_tokens": sum(cached) if cached else None,

@@ -151,7 +151,8 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     out_tps = report("sluice", result)
     numbers = {"model": args.model or DEFAULT_MODEL, "dataset_name": args.dataset_name, **result.to_json()}
     if args.hourly_cost is not None:
-        numbers.update(hourly_cost=args.hourly_cost, cost_per_million_output_tokens=cost_per_million_tokens(args.hourly_cost, out_tps))
+        cost = cost_per_million_tokens(args.hourly_cost, out_tps)
+        numbers.update(hourly_cost=args.hourly_cost, cost_per_million_output_tokens=cost)
         print(f"[sluice] cost per 1M output tokens at ${args.hourly_cost:g}/h: "
               f"${numbers['cost_per_million_output_tokens']:.4f}")
     _write_json(args.output_json, numbers)

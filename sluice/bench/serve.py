@@ -37,21 +37,28 @@ DEFAULT_TIMEOUT_S = 6 * 3600  # a whole long run's request may legitimately wait
 # ---- flags ---------------------------------------------------------------------------------------------
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("server")
-    target.add_argument("--base-url", metavar="URL", default=None, help="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
+    target.add_argument("--base-url", metavar="URL", default=None,
+                        help="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
     target.add_argument("--host", metavar="HOST", default="127.0.0.1", help="used when --base-url is not given")
     target.add_argument("--port", metavar="PORT", type=int, default=8000, help="used when --base-url is not given")
     target.add_argument("--endpoint-type", default="completions", choices=list(ENDPOINT_PATHS),
                         help="/v1/completions or /v1/chat/completions (one user message)")
     target.add_argument("--endpoint", metavar="PATH", default=None, help="path override (default: the endpoint type's)")
-    target.add_argument("--model", metavar="NAME", default=None, help="model name for requests and tokenizer (default: the server's first)")
-    target.add_argument("--served-model-name", metavar="NAME", default=None, help="name to send, when it differs from --model")
+    target.add_argument("--model", metavar="NAME", default=None,
+                        help="model name for requests and tokenizer (default: the server's first)")
+    target.add_argument("--served-model-name", metavar="NAME", default=None,
+                        help="name to send, when it differs from --model")
     target.add_argument("--tokenizer", metavar="NAME", default=None,
-                        help="tokenizer for token counts: folder, .gguf or hub id (default: --model through sluice's loader)")
-    target.add_argument("--api-key", metavar="KEY", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default: $OPENAI_API_KEY)")
-    target.add_argument("--request-timeout", metavar="S", type=float, default=DEFAULT_TIMEOUT_S, help="seconds one request may take")
+                        help="tokenizer for token counts: folder, .gguf or hub id "
+                             "(default: --model through sluice's loader)")
+    target.add_argument("--api-key", metavar="KEY", default=os.environ.get("OPENAI_API_KEY"),
+                        help="bearer token (default: $OPENAI_API_KEY)")
+    target.add_argument("--request-timeout", metavar="S", type=float, default=DEFAULT_TIMEOUT_S,
+                        help="seconds one request may take")
     add_dataset_args(parser)
     load = parser.add_argument_group("load")
-    load.add_argument("--max-concurrency", metavar="N", type=int, default=None, help="most requests in flight (default: no limit)")
+    load.add_argument("--max-concurrency", metavar="N", type=int, default=None,
+                      help="most requests in flight (default: no limit)")
     load.add_argument("--request-rate", metavar="R", type=float, default=math.inf,
                       help="requests/s (default inf: all at once, limited only by --max-concurrency)")
     load.add_argument("--burstiness", metavar="B", type=float, default=1.0,
@@ -60,24 +67,33 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--sweep", default=None, metavar="MODE:LEVELS",
                       help="run every level: concurrency:1,2,4,8 or rate:1,2,4 (req/s); prints a table")
     load.add_argument("--slo", nargs="+", default=[], metavar="METRIC_STAT:MS",
-                      help="sweep targets, e.g. ttft_p95:500 itl_p99:50 (METRIC ttft|tpot|itl|e2el, STAT pNN|mean|median); "
+                      help="sweep targets, e.g. ttft_p95:500 itl_p99:50 "
+                           "(METRIC ttft|tpot|itl|e2el, STAT pNN|mean|median); "
                            "the sweep names the highest level meeting all, with every lower level meeting them too")
-    load.add_argument("--seed", metavar="N", type=int, default=0, help="seeds the dataset and the arrival times (sweep level i: seed+i)")
+    load.add_argument("--seed", metavar="N", type=int, default=0,
+                      help="seeds the dataset and the arrival times (sweep level i: seed+i)")
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--ignore-eos", action="store_true", help="send ignore_eos, so each request makes exactly its output length")
-    sampling.add_argument("--temperature", metavar="T", type=float, default=0.0, help="sent with every request (default greedy)")
+    sampling.add_argument("--ignore-eos", action="store_true",
+                          help="send ignore_eos, so each request makes exactly its output length")
+    sampling.add_argument("--temperature", metavar="T", type=float, default=0.0,
+                          help="sent with every request (default greedy)")
     sampling.add_argument("--top-p", metavar="P", type=float, default=None)
     sampling.add_argument("--top-k", metavar="K", type=int, default=None)
     report = parser.add_argument_group("report")
-    report.add_argument("--percentile-metrics", metavar="LIST", default="ttft,tpot,itl,e2el", help="metrics to print percentiles of")
-    report.add_argument("--metric-percentiles", metavar="LIST", default="90,95,99", help="percentiles to print (mean and median always)")
+    report.add_argument("--percentile-metrics", metavar="LIST", default="ttft,tpot,itl,e2el",
+                        help="metrics to print percentiles of")
+    report.add_argument("--metric-percentiles", metavar="LIST", default="90,95,99",
+                        help="percentiles to print (mean and median always)")
     report.add_argument("--goodput", nargs="+", default=[], metavar="METRIC:MS",
-                        help="count requests meeting every target, e.g. ttft:500 itl:50 e2el:5000 (itl: the request's mean gap)")
+                        help="count requests meeting every target, e.g. ttft:500 itl:50 e2el:5000 "
+                             "(itl: the request's mean gap)")
     report.add_argument("--hourly-cost", type=float, default=None, metavar="USD",
                         help="infrastructure cost per hour: prints the cost per 1M output tokens")
-    report.add_argument("--save-result", action="store_true", help="write a JSON file: summary plus every request's record")
+    report.add_argument("--save-result", action="store_true",
+                        help="write a JSON file: summary plus every request's record")
     report.add_argument("--result-dir", metavar="DIR", default=".", help="folder for --save-result")
-    report.add_argument("--result-filename", metavar="NAME", default=None, help="file name for --save-result (default: derived from the run)")
+    report.add_argument("--result-filename", metavar="NAME", default=None,
+                        help="file name for --save-result (default: derived from the run)")
     report.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots into DIR")
     report.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
 
@@ -108,7 +124,9 @@ def check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"--metric-percentiles must be in (0, 100], got {args.metric_percentiles}")
     args.goodput_targets = _parsed(parser, "--goodput", parse_goodput, args.goodput) or None
     args.slo_targets = _parsed(parser, "--slo", parse_slos, args.slo)
-    args.sweep_mode, args.sweep_levels = _parsed(parser, "--sweep", parse_sweep, args.sweep) if args.sweep else (None, [])
+    args.sweep_mode, args.sweep_levels = (None, [])
+    if args.sweep:
+        args.sweep_mode, args.sweep_levels = _parsed(parser, "--sweep", parse_sweep, args.sweep)
     if args.slo_targets and not args.sweep:
         parser.error("--slo needs --sweep (the targets choose a sweep level)")
     if args.sweep_mode == "concurrency" and args.max_concurrency is not None:
@@ -248,6 +266,7 @@ def format_summary(summary: dict, metrics: list[str], percentiles: list[float]) 
         ("Peak concurrent requests", summary["max_concurrent_requests"]),
         ("Benchmark duration (s)", summary["duration"]),
         ("Total input tokens", summary["total_input_tokens"]),
+        ("Total input tokens (server usage)", summary["total_input_tokens_usage"]),
         ("Total generated tokens", summary["total_output_tokens"]),
         ("Total generated tokens (server usage)", summary["total_output_tokens_usage"]),
         ("Total cached prompt tokens (usage)", summary["total_cached_tokens"]),

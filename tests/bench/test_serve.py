@@ -32,6 +32,7 @@ def check_run(result: dict, tokenizer, num_prompts: int, failed: int = 0) -> lis
     assert result["total_output_tokens"] == sum(r["output_tokens"] for r in done)
     assert result["total_output_tokens_usage"] == sum(r["usage_output_tokens"] for r in done)
     assert result["total_input_tokens"] == sum(r["prompt_len"] for r in done)
+    assert result["total_input_tokens_usage"] == sum(r["usage_prompt_tokens"] for r in done)
     assert result["duration"] > 0
     assert result["request_throughput"] == pytest.approx(len(done) / result["duration"])
     assert result["output_throughput"] == pytest.approx(result["total_output_tokens"] / result["duration"])
