@@ -95,7 +95,7 @@ async def send_request(client: httpx.AsyncClient, endpoint: Endpoint, request: B
                 done = await _read_events(response, endpoint.kind, record, texts, sent)
                 if not record.error and not done:
                     record.error = "stream ended without [DONE]"
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, httpx.StreamError, OSError) as e:
         record.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     record.e2el_s = time.perf_counter() - sent
     record.text = "".join(texts)

@@ -126,17 +126,14 @@ def exact_length_text(tokenizer, ids: list[int], target: int, rng: np.random.Gen
     some of them, so trim or top up with fresh draws and try again; after a few rounds keep the
     closest text (its true length is what the caller records)."""
     vocab, special = _ordinary_ids(tokenizer)
-    text = tokenizer.decode(ids)
     for _ in range(_MAX_ROUNDS):
         text = tokenizer.decode(ids)
         ids = tokenizer.encode(text, add_special_tokens=False)
         if len(ids) == target:
-            break
-        if len(ids) > target:
-            ids = ids[:target]
-        else:
-            ids = ids + _draw(rng, target - len(ids), vocab, special).tolist()
-    return text, ids
+            return text, ids
+        ids = ids[:target] if len(ids) > target else ids + _draw(rng, target - len(ids), vocab, special).tolist()
+    text = tokenizer.decode(ids)
+    return text, tokenizer.encode(text, add_special_tokens=False)
 
 
 def sample_lengths(rng: np.random.Generator, length: int, ratio: float, n: int) -> list[int]:

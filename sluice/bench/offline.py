@@ -71,19 +71,21 @@ def add_latency_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-iters", type=int, default=5, help="timed iterations")
 
 
-def check_offline_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_throughput_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.model = args.model_flag or args.model
-    if "batch_size" in args:
-        for name, low in (("input_len", 1), ("output_len", 1), ("batch_size", 1), ("num_iters_warmup", 0),
-                          ("num_iters", 1)):
-            if getattr(args, name) < low:
-                parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-        return
     problem = check_dataset_args(args)
     if problem:
         parser.error(problem)
     if args.hourly_cost is not None and not args.hourly_cost > 0:
         parser.error(f"--hourly-cost must be > 0, got {args.hourly_cost}")
+
+
+def check_latency_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    args.model = args.model_flag or args.model
+    for name, low in (("input_len", 1), ("output_len", 1), ("batch_size", 1), ("num_iters_warmup", 0),
+                      ("num_iters", 1)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
 
 def make_llm(args: argparse.Namespace):
