@@ -93,8 +93,8 @@ async def send_request(client: httpx.AsyncClient, endpoint: Endpoint, request: B
                 record.error = f"HTTP {response.status_code}: {_error_message(await response.aread())}"
             else:
                 done = await _read_events(response, endpoint.kind, record, texts, sent)
-                if not record.error and not done:
-                    record.error = "stream ended without [DONE]"
+                if not (record.error or done or record.finish_reason):
+                    record.error = "stream ended before a finish_reason or [DONE]"
     except (httpx.HTTPError, httpx.StreamError, OSError) as e:
         record.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     record.e2el_s = time.perf_counter() - sent

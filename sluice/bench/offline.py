@@ -11,15 +11,14 @@ request); per-token decode time = (whole - prefill) / (output_len - 1).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from sluice.bench import save_json
 from sluice.bench.datasets import DatasetError, add_dataset_args, build_requests, check_dataset_args, random_token_ids
-from sluice.bench.metrics import cost_per_million_tokens
+from sluice.bench.metrics import cost_per_million_tokens, distribution
 from sluice.loader import DEFAULT_MODEL
 
 
@@ -129,14 +128,6 @@ def report(label: str, result: ThroughputResult) -> float:
     return numbers["output_tokens_per_second"]
 
 
-def _write_json(path: str | None, result: dict) -> None:
-    if path:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"saved {path}")
-
-
 # ---- the commands ------------------------------------------------------------------------------------------
 def run_bench_throughput(args: argparse.Namespace) -> int:
     llm = make_llm(args)
@@ -157,7 +148,8 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
         numbers.update(hourly_cost=args.hourly_cost, cost_per_million_output_tokens=cost)
         print(f"[sluice] cost per 1M output tokens at ${args.hourly_cost:g}/h: "
               f"${numbers['cost_per_million_output_tokens']:.4f}")
-    _write_json(args.output_json, numbers)
+    if args.output_json:
+        save_json(args.output_json, numbers)
     return 0
 
 
@@ -170,10 +162,8 @@ def time_batch(llm, batch: int, input_len: int, output_len: int, seed: int) -> t
     return prefill.elapsed, whole.elapsed
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    array = np.asarray(values)
-    return {"mean": float(array.mean()), "median": float(np.median(array)),
-            "p90": float(np.percentile(array, 90)), "p99": float(np.percentile(array, 99))}
+def _latency_stats(values: list[float]) -> dict[str, float | None]:
+    return distribution(values, (90, 99))
 
 
 def run_bench_latency(args: argparse.Namespace) -> int:
@@ -192,15 +182,16 @@ def run_bench_latency(args: argparse.Namespace) -> int:
     print(f"{'':<24}{'mean':>10}{'median':>10}{'p90':>10}{'p99':>10}")
     for label, values in rows:
         if values:
-            stats = _stats(values)
+            stats = _latency_stats(values)
             print(f"{label:<24}" + "".join(f"{stats[k]:10.2f}" for k in ("mean", "median", "p90", "p99")))
     result = {
         "model": args.model or DEFAULT_MODEL, "batch_size": args.batch_size, "input_len": args.input_len,
         "output_len": args.output_len, "num_iters": args.num_iters,
         "avg_latency": float(np.mean(whole_ms)) / 1000, "latencies": [w / 1000 for w in whole_ms],  # vLLM's keys (s)
         "prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms,
-        "prefill_ms_stats": _stats(prefill_ms), "end_to_end_ms_stats": _stats(whole_ms),
-        "decode_ms_per_token_stats": _stats(decode_ms) if decode_ms else None,
+        "prefill_ms_stats": _latency_stats(prefill_ms), "end_to_end_ms_stats": _latency_stats(whole_ms),
+        "decode_ms_per_token_stats": _latency_stats(decode_ms) if decode_ms else None,
     }
-    _write_json(args.output_json, result)
+    if args.output_json:
+        save_json(args.output_json, result)
     return 0

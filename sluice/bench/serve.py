@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import math
 import os
@@ -23,13 +22,15 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
+from sluice.bench import save_json
 from sluice.bench.client import ENDPOINT_PATHS, Endpoint, RequestRecord, send_request
 from sluice.bench.datasets import BenchRequest, DatasetError, add_dataset_args, build_requests, check_dataset_args
 from sluice.bench.metrics import (
     DEFAULT_PERCENTILES, METRICS, count_output_tokens, parse_goodput, percentile_key, summarize,
 )
-from sluice.bench.sweep import choose_level, format_level, meets_slos, parse_slos, parse_sweep, slo_percentiles
-from sluice.bench.sweep import sweep_table, verdict
+from sluice.bench.sweep import (
+    choose_level, format_level, meets_slos, parse_slos, parse_sweep, slo_percentiles, sweep_table, verdict,
+)
 
 DEFAULT_TIMEOUT_S = 6 * 3600  # a whole long run's request may legitimately wait this long in a queue
 
@@ -335,13 +336,6 @@ def result_path(args: argparse.Namespace, config: dict) -> str:
         model = re.sub(r"[^A-Za-z0-9._-]+", "_", config["model_id"])
         name = f"sluice-bench-{config['endpoint_type']}-{load}-{model}-{config['date']}.json"
     return os.path.join(args.result_dir, name)
-
-
-def save_json(path: str, result: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"saved {path}")
 
 
 # ---- the command -------------------------------------------------------------------------------------
