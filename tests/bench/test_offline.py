@@ -5,11 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from sluice.entrypoints.cli import main
 
 # A small KV cache and context keep each in-process engine quick to build.
 SMALL_ENGINE = ["--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread while these run, for the reason tests/bench/conftest.py gives for its server."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_bench_throughput(tmp_path, capsys):
