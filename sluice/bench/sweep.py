@@ -14,6 +14,7 @@ is noise, not capacity.
 
 from __future__ import annotations
 
+import math
 import re
 
 from sluice.bench.metrics import METRICS, parse_targets, percentile_key
@@ -117,12 +118,18 @@ def _ms(value: float | None, width: int) -> str:
 
 
 def verdict(mode: str, levels: list[dict], slos: dict[str, float]) -> str:
-    """The sentence naming the chosen level."""
+    """The sentence naming the chosen level, and any higher level that met the targets only after a
+    lower one missed (a sign of noise: more prompts per level would tell)."""
     if not slos:
         return "No --slo targets given: every level is listed, none chosen."
     targets = ", ".join(f"{name} <= {limit:g} ms" for name, limit in slos.items())
     chosen = choose_level(levels, slos)
+    top = chosen["level"] if chosen else -math.inf
+    stray = [format_level(mode, s["level"]) for s in sorted(levels, key=lambda s: s["level"])
+             if s["level"] > top and meets_slos(s, slos)]
+    note = (f"; {mode} {', '.join(stray)} met them too, above a level that missed: "
+            "rerun with more prompts per level to tell noise from capacity") if stray else ""
     if chosen is None:
-        return f"No {mode} level meets {targets} (the lowest level already misses)."
+        return f"No {mode} level meets {targets} (the lowest level already misses){note}."
     return (f"Highest {mode} meeting {targets}: {format_level(mode, chosen['level'])} "
-            f"({chosen['request_throughput']:.2f} req/s, {chosen['output_throughput']:.1f} output tok/s)")
+            f"({chosen['request_throughput']:.2f} req/s, {chosen['output_throughput']:.1f} output tok/s){note}")

@@ -63,6 +63,10 @@ def test_table_and_verdict(levels):
     assert verdict("concurrency", levels, slos).startswith(
         "Highest concurrency meeting ttft_p95 <= 9000 ms, itl_p99 <= 2100 ms: 4 (0.20 req/s")
     assert verdict("concurrency", levels, {"ttft_p95": 1}).startswith("No concurrency level meets ttft_p95 <= 1 ms")
+    assert "met them too" not in verdict("concurrency", levels, slos)  # nothing passed above a miss
+    noisy = verdict("concurrency", levels, {"ttft_p95": 20000, "itl_p99": 1600})
+    assert noisy.startswith("Highest concurrency meeting ttft_p95 <= 20000 ms, itl_p99 <= 1600 ms: 1 (")
+    assert "; concurrency 4 met them too, above a level that missed" in noisy
 
 
 def test_parse_sweep():
