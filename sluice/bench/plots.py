@@ -29,7 +29,9 @@ def latency_cdfs(runs: list[tuple[str, list[RequestRecord]]], directory: str) ->
             if len(values):
                 ax.step(values, np.arange(1, len(values) + 1) / len(values), where="post", label=label)
         ax.set_title(METRICS[name])
-        ax.set_xlabel("ms")
+        ax.set_xlabel("ms (log scale)" if name == "itl" else "ms")
+        if name == "itl":
+            ax.set_xscale("log")
         ax.set_ylabel("fraction of samples")
         ax.grid(alpha=0.3)
     if len(runs) > 1:
