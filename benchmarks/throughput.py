@@ -1,4 +1,5 @@
 """Offline throughput on random prompts, optionally against Hugging Face transformers.
+(`sluice bench throughput` is the user-facing command; this script adds the transformers comparison.)
 
     python benchmarks/throughput.py                       # default model, 128 x (256 in, 128 out)
     python benchmarks/throughput.py --num-prompts 16 --compare-hf
@@ -14,9 +15,10 @@ import argparse
 import os
 import time
 
-import numpy as np
 import torch
 
+from sluice.bench.datasets import random_token_ids
+from sluice.bench.offline import ThroughputResult, report, time_generate, warm_up
 from sluice.loader import ModelSource, load_tokenizer, resolve_model
 
 HF_BATCH_SIZE = 16
@@ -41,29 +43,8 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def random_prompts(tokenizer, num: int, length: int, seed: int) -> list[list[int]]:
-    """Seeded random token ids in [0, vocab), redrawing any special token."""
-    vocab = len(tokenizer)
-    special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, size=(num, length))
-    while (bad := np.isin(ids, special)).any():
-        ids[bad] = rng.integers(0, vocab, size=int(bad.sum()))
-    return ids.tolist()
-
-
-def report(label: str, elapsed: float, num_requests: int, input_tokens: int, output_tokens: int) -> float:
-    """Print the labelled lines; return output tokens/s."""
-    out_tps = output_tokens / elapsed
-    print(f"[{label}] {num_requests} requests, {input_tokens} prompt + {output_tokens} output tokens, {elapsed:.2f} s")
-    print(f"[{label}] requests/s:      {num_requests / elapsed:10.2f}")
-    print(f"[{label}] total tokens/s:  {(input_tokens + output_tokens) / elapsed:10.2f}")
-    print(f"[{label}] output tokens/s: {out_tps:10.2f}")
-    return out_tps
-
-
 def bench_sluice(args: argparse.Namespace, prompts: list[list[int]]) -> float:
-    from sluice import LLM, SamplingParams
+    from sluice import LLM
 
     engine_args = {"model": args.model, "dtype": args.dtype, "seed": args.seed}
     if args.max_num_seqs is not None:
@@ -71,14 +52,8 @@ def bench_sluice(args: argparse.Namespace, prompts: list[list[int]]) -> float:
     if args.max_num_batched_tokens is not None:
         engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
     llm = LLM(**engine_args)
-    llm.generate([{"prompt_token_ids": prompts[0][:8]}], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
-
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
-    elapsed = time.perf_counter() - start
-    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return report("sluice", elapsed, len(prompts), sum(map(len, prompts)), output_tokens)
+    warm_up(llm)
+    return report("sluice", time_generate(llm, prompts, [args.output_len] * len(prompts)))
 
 
 def load_hf_model(src: ModelSource, dtype: torch.dtype):
@@ -124,14 +99,15 @@ def bench_hf(args: argparse.Namespace, src: ModelSource, tokenizer, prompts: lis
         generate(prompts[i:i + HF_BATCH_SIZE], args.output_len) for i in range(0, len(prompts), HF_BATCH_SIZE)
     )
     elapsed = time.perf_counter() - start
-    return report(f"hf batch={HF_BATCH_SIZE}", elapsed, len(prompts), sum(map(len, prompts)), output_tokens)
+    result = ThroughputResult(elapsed, len(prompts), sum(map(len, prompts)), output_tokens)
+    return report(f"hf batch={HF_BATCH_SIZE}", result)
 
 
 def main() -> None:
     args = parse_args()
     src = resolve_model(args.model)
     tokenizer = load_tokenizer(src)
-    prompts = random_prompts(tokenizer, args.num_prompts, args.input_len, args.seed)
+    prompts = random_token_ids(tokenizer, args.num_prompts, args.input_len, args.seed)
     print(
         f"model={src.name} ({src.path}) dtype={args.dtype} prompts={args.num_prompts} "
         f"input_len={args.input_len} output_len={args.output_len} threads={torch.get_num_threads()}"
