@@ -6,6 +6,7 @@ process, so this loop can run in a process of its own.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -14,7 +15,8 @@ from sluice.core.kv_cache_manager import KVCacheManager, cdiv
 from sluice.core.request import Request
 from sluice.core.scheduler import Scheduler
 from sluice.engine.messages import EngineCoreOutput, EngineCoreRequest, QueueFullError
-from sluice.loader import ModelSource
+from sluice.loader import ModelSource, load_tokenizer
+from sluice.structured_output.manager import StructuredOutputManager
 from sluice.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("sluice")
@@ -48,7 +50,9 @@ class EngineCore:
         num_blocks = self.runner.choose_num_blocks(max_useful)
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        grammars = StructuredOutputManager(config.structured_outputs, functools.partial(load_tokenizer, source),
+                                           hf_config.vocab_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, grammars)
         cache_gib = num_blocks * self.runner.bytes_per_block() / 2**30
         logger.info(
             "model %s loaded in %.1f s (%s); KV cache: %d blocks of %d tokens (%.2f GiB), "

@@ -26,6 +26,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"], help="fcfs, or priority (lower first, then arrival)")
     parser.add_argument("--max-num-queued-reqs", type=int, default=None, help="refuse new requests (503) while this many wait (default: no limit)")
     parser.add_argument("--max-num-queued-tokens", type=int, default=None, help="refuse new requests (503) while this many prompt tokens wait (default: no limit)")
+    parser.add_argument("--structured-outputs-compile-timeout", type=float, default=None, metavar="SECONDS", help="fail a structured-output request whose grammar has not compiled this long after it arrived (default: 30)")
+    parser.add_argument("--structured-outputs-any-whitespace", action="store_true", default=None, help="let JSON grammars emit free runs of whitespace (vLLM's default form) instead of compact JSON")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
