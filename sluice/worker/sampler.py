@@ -129,19 +129,19 @@ class SamplerOutput:
 
 class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """Samples one token per row. With a grammar bitmask, float32 `logits` are masked in place
+        (the runner's logits serve this step only; a copy would cost a [B, V] write per step)."""
         if (meta.all_greedy and meta.max_num_logprobs is None and meta.min_tokens_mask is None
                 and meta.grammar is None and not _has_penalties(meta)):
             # nothing to process: argmax alone (float32 argmax is ~2x faster than bf16's on CPU)
             return SamplerOutput(sampled_token_ids=logits.float().argmax(dim=-1), logprobs=None)
-        raw, logits = logits, logits.float()
+        logits = logits.float()
         logprobs = None
         if meta.max_num_logprobs is not None:
             # vLLM V1's default: logprobs describe the model, not the sampling rules.
             logprobs = torch.log_softmax(logits, dim=-1)
 
         if meta.grammar is not None:
-            if logits is raw:  # masked in place: leave the caller's tensor as it was
-                logits = logits.clone()
             apply_bitmask(logits, meta.grammar.bitmask, meta.grammar.rows)
         if meta.min_tokens_mask is not None:
             logits = logits.index_put(meta.min_tokens_mask, logits.new_tensor(_NEG_INF))
