@@ -119,6 +119,11 @@ class GrammarCompiler:
         self._compiler: xgr.GrammarCompiler | None = None
         self._compiler_lock = threading.Lock()
 
+    def warm_up(self) -> None:
+        """Load the tokenizer and build xgrammar's vocabulary tables now, in the background, so
+        the first structured request neither waits for them nor spends its timeout on them."""
+        self.executor.submit(self._xgrammar_compiler)
+
     def submit(self, spec: tuple[str, str]) -> Future[Compiled]:
         future = self.futures.get(spec)
         if future is not None:
