@@ -245,7 +245,7 @@ class Scheduler:
             if request.first_token_time is None:
                 request.first_token_time = now
                 self.num_prompt_tokens += request.num_prompt_tokens
-            status = self._check_stop(request, token)
+            status = self._advance_grammar(request, token) or self._check_stop(request, token)
             output = EngineCoreOutput(
                 request.request_id,
                 [token],
@@ -262,12 +262,17 @@ class Scheduler:
             outputs.append(output)
         return outputs
 
+    @staticmethod
+    def _advance_grammar(request: Request, token: int) -> RequestStatus | None:
+        """Feed a sampled token to the request's matcher (once: a recomputed request resamples nothing)."""
+        if request.grammar is None or request.grammar.accept(token):
+            return None
+        # Only when the mask left nothing to sample (e.g. min_tokens banning the grammar's only stop).
+        request.error = f"{request.grammar.field}: sampled token {token} does not fit the grammar"
+        return RequestStatus.FINISHED_ERROR
+
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params
-        if request.grammar is not None and not request.grammar.accept(token):
-            # Only when the mask left nothing to sample (e.g. min_tokens banning the grammar's only stop).
-            request.error = f"{request.grammar.field}: sampled token {token} does not fit the grammar"
-            return RequestStatus.FINISHED_ERROR
         if token in request.stop_token_ids and request.num_output_tokens >= params.min_tokens:
             if token in (params.stop_token_ids or ()):
                 request.stop_reason = token

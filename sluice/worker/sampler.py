@@ -5,11 +5,11 @@ a token, builds a `SamplingMetadata` once, and calls `Sampler()(logits, meta)`.
 Everything is vectorised over the batch and nothing forces a host sync; the
 only Python loop at sample time draws noise for seeded rows.
 
-Order (vLLM's): logprobs from the raw logits -> structured-output grammar
-bitmask -> min_tokens masking of stop ids -> repetition/frequency/presence
-penalties -> greedy rows take argmax ->
-random rows: temperature, top-k, top-p, min-p, softmax, then the exponential
-race argmax(probs / q), q ~ Exp(1), which samples from probs exactly.
+Order (vLLM's): logprobs from the raw logits -> the grammar bitmask of
+structured-output rows -> min_tokens masking of stop ids -> repetition/
+frequency/presence penalties -> greedy rows take argmax -> random rows:
+temperature, top-k, top-p, min-p, softmax, then the exponential race
+argmax(probs / q), q ~ Exp(1), which samples from probs exactly.
 """
 
 from __future__ import annotations

@@ -278,9 +278,7 @@ class OpenAIServing:
         self.chat_template = chat_template  # the template text (None: the tokenizer's own)
         self.log_requests = log_requests
         self.max_log_len = max_log_len
-        if tool_parser is not None and tool_parser not in TOOL_PARSERS:
-            raise ValueError(f"tool_parser must be one of {', '.join(TOOL_PARSERS)}, got {tool_parser!r}")
-        self.tool_parser = tool_parser  # finds tool calls for tool_choice "auto"; None: "auto" is refused
+        self.tool_parser = tool_parser  # a TOOL_PARSERS name, for tool_choice "auto"; None: "auto" is refused
         self.exclude_tools_when_tool_choice_none = exclude_tools_when_tool_choice_none
         self.created = int(time.time())
 
