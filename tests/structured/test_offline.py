@@ -58,7 +58,8 @@ def test_json_schema_outputs_are_compact_valid_and_finish(llm):
 
 def test_json_object_outputs_are_objects(llm):
     """Any object: at temperature 1.0 this model may write one longer than max_tokens."""
-    greedy = SamplingParams(temperature=0.0, max_tokens=60, structured_outputs=StructuredOutputsParams(json_object=True))
+    greedy = SamplingParams(temperature=0.0, max_tokens=60,
+                            structured_outputs=StructuredOutputsParams(json_object=True))
     [first] = completions(llm.chat(ASK_PERSON, greedy, use_tqdm=False))
     assert first.finish_reason == "stop" and isinstance(json.loads(first.text), dict)
     for c in completions(llm.chat([ASK_PERSON] * len(SEEDS), seeded(40, json_object=True), use_tqdm=False)):

@@ -47,7 +47,8 @@ def test_spec_is_the_compilation_key():
     ({"json": {"type": "string", "pattern": "(["}}, "structured_outputs.json", "invalid JSON schema: Regex parsing"),
     ({"json": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}, "structured_outputs.json",
      "the keyword 'uniqueItems' is not supported"),
-    ({"regex": "(ab"}, "structured_outputs.regex", "invalid regex: Regex parsing error at position 4: The parenthesis is not closed"),
+    ({"regex": "(ab"}, "structured_outputs.regex",
+     "invalid regex: Regex parsing error at position 4: The parenthesis is not closed"),
     ({"grammar": "root ::= foo"}, "structured_outputs.grammar", 'Rule "foo" is not defined'),
     ({"grammar": "root ::= 'a'"}, "structured_outputs.grammar", "invalid EBNF grammar"),
 ])
