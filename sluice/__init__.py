@@ -1,10 +1,11 @@
 """sluice: an LLM inference and serving engine with vLLM's interfaces."""
 
 from sluice.outputs import CompletionOutput, Logprob, RequestOutput
-from sluice.sampling_params import SamplingParams
+from sluice.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob",
+           "__version__"]
 
 
 def __getattr__(name: str):

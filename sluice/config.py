@@ -166,14 +166,34 @@ class ObservabilityConfig:
 
 
 @dataclass
+class StructuredOutputsConfig:
+    # A grammar still compiling this many seconds after its request arrived fails the request.
+    structured_outputs_compile_timeout: float = 30.0
+    # JSON grammars allow free runs of whitespace (vLLM's form) instead of compact JSON.
+    structured_outputs_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        timeout = self.structured_outputs_compile_timeout
+        _check(
+            not isinstance(timeout, bool) and isinstance(timeout, (int, float)) and 0 < timeout < float("inf"),
+            f"structured_outputs_compile_timeout must be a number of seconds > 0, got {timeout!r}",
+        )
+        _check(
+            isinstance(self.structured_outputs_any_whitespace, bool),
+            f"structured_outputs_any_whitespace must be a bool, got {self.structured_outputs_any_whitespace!r}",
+        )
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
     PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-             "observability": ObservabilityConfig}
+             "observability": ObservabilityConfig, "structured_outputs": StructuredOutputsConfig}
 
     @property
     def model_name(self) -> str:

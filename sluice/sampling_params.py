@@ -7,6 +7,10 @@ import math
 from dataclasses import dataclass
 from enum import IntEnum
 
+from sluice.structured_output.params import StructuredOutputsParams
+
+__all__ = ["SamplingParams", "SamplingType", "StructuredOutputsParams"]
+
 # Temperatures below this are treated as greedy decoding (as in vLLM).
 _SAMPLING_EPS = 1e-5
 
@@ -60,6 +64,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output to a grammar
 
     def __post_init__(self) -> None:
         self._normalise_lists()
@@ -143,6 +148,9 @@ class SamplingParams:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
 
     @property
     def greedy(self) -> bool:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import enum
 import itertools
+from typing import TYPE_CHECKING
 
 import torch
 
 from sluice.engine.messages import EngineCoreRequest
 
+if TYPE_CHECKING:
+    from sluice.structured_output.manager import RequestGrammar
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_GRAMMAR = "waiting_for_grammar"  # its structured-output grammar is compiling
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -66,12 +71,14 @@ class Request:
         self.error: str | None = None
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of all_token_ids
         params = req.sampling_params
+        self.eos_token_ids = req.eos_token_ids
         self.stop_token_ids: set[int] = set(params.stop_token_ids or [])
         if not params.ignore_eos:
             self.stop_token_ids.update(req.eos_token_ids)
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
+        self.grammar: RequestGrammar | None = None  # set by the scheduler for structured outputs
         self.trace_headers = req.trace_headers
         # Wall-clock timestamps for metrics and traces, comparable with arrival_time.
         self.queued_time = self.arrival_time

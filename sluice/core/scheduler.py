@@ -16,6 +16,10 @@ from sluice.core.kv_cache_manager import KVCacheManager, cdiv
 from sluice.core.request import Request, RequestStatus
 from sluice.engine.messages import EngineCoreOutput
 from sluice.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
+from sluice.structured_output.manager import GrammarBitmask, GrammarError, StructuredOutputManager
+
+# With nothing else to run, how long one step may block waiting for a grammar to compile.
+GRAMMAR_IDLE_WAIT_S = 0.01
 
 
 @dataclass
@@ -35,6 +39,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     num_preempted: int = 0
+    grammar_bitmask: GrammarBitmask | None = None  # None: no sampling row is constrained
 
     @property
     def total_num_tokens(self) -> int:
@@ -42,11 +47,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 structured_output: StructuredOutputManager | None = None) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
+        self.structured_output = structured_output
         self.waiting: list[Request] = []  # kept sorted by the policy's key
+        self.waiting_for_grammar: list[Request] = []  # out of the queue until their grammar compiles
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.finished_outputs: list[EngineCoreOutput] = []  # finished outside a step (aborts, errors)
@@ -63,7 +71,18 @@ class Scheduler:
                 f"({self.kv.pool.num_usable_blocks} blocks of {self.kv.block_size} tokens)",
             )
             return
+        if request.sampling_params.structured_outputs is not None:
+            self._start_grammar(request)
+            return
         self._enqueue_waiting(request)
+
+    def _start_grammar(self, request: Request) -> None:
+        if self.structured_output is None:
+            self._finish_with_error(request, "structured outputs are not available in this engine")
+            return
+        request.grammar = self.structured_output.start(request)
+        request.status = RequestStatus.WAITING_FOR_GRAMMAR
+        self.waiting_for_grammar.append(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Finish requests by the client's or output processor's wish; frees their blocks now."""
@@ -73,15 +92,15 @@ class Scheduler:
                 self._finish(request, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.finished_outputs)
+        return bool(self.waiting or self.running or self.finished_outputs or self.waiting_for_grammar)
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.waiting_for_grammar)
 
     def num_waiting_tokens(self) -> int:
         """Prompt tokens the waiting queue still has to compute (backpressure and metrics)."""
-        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting + self.waiting_for_grammar)
 
     # ---- statistics ---------------------------------------------------------------------
     def take_stats(self) -> IterationStats:
@@ -95,6 +114,7 @@ class Scheduler:
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting_capacity=len(self.waiting),
+            num_waiting_deferred=len(self.waiting_for_grammar),
             num_waiting_tokens=self.num_waiting_tokens(),
             kv_cache_usage=pool.usage(),
             num_free_blocks=pool.num_free_blocks(),
@@ -103,6 +123,8 @@ class Scheduler:
 
     # ---- the step ---------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        if self.waiting_for_grammar:
+            self._admit_compiled_grammars()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         budget = self._schedule_running(out, budget)
@@ -112,7 +134,23 @@ class Scheduler:
             s.request.num_computed_tokens += s.num_new_tokens
         if out.scheduled:
             self.stats.step_num_tokens.append(out.total_num_tokens)
+        if self.structured_output is not None:
+            out.grammar_bitmask = self.structured_output.grammar_bitmask(out.scheduled)
         return out
+
+    def _admit_compiled_grammars(self) -> None:
+        """Queue requests whose grammar compiled; fail those whose grammar failed or timed out."""
+        if not (self.running or self.waiting):
+            self.structured_output.wait([r.grammar for r in self.waiting_for_grammar], GRAMMAR_IDLE_WAIT_S)
+        for request in list(self.waiting_for_grammar):
+            try:
+                ready = request.grammar.ready()
+            except GrammarError as exc:
+                self._finish_with_error(request, str(exc))
+                continue
+            if ready:
+                self.waiting_for_grammar.remove(request)
+                self._enqueue_waiting(request)
 
     def _chunk(self, remaining: int, budget: int) -> int:
         """Tokens to schedule for a request with `remaining` uncomputed tokens."""
@@ -227,7 +265,7 @@ class Scheduler:
                 continue
             request.append_output_token(token)
             self._record_token(request, now)
-            status = self._check_stop(request, token)
+            status = self._advance_grammar(request, token) or self._check_stop(request, token)
             output = EngineCoreOutput(
                 request.request_id,
                 [token],
@@ -240,6 +278,7 @@ class Scheduler:
                 self._finish(request, status, emit=False)
                 output.finish_reason = status.finish_reason
                 output.stop_reason = request.stop_reason
+                output.error = request.error
             outputs.append(output)
         return outputs
 
@@ -254,11 +293,22 @@ class Scheduler:
             stats.inter_token_latencies.append(now - request.last_token_time)
         request.last_token_time = now
 
+    @staticmethod
+    def _advance_grammar(request: Request, token: int) -> RequestStatus | None:
+        """Feed a sampled token to the request's matcher (once: a recomputed request resamples nothing)."""
+        if request.grammar is None or request.grammar.accept(token):
+            return None
+        # Only when the mask left nothing to sample (e.g. min_tokens banning the grammar's only stop).
+        request.error = f"{request.grammar.field}: sampled token {token} does not fit the grammar"
+        return RequestStatus.FINISHED_ERROR
+
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params
         if token in request.stop_token_ids and request.num_output_tokens >= params.min_tokens:
             if token in (params.stop_token_ids or ()):
                 request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if request.grammar is not None and request.grammar.terminated:
             return RequestStatus.FINISHED_STOPPED
         if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
@@ -269,6 +319,11 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        elif request in self.waiting_for_grammar:
+            self.waiting_for_grammar.remove(request)
+        if request.grammar is not None:
+            self.structured_output.release()
+            request.grammar = None
         request.status = status
         self.kv.free(request)
         self.requests.pop(request.request_id, None)

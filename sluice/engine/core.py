@@ -6,6 +6,7 @@ process, so this loop can run in a process of its own.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -14,9 +15,10 @@ from sluice.core.kv_cache_manager import KVCacheManager, cdiv
 from sluice.core.request import Request
 from sluice.core.scheduler import Scheduler
 from sluice.engine.messages import EngineCoreOutput, EngineCoreRequest, QueueFullError
-from sluice.loader import ModelSource
+from sluice.loader import ModelSource, load_tokenizer
 from sluice.metrics.loggers import LoggingStatLogger
 from sluice.metrics.prometheus import PrometheusStatLogger
+from sluice.structured_output.manager import StructuredOutputManager
 from sluice.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("sluice")
@@ -51,7 +53,9 @@ class EngineCore:
         self.runner.allocate_kv_cache(num_blocks)
         obs = config.observability
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, obs.kv_cache_metrics)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        grammars = StructuredOutputManager(config.structured_outputs, functools.partial(load_tokenizer, source),
+                                           hf_config.vocab_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, grammars)
         self.metrics = PrometheusStatLogger(config, self.max_model_len, self.kv.pool.num_usable_blocks)
         self.stat_loggers: list = [self.metrics]
         if not obs.disable_log_stats:

@@ -35,6 +35,7 @@ class EngineCoreProc:
         source = resolve_model(config.model.model)
         hf_config = load_hf_config(source)
         self.core = EngineCore(config, hf_config, source)
+        self.core.scheduler.structured_output.compiler.warm_up()  # a server lives long: get grammars ready
         self.info = {
             "max_model_len": self.core.max_model_len,
             "vocab_size": hf_config.vocab_size,

@@ -6,6 +6,7 @@ from typing import Any, Union
 
 from sluice.engine.messages import EngineCoreRequest
 from sluice.sampling_params import SamplingParams
+from sluice.structured_output.backend import check_spec
 
 PromptType = Union[str, list[int], dict[str, Any]]
 
@@ -87,6 +88,8 @@ class InputProcessor:
         if priority != 0 and self.scheduling_policy != "priority":
             raise ValueError(f"priority={priority} needs scheduling_policy='priority' (this engine runs "
                              f"{self.scheduling_policy!r})")
+        if params.structured_outputs is not None:
+            check_spec(params.structured_outputs)  # a bad spec fails here, not in the core
         extra = {} if arrival_time is None else {"arrival_time": arrival_time}
         return EngineCoreRequest(
             request_id=request_id,

@@ -34,6 +34,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--collect-detailed-traces", default=None, choices=["model", "worker", "all"],
                         help="also a span per engine step, with schedule / execute_model / update children "
                              "(needs --otlp-traces-endpoint)")
+    parser.add_argument("--structured-outputs-compile-timeout", type=float, default=None, metavar="SECONDS", help="fail a structured-output request whose grammar has not compiled this long after it arrived (default: 30)")
+    parser.add_argument("--structured-outputs-any-whitespace", action="store_true", default=None, help="let JSON grammars emit free runs of whitespace (vLLM's default form) instead of compact JSON")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

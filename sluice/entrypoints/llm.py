@@ -105,13 +105,15 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate."""
+        """Apply the model's chat template to each conversation (with `tools`, OpenAI's tool
+        definitions, where the template shows them), then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conversation in conversations:
             text = self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                conversation, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
                 chat_template=chat_template, **(chat_template_kwargs or {}),
             )
             token_ids = self.tokenizer.encode(text, add_special_tokens=False)

@@ -14,6 +14,7 @@ from sluice.core.scheduler import ScheduledRequest, SchedulerOutput
 from sluice.layers.attention import build_attention_metadata
 from sluice.loader import ModelSource, iter_weights
 from sluice.models.registry import get_model_class
+from sluice.structured_output.manager import GrammarBitmask
 from sluice.worker.sampler import Sampler, SamplingMetadata, SamplingRow, compute_prompt_logprobs
 
 MAX_NUM_BLOCKS = 1 << 20
@@ -118,7 +119,7 @@ class ModelRunner:
         if sampling:
             last_index = torch.tensor([ends[i] - 1 for i, _ in sampling], device=self.device)
             logits = self.model.compute_logits(hidden[last_index])
-            self._sample(logits, [s for _, s in sampling], out)
+            self._sample(logits, [s for _, s in sampling], out, sched.grammar_bitmask)
         for i, s in enumerate(scheduled):
             if s.request.sampling_params.prompt_logprobs is not None:
                 self._prompt_logprobs(hidden[ends[i] - s.num_new_tokens : ends[i]], s, out)
@@ -136,7 +137,9 @@ class ModelRunner:
             torch.tensor(pos, dtype=torch.long, device=self.device),
         )
 
-    def _sample(self, logits: torch.Tensor, rows: list[ScheduledRequest], out: RunnerOutput) -> None:
+    def _sample(self, logits: torch.Tensor, rows: list[ScheduledRequest], out: RunnerOutput,
+                grammar: GrammarBitmask | None) -> None:
+        """grammar: the bitmask rows of these sampling rows, in this order (see GrammarBitmask)."""
         sampling_rows = [
             SamplingRow(
                 params=s.request.sampling_params,
@@ -147,7 +150,7 @@ class ModelRunner:
             )
             for s in rows
         ]
-        meta = SamplingMetadata.build(sampling_rows, self.vocab_size, self.device)
+        meta = SamplingMetadata.build(sampling_rows, self.vocab_size, self.device, grammar)
         result = self.sampler(logits, meta)
         tokens = result.sampled_token_ids.tolist()
         for s, token in zip(rows, tokens):

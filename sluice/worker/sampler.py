@@ -5,19 +5,25 @@ a token, builds a `SamplingMetadata` once, and calls `Sampler()(logits, meta)`.
 Everything is vectorised over the batch and nothing forces a host sync; the
 only Python loop at sample time draws noise for seeded rows.
 
-Order (vLLM's): logprobs from the raw logits -> min_tokens masking of stop
-ids -> repetition/frequency/presence penalties -> greedy rows take argmax ->
-random rows: temperature, top-k, top-p, min-p, softmax, then the exponential
-race argmax(probs / q), q ~ Exp(1), which samples from probs exactly.
+Order (vLLM's): logprobs from the raw logits -> the grammar bitmask of
+structured-output rows -> min_tokens masking of stop ids -> repetition/
+frequency/presence penalties -> greedy rows take argmax -> random rows:
+temperature, top-k, top-p, min-p, softmax, then the exponential race
+argmax(probs / q), q ~ Exp(1), which samples from probs exactly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from sluice.sampling_params import SamplingParams
+from sluice.structured_output.backend import apply_bitmask
+
+if TYPE_CHECKING:
+    from sluice.structured_output.manager import GrammarBitmask
 
 _NEG_INF = float("-inf")
 
@@ -53,9 +59,11 @@ class SamplingMetadata:
     presence_penalties: torch.Tensor | None  # [B] float32
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # (row ids, token ids) to ban
     max_num_logprobs: int | None  # k for sample logprobs; None when no row asks
+    grammar: GrammarBitmask | None = None  # allowed tokens of grammar-constrained rows
 
     @classmethod
-    def build(cls, rows: list[SamplingRow], vocab_size: int, device) -> SamplingMetadata:
+    def build(cls, rows: list[SamplingRow], vocab_size: int, device,
+              grammar: GrammarBitmask | None = None) -> SamplingMetadata:
         params = [r.params for r in rows]
         greedy = [p.greedy for p in params]
         all_greedy, all_random = all(greedy), not any(greedy)
@@ -102,6 +110,7 @@ class SamplingMetadata:
             presence_penalties=vec(press, torch.float32) if use_pres else None,
             min_tokens_mask=_min_tokens_mask(rows, vocab_size, vec),
             max_num_logprobs=_max_num_logprobs(params, vocab_size),
+            grammar=grammar,
         )
 
 
@@ -120,7 +129,10 @@ class SamplerOutput:
 
 class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        if meta.all_greedy and meta.max_num_logprobs is None and meta.min_tokens_mask is None and not _has_penalties(meta):
+        """Samples one token per row. With a grammar bitmask, float32 `logits` are masked in place
+        (the runner's logits serve this step only; a copy would cost a [B, V] write per step)."""
+        if (meta.all_greedy and meta.max_num_logprobs is None and meta.min_tokens_mask is None
+                and meta.grammar is None and not _has_penalties(meta)):
             # nothing to process: argmax alone (float32 argmax is ~2x faster than bf16's on CPU)
             return SamplerOutput(sampled_token_ids=logits.float().argmax(dim=-1), logprobs=None)
         logits = logits.float()
@@ -129,6 +141,8 @@ class Sampler(torch.nn.Module):
             # vLLM V1's default: logprobs describe the model, not the sampling rules.
             logprobs = torch.log_softmax(logits, dim=-1)
 
+        if meta.grammar is not None:
+            apply_bitmask(logits, meta.grammar.bitmask, meta.grammar.rows)
         if meta.min_tokens_mask is not None:
             logits = logits.index_put(meta.min_tokens_mask, logits.new_tensor(_NEG_INF))
         logits = apply_penalties(logits, meta)

@@ -193,14 +193,7 @@ def test_stream_options_are_strict():
 
 
 @pytest.mark.parametrize("fields, param, fragment", [
-    ({"response_format": {"type": "json_object"}}, "response_format", "'json_object' is not supported yet"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-     "response_format", "not supported yet"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools are not supported yet"),
-    ({"tool_choice": "required"}, "tool_choice", "not supported yet"),
-    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", "not supported yet"),
     ({"logit_bias": {"50256": -100}}, "logit_bias", "not supported"),
-    ({"structured_outputs": {"regex": "[a-z]+"}}, "structured_outputs", "structured outputs are not supported yet"),
     ({"top_logprobs": 3}, "top_logprobs", "requires logprobs=true"),
 ])
 def test_unsupported_features_are_refused_at_conversion(fields, param, fragment):
@@ -259,15 +252,15 @@ def test_best_of(fresh_warnings, caplog):
     ("guided_json", {"type": "object"}, "json"),
     ("guided_regex", "[0-9]+", "regex"),
     ("guided_choice", ["yes", "no"], "choice"),
-    ("guided_grammar", "root ::= 'a'", "grammar"),
+    ("guided_grammar", 'root ::= "a"', "grammar"),
 ])
 def test_guided_fields_map_to_structured_outputs(fresh_warnings, caplog, field, value, key):
     with caplog.at_level(logging.WARNING, logger=protocol.logger.name):
         request = completion(**{field: value})
     assert request.structured_outputs.model_dump(by_alias=True, exclude_none=True) == {key: value}
     assert any("deprecated" in r.getMessage() and "structured_outputs" in r.getMessage() for r in caplog.records)
-    error = refused(request)
-    assert error.param == "structured_outputs" and "not supported yet" in error.message
+    spec = request.to_sampling_params(10, 1).structured_outputs
+    assert spec.kind == key and getattr(spec, key) == value
 
 
 def test_guided_and_structured_outputs_merge_or_clash():
@@ -278,7 +271,8 @@ def test_guided_and_structured_outputs_merge_or_clash():
 
 
 def test_empty_structured_outputs_is_fine():
-    assert chat(structured_outputs={}).to_sampling_params(10, 1).max_tokens == 10
+    params = chat(structured_outputs={}).to_sampling_params(10, 1)
+    assert params.max_tokens == 10 and params.structured_outputs is None
 
 
 # ---- chat -> SamplingParams ---------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from sluice.sampling_params import SamplingParams
+from sluice.structured_output.backend import allocate_bitmask
+from sluice.structured_output.manager import GrammarBitmask
 from sluice.worker.sampler import (
     Sampler,
     SamplingMetadata,
@@ -367,3 +369,44 @@ def test_prompt_logprobs(k):
         assert out.ranks[i] == 1 + int((ref > ref[t]).sum())
         top = np.argsort(-ref)[:width]
         np.testing.assert_allclose(out.logprobs[i, 1:].numpy(), ref[top], atol=1e-5)
+
+
+# ---------------------------------------------------------------- grammar bitmask
+
+
+def bitmask_allowing(allowed: list[list[int] | None], vocab: int = V) -> GrammarBitmask:
+    """Rows with a token list are constrained to it; None rows are free."""
+    mask = allocate_bitmask(len(allowed), vocab)
+    for i, tokens in enumerate(allowed):
+        if tokens is not None:
+            mask[i] = 0
+            for t in tokens:
+                mask[i, t // 32] |= 1 << (t % 32)
+    return GrammarBitmask([i for i, tokens in enumerate(allowed) if tokens is not None], mask)
+
+
+def test_grammar_bitmask_constrains_only_its_rows():
+    torch.manual_seed(5)
+    logits = torch.randn(4, V) * 3
+    params = [SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0, logprobs=2),
+              SamplingParams(temperature=1.0, seed=3, logprobs=2), SamplingParams(temperature=1.0, seed=4, logprobs=2)]
+
+    def run(grammar):
+        rows = [row(p, seed=p.seed) for p in params]
+        return Sampler()(logits.clone(), SamplingMetadata.build(rows, V, "cpu", grammar))  # masked in place
+
+    allowed = [[3, 40], None, [7, 33, 63], None]
+    constrained, free = run(bitmask_allowing(allowed)), run(None)
+    ids = constrained.sampled_token_ids.tolist()
+    assert ids[0] == max(allowed[0], key=lambda t: logits[0, t]) and ids[2] in allowed[2]
+    for i in (1, 3):  # free rows: bit-identical to a batch without any grammar
+        assert ids[i] == free.sampled_token_ids[i]
+        assert torch.equal(constrained.logprobs.logprobs[i], free.logprobs.logprobs[i])
+    # logprobs describe the model, not the grammar: the top entries are the raw top tokens
+    assert torch.equal(constrained.logprobs.logprobs[0, 1:], free.logprobs.logprobs[0, 1:])
+
+
+def test_grammar_bitmask_covers_a_vocab_padded_past_32():
+    logits = torch.zeros(1, 70)  # 3 words of bits, the last one partly used
+    meta = SamplingMetadata.build([row(SamplingParams(temperature=0))], 70, "cpu", bitmask_allowing([[69]], 70))
+    assert Sampler()(logits, meta).sampled_token_ids.tolist() == [69]

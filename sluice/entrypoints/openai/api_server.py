@@ -38,6 +38,7 @@ from sluice.entrypoints.openai.protocol import (
     validation_error_to_api_error,
 )
 from sluice.entrypoints.openai.serving import RETRY_AFTER_S, OpenAIServing, api_error_from_exception
+from sluice.entrypoints.openai.tool_calls import TOOL_PARSERS
 from sluice.loader import DEFAULT_MODEL
 from sluice.metrics.http import MULTIPROC_ENV, HttpMetrics, HttpMetricsMiddleware
 
@@ -262,7 +263,8 @@ async def serve_http(args: argparse.Namespace, address: str, core_pid: int, sock
     engine = await AsyncLLM.connect(args.model, address, core_pid)
     serving = OpenAIServing(
         engine, served_model_names(args), max_n=args.max_n_sequences, chat_template=read_chat_template(args),
-        log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
+        log_requests=args.enable_log_requests, max_log_len=args.max_log_len, tool_parser=args.tool_call_parser,
+        exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
     )
     public = set(ALWAYS_PUBLIC) | set(split_list(args.public_endpoints))
     state = ServerState(engine, serving, api_keys(args), public)
@@ -416,6 +418,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--api-server-count", type=int, default=1, help="API processes sharing the port and one engine core")
     group.add_argument("--uvicorn-log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
+    group.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                       help='how tool calls are found in output for tool_choice "auto": hermes (<tool_call> blocks) '
+                            'or json (the output is the call); without it "auto" is refused')
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="accepted for vLLM compatibility: --tool-call-parser alone enables tool_choice \"auto\"")
+    group.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                       help='leave tools out of the chat template when tool_choice is "none"')
 
 
 def check_server_args(args: argparse.Namespace) -> None:

@@ -1,13 +1,15 @@
 """OpenAI-compatible request models (pydantic v2), the API error type and response envelopes.
 
 Requests use OpenAI's field names plus vLLM's extensions (top_k, min_p, repetition_penalty,
-ignore_eos, ...). Unknown top-level fields are refused, so a typo is a 400 naming the field
-rather than a knob silently ignored. Features the engine lacks so far (tools, structured
-outputs, logit_bias, suffix) are parsed, then refused with a 400 by `to_sampling_params`.
+ignore_eos, structured_outputs, ...). Unknown top-level fields are refused, so a typo is a 400
+naming the field rather than a knob silently ignored. Features the engine lacks (logit_bias,
+suffix) are parsed, then refused with a 400 by `to_sampling_params`; so is a bad structured-output
+spec or tool definition, naming its field (`response_format.json_schema.schema`, `tools.0...`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from abc import abstractmethod
@@ -15,7 +17,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from sluice.sampling_params import SamplingParams
+from sluice.entrypoints.openai.tool_calls import named_call_schema, required_calls_schema
+from sluice.sampling_params import SamplingParams, StructuredOutputsParams
+from sluice.structured_output.backend import check_spec
 
 logger = logging.getLogger(__name__)
 
@@ -174,9 +178,10 @@ def _check_prompt(value: Any) -> Any:
 def _check_tool_choice(value: Any) -> Any:
     if value is None or value in ("none", "auto", "required"):
         return value
-    if isinstance(value, dict) and value.get("type") == "function":
+    if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict) \
+            and isinstance(value["function"].get("name"), str):
         return value
-    raise ValueError("must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {...}}")
+    raise ValueError("must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}")
 
 
 # Arguments of apply_chat_template that the server sets itself; in chat_template_kwargs they
@@ -222,11 +227,19 @@ class ChatMessage(BaseModel):
 
     def to_template(self) -> dict[str, Any]:
         """The dict handed to apply_chat_template. `developer` (OpenAI's newer name for the
-        system role) becomes `system`, the only one chat templates know."""
+        system role) becomes `system`, the only one chat templates know; tool-call arguments
+        (JSON text in OpenAI's API) become objects, which templates expect."""
         message = self.model_dump(exclude_none=True)
         message["content"] = self.content
         if self.role == "developer":
             message["role"] = "system"
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                try:
+                    function["arguments"] = json.loads(function["arguments"])
+                except ValueError:
+                    pass  # not JSON: the template gets the text
         return message
 
 
@@ -237,11 +250,30 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool | None = False  # vLLM: running usage on every chunk
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # `schema` is a BaseModel method
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+    def to_params(self) -> StructuredOutputsParams | None:
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.schema_ is None:
+                raise APIError("response_format.json_schema.schema is required for type 'json_schema'",
+                               param="response_format.json_schema.schema")
+            return StructuredOutputsParams(json=self.json_schema.schema_)
+        return None
 
 
 class StructuredOutputs(BaseModel):
@@ -253,9 +285,35 @@ class StructuredOutputs(BaseModel):
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    json_object: bool | None = None
 
     def is_empty(self) -> bool:
-        return all(v is None for v in (self.json_, self.regex, self.choice, self.grammar))
+        return all(v is None for v in (self.json_, self.regex, self.choice, self.grammar, self.json_object))
+
+    def to_params(self) -> StructuredOutputsParams | None:
+        if self.is_empty():
+            return None
+        try:
+            return StructuredOutputsParams(json=self.json_, regex=self.regex, choice=self.choice,
+                                           grammar=self.grammar, json_object=self.json_object)
+        except ValueError as exc:  # messages start with the field: "structured_outputs.choice must ..."
+            raise APIError(str(exc), param=re.match(r"[\w.]+", str(exc)).group()) from None
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
 
 
 # ---- requests --------------------------------------------------------------------------------
@@ -296,7 +354,7 @@ class _SamplingRequest(BaseModel):
     include_stop_str_in_output: bool | None = None
     priority: int | None = 0
     logit_bias: dict[str, float] | None = None  # refused when non-empty
-    structured_outputs: StructuredOutputs | None = None  # refused when non-empty (not implemented yet)
+    structured_outputs: StructuredOutputs | None = None
     guided_json: Any = None  # deprecated spellings of structured_outputs.*
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
@@ -351,6 +409,7 @@ class _SamplingRequest(BaseModel):
         kwargs = {name: getattr(self, name) for name in _PASSTHROUGH if getattr(self, name) is not None}
         kwargs["max_tokens"] = self._max_tokens(default_max_tokens)
         kwargs["logprobs"], kwargs["prompt_logprobs"] = self._logprob_counts()
+        kwargs["structured_outputs"] = self._structured_outputs()
         try:
             return SamplingParams(**kwargs)
         except ValueError as exc:
@@ -359,8 +418,26 @@ class _SamplingRequest(BaseModel):
     def _check_supported(self) -> None:
         if self.logit_bias:
             raise APIError("logit_bias is not supported", param="logit_bias")
-        if self.structured_outputs is not None and not self.structured_outputs.is_empty():
-            raise APIError("structured outputs are not supported yet", param="structured_outputs")
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """The one constraint on the output, its grammar checked; a 400 naming the field if bad."""
+        constraints = self._constraints()
+        if len(constraints) > 1:
+            names = list(constraints)
+            raise APIError(f"{' and '.join(names)} both constrain the output; use one of them", param=names[-1])
+        if not constraints:
+            return None
+        [(params, field)] = constraints.values()
+        try:
+            check_spec(params, field)
+        except ValueError as exc:
+            raise APIError(str(exc), param=field or params.field_name()) from None
+        return params
+
+    def _constraints(self) -> dict[str, tuple[StructuredOutputsParams, str | None]]:
+        """Request field -> (its constraint, the field its errors name; None: structured_outputs.<kind>)."""
+        params = self.structured_outputs.to_params() if self.structured_outputs is not None else None
+        return {"structured_outputs": (params, None)} if params is not None else {}
 
     def _max_tokens(self, room: int) -> int:
         requested, name = self._requested_max_tokens(), self._max_tokens_param()
@@ -408,25 +485,77 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     chat_template_kwargs: TemplateKwargs = None
-    response_format: ResponseFormat | None = None  # only {"type": "text"} so far
-    tools: list[dict[str, Any]] | None = None  # refused when non-empty (not implemented yet)
-    tool_choice: ToolChoice = None
-    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice = None  # None: "auto" with tools, else "none" (OpenAI's and vLLM's defaults)
+    parallel_tool_calls: bool | None = None  # False: tool_choice "required" makes exactly one call
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
 
+    # ---- tools ----
+    def tool_choice_mode(self) -> str:
+        """'none', 'auto', 'required' or 'named'."""
+        if isinstance(self.tool_choice, dict):
+            return "named"
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        return self.tool_choice
+
+    def named_tool(self) -> str | None:
+        return self.tool_choice["function"]["name"] if isinstance(self.tool_choice, dict) else None
+
+    def template_tools(self, exclude_when_none: bool = False) -> list[dict[str, Any]] | None:
+        """The tools for the chat template (vLLM's default: there even with tool_choice "none")."""
+        if not self.tools or (exclude_when_none and self.tool_choice_mode() == "none"):
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+    def _check_tools(self) -> None:
+        tools = self.tools or []
+        names = [tool.function.name for tool in tools]
+        mode = self.tool_choice_mode()
+        if mode != "none" and not tools:
+            raise APIError(f"tool_choice {self.tool_choice!r} needs tools", param="tool_choice")
+        if mode == "named" and self.named_tool() not in names:
+            raise APIError(f"tool_choice names the function '{self.named_tool()}', which is not among tools "
+                           f"({', '.join(names)})", param="tool_choice")
+        for i, tool in enumerate(tools):
+            field = f"tools.{i}.function"
+            if tool.function.name in names[:i]:
+                raise APIError(f"{field}.name: '{tool.function.name}' is defined twice", param=f"{field}.name")
+            if tool.function.parameters is not None:
+                try:
+                    check_spec(StructuredOutputsParams(json=tool.function.parameters), f"{field}.parameters")
+                except ValueError as exc:
+                    raise APIError(str(exc), param=f"{field}.parameters") from None
+
+    def _forced_tool_calls(self) -> StructuredOutputsParams | None:
+        mode = self.tool_choice_mode()
+        tools = [tool.model_dump(exclude_none=True) for tool in self.tools or []]
+        if mode == "required":
+            return StructuredOutputsParams(json=required_calls_schema(tools, self.parallel_tool_calls is not False))
+        if mode == "named":
+            tool = next(t for t in tools if t["function"]["name"] == self.named_tool())
+            return StructuredOutputsParams(json=named_call_schema(tool))
+        return None
+
+    # ---- conversion ----
     def _check_supported(self) -> None:
         super()._check_supported()
-        if self.response_format is not None and self.response_format.type != "text":
-            raise APIError(f"response_format type '{self.response_format.type}' is not supported yet",
-                           param="response_format")
-        if self.tools:
-            raise APIError("tools are not supported yet", param="tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise APIError("tool_choice other than 'none' or 'auto' is not supported yet", param="tool_choice")
+        self._check_tools()
         if self.top_logprobs and not self.logprobs:
             raise APIError("top_logprobs requires logprobs=true", param="top_logprobs")
+
+    def _constraints(self) -> dict[str, tuple[StructuredOutputsParams, str | None]]:
+        constraints = super()._constraints()
+        response_format = self.response_format.to_params() if self.response_format is not None else None
+        if response_format is not None:
+            constraints["response_format"] = (response_format, "response_format.json_schema.schema")
+        forced = self._forced_tool_calls()
+        if forced is not None:
+            constraints["tool_choice"] = (forced, "tools")
+        return constraints
 
     def _requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

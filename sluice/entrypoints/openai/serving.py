@@ -28,6 +28,7 @@ from sluice.entrypoints.openai.protocol import (
     response_envelope,
     usage_info,
 )
+from sluice.entrypoints.openai.tool_calls import TOOL_PARSERS, ForcedToolCalls, ToolCallExtractor, ToolCallStream
 from sluice.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
 from sluice.sampling_params import SamplingParams
 
@@ -236,13 +237,39 @@ def _chat_chunk_choice(index: int, delta: dict, logprobs: dict | None = None,
             "stop_reason": stop_reason}
 
 
+def _chat_message(c: CompletionOutput, tools: ToolCallExtractor | None) -> tuple[dict, str | None]:
+    """The assistant message of a finished choice, and its finish_reason."""
+    if tools is None:
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+    content, calls = tools.extract(c.text)
+    message = {"role": "assistant", "content": content}
+    if not calls:
+        return message, c.finish_reason
+    message["tool_calls"] = [call.to_openai() for call in calls]
+    return message, tools.finish_reason or c.finish_reason
+
+
+def _tool_chunks(stream: ToolCallStream, c: CompletionOutput, logprobs: dict | None) -> Iterable[dict]:
+    """Streamed chunks of a choice with tools: content, then the calls, then the finish."""
+    finished = c.finish_reason is not None
+    content, call_deltas = stream.feed(c.text, finished)
+    if content or (logprobs and logprobs["content"]):
+        yield _chat_chunk_choice(c.index, {"content": content}, logprobs)
+    for delta in call_deltas:
+        yield _chat_chunk_choice(c.index, {"tool_calls": [delta]})
+    if finished:
+        finish_reason = (stream.called and stream.extractor.finish_reason) or c.finish_reason
+        yield _chat_chunk_choice(c.index, {}, None, finish_reason, c.stop_reason)
+
+
 # ---- the server side -----------------------------------------------------------------------------
 class OpenAIServing:
     """The OpenAI API over one AsyncLLM. Methods raise APIError for anything the client did
     wrong or the server cannot do now; other exceptions are bugs (500)."""
 
     def __init__(self, engine, served_model_names: list[str], max_n: int, chat_template: str | None = None,
-                 log_requests: bool = False, max_log_len: int | None = None) -> None:
+                 log_requests: bool = False, max_log_len: int | None = None, tool_parser: str | None = None,
+                 exclude_tools_when_tool_choice_none: bool = False) -> None:
         if not served_model_names:
             raise ValueError("served_model_names must not be empty")
         self.engine = engine
@@ -252,6 +279,8 @@ class OpenAIServing:
         self.chat_template = chat_template  # the template text (None: the tokenizer's own)
         self.log_requests = log_requests
         self.max_log_len = max_log_len
+        self.tool_parser = tool_parser  # a TOOL_PARSERS name, for tool_choice "auto"; None: "auto" is refused
+        self.exclude_tools_when_tool_choice_none = exclude_tools_when_tool_choice_none
         self.created = int(time.time())
 
     # ---- models ----
@@ -274,33 +303,52 @@ class OpenAIServing:
                    trace_headers: dict[str, str] | None = None) -> dict | AsyncIterator[str]:
         """A chat.completion dict, or (stream=true) an iterator of SSE strings."""
         model = self.check_model(request.model)
+        tools = self._tool_extractor(request)
         text, token_ids = self._render_chat(request.template_messages(), request.add_generation_prompt,
-                                            request.chat_template_kwargs)
+                                            request.chat_template_kwargs,
+                                            tools=request.template_tools(self.exclude_tools_when_tool_choice_none))
         params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n)
         job = _Job(_random_id("chatcmpl"), text, token_ids, params, trace_headers)
         if request.stream:
             streams = await self._start_streams([job], request)
-            return self._chat_stream(_Head("chat.completion.chunk", job.request_id, model), streams, request, job)
+            return self._chat_stream(_Head("chat.completion.chunk", job.request_id, model), streams, request, job,
+                                     tools)
         [out] = await self._run_to_end([job], request)
         choices = []
         for c in out.outputs:
             _raise_if_failed(c)
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                            "logprobs": self._chat_logprobs(c, params.logprobs),
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            message, finish_reason = _chat_message(c, tools)
+            choices.append({"index": c.index, "message": message, "logprobs": self._chat_logprobs(c, params.logprobs),
+                            "finish_reason": finish_reason, "stop_reason": c.stop_reason})
         usage = _Usage([job])
         usage.add(0, out)
         return {**_Head("chat.completion", job.request_id, model).body(choices), "usage": usage.info()}
 
+    def _tool_extractor(self, request: ChatCompletionRequest) -> ToolCallExtractor | None:
+        """What finds the tool calls in this request's output (None: it makes none)."""
+        mode = request.tool_choice_mode()
+        if mode == "none" or not request.tools:
+            return None
+        if mode != "auto":
+            return ForcedToolCalls(request.named_tool())
+        if self.tool_parser is None:
+            raise APIError('tool_choice "auto" needs a server started with --tool-call-parser '
+                           f"({' or '.join(TOOL_PARSERS)}); \"required\", a named function and \"none\" need none",
+                           param="tool_choice")
+        return TOOL_PARSERS[self.tool_parser]()
+
     def _chat_stream(self, head: _Head, streams: list[AsyncIterator[RequestOutput]],
-                     request: ChatCompletionRequest, job: _Job) -> AsyncIterator[str]:
+                     request: ChatCompletionRequest, job: _Job, tools: ToolCallExtractor | None) -> AsyncIterator[str]:
         params = job.params
+        tool_streams = {i: ToolCallStream(tools) for i in range(params.n)} if tools is not None else {}
 
         def render(_: int, out: RequestOutput) -> Iterable[dict]:
             for c in out.outputs:
                 _raise_if_failed(c)
                 logprobs = self._chat_logprobs(c, params.logprobs)
-                if c.text or c.finish_reason or (logprobs and logprobs["content"]):
+                if c.index in tool_streams:
+                    yield from _tool_chunks(tool_streams[c.index], c, logprobs)
+                elif c.text or c.finish_reason or (logprobs and logprobs["content"]):
                     yield _chat_chunk_choice(c.index, {"content": c.text}, logprobs, c.finish_reason, c.stop_reason)
 
         roles = [_chat_chunk_choice(i, {"role": "assistant", "content": ""}) for i in range(params.n)]
@@ -322,12 +370,12 @@ class OpenAIServing:
         return {"token": text, "logprob": _finite(logprob.logprob), "bytes": list(text.encode("utf-8", "replace"))}
 
     def _render_chat(self, messages: list[dict], add_generation_prompt: bool, template_kwargs: dict | None,
-                     add_special_tokens: bool = False) -> tuple[str, list[int]]:
+                     add_special_tokens: bool = False, tools: list[dict] | None = None) -> tuple[str, list[int]]:
         """Chat template -> prompt text and ids. The template already holds the special tokens
         (BOS), so encoding adds none by default."""
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
                 chat_template=self.chat_template, **(template_kwargs or {}),
             )
         except Exception as exc:  # jinja errors, raise_exception() in templates, no template at all

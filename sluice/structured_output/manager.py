@@ -1,0 +1,121 @@
+"""Grammar state of the engine's requests, for the scheduler.
+
+A constrained request waits while its grammar compiles (other requests keep running), then a
+matcher follows its output: each step the matcher fills the request's row of the batch's token
+bitmask, and each sampled token advances it. Output tokens are accepted once, when sampled, so
+a request preempted and recomputed keeps its matcher exactly where it was.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import xgrammar as xgr
+
+from sluice.config import StructuredOutputsConfig
+from sluice.structured_output.backend import Compiled, GrammarCompiler, allocate_bitmask, describe_error
+
+if TYPE_CHECKING:
+    from sluice.core.request import Request
+    from sluice.core.scheduler import ScheduledRequest
+
+
+class GrammarError(Exception):
+    """A request's grammar failed to compile, or did not compile in time."""
+
+
+@dataclass
+class GrammarBitmask:
+    """The token bitmask of one step. Rows follow the scheduled requests that sample this step,
+    in scheduled order; `rows` lists those a grammar constrains (the others allow everything)."""
+
+    rows: list[int]
+    bitmask: torch.Tensor  # [num sampling rows, ceil(vocab_size / 32)] int32
+
+
+class RequestGrammar:
+    """One request's grammar: a compilation future, then a matcher over its output tokens."""
+
+    def __init__(self, future: Future[Compiled], field: str, stop_token_ids: list[int], timeout: float) -> None:
+        self.future = future
+        self.field = field  # names the spec in errors
+        self.stop_token_ids = stop_token_ids
+        self.timeout = timeout
+        self.started = time.monotonic()
+        self.matcher: xgr.GrammarMatcher | None = None
+
+    def ready(self) -> bool:
+        """Whether the grammar is compiled; raises GrammarError if compiling failed or took longer
+        than the timeout (judged by when it finished, so a slow compile fails however late we look)."""
+        if self.matcher is not None:
+            return True
+        if not self.future.done():
+            if time.monotonic() - self.started > self.timeout:
+                raise self._timed_out()
+            return False
+        try:
+            compiled, finished_at = self.future.result()
+        except Exception as exc:
+            raise GrammarError(f"{self.field}: the grammar failed to compile: {describe_error(exc)}") from exc
+        if finished_at - self.started > self.timeout:
+            raise self._timed_out()
+        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_token_ids or None)
+        return True
+
+    def _timed_out(self) -> GrammarError:
+        return GrammarError(f"{self.field}: the grammar did not compile within {self.timeout:g} s "
+                            "(--structured-outputs-compile-timeout)")
+
+    def accept(self, token_id: int) -> bool:
+        return self.matcher.accept_token(token_id)
+
+    @property
+    def terminated(self) -> bool:
+        """The grammar is complete and a stop token was accepted: nothing may follow."""
+        return self.matcher.is_terminated()
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+
+class StructuredOutputManager:
+    def __init__(self, config: StructuredOutputsConfig, load_tokenizer: Callable[[], object], vocab_size: int) -> None:
+        self.timeout = config.structured_outputs_compile_timeout
+        self.vocab_size = vocab_size
+        self.compiler = GrammarCompiler(load_tokenizer, vocab_size, config.structured_outputs_any_whitespace)
+        self.num_active = 0  # requests holding a grammar; none: the step skips bitmasks at once
+
+    def start(self, request: Request) -> RequestGrammar:
+        """Start compiling (or reuse) the request's grammar."""
+        params = request.sampling_params
+        spec = params.structured_outputs
+        # The grammar ends on the model's EOS or a requested stop id, even with ignore_eos.
+        stop_ids = sorted(set(request.eos_token_ids) | set(params.stop_token_ids or ()))
+        self.num_active += 1
+        return RequestGrammar(self.compiler.submit(spec.spec()), spec.field_name(), stop_ids, self.timeout)
+
+    def release(self) -> None:
+        """A request holding a grammar finished."""
+        self.num_active -= 1
+
+    def grammar_bitmask(self, scheduled: list[ScheduledRequest]) -> GrammarBitmask | None:
+        if not self.num_active:
+            return None
+        sampling = [s.request for s in scheduled if s.samples]
+        rows = [i for i, request in enumerate(sampling) if request.grammar is not None]
+        if not rows:
+            return None
+        bitmask = allocate_bitmask(len(sampling), self.vocab_size)
+        for i in rows:
+            sampling[i].grammar.fill(bitmask, i)
+        return GrammarBitmask(rows, bitmask)
+
+    @staticmethod
+    def wait(grammars: list[RequestGrammar], timeout: float) -> None:
+        """Block up to `timeout` s until one of these grammars compiles (when nothing else can run)."""
+        wait([g.future for g in grammars], timeout, return_when=FIRST_COMPLETED)
