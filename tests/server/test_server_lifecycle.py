@@ -112,17 +112,22 @@ def test_queue_over_limit_is_503_with_retry_after(guarded, tls_files):
             results.append(http.post("/v1/completions", json=long, headers=headers).status_code)
 
     threads = [threading.Thread(target=run_long) for _ in range(2)]
-    for thread in threads:
-        thread.start()
     with https(guarded, tls_files) as http:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            metrics = parse_metrics(http.get("/metrics", headers=headers).text)
-            if metrics["vllm:num_requests_running"] == 1 and metrics["vllm:num_requests_waiting"] == 1:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail(f"never saw one request running and one waiting: {metrics}")
+
+        def wait_for(running: int, waiting: int) -> None:
+            # One at a time: two arriving before the first is scheduled would both count as waiting.
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                metrics = parse_metrics(http.get("/metrics", headers=headers).text)
+                if (metrics["vllm:num_requests_running"], metrics["vllm:num_requests_waiting"]) == (running, waiting):
+                    return
+                time.sleep(0.05)
+            pytest.fail(f"never saw {running} running and {waiting} waiting; results so far {results}")
+
+        threads[0].start()
+        wait_for(1, 0)
+        threads[1].start()
+        wait_for(1, 1)
         refused = http.post("/v1/completions", json={**long, "max_tokens": 2}, headers=headers)
     assert refused.status_code == 503
     assert refused.headers["Retry-After"] == "1"
