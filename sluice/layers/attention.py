@@ -199,6 +199,21 @@ def _attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: 
     return o.view(B, Hkv, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, H, D)
 
 
+def cached_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                     scale: float) -> torch.Tensor | None:
+    """q [T, H, D] -> [T, H*D] once this step's K/V are in the cache; None without the native kernel.
+
+    Every row, decode or prompt, reads its keys straight from the cache: one call, no padding,
+    no gather (about 3x faster than SDPA for prompts here, as well as for decodes).
+    """
+    T, H, D = q.shape
+    if not native.has_fast_path(q.dtype, D):
+        return None
+    out = native.paged_decode_attention(q.contiguous(), kv_cache[0], kv_cache[1], meta.token_block_table,
+                                        meta.token_seq_lens, scale)
+    return None if out is None else out.view(T, H * D)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] for the new tokens -> [T, H*D].
@@ -208,14 +223,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """
     T, H, D = q.shape
     write_kv(kv_cache, k, v, meta.slot_mapping)
+    out = cached_attention(q, kv_cache, meta, scale)
+    if out is not None:
+        return out
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    if native.has_fast_path(q.dtype, D):
-        # Every row, decode or prompt, reads its keys straight from the cache: one call, no
-        # padding, no gather (about 3x faster than SDPA for prompts here, as well as for decodes).
-        out = native.paged_decode_attention(q.contiguous(), k_cache, v_cache, meta.token_block_table,
-                                            meta.token_seq_lens, scale)
-        if out is not None:
-            return out.view(T, H * D)
     groups = [(g, fn) for g, fn in ((meta.decode, _attend_decode), (meta.prefill, _attend)) if g is not None]
     if len(groups) == 1 and groups[0][0].token_index.numel() == T:
         # one group, no padding: its rows are the flat batch in order (pure decode, or

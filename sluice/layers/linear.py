@@ -1,16 +1,63 @@
-"""Fused projections: several nn.Linear that read the same input done as one matmul.
+"""Linear layers, and fused projections: several that read the same input done as one matmul.
 
-q/k/v become one `qkv_proj`, gate/up one `gate_up_proj`. They stay plain nn.Linear
-subclasses (weight [sum(out), in]) and know where each checkpoint shard lives, which
-is what weight loading needs today and what LoRA wrappers / tensor-parallel shards
-will hook into later.
+q/k/v become one `qkv_proj`, gate/up one `gate_up_proj`. They stay nn.Linear subclasses
+(weight [sum(out), in]) and know where each checkpoint shard lives, which is what weight
+loading needs today and what LoRA wrappers / tensor-parallel shards will hook into later.
+
+On CPUs with AVX-512 BF16, `pack_linears` repacks every bf16 weight once after loading
+into the native kernel's panel layout (sluice/layers/csrc/gemm.c) and drops the original:
+the kernel streams each weight once per step at batch 1 and fuses the residual add and
+the gated activation into the matmul's output pass. Elsewhere the layers stay plain
+F.linear.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from sluice.layers import native
+from sluice.layers.activation import silu_and_mul
 
-class MergedLinear(nn.Linear):
+
+class Linear(nn.Linear):
+    """nn.Linear that can run from a packed weight and fuse `residual + self(x)`."""
+
+    packed: torch.Tensor | None = None
+    packed_bias: torch.Tensor | None = None  # float32: the kernel adds bias before rounding
+
+    def pack(self, drop_weight: bool) -> bool:
+        """Repack the weight for the native kernel; drop_weight frees the original
+        (False when another module shares it, as a tied lm_head does)."""
+        packed = native.pack_linear(self.rows_for_packing(self.weight.detach()))
+        if packed is None:
+            return False
+        self.packed = packed
+        self.packed_bias = None if self.bias is None else self.bias.detach().float().contiguous()
+        if drop_weight:
+            self.weight.data = self.weight.data.new_empty(0)
+        return True
+
+    def rows_for_packing(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is not None:
+            epilogue = native.EPI_STORE if residual is None else native.EPI_RESIDUAL
+            return native.linear(x, self.packed, self.out_features, self.packed_bias, residual, epilogue)
+        out = F.linear(x, self.weight, self.bias)
+        return out if residual is None else residual + out
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Pack every Linear of the model for the native kernel; returns how many were packed."""
+    owners: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)] = owners.get(id(param), 0) + 1
+    return sum(module.pack(drop_weight=owners[id(module.weight)] == 1)
+               for module in model.modules() if isinstance(module, Linear))
+
+
+class MergedLinear(Linear):
     """nn.Linear whose output rows are the concatenation of named shards."""
 
     def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False):
@@ -47,3 +94,20 @@ class QKVLinear(MergedLinear):
 class GateUpLinear(MergedLinear):
     def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__(hidden, {"gate": intermediate, "up": intermediate}, bias=bias)
+
+    def pack(self, drop_weight: bool) -> bool:
+        # The fused epilogue wants each 64-column panel to hold 32 gate then 32 up columns.
+        if self.bias is not None or self.out_features % native.PANEL:
+            return False
+        return super().pack(drop_weight)
+
+    def rows_for_packing(self, weight: torch.Tensor) -> torch.Tensor:
+        half = native.PANEL // 2
+        gate, up = weight.view(2, -1, half, weight.shape[1]).unbind(0)
+        return torch.stack((gate, up), dim=1).reshape(weight.shape)  # [g0..g31, u0..u31, g32.., u32.., ...]
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate(x)) * up(x) -> [..., intermediate]."""
+        if self.packed is not None:
+            return native.linear(x, self.packed, self.out_features, epilogue=native.EPI_SILU_MUL)
+        return silu_and_mul(super().forward(x))

@@ -1,8 +1,12 @@
 """Small C kernels for the CPU hot path, built once with the system compiler and loaded with ctypes.
 
-Plain C with a C ABI (no torch headers) compiles in about a second, so the first start
+Plain C with a C ABI (no torch headers) compiles in a few seconds, so the first start
 builds it and later starts reuse the cached library. Without a compiler, or with
 SLUICE_DISABLE_NATIVE=1, callers fall back to the PyTorch path.
+
+The kernels parallelise with OpenMP. The library names libgomp.so.1, which the loader
+resolves to the copy PyTorch already loaded (torch is imported first), so our loops and
+torch's share one pool of worker threads instead of two pools fighting over the cores.
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ from sluice.config import cache_dir, cpu_flags
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode.c", "gemm.c")]
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-fopenmp"]
+# linear_bf16 epilogues (gemm.c)
+EPI_STORE, EPI_RESIDUAL, EPI_SILU_MUL = 0, 1, 2
+PANEL = 64  # output columns per packed weight panel
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,7 +44,7 @@ def load_library() -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler found; using the PyTorch attention path")
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + " ".join(CFLAGS).encode() + platform.machine().encode()).hexdigest()[:16]
     target = Path(cache_dir("kernels")) / f"paged_decode-{key}.so"
     try:
@@ -45,7 +52,7 @@ def load_library() -> ctypes.CDLL | None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                subprocess.run([compiler, *CFLAGS, "-o", str(built), str(SOURCE), "-lm"],
+                subprocess.run([compiler, *CFLAGS, "-o", str(built), *map(str, SOURCES), "-lm"],
                                check=True, capture_output=True, timeout=120)
                 os.replace(built, target)  # atomic: concurrent builders never see half a file
         lib = ctypes.CDLL(str(target))
@@ -62,6 +69,15 @@ def load_library() -> ctypes.CDLL | None:
     lib.silu_mul_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.rotary_bf16.restype = ctypes.c_int
     lib.rotary_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.rms_norm_bf16.restype = ctypes.c_int
+    lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    lib.rope_qkv_cache_bf16.restype = ctypes.c_int
+    lib.rope_qkv_cache_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5
+    lib.pack_linear_bf16.restype = ctypes.c_int
+    lib.pack_linear_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.linear_bf16.restype = ctypes.c_int
+    lib.linear_bf16.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64]
+                                + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
     return lib
 
 
@@ -91,6 +107,68 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     status = lib.rotary_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
                              x.shape[0], x.shape[1], x.shape[2], torch.get_num_threads())
     return out if status == 0 else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """bf16(bf16(x * rsqrt(mean(x^2) + eps)) * weight) over the last dim in one pass; None when the caller must."""
+    if not x.is_contiguous() or (lib := _bf16_kernels(x, weight)) is None:
+        return None
+    out = torch.empty_like(x)
+    status = lib.rms_norm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+                               x.shape[-1], eps)
+    return out if status == 0 else None
+
+
+def pack_linear(weight: torch.Tensor) -> torch.Tensor | None:
+    """weight [N, K] -> the panel layout linear_bf16 reads; None when the kernel can't serve it."""
+    if weight.shape[1] % 2 or (lib := _bf16_kernels(weight)) is None:
+        return None
+    weight = weight.contiguous()
+    n, k = weight.shape
+    packed = weight.new_empty(-(-n // PANEL) * PANEL * k)
+    return packed if lib.pack_linear_bf16(weight.data_ptr(), packed.data_ptr(), n, k) == 0 else None
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None, epilogue: int = EPI_STORE) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) with W packed by pack_linear; EPI_RESIDUAL adds `residual` after
+    rounding, EPI_SILU_MUL returns silu(gate) * up of interleaved gate/up panels."""
+    lib = load_library()
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    if x.stride(-1) != 1 or x.stride(0) % 2:
+        x = x.contiguous()
+    width = out_features // 2 if epilogue == EPI_SILU_MUL else out_features
+    out = x.new_empty(x.shape[0], width)
+    res_ptr, res_stride = None, 0
+    if epilogue == EPI_RESIDUAL:
+        residual = residual.reshape(-1, out_features)
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+        res_ptr, res_stride = residual.data_ptr(), residual.stride(0)
+    status = lib.linear_bf16(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), packed.data_ptr(), out_features,
+                             None if bias is None else bias.data_ptr(), res_ptr, res_stride,
+                             out.data_ptr(), width, epilogue)
+    if status != 0:
+        raise RuntimeError(f"linear_bf16 rejected shape {tuple(shape)} x {out_features} (epilogue {epilogue})")
+    return out.view(*shape[:-1], width)
+
+
+def rope_qkv_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor | None:
+    """From qkv [T, (H + 2 Hkv) * D]: rotated q [T, H, D], with rotated k and v already stored in
+    the cache at their slots. None when the caller must do it step by step."""
+    if not has_fast_path(qkv.dtype, head_dim) or qkv.stride(-1) != 1 or (lib := _bf16_kernels(qkv, kv_cache)) is None:
+        return None
+    cos, sin = cos.contiguous(), sin.contiguous()
+    slots = slot_mapping.to(torch.int64).contiguous()
+    T = qkv.shape[0]
+    q = qkv.new_empty(T, num_heads, head_dim)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    status = lib.rope_qkv_cache_bf16(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q.data_ptr(),
+                                     k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), T, num_heads,
+                                     num_kv_heads, head_dim, k_cache.shape[1])
+    return q if status == 0 else None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

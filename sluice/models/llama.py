@@ -11,9 +11,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from sluice.layers.activation import silu_and_mul
-from sluice.layers.attention import AttentionMetadata, paged_attention
-from sluice.layers.linear import GateUpLinear, MergedLinear, QKVLinear
+from sluice.layers import native
+from sluice.layers.attention import AttentionMetadata, cached_attention, paged_attention
+from sluice.layers.linear import GateUpLinear, Linear, MergedLinear, QKVLinear
 from sluice.layers.norm import RMSNorm
 from sluice.layers.rotary import apply_rotary, get_rope
 
@@ -28,32 +28,40 @@ class LlamaAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
         self.qkv_proj = QKVLinear(config.hidden_size, self.num_heads, self.num_kv_heads, head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * head_dim, config.hidden_size, bias=o_bias)
+        self.o_proj = Linear(self.num_heads * head_dim, config.hidden_size, bias=o_bias)
         # Qwen3: RMSNorm over head_dim of every q and k head, before rotary
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """residual + attention(x): the add is fused into o_proj."""
         T, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        if self.q_norm is None:
+            # native: rotary for q and k, and the K/V cache write, in one pass over qkv
+            q = native.rope_qkv_cache(qkv, cos, sin, kv_cache, meta.slot_mapping, H, Hkv, D)
+            if q is not None and (out := cached_attention(q, kv_cache, meta, self.scale)) is not None:
+                return self.o_proj(out, residual=residual)
         # q and k sit side by side in qkv_proj's output: treat them as one [T, H + Hkv, D]
         # tensor so rotary runs once for both
-        qk, v = self.qkv_proj(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
+        qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
         qk, v = qk.view(T, H + Hkv, D), v.view(T, Hkv, D)
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
         q, k = apply_rotary(qk, cos, sin).split([H, Hkv], dim=1)
-        return self.o_proj(paged_attention(q, k, v, kv_cache, meta, self.scale))
+        return self.o_proj(paged_attention(q, k, v, kv_cache, meta, self.scale), residual=residual)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, config, bias: bool):
         super().__init__()
         self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + mlp(x): the gated activation is fused into gate_up_proj, the add into down_proj."""
+        return self.down_proj(self.gate_up_proj.silu_and_mul(x), residual=residual)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -66,8 +74,8 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.self_attn(self.input_layernorm(x), x, cos, sin, kv_cache, meta)
+        return self.mlp(self.post_attention_layernorm(x), x)
 
 
 class LlamaModel(nn.Module):
@@ -116,7 +124,7 @@ class LlamaForCausalLM(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.model = LlamaModel(config, self.head_dim, self.layer_options(config))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

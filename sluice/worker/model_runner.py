@@ -12,6 +12,7 @@ import torch
 from sluice.config import EngineConfig, available_memory_bytes
 from sluice.core.scheduler import ScheduledRequest, SchedulerOutput
 from sluice.layers.attention import build_attention_metadata
+from sluice.layers.linear import pack_linears
 from sluice.loader import ModelSource, iter_weights
 from sluice.models.registry import get_model_class
 from sluice.structured_output.manager import GrammarBitmask
@@ -62,6 +63,7 @@ class ModelRunner:
             self.model = model_class(hf_config)
         self.model.load_weights(iter_weights(source, hf_config, self.dtype))
         self.model.eval()
+        pack_linears(self.model)  # a no-op where the native bf16 kernel can't run
         self.vocab_size = hf_config.vocab_size
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []

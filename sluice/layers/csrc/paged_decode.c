@@ -13,10 +13,9 @@
  *   V: [num_kv_heads, block_size / 2, head_dim, 2]  pairs of keys, dims along the row,
  *      so one load holds 16 dims x 2 keys for the same instruction with (p_j, p_j+1).
  * bf16 or f32. Built by sluice/layers/native.py with the system C compiler and called
- * through ctypes, which releases the GIL.
+ * through ctypes, which releases the GIL. Threads come from OpenMP: the libgomp PyTorch loaded.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,8 +24,10 @@
 #define MAX_HEADS 64
 #define MAX_BLOCK 256
 #define MAX_THREADS 64
-/* Blocks sit anywhere in the pool, so hardware prefetchers can't follow: fetch this many ahead. */
-#define PREFETCH_BLOCKS 4
+/* Blocks sit anywhere in the pool, so hardware prefetchers can't follow: fetch this many ahead.
+ * The pass over the first kv head fetches whole blocks (every head's keys or values), so the
+ * passes over the other heads find the sequence in L2. */
+#define PREFETCH_BLOCKS 8
 
 typedef struct {
     const void *q;              /* [num_seqs, num_heads, head_dim] */
@@ -164,15 +165,15 @@ static inline __attribute__((always_inline)) void score_keys(const Job *job, int
     const __m512 scale = _mm512_set1_ps(job->scale);
     __m512 maxv[MAX_HEADS];
     for (int64_t g = 0; g < G; g++) maxv[g] = _mm512_set1_ps(-INFINITY);
-    for (int64_t b = 0; b < PREFETCH_BLOCKS && b * bs < len; b++)
-        prefetch_span(kc + table[b] * block_elems + hkv * (D / 2) * bs * 2, D * bs);
+    const int64_t k_span = hkv == 0 ? block_elems : D * bs, k_from = hkv == 0 ? 0 : hkv * (D / 2) * bs * 2;
+    for (int64_t b = 0; b < PREFETCH_BLOCKS && b * bs < len; b++) prefetch_span(kc + table[b] * block_elems + k_from, k_span);
     for (int64_t start = 0, n = 0; start < len; start += n) {
         const int64_t in_block = start % bs;
         n = len - start < 16 ? len - start : 16;
         if (n > bs - in_block) n = bs - in_block;
         const uint16_t *kpairs = kc + table[start / bs] * block_elems + (hkv * (D / 2) * bs + in_block) * 2;
         if (in_block == 0 && start + PREFETCH_BLOCKS * bs < len) {
-            prefetch_span(kc + table[start / bs + PREFETCH_BLOCKS] * block_elems + hkv * (D / 2) * bs * 2, D * bs);
+            prefetch_span(kc + table[start / bs + PREFETCH_BLOCKS] * block_elems + k_from, k_span);
         }
         const __mmask32 pair_mask = (__mmask32)(n == 16 ? 0xFFFFFFFFu : ((1u << (2 * n)) - 1u));
         const __mmask16 live = (__mmask16)((1u << n) - 1u);
@@ -224,13 +225,13 @@ static inline __attribute__((always_inline)) void weigh_values(const Job *job, i
     __m512 acc[MAX_HEADS][MAX_HEAD_DIM / 16];
     for (int64_t g = 0; g < G; g++)
         for (int64_t v = 0; v < DV; v++) acc[g][v] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < PREFETCH_BLOCKS && b * bs < len; b++)
-        prefetch_span(vc + table[b] * block_elems + hkv * (bs / 2) * D * 2, D * bs);
+    const int64_t v_span = hkv == 0 ? block_elems : D * bs, v_from = hkv == 0 ? 0 : hkv * (bs / 2) * D * 2;
+    for (int64_t b = 0; b < PREFETCH_BLOCKS && b * bs < len; b++) prefetch_span(vc + table[b] * block_elems + v_from, v_span);
     for (int64_t b = 0; b * bs < len; b++) {
         const int64_t keys = len - b * bs < bs ? len - b * bs : bs;
         const uint16_t *vpairs = vc + table[b] * block_elems + hkv * (bs / 2) * D * 2;
         if ((b + PREFETCH_BLOCKS) * bs < len) {
-            prefetch_span(vc + table[b + PREFETCH_BLOCKS] * block_elems + hkv * (bs / 2) * D * 2, D * bs);
+            prefetch_span(vc + table[b + PREFETCH_BLOCKS] * block_elems + v_from, v_span);
         }
         for (int64_t j = 0; j < (keys + 1) / 2; j++) {
             __m512bh vals[MAX_HEAD_DIM / 16];
@@ -317,7 +318,6 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
     if (num_threads > num_seqs) num_threads = (int)(num_seqs > 0 ? num_seqs : 1);
     Job jobs[MAX_THREADS];
-    pthread_t threads[MAX_THREADS];
     /* Work grows with each row's keys (prefill rows see 1..n keys): split by key count. */
     int64_t total = 0;
     for (int64_t seq = 0; seq < num_seqs; seq++) total += seq_lens[seq] + 1;
@@ -330,14 +330,8 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                    head_dim, block_size, table_width, scale, is_bf16, begin, seq};
         jobs[t] = job;
     }
-    int started = 0;
-    for (int t = 1; t < num_threads; t++) {
-        if (pthread_create(&threads[t], NULL, run_job, &jobs[t]) != 0) break;
-        started = t;
-    }
-    run_job(&jobs[0]);
-    for (int t = started + 1; t < num_threads; t++) run_job(&jobs[t]); /* threads that failed to start */
-    for (int t = 1; t <= started; t++) pthread_join(threads[t], NULL);
+#pragma omp parallel for schedule(static, 1) num_threads(num_threads)
+    for (int t = 0; t < num_threads; t++) run_job(&jobs[t]);
     return 0;
 }
 
@@ -407,25 +401,27 @@ static void *silu_mul_rows(void *arg) {
     return NULL;
 }
 
-/* out[t, h] = bf16(bf16(x * cos) + bf16(roll(x, D/2) * sin)), cos/sin [T, D] (sign in sin) */
+/* out = bf16(bf16(x * cos) + bf16(roll(x, D/2) * sin)) for one head, cos/sin [D] (sign in sin) */
+static inline void rotate_head(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uint16_t *out, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t i = 0; i < D; i += 16) {
+        const int64_t n = D - i >= 16 ? 16 : D - i, rolled = (i + half) % D;
+        const __mmask16 live = (__mmask16)(n == 16 ? 0xFFFF : ((1u << n) - 1u));
+        /* roll by D/2: element i takes x[i - D/2 mod D]; D/2 is a multiple of 16 here */
+        const __m512 a = round_bf16(_mm512_mul_ps(load_bf16(x + i, live), load_bf16(cos + i, live)));
+        const __m512 b = round_bf16(_mm512_mul_ps(load_bf16(x + rolled, live), load_bf16(sin + i, live)));
+        store_bf16(out + i, _mm512_add_ps(a, b), live);
+    }
+}
+
+/* every head of rows [T, heads, D], cos/sin [T, D] */
 static void *rotary_rows(void *arg) {
     const RowJob *job = (const RowJob *)arg;
-    const int64_t D = job->cols, half = D / 2;
-    for (int64_t t = job->row_begin; t < job->row_end; t++) {
-        const uint16_t *cos = job->b + t * D, *sin = job->c + t * D;
-        for (int64_t h = 0; h < job->heads; h++) {
-            const uint16_t *x = job->a + (t * job->heads + h) * D;
-            uint16_t *out = job->out + (t * job->heads + h) * D;
-            for (int64_t i = 0; i < D; i += 16) {
-                const int64_t n = D - i >= 16 ? 16 : D - i, rolled = (i + half) % D;
-                const __mmask16 live = (__mmask16)(n == 16 ? 0xFFFF : ((1u << n) - 1u));
-                /* roll by D/2: element i takes x[i - D/2 mod D]; D/2 is a multiple of 16 here */
-                const __m512 a = round_bf16(_mm512_mul_ps(load_bf16(x + i, live), load_bf16(cos + i, live)));
-                const __m512 b = round_bf16(_mm512_mul_ps(load_bf16(x + rolled, live), load_bf16(sin + i, live)));
-                store_bf16(out + i, _mm512_add_ps(a, b), live);
-            }
-        }
-    }
+    const int64_t D = job->cols;
+    for (int64_t t = job->row_begin; t < job->row_end; t++)
+        for (int64_t h = 0; h < job->heads; h++)
+            rotate_head(job->a + (t * job->heads + h) * D, job->b + t * D, job->c + t * D,
+                        job->out + (t * job->heads + h) * D, D);
     return NULL;
 }
 
@@ -434,20 +430,13 @@ static void run_rows(void *(*fn)(void *), RowJob base, int num_threads, int64_t 
     if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
     if (work < (1 << 18) || num_threads < 2 || base.rows < 2) num_threads = 1;
     RowJob jobs[MAX_THREADS];
-    pthread_t threads[MAX_THREADS];
-    int started = 0;
     for (int t = 0; t < num_threads; t++) {
         jobs[t] = base;
         jobs[t].row_begin = base.rows * t / num_threads;
         jobs[t].row_end = base.rows * (t + 1) / num_threads;
     }
-    for (int t = 1; t < num_threads; t++) {
-        if (pthread_create(&threads[t], NULL, fn, &jobs[t]) != 0) break;
-        started = t;
-    }
-    fn(&jobs[0]);
-    for (int t = started + 1; t < num_threads; t++) fn(&jobs[t]);
-    for (int t = 1; t <= started; t++) pthread_join(threads[t], NULL);
+#pragma omp parallel for schedule(static, 1) num_threads(num_threads)
+    for (int t = 0; t < num_threads; t++) fn(&jobs[t]);
 }
 #endif
 
@@ -471,6 +460,67 @@ int rotary_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uin
     return 0;
 #else
     (void)x; (void)cos; (void)sin; (void)out; (void)rows; (void)heads; (void)head_dim; (void)num_threads;
+    return -1;
+#endif
+}
+
+/* out[t] = bf16(bf16(x[t] * rsqrt(mean(x[t]^2) + eps)) * weight), the sum of squares in fp32:
+ * F.rms_norm rounded once to bf16, then the bf16 weight multiply, as sluice's RMSNorm does. */
+int rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t rows, int64_t cols, float eps) {
+#if HAVE_BF16_FAST_PATH
+#pragma omp parallel for schedule(static) if (rows * cols >= (1 << 16))
+    for (int64_t t = 0; t < rows; t++) {
+        const uint16_t *row = x + t * cols;
+        __m512 sq = _mm512_setzero_ps();
+        for (int64_t i = 0; i < cols; i += 16) {
+            const __m512 v = load_bf16(row + i, (__mmask16)(cols - i >= 16 ? 0xFFFF : ((1u << (cols - i)) - 1u)));
+            sq = _mm512_fmadd_ps(v, v, sq);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sq) / (float)cols + eps));
+        for (int64_t i = 0; i < cols; i += 16) {
+            const __mmask16 live = (__mmask16)(cols - i >= 16 ? 0xFFFF : ((1u << (cols - i)) - 1u));
+            const __m512 y = round_bf16(_mm512_mul_ps(load_bf16(row + i, live), inv));
+            store_bf16(out + t * cols + i, _mm512_mul_ps(y, load_bf16(weight + i, live)), live);
+        }
+    }
+    return 0;
+#else
+    (void)x; (void)weight; (void)out; (void)rows; (void)cols; (void)eps;
+    return -1;
+#endif
+}
+
+/* One pass over a step's fused q/k/v projection [T, (H + 2 Hkv) * D] (rows ld_qkv apart):
+ * rotates q into q_out [T, H, D], and rotates k and stores it, with v, straight into the paged
+ * cache at each token's slot (the layouts of write_kv). Replaces rotary + three copies + write_kv. */
+int rope_qkv_cache_bf16(const uint16_t *qkv, int64_t ld_qkv, const uint16_t *cos, const uint16_t *sin,
+                        uint16_t *q_out, uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots,
+                        int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t bs) {
+#if HAVE_BF16_FAST_PATH
+    if (D % 32 != 0 || D > MAX_HEAD_DIM) return -1;
+    const int64_t block_elems = bs * Hkv * D;
+#pragma omp parallel for schedule(static) if (T * (H + 2 * Hkv) * D >= (1 << 17))
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *row = qkv + t * ld_qkv, *c = cos + t * D, *s = sin + t * D;
+        for (int64_t h = 0; h < H; h++) rotate_head(row + h * D, c, s, q_out + (t * H + h) * D, D);
+        const int64_t base = slots[t] / bs * block_elems, off = slots[t] % bs;
+        for (int64_t h = 0; h < Hkv; h++) {
+            uint16_t k[MAX_HEAD_DIM];
+            rotate_head(row + (H + h) * D, c, s, k, D);
+            uint16_t *kd = k_cache + base + k_offset(h, 0, off, D, bs);
+            uint16_t *vd = v_cache + base + v_offset(h, 0, off, D, bs);
+            const uint16_t *v = row + (H + Hkv + h) * D;
+            for (int64_t d = 0; d < D; d += 2) {
+                kd[d * bs] = k[d];
+                kd[d * bs + 1] = k[d + 1];
+            }
+            for (int64_t d = 0; d < D; d++) vd[2 * d] = v[d];
+        }
+    }
+    return 0;
+#else
+    (void)qkv; (void)ld_qkv; (void)cos; (void)sin; (void)q_out; (void)k_cache; (void)v_cache; (void)slots;
+    (void)T; (void)H; (void)Hkv; (void)D; (void)bs;
     return -1;
 #endif
 }

@@ -1,0 +1,84 @@
+"""The native bf16 linear kernel (packed weights, fused epilogues) and RMSNorm against PyTorch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sluice.config import cpu_flags
+from sluice.layers import native
+from sluice.layers.linear import GateUpLinear, Linear, pack_linears
+from sluice.layers.norm import RMSNorm
+
+pytestmark = pytest.mark.skipif(
+    "avx512_bf16" not in cpu_flags() or native.load_library() is None, reason="needs the native bf16 kernels")
+
+
+def assert_bf16_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """fp32 sums in another order round to the same bf16 almost always, and to a neighbour otherwise."""
+    assert ours.dtype == theirs.dtype == torch.bfloat16 and ours.shape == theirs.shape
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=1.6e-2)
+    assert (ours != theirs).float().mean().item() < 0.01
+
+
+def bf16_linear(in_features: int, out_features: int, bias: bool) -> Linear:
+    torch.manual_seed(in_features + out_features)
+    layer = Linear(in_features, out_features, bias=bias).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.05)
+        if bias:
+            layer.bias.normal_(0, 0.5)
+    return layer
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 130, 500])
+@pytest.mark.parametrize("in_features,out_features,bias", [(64, 64, False), (96, 200, True), (576, 960, False)])
+def test_packed_linear_matches_f_linear(rows, in_features, out_features, bias):
+    """Row counts around the 6-row tile and the 240-row chunk; widths off the 64-column panel."""
+    layer = bf16_linear(in_features, out_features, bias)
+    weight, layer_bias = layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone()
+    x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+    residual = torch.randn(rows, out_features, dtype=torch.bfloat16)
+    expected = F.linear(x, weight, layer_bias)
+    assert layer.pack(drop_weight=True)
+    assert layer.weight.numel() == 0  # the original is freed
+    assert_bf16_close(layer(x), expected)
+    assert_bf16_close(layer(x, residual=residual), residual + expected)
+    assert_bf16_close(layer(x.view(1, rows, in_features)).view(rows, -1), expected)  # leading dims
+    wide = torch.randn(rows, in_features + 2, dtype=torch.bfloat16)[:, :in_features]  # strided rows
+    assert_bf16_close(layer(wide), F.linear(wide, weight, layer_bias))
+
+
+@pytest.mark.parametrize("rows", [1, 9, 300])
+def test_fused_gate_up_silu_matches_unfused(rows):
+    torch.manual_seed(0)
+    layer = GateUpLinear(128, 192).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.1)
+    x = torch.randn(rows, 128, dtype=torch.bfloat16)
+    gate, up = F.linear(x, layer.weight.detach()).chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    assert layer.pack(drop_weight=True)
+    assert_bf16_close(layer.silu_and_mul(x), expected)
+
+
+def test_rms_norm_native_matches_torch():
+    norm = RMSNorm(576, 1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+    x = torch.randn(37, 576, dtype=torch.bfloat16) * 3
+    expected = norm.weight * F.rms_norm(x, (576,), eps=1e-5)
+    assert_bf16_close(norm(x), expected)
+
+
+def test_pack_linears_keeps_a_shared_weight():
+    """A tied lm_head shares the embedding's weight: it is packed, but the weight stays."""
+    model = nn.Module()
+    model.embed = nn.Embedding(100, 64).to(torch.bfloat16)
+    model.head = Linear(64, 100, bias=False).to(torch.bfloat16)
+    model.proj = Linear(64, 64, bias=False).to(torch.bfloat16)
+    model.head.weight = model.embed.weight
+    assert pack_linears(model) == 2
+    assert model.embed.weight.shape == (100, 64) and model.proj.weight.numel() == 0
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert_bf16_close(model.head(x), F.linear(x, model.embed.weight))
