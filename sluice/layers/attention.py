@@ -20,6 +20,7 @@ read, masked or not, so the cache must hold finite values everywhere (the runner
 masking is additive (-inf), and NaN garbage would leak into real rows.
 """
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,15 +41,31 @@ class AttentionGroup:
     fresh: bool = False  # every request starts at position 0: its keys are exactly its new tokens
 
 
-@dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] int64 flat slot where each scheduled token's new K/V is written
-    decode: AttentionGroup | None  # requests with exactly one query token this step
-    prefill: AttentionGroup | None  # requests with more than one query token this step
-    num_tokens: int  # T
-    # Per token, for the native kernel that treats every query row (decode or prompt) alike:
-    token_block_table: torch.Tensor  # [T, NB] int64 its request's block table
-    token_seq_lens: torch.Tensor  # [T] int64 keys it may see: its position + 1
+    """One step's attention inputs. The padded decode/prefill groups only the PyTorch path reads
+    are built on first use, so the native path never pays for their masks."""
+
+    def __init__(self, slot_mapping: torch.Tensor, num_tokens: int, token_block_table: torch.Tensor,
+                 token_seq_lens: torch.Tensor, group_inputs: tuple, device) -> None:
+        self.slot_mapping = slot_mapping  # [T] int64 flat slot where each scheduled token's new K/V is written
+        self.num_tokens = num_tokens  # T
+        # Per token, for the native kernel that treats every query row (decode or prompt) alike:
+        self.token_block_table = token_block_table  # [T, NB] int64 its request's block table
+        self.token_seq_lens = token_seq_lens  # [T] int64 keys it may see: its position + 1
+        self._group_inputs = group_inputs  # (qlens, ctx, starts, seq_lens, num_blocks, table) numpy
+        self._device = device
+
+    @functools.cached_property
+    def decode(self) -> AttentionGroup | None:
+        """Requests with exactly one query token this step."""
+        qlens = self._group_inputs[0]
+        return _group(np.flatnonzero(qlens == 1), *self._group_inputs, self._device)
+
+    @functools.cached_property
+    def prefill(self) -> AttentionGroup | None:
+        """Requests with more than one query token this step."""
+        qlens = self._group_inputs[0]
+        return _group(np.flatnonzero(qlens > 1), *self._group_inputs, self._device)
 
 
 def build_attention_metadata(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
@@ -79,34 +96,36 @@ def build_attention_metadata(query_lens: list[int], context_lens: list[int], blo
     req = np.repeat(np.arange(num_reqs), qlens)  # request of each flat token
     pos = ctx[req] + np.arange(num_tokens) - starts[req]
     slots = table[req, pos // block_size] * block_size + pos % block_size
-
-    def group(ids: np.ndarray) -> AttentionGroup | None:
-        if len(ids) == 0:
-            return None
-        q, c = qlens[ids], ctx[ids]
-        nb = int(num_blocks[ids].max())
-        qi = np.arange(int(q.max()))
-        valid = qi[None, :] < q[:, None]
-        token_index = starts[ids][:, None] + np.minimum(qi[None, :], q[:, None] - 1)
-        # position of each query row; padding rows get 0 so they see exactly key 0
-        qpos = torch.from_numpy(np.where(valid, c[:, None] + qi[None, :], 0)).to(device)
-        mask = torch.arange(nb * block_size, device=device) <= qpos[:, :, None]
-        return AttentionGroup(
-            token_index=torch.from_numpy(token_index).to(device),
-            query_valid=torch.from_numpy(valid).to(device),
-            block_table=torch.from_numpy(np.ascontiguousarray(table[ids, :nb])).to(device),
-            mask=mask.unsqueeze(1),
-            seq_lens=torch.from_numpy(np.ascontiguousarray(seq_lens[ids])).to(device),
-            fresh=bool(c.max() == 0),
-        )
-
     return AttentionMetadata(
         slot_mapping=torch.from_numpy(slots).to(device),
-        decode=group(np.flatnonzero(qlens == 1)),
-        prefill=group(np.flatnonzero(qlens > 1)),
         num_tokens=num_tokens,
         token_block_table=torch.from_numpy(table[req]).to(device),
         token_seq_lens=torch.from_numpy(pos + 1).to(device),
+        group_inputs=(qlens, ctx, starts, seq_lens, num_blocks, table, block_size),
+        device=device,
+    )
+
+
+def _group(ids: np.ndarray, qlens: np.ndarray, ctx: np.ndarray, starts: np.ndarray, seq_lens: np.ndarray,
+           num_blocks: np.ndarray, table: np.ndarray, block_size: int, device) -> AttentionGroup | None:
+    """The requests `ids` as one padded batch, with the bool mask SDPA takes."""
+    if len(ids) == 0:
+        return None
+    q, c = qlens[ids], ctx[ids]
+    nb = int(num_blocks[ids].max())
+    qi = np.arange(int(q.max()))
+    valid = qi[None, :] < q[:, None]
+    token_index = starts[ids][:, None] + np.minimum(qi[None, :], q[:, None] - 1)
+    # position of each query row; padding rows get 0 so they see exactly key 0
+    qpos = torch.from_numpy(np.where(valid, c[:, None] + qi[None, :], 0)).to(device)
+    mask = torch.arange(nb * block_size, device=device) <= qpos[:, :, None]
+    return AttentionGroup(
+        token_index=torch.from_numpy(token_index).to(device),
+        query_valid=torch.from_numpy(valid).to(device),
+        block_table=torch.from_numpy(np.ascontiguousarray(table[ids, :nb])).to(device),
+        mask=mask.unsqueeze(1),
+        seq_lens=torch.from_numpy(np.ascontiguousarray(seq_lens[ids])).to(device),
+        fresh=bool(c.max() == 0),
     )
 
 

@@ -73,6 +73,8 @@ def load_library() -> ctypes.CDLL | None:
     lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.rope_qkv_cache_bf16.restype = ctypes.c_int
     lib.rope_qkv_cache_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5
+    lib.argmax_bf16.restype = ctypes.c_int
+    lib.argmax_bf16.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
     lib.pack_linear_bf16.restype = ctypes.c_int
     lib.pack_linear_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     lib.linear_bf16.restype = ctypes.c_int
@@ -117,6 +119,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     status = lib.rms_norm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
                                x.shape[-1], eps)
     return out if status == 0 else None
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor | None:
+    """Row-wise argmax of bf16 logits [B, V] as torch.argmax gives it (the first maximum, a NaN
+    counting as the maximum); None when the caller must."""
+    if logits.dim() != 2 or logits.stride(-1) != 1 or (lib := _bf16_kernels(logits)) is None:
+        return None
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    if lib.argmax_bf16(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr()) != 0:
+        return None
+    return out
 
 
 def pack_linear(weight: torch.Tensor) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sluice.layers import native
 from sluice.sampling_params import SamplingParams
 from sluice.structured_output.backend import apply_bitmask
 
@@ -133,8 +134,11 @@ class Sampler(torch.nn.Module):
         (the runner's logits serve this step only; a copy would cost a [B, V] write per step)."""
         if (meta.all_greedy and meta.max_num_logprobs is None and meta.min_tokens_mask is None
                 and meta.grammar is None and not _has_penalties(meta)):
-            # nothing to process: argmax alone (float32 argmax is ~2x faster than bf16's on CPU)
-            return SamplerOutput(sampled_token_ids=logits.float().argmax(dim=-1), logprobs=None)
+            # nothing to process: argmax alone, natively on bf16 logits where it can (PyTorch's
+            # float32 argmax is ~2x faster than its bf16 one, even counting the copy)
+            sampled = native.argmax(logits)
+            return SamplerOutput(sampled_token_ids=logits.float().argmax(dim=-1) if sampled is None else sampled,
+                                 logprobs=None)
         logits = logits.float()
         logprobs = None
         if meta.max_num_logprobs is not None:

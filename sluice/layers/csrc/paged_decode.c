@@ -468,7 +468,7 @@ int rotary_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uin
  * F.rms_norm rounded once to bf16, then the bf16 weight multiply, as sluice's RMSNorm does. */
 int rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t rows, int64_t cols, float eps) {
 #if HAVE_BF16_FAST_PATH
-#pragma omp parallel for schedule(static) if (rows * cols >= (1 << 16))
+#pragma omp parallel for schedule(static) if (rows * cols >= (1 << 18))
     for (int64_t t = 0; t < rows; t++) {
         const uint16_t *row = x + t * cols;
         __m512 sq = _mm512_setzero_ps();
@@ -521,6 +521,43 @@ int rope_qkv_cache_bf16(const uint16_t *qkv, int64_t ld_qkv, const uint16_t *cos
 #else
     (void)qkv; (void)ld_qkv; (void)cos; (void)sin; (void)q_out; (void)k_cache; (void)v_cache; (void)slots;
     (void)T; (void)H; (void)Hkv; (void)D; (void)bs;
+    return -1;
+#endif
+}
+
+/* out[r] = index of the first maximum of row r of x [rows, cols] (rows ld apart): greedy
+ * sampling straight from bf16 logits, one read of them instead of a float32 copy first. */
+int argmax_bf16(const uint16_t *x, int64_t rows, int64_t cols, int64_t ld, int64_t *out) {
+#if HAVE_BF16_FAST_PATH
+#pragma omp parallel for schedule(static) if (rows * cols >= (1 << 20))
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *row = x + r * ld;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        __mmask16 nan = 0;
+        for (int64_t i = 0; i < cols; i += 16) {
+            const __mmask16 live = (__mmask16)(cols - i >= 16 ? 0xFFFF : ((1u << (cols - i)) - 1u));
+            const __m512 v = load_bf16(row + i, live);
+            best = _mm512_mask_max_ps(best, live, best, v);
+            nan |= _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q);
+        }
+        /* like torch.argmax, a NaN counts as the maximum */
+        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
+        int64_t found = 0;
+        for (int64_t i = 0; i < cols; i += 16) {
+            const __mmask16 live = (__mmask16)(cols - i >= 16 ? 0xFFFF : ((1u << (cols - i)) - 1u));
+            const __m512 v = load_bf16(row + i, live);
+            const __mmask16 hit = nan ? _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q)
+                                      : _mm512_mask_cmp_ps_mask(live, v, top, _CMP_EQ_OQ);
+            if (hit) {
+                found = i + __builtin_ctz(hit);
+                break;
+            }
+        }
+        out[r] = found;
+    }
+    return 0;
+#else
+    (void)x; (void)rows; (void)cols; (void)ld; (void)out;
     return -1;
 #endif
 }

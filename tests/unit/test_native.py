@@ -1,4 +1,4 @@
-"""The native bf16 linear kernel (packed weights, fused epilogues) and RMSNorm against PyTorch."""
+"""The native bf16 kernels against PyTorch: linear (packed weights, fused epilogues), RMSNorm, argmax."""
 
 import pytest
 import torch
@@ -82,3 +82,15 @@ def test_pack_linears_keeps_a_shared_weight():
     assert model.embed.weight.shape == (100, 64) and model.proj.weight.numel() == 0
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     assert_bf16_close(model.head(x), F.linear(x, model.embed.weight))
+
+
+def test_argmax_matches_torch_with_ties_and_nan():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 1000).to(torch.bfloat16)
+    logits[1, 10] = logits[1, 900] = 50.0  # a tie: the first wins
+    logits[2, 999] = 60.0  # in the ragged tail
+    logits[3, 5] = float("nan")  # NaN counts as the maximum
+    logits[4] = float("-inf")
+    expected = logits.argmax(dim=-1)
+    assert native.argmax(logits).tolist() == expected.tolist()
+    assert native.argmax(logits[:, :999]).tolist() == logits[:, :999].argmax(dim=-1).tolist()  # strided rows
