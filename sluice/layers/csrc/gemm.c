@@ -16,6 +16,7 @@
  * Threads come from OpenMP; built against the libgomp PyTorch already loaded, so these
  * loops run on the same (already spinning) worker threads as torch's own ops.
  */
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -130,16 +131,23 @@ static void tile_any(const Gemm *g, int64_t row0, int64_t panel, int64_t rows) {
     }
 }
 
-/* Work items are (chunk of MC rows, panel), chunk-major: with few rows the threads split the
- * panels (each streams its share of the weight once); with many, they split the chunks. */
+/* Work items are (chunk of rows, panel), chunk-major, split evenly over the threads: with few
+ * rows the threads split the panels (each streams its share of the weight once); with many,
+ * the chunks. Chunks are even in size, and made smaller when there are too few items to balance. */
 static void run_gemm(const Gemm *g) {
-    const int64_t panels = (g->N + PANEL - 1) / PANEL, chunks = (g->M + MC - 1) / MC;
+    const int64_t panels = (g->N + PANEL - 1) / PANEL;
+    const int threads = omp_get_max_threads();
+    int64_t chunks = (g->M + MC - 1) / MC;
+    while (chunks * panels < 8 * threads && chunks * 8 * MR <= g->M) chunks *= 2; /* chunks of >= 4 tiles */
+    const int64_t rows_per_chunk = ((g->M + chunks - 1) / chunks + MR - 1) / MR * MR;
+    chunks = (g->M + rows_per_chunk - 1) / rows_per_chunk;
     const int64_t items = panels * chunks;
 #pragma omp parallel for schedule(static) if (g->M * g->N * g->K >= (1 << 16))
     for (int64_t item = 0; item < items; item++) {
         const int64_t chunk = item / panels, panel = item % panels;
-        const int64_t end = (chunk + 1) * MC < g->M ? (chunk + 1) * MC : g->M;
-        for (int64_t row = chunk * MC; row < end; row += MR)
+        const int64_t begin = chunk * rows_per_chunk;
+        const int64_t end = begin + rows_per_chunk < g->M ? begin + rows_per_chunk : g->M;
+        for (int64_t row = begin; row < end; row += MR)
             tile_any(g, row, panel, end - row < MR ? end - row : MR);
     }
 }
