@@ -41,7 +41,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -95,6 +95,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workloads", default="w1,w2,w3", help="comma-separated: w1, w2, w3 "
                    "(cold start and memory come with any server workload)")
     p.add_argument("--quick", action="store_true", help="tiny counts, for a smoke test")
+    p.add_argument("--w1-shape", default=None, metavar="PROMPTS:IN:OUT",
+                   help="W1 with another batch shape, e.g. 32:64:512 or 32:2048:32 (spot checks that a gain "
+                        "is not tied to one workload)")
     p.add_argument("--port", type=int, default=8800, help="the servers' port (one server at a time)")
     p.add_argument("--vllm-venv", default=None, metavar="DIR",
                    help=f"vLLM's venv, made here when `import vllm` fails in it "
@@ -107,6 +110,14 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     args.engines = _choices(p, "--engines", args.engines, ("sluice", "vllm"))
     args.workloads = _choices(p, "--workloads", args.workloads, ("w1", "w2", "w3"))
+    if args.w1_shape is not None:
+        text = args.w1_shape
+        try:
+            args.w1_shape = tuple(int(part) for part in text.split(":"))
+        except ValueError:
+            args.w1_shape = ()
+        if len(args.w1_shape) != 3 or min(args.w1_shape) < 1:
+            p.error(f"--w1-shape: expected PROMPTS:IN:OUT, three integers >= 1, got {text!r}")
     return args
 
 
@@ -532,11 +543,11 @@ def w1_worker(engine: str, model_dir: str, prompts_path: str) -> None:
     """Worker mode: build one engine in this process, warm it up, time one generate call over all
     prompts, print the result line. Output tokens are counted from the outputs, not assumed."""
     data = json.loads(Path(prompts_path).read_text())
+    model_len = max(MAX_MODEL_LEN, max(len(ids) for ids in data["prompts"]) + data["output_len"])
     if engine == "sluice":
         from sluice import LLM, SamplingParams
 
-        llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=MAX_MODEL_LEN, kv_cache_memory_bytes=KV_BYTES,
-                  seed=0)
+        llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=model_len, kv_cache_memory_bytes=KV_BYTES, seed=0)
 
         def as_prompt(ids: list[int]) -> dict:
             return {"prompt_token_ids": ids}
@@ -544,7 +555,7 @@ def w1_worker(engine: str, model_dir: str, prompts_path: str) -> None:
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
-        llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=MAX_MODEL_LEN, seed=0)
+        llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=model_len, seed=0)
 
         def as_prompt(ids: list[int]) -> dict:
             return TokensPrompt(prompt_token_ids=ids)
@@ -580,7 +591,7 @@ def flatten(result: dict) -> dict[str, float]:
 
 def row_specs(plan: Plan) -> list[tuple[str, str, str]]:
     """(key, label, which way is better) in table order."""
-    rows = [("w1_tok_s", "W1 output tok/s", "higher")]
+    rows = [("w1_tok_s", f"W1 output tok/s ({plan.w1[0]} x {plan.w1[1]} in, {plan.w1[2]} out)", "higher")]
     for c, _, _ in plan.w2:
         rows += [(f"w2_c{c}_tok_s", f"W2 c={c} output tok/s", "higher"),
                  (f"w2_c{c}_ttft_p50", f"W2 c={c} TTFT p50 (ms)", "lower"),
@@ -639,6 +650,8 @@ def main() -> int:
     from sluice.config import cache_dir  # the orchestrator runs in sluice's venv
 
     plan = QUICK if args.quick else FULL
+    if args.w1_shape:
+        plan = replace(plan, w1=args.w1_shape)
     date = datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.output_dir or REPO / "benchmarks" / "results" / f"compare-{date}").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
