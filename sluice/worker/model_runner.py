@@ -101,13 +101,35 @@ class ModelRunner:
             return
         flat = _zeroed_host_memory(num_blocks * self.bytes_per_block())
         self.kv_caches = list(flat.view(self.dtype).view(m.num_layers, *shape).unbind(0))
-        # The pool hands out never-used blocks in id order, and a first touch of a huge page costs
-        # a 2 MiB zero-fill (a fresh request's 60 K/V regions: ~120 MiB, 0.2 s on a VM). Touch the
-        # first blocks of every region now, so the first requests don't pay it inside their TTFT.
-        first = max(1, min(num_blocks, PREFAULT_KV_BYTES // self.bytes_per_block()))
-        for cache in self.kv_caches:
-            for half in cache.unbind(0):
-                half[:first].view(-1).view(torch.uint8)[::4096] = 0
+        self._prefault_block = 0  # KV blocks below this are touched in every region...
+        self._prefault_region = 0  # ...and in the regions before this one, up to the next step
+        self.prefault_kv(PREFAULT_KV_BYTES)
+
+    def prefault_kv(self, max_bytes: int) -> bool:
+        """Touch about max_bytes of not yet touched KV memory; False once all of it is.
+
+        The pool hands out never-used blocks in id order, and the first touch of a huge page is a
+        2 MiB zero-fill (a fresh request's 60 K/V regions: ~120 MiB, 0.2 s on a VM). So the first
+        blocks are touched at startup and the rest while the engine is idle, one region's next
+        slice at a time, not inside some request's TTFT. Each touched byte is rewritten with its
+        own value: blocks the pool already handed out (or keeps as prefix cache) stay intact.
+        """
+        if self.device.type != "cpu":
+            return False
+        regions = [half for cache in self.kv_caches for half in cache.unbind(0)]
+        num_blocks = regions[0].shape[0]
+        region_block_bytes = regions[0][0].numel() * regions[0].element_size()
+        step = max(1, min(max_bytes, 2 << 20) // region_block_bytes)  # a huge page per region at a time
+        budget = max_bytes
+        while budget > 0 and self._prefault_block < num_blocks:
+            end = min(num_blocks, self._prefault_block + step)
+            pages = regions[self._prefault_region][self._prefault_block:end].view(-1).view(torch.uint8)[::4096]
+            pages.copy_(pages.clone())
+            budget -= (end - self._prefault_block) * region_block_bytes
+            self._prefault_region += 1
+            if self._prefault_region == len(regions):
+                self._prefault_region, self._prefault_block = 0, end
+        return self._prefault_block < num_blocks
 
     # ---- one step --------------------------------------------------------------------
     @torch.inference_mode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from sluice import LLM, SamplingParams
 from sluice.loader import ModelLoadError
@@ -191,3 +192,20 @@ def test_generation_config_eos_ids_stop_generation(tmp_path, tiny_model_dir):
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)[0].outputs[0]
     assert out.token_ids == tokens[: stop_at + 1]
     assert out.finish_reason == "stop" and out.stop_reason is None
+
+
+def test_prefaulting_kv_memory_leaves_cached_blocks_intact(llm):
+    """The idle prefault rewrites each touched byte with its own value: the cache is unchanged,
+    and a prefix-cache hit after it gives the same tokens."""
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    prompt = "A long shared beginning, repeated to fill several blocks. " * 6
+    first = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    runner = llm.engine_core.runner
+    before = [cache.clone() for cache in runner.kv_caches]
+    runner._prefault_block = runner._prefault_region = 0  # go over every block again, cached ones too
+    while runner.prefault_kv(1 << 20):
+        pass
+    assert all(torch.equal(a, b) for a, b in zip(before, runner.kv_caches))
+    hits = llm.get_metrics()["vllm:prefix_cache_hits"]
+    assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == first
+    assert llm.get_metrics()["vllm:prefix_cache_hits"] > hits
