@@ -28,7 +28,6 @@ from sluice.metrics.http import MULTIPROC_ENV
 logger = logging.getLogger("sluice")
 
 IDLE_POLL_MS = 1000  # how often an idle core wakes to check that its parent still lives
-IDLE_PREFAULT_BYTES = 2 << 20  # KV memory touched per idle turn (a few ms), see ModelRunner.prefault_kv
 
 
 class EngineCoreProc:
@@ -55,9 +54,8 @@ class EngineCoreProc:
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
-        prefaulting = True
         while os.getppid() == self.parent_pid:  # never outlive the server that started us
-            timeout = 0 if self.core.has_unfinished_requests() or prefaulting else IDLE_POLL_MS
+            timeout = 0 if self.core.has_unfinished_requests() else IDLE_POLL_MS
             while poller.poll(timeout):
                 self._handle(*self.socket.recv_multipart())
                 timeout = 0
@@ -65,7 +63,6 @@ class EngineCoreProc:
                 self._send_outputs(self.core.step())
             else:
                 self.core.record_stats()  # keeps the gauges and the periodic log line current while idle
-                prefaulting = self.core.runner.prefault_kv(IDLE_PREFAULT_BYTES)
         logger.error("engine core: the server process is gone; exiting")
 
     def _handle(self, client: bytes, kind: bytes, payload: bytes) -> None:

@@ -194,17 +194,17 @@ def test_generation_config_eos_ids_stop_generation(tmp_path, tiny_model_dir):
     assert out.finish_reason == "stop" and out.stop_reason is None
 
 
-def test_prefaulting_kv_memory_leaves_cached_blocks_intact(llm):
-    """The idle prefault rewrites each touched byte with its own value: the cache is unchanged,
-    and a prefix-cache hit after it gives the same tokens."""
+def test_kv_cache_populated_in_the_background_stays_intact(llm):
+    """The background populate thread faults the cache in without touching its contents: it
+    finishes, the cache is unchanged, and a prefix-cache hit gives the same tokens."""
     params = SamplingParams(temperature=0.0, max_tokens=8)
     prompt = "A long shared beginning, repeated to fill several blocks. " * 6
     first = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
     runner = llm.engine_core.runner
+    runner.kv_populator.join(timeout=60)
+    assert not runner.kv_populator.is_alive()
     before = [cache.clone() for cache in runner.kv_caches]
-    runner._prefault_block = runner._prefault_region = 0  # go over every block again, cached ones too
-    while runner.prefault_kv(1 << 20):
-        pass
+    runner.populate_kv()  # again, over blocks that now hold a cached prefix
     assert all(torch.equal(a, b) for a, b in zip(before, runner.kv_caches))
     hits = llm.get_metrics()["vllm:prefix_cache_hits"]
     assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == first
