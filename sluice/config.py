@@ -74,7 +74,7 @@ class ModelConfig:
 
 @dataclass
 class CacheConfig:
-    block_size: int = 16
+    block_size: int = 64
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: int | None = None  # exact number of KV blocks (vLLM's name)
     kv_cache_memory_bytes: int | None = None  # bytes of KV cache; None: a fraction of free memory

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import itertools
@@ -105,8 +106,15 @@ class ModelRunner:
             return
         flat = _zeroed_host_memory(num_blocks * self.bytes_per_block())
         self.kv_caches = list(flat.view(self.dtype).view(m.num_layers, *shape).unbind(0))
+        self._stop_populating = threading.Event()
         self.kv_populator = threading.Thread(target=self._populate_kv_when_idle, name="kv-populate", daemon=True)
         self.kv_populator.start()
+        atexit.register(self.stop_populating)
+
+    def stop_populating(self) -> None:
+        """Stop the populate thread (at exit: a thread still running then would be torn down mid-call)."""
+        self._stop_populating.set()
+        self.kv_populator.join(timeout=5)
 
     def _populate_kv_when_idle(self) -> None:
         try:
@@ -129,14 +137,16 @@ class ModelRunner:
         regions = [half for cache in self.kv_caches for half in cache.unbind(0)]
         num_blocks = regions[0].shape[0]
         block_bytes = regions[0][0].numel() * regions[0].element_size()
+        bases = [region.data_ptr() for region in regions]  # plain ints: the loop below calls only C
         step = max(1, (2 << 20) // block_bytes)
         for start in range(0, num_blocks, step):
             length = (min(num_blocks, start + step) - start) * block_bytes
-            for region in regions:
-                address = region[start].data_ptr()
+            for base in bases:
+                address = base + start * block_bytes
                 page_start = address & ~(PAGE_BYTES - 1)
-                if madvise(page_start, length + address - page_start, MADV_POPULATE_WRITE) != 0:
-                    return  # a kernel before 5.14: pages fault in on first use
+                if self._stop_populating.is_set() or madvise(page_start, length + address - page_start,
+                                                             MADV_POPULATE_WRITE) != 0:
+                    return  # stopped, or a kernel before 5.14: pages fault in on first use
 
     # ---- one step --------------------------------------------------------------------
     @torch.inference_mode()

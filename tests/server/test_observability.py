@@ -43,7 +43,8 @@ def receiver():
 def observed(receiver):
     srv = RemoteServer(
         "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
-        "--num-gpu-blocks-override", str(NUM_BLOCKS), "--kv-cache-metrics", "--api-server-count", "2",
+        "--num-gpu-blocks-override", str(NUM_BLOCKS), "--block-size", str(BLOCK_SIZE), "--kv-cache-metrics",
+        "--api-server-count", "2",
         "--otlp-traces-endpoint", receiver.endpoint, "--collect-detailed-traces", "all",
         env={"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "100"},
     )
