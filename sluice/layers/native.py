@@ -29,6 +29,7 @@ from sluice.config import cache_dir, cpu_flags
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode.c", "gemm.c")]
+HEADERS = [Path(__file__).parent / "csrc" / "bf16_simd.h"]
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-fopenmp"]
 # linear_bf16 epilogues (gemm.c)
 EPI_STORE, EPI_RESIDUAL, EPI_SILU_MUL = 0, 1, 2
@@ -44,7 +45,7 @@ def load_library() -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler found; using the PyTorch attention path")
         return None
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(source + " ".join(CFLAGS).encode() + platform.machine().encode()).hexdigest()[:16]
     target = Path(cache_dir("kernels")) / f"paged_decode-{key}.so"
     try:

@@ -21,7 +21,7 @@
 #include <string.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
+#include "bf16_simd.h"
 
 #define PANEL 64
 #define MR 6
@@ -42,30 +42,6 @@ typedef struct {
     int epilogue;
 } Gemm;
 
-static inline __m512 round_bf16(__m512 x) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
-}
-
-static inline __m512 load_bf16(const uint16_t *src, __mmask16 live) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, src)), 16));
-}
-
-static inline __m512 exp_neg(__m512 x) { /* exp(x) for the silu of bf16 inputs */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5353362e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 static inline __mmask16 cols_live(int64_t col, int64_t limit) {
     const int64_t n = limit - col;
     return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
@@ -78,8 +54,7 @@ static inline __attribute__((always_inline)) void finish_row(const Gemm *g, int6
         for (int v = 0; v < 2; v++) {
             const __mmask16 live = cols_live(out_col + 16 * v, width);
             const __m512 gate = round_bf16(acc[v]), up = round_bf16(acc[v + 2]);
-            const __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
-            _mm256_mask_storeu_epi16(out + out_col + 16 * v, live, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(round_bf16(silu), up)));
+            store_bf16(out + out_col + 16 * v, _mm512_mul_ps(round_bf16(silu512(gate)), up), live);
         }
         return;
     }

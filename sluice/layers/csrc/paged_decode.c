@@ -116,24 +116,8 @@ static void attend_seq_generic(const Job *job, int64_t seq) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
+#include "bf16_simd.h"
 #define HAVE_BF16_FAST_PATH 1
-
-/* exp for lanes <= 0 (softmax inputs after max subtraction): 2^(x log2 e), degree-6 fit. */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n); /* in [-0.5, 0.5] */
-    __m512 p = _mm512_set1_ps(1.5353362e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 static inline __m512 bf16x16_to_f32(const uint16_t *src) {
     const __m256i raw = _mm256_loadu_si256((const __m256i *)src);
@@ -367,18 +351,6 @@ void write_kv(void *k_cache, void *v_cache, const void *k, const void *v, const 
 /* ---- elementwise ops of the model, one pass each instead of several PyTorch kernels ------
  * Rounded to bf16 at the same points as the PyTorch code they replace, so results match it. */
 #if HAVE_BF16_FAST_PATH
-static inline __m512 round_bf16(__m512 x) { /* to bf16 (nearest even) and back */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
-}
-
-static inline void store_bf16(uint16_t *dst, __m512 x, __mmask16 live) {
-    _mm256_mask_storeu_epi16(dst, live, (__m256i)_mm512_cvtneps_pbh(x));
-}
-
-static inline __m512 load_bf16(const uint16_t *src, __mmask16 live) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, src)), 16));
-}
-
 typedef struct {
     const uint16_t *a, *b, *c;
     uint16_t *out;
@@ -394,8 +366,7 @@ static void *silu_mul_rows(void *arg) {
         for (int64_t i = 0; i < I; i += 16) {
             const __mmask16 live = (__mmask16)(I - i >= 16 ? 0xFFFF : ((1u << (I - i)) - 1u));
             const __m512 g = load_bf16(gate + i, live);
-            const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            store_bf16(job->out + t * I + i, _mm512_mul_ps(round_bf16(silu), load_bf16(up + i, live)), live);
+            store_bf16(job->out + t * I + i, _mm512_mul_ps(round_bf16(silu512(g)), load_bf16(up + i, live)), live);
         }
     }
     return NULL;

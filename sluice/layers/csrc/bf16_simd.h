@@ -1,0 +1,40 @@
+/* AVX-512 helpers shared by the bf16 kernels (paged_decode.c, gemm.c). Include only where
+ * __AVX512F__ and __AVX512BF16__ are defined. */
+#ifndef SLUICE_BF16_SIMD_H
+#define SLUICE_BF16_SIMD_H
+#include <immintrin.h>
+#include <stdint.h>
+
+/* exp(x) as 2^(x log2 e), degree-6 fit, inputs clamped to [-87, 88] (softmax, SiLU) */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n); /* in [-0.5, 0.5] */
+    __m512 p = _mm512_set1_ps(1.5353362e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* x / (1 + exp(-x)) */
+static inline __m512 silu512(__m512 x) {
+    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+static inline __m512 round_bf16(__m512 x) { /* to bf16 (nearest even) and back */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+
+static inline void store_bf16(uint16_t *dst, __m512 x, __mmask16 live) {
+    _mm256_mask_storeu_epi16(dst, live, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+static inline __m512 load_bf16(const uint16_t *src, __mmask16 live) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, src)), 16));
+}
+#endif
