@@ -7,7 +7,8 @@ after the other, one table of ratios (sluice / vLLM).
 
 Workloads (the figures in the project's peer notes use the same ones):
 - W1 offline throughput: 128 prompts of 256 random token ids, 128 tokens out, ignore_eos, greedy,
-  each engine's offline `LLM` in its own process;
+  each engine's offline `LLM` in its own process, the faster of two runs on distinct prompt sets
+  (`--w1-shape PROMPTS:IN:OUT` for other shapes);
 - W2 online serving: `sluice bench serve`, random 256 in / 128 out at max concurrency 1 (16
   requests), 8 (64) and 32 (128), a distinct seed per level;
 - W3 prefix reuse: 64 requests sharing one 1024-token prefix + 64 unique tokens, 32 out,
