@@ -52,7 +52,7 @@ class AttentionMetadata:
         # Per token, for the native kernel that treats every query row (decode or prompt) alike:
         self.token_block_table = token_block_table  # [T, NB] int64 its request's block table
         self.token_seq_lens = token_seq_lens  # [T] int64 keys it may see: its position + 1
-        self._group_inputs = group_inputs  # (qlens, ctx, starts, seq_lens, num_blocks, table) numpy
+        self._group_inputs = group_inputs  # (qlens, ctx, starts, seq_lens, num_blocks, table, block_size)
         self._device = device
 
     @functools.cached_property

@@ -43,11 +43,11 @@ def load_library() -> ctypes.CDLL | None:
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
-        logger.warning("no C compiler found; using the PyTorch attention path")
+        logger.warning("no C compiler found; using the PyTorch path")
         return None
     source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(source + " ".join(CFLAGS).encode() + platform.machine().encode()).hexdigest()[:16]
-    target = Path(cache_dir("kernels")) / f"paged_decode-{key}.so"
+    target = Path(cache_dir("kernels")) / f"sluice-kernels-{key}.so"
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)

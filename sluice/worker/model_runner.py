@@ -22,10 +22,9 @@ from sluice.models.registry import get_model_class
 from sluice.structured_output.manager import GrammarBitmask
 from sluice.worker.sampler import Sampler, SamplingMetadata, SamplingRow, compute_prompt_logprobs
 
-MAX_NUM_BLOCKS = 1 << 20
+MAX_NUM_BLOCKS = 1 << 20  # block objects live in Python; beyond this the pool itself gets slow
+DEFAULT_KV_CACHE_CAP = 4 << 30  # without an explicit size, like vLLM's CPU default of 4 GiB
 MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in, writable, leaving their contents alone
-PAGE_BYTES = mmap.PAGESIZE
-DEFAULT_KV_CACHE_CAP = 4 << 30  # without an explicit size, like vLLM's CPU default of 4 GiB  # block objects live in Python; beyond this the pool itself gets slow
 
 
 @dataclass
@@ -46,6 +45,43 @@ def _zeroed_host_memory(num_bytes: int) -> torch.Tensor:
         except OSError:
             pass
     return torch.frombuffer(buffer, dtype=torch.uint8)
+
+
+def _populate(kv_caches: list[torch.Tensor], stop: threading.Event) -> None:
+    """Fault the KV cache in, in the pool's order, one huge page per K/V region at a time.
+
+    The pool hands out never-used blocks first, in id order, and on first touch every page is
+    zero-filled by the OS: on a VM, 2 MiB huge pages fill at ~0.6 GB/s, so a fresh 256-token
+    request (60 K/V regions) could stall 0.1-0.2 s inside its TTFT. MADV_POPULATE_WRITE faults
+    the pages in without touching their contents, so it is safe beside the engine's own writes.
+    """
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    regions = [half for cache in kv_caches for half in cache.unbind(0)]
+    num_blocks = regions[0].shape[0]
+    block_bytes = regions[0][0].numel() * regions[0].element_size()
+    bases = [region.data_ptr() for region in regions]  # plain ints: the loop below calls only C
+    step = max(1, (2 << 20) // block_bytes)
+    for start in range(0, num_blocks, step):
+        length = (min(num_blocks, start + step) - start) * block_bytes
+        for base in bases:
+            address = base + start * block_bytes
+            page_start = address & ~(mmap.PAGESIZE - 1)
+            if stop.is_set() or madvise(page_start, length + address - page_start, MADV_POPULATE_WRITE) != 0:
+                return  # stopped, or a kernel before 5.14: pages fault in on first use
+
+
+def _populate_when_idle(kv_caches: list[torch.Tensor], stop: threading.Event) -> None:
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # Linux: this thread only
+    except (AttributeError, OSError):
+        pass
+    _populate(kv_caches, stop)
+
+
+def _stop_thread(thread: threading.Thread, stop: threading.Event) -> None:
+    stop.set()
+    thread.join(timeout=5)
 
 
 @contextlib.contextmanager
@@ -106,47 +142,16 @@ class ModelRunner:
             return
         flat = _zeroed_host_memory(num_blocks * self.bytes_per_block())
         self.kv_caches = list(flat.view(self.dtype).view(m.num_layers, *shape).unbind(0))
-        self._stop_populating = threading.Event()
-        self.kv_populator = threading.Thread(target=self._populate_kv_when_idle, name="kv-populate", daemon=True)
+        stop = threading.Event()
+        self.kv_populator = threading.Thread(target=_populate_when_idle, args=(self.kv_caches, stop),
+                                             name="kv-populate", daemon=True)
         self.kv_populator.start()
-        atexit.register(self.stop_populating)
-
-    def stop_populating(self) -> None:
-        """Stop the populate thread (at exit: a thread still running then would be torn down mid-call)."""
-        self._stop_populating.set()
-        self.kv_populator.join(timeout=5)
-
-    def _populate_kv_when_idle(self) -> None:
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # Linux: this thread only
-        except (AttributeError, OSError):
-            pass
-        self.populate_kv()
+        # at exit, a thread still inside a call would be torn down mid-call; hold no reference to self
+        atexit.register(_stop_thread, self.kv_populator, stop)
 
     def populate_kv(self) -> None:
-        """Fault the whole cache in (run on a background thread at idle priority).
-
-        The pool hands out never-used blocks first, in id order, and on first touch every page is
-        zero-filled by the OS: on a VM, 2 MiB huge pages fill at ~0.6 GB/s, so a fresh 256-token
-        request (60 K/V regions) could stall 0.1-0.2 s inside its TTFT. MADV_POPULATE_WRITE faults
-        the pages in without touching their contents, so it is safe beside the engine's own writes;
-        it goes in the pool's order, one huge page per region at a time, when the cores are idle.
-        """
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        regions = [half for cache in self.kv_caches for half in cache.unbind(0)]
-        num_blocks = regions[0].shape[0]
-        block_bytes = regions[0][0].numel() * regions[0].element_size()
-        bases = [region.data_ptr() for region in regions]  # plain ints: the loop below calls only C
-        step = max(1, (2 << 20) // block_bytes)
-        for start in range(0, num_blocks, step):
-            length = (min(num_blocks, start + step) - start) * block_bytes
-            for base in bases:
-                address = base + start * block_bytes
-                page_start = address & ~(PAGE_BYTES - 1)
-                if self._stop_populating.is_set() or madvise(page_start, length + address - page_start,
-                                                             MADV_POPULATE_WRITE) != 0:
-                    return  # stopped, or a kernel before 5.14: pages fault in on first use
+        """Fault the whole cache in, here and now (the background thread does it when idle)."""
+        _populate(self.kv_caches, threading.Event())
 
     # ---- one step --------------------------------------------------------------------
     @torch.inference_mode()
