@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import pytest
 import torch
 
 from sluice import LLM, SamplingParams
 from sluice.loader import ModelLoadError
+from sluice.worker.model_runner import _populate_when_idle
 
 
 @pytest.fixture(scope="module")
@@ -194,17 +196,21 @@ def test_generation_config_eos_ids_stop_generation(tmp_path, tiny_model_dir):
     assert out.finish_reason == "stop" and out.stop_reason is None
 
 
-def test_kv_cache_populated_in_the_background_stays_intact(llm):
-    """The background populate thread faults the cache in without touching its contents: it
-    finishes, the cache is unchanged, and a prefix-cache hit gives the same tokens."""
+def test_populating_the_kv_cache_leaves_its_contents_intact(llm):
+    """Both ways of faulting the cache in (the all-core pass LLM makes at start, the idle-time
+    thread a server's core starts) leave blocks holding a cached prefix as they are."""
     params = SamplingParams(temperature=0.0, max_tokens=8)
     prompt = "A long shared beginning, repeated to fill several blocks. " * 6
     first = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
     runner = llm.engine_core.runner
-    runner.kv_populator.join(timeout=60)
-    assert not runner.kv_populator.is_alive()
+    assert not runner.kv_populator.is_alive()  # LLM populated the cache itself and stopped it
     before = [cache.clone() for cache in runner.kv_caches]
-    runner.populate_kv()  # again, over blocks that now hold a cached prefix
+    runner.populate_kv()
+    assert all(torch.equal(a, b) for a, b in zip(before, runner.kv_caches))
+    idle_thread = threading.Thread(target=_populate_when_idle, args=(runner.kv_caches, threading.Event()))
+    idle_thread.start()
+    idle_thread.join(timeout=60)
+    assert not idle_thread.is_alive()
     assert all(torch.equal(a, b) for a, b in zip(before, runner.kv_caches))
     hits = llm.get_metrics()["vllm:prefix_cache_hits"]
     assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == first

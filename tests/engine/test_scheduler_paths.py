@@ -21,7 +21,7 @@ QUESTIONS = [
     "Is the croissant made with butter?",
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
-COMMON = dict(dtype="float32", max_model_len=256)
+COMMON = dict(dtype="float32", max_model_len=256, block_size=16)  # the paths below are sized in 16-token blocks
 
 
 def prompts() -> list[dict]:

@@ -34,8 +34,10 @@ def llm() -> LLM:
 
 @pytest.fixture(scope="module")
 def llm32() -> LLM:
-    """float32 (greedy outputs independent of the batch) with a cache small enough to preempt."""
-    return LLM(max_model_len=256, dtype="float32", enable_prefix_caching=False, num_gpu_blocks_override=6)
+    """float32 (greedy outputs independent of the batch) with a cache small enough to preempt:
+    six 16-token blocks."""
+    return LLM(max_model_len=256, dtype="float32", enable_prefix_caching=False, num_gpu_blocks_override=6,
+               block_size=16)
 
 
 def seeded(max_tokens: int, **spec) -> list[SamplingParams]:

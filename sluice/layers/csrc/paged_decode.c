@@ -24,10 +24,11 @@
 #define MAX_HEADS 64
 #define MAX_BLOCK 256
 #define MAX_THREADS 64
-/* Blocks sit anywhere in the pool, so hardware prefetchers can't follow: fetch this many ahead.
- * The pass over the first kv head fetches whole blocks (every head's keys or values), so the
- * passes over the other heads find the sequence in L2. */
-#define PREFETCH_BLOCKS 8
+/* Blocks sit anywhere in the pool, so hardware prefetchers can't follow them. While a thread
+ * computes one row, it fetches the next row's blocks into L2 a few lines at a time, so the
+ * memory traffic of a row overlaps the arithmetic of the one before. */
+#define PREFETCH_PER_CALL_MIN 4
+#define MAX_BLOCKS_AHEAD 16 /* 16 blocks of 64 keys x 3 heads x 64 dims: 768 KB of K and V, about L2 */
 
 typedef struct {
     const void *q;              /* [num_seqs, num_heads, head_dim] */
@@ -124,10 +125,6 @@ static inline __m512 bf16x16_to_f32(const uint16_t *src) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-static inline void prefetch_span(const uint16_t *start, int64_t count) {
-    for (int64_t e = 0; e < count; e += 32) _mm_prefetch((const char *)(start + e), _MM_HINT_T0);
-}
-
 /* Scratch of one thread: scores [H][padded] floats, then probabilities [H][padded] bf16. */
 typedef struct {
     float *scores;
@@ -135,10 +132,53 @@ typedef struct {
     int64_t padded;
 } Scratch;
 
+/* The cache lines of the next row's K and V blocks still to fetch, walked block by block. */
+typedef struct {
+    const char *blocks[2 * (MAX_BLOCKS_AHEAD)]; /* K blocks, then V blocks */
+    int64_t count, block_bytes, next_line, per_call;
+} Prefetcher;
+
+/* Queue the blocks of row `next` that row `seq` does not read itself (a prompt's rows share
+ * theirs; seq < 0: none), to be fetched over `calls` calls of prefetch_some. */
+static void plan_prefetch(Prefetcher *pf, const Job *job, int64_t seq, int64_t next, int64_t calls) {
+    const int64_t bs = job->block_size, block_elems = bs * job->num_kv_heads * job->head_dim;
+    const int64_t *table = job->block_table + (seq < 0 ? 0 : seq) * job->table_width;
+    const int64_t *next_table = job->block_table + next * job->table_width;
+    const int64_t blocks = seq < 0 ? 0 : (job->seq_lens[seq] + bs - 1) / bs;
+    const int64_t next_blocks = (job->seq_lens[next] + bs - 1) / bs;
+    int64_t n = 0;
+    for (int64_t b = 0; b < next_blocks && n < MAX_BLOCKS_AHEAD; b++)
+        if (b >= blocks || next_table[b] != table[b]) {
+            pf->blocks[n] = (const char *)job->k_cache + next_table[b] * block_elems * 2;
+            pf->blocks[MAX_BLOCKS_AHEAD + n++] = (const char *)job->v_cache + next_table[b] * block_elems * 2;
+        }
+    for (int64_t b = 0; b < n; b++) pf->blocks[n + b] = pf->blocks[MAX_BLOCKS_AHEAD + b];
+    pf->count = 2 * n;
+    pf->block_bytes = block_elems * 2;
+    pf->next_line = 0;
+    const int64_t lines = pf->count * pf->block_bytes / 64;
+    pf->per_call = lines == 0 ? 0 : (lines + calls - 1) / calls;
+    if (pf->per_call > 0 && pf->per_call < PREFETCH_PER_CALL_MIN) pf->per_call = PREFETCH_PER_CALL_MIN;
+}
+
+static inline void prefetch_some(Prefetcher *pf) {
+    const int64_t lines_per_block = pf->block_bytes / 64, total = pf->count * lines_per_block;
+    for (int64_t i = 0; i < pf->per_call && pf->next_line < total; i++, pf->next_line++) {
+        const int64_t line = pf->next_line;
+        _mm_prefetch(pf->blocks[line / lines_per_block] + (line % lines_per_block) * 64, _MM_HINT_T1);
+    }
+}
+
+/* Everything queued, at once: for a thread's first row, with nothing before it to hide behind. */
+static void prefetch_now(Prefetcher *pf) {
+    pf->per_call = pf->count * pf->block_bytes / 64;
+    prefetch_some(pf);
+}
+
 /* Pass 1: scaled scores of every key for the G heads of one kv head; returns their maxima.
  * Two accumulators per head (even and odd dim pairs) keep 2G dot-product chains in flight. */
 static inline __attribute__((always_inline)) void score_keys(const Job *job, int64_t seq, int64_t hkv,
-                                                            const Scratch *sc, float *max_out,
+                                                            const Scratch *sc, Prefetcher *pf, float *max_out,
                                                             const int64_t G, const int64_t D) {
     const int64_t H = job->num_heads, bs = job->block_size;
     const int64_t len = job->seq_lens[seq];
@@ -149,16 +189,12 @@ static inline __attribute__((always_inline)) void score_keys(const Job *job, int
     const __m512 scale = _mm512_set1_ps(job->scale);
     __m512 maxv[MAX_HEADS];
     for (int64_t g = 0; g < G; g++) maxv[g] = _mm512_set1_ps(-INFINITY);
-    const int64_t k_span = hkv == 0 ? block_elems : D * bs, k_from = hkv == 0 ? 0 : hkv * (D / 2) * bs * 2;
-    for (int64_t b = 0; b < PREFETCH_BLOCKS && b * bs < len; b++) prefetch_span(kc + table[b] * block_elems + k_from, k_span);
     for (int64_t start = 0, n = 0; start < len; start += n) {
         const int64_t in_block = start % bs;
         n = len - start < 16 ? len - start : 16;
         if (n > bs - in_block) n = bs - in_block;
         const uint16_t *kpairs = kc + table[start / bs] * block_elems + (hkv * (D / 2) * bs + in_block) * 2;
-        if (in_block == 0 && start + PREFETCH_BLOCKS * bs < len) {
-            prefetch_span(kc + table[start / bs + PREFETCH_BLOCKS] * block_elems + k_from, k_span);
-        }
+        prefetch_some(pf);
         const __mmask32 pair_mask = (__mmask32)(n == 16 ? 0xFFFFFFFFu : ((1u << (2 * n)) - 1u));
         const __mmask16 live = (__mmask16)((1u << n) - 1u);
         __m512 even[MAX_HEADS], odd[MAX_HEADS];
@@ -199,7 +235,7 @@ static float softmax_head(const Scratch *sc, int64_t h, int64_t len, float max) 
 /* Pass 3: probability-weighted sum of V for the G heads of one kv head, written as bf16.
  * V pairs keys (2j, 2j+1), so one instruction takes the matching pair of probabilities. */
 static inline __attribute__((always_inline)) void weigh_values(const Job *job, int64_t seq, int64_t hkv,
-                                                              const Scratch *sc, const float *sums,
+                                                              const Scratch *sc, Prefetcher *pf, const float *sums,
                                                               const int64_t G, const int64_t D) {
     const int64_t H = job->num_heads, bs = job->block_size;
     const int64_t len = job->seq_lens[seq], DV = D / 16;
@@ -209,15 +245,11 @@ static inline __attribute__((always_inline)) void weigh_values(const Job *job, i
     __m512 acc[MAX_HEADS][MAX_HEAD_DIM / 16];
     for (int64_t g = 0; g < G; g++)
         for (int64_t v = 0; v < DV; v++) acc[g][v] = _mm512_setzero_ps();
-    const int64_t v_span = hkv == 0 ? block_elems : D * bs, v_from = hkv == 0 ? 0 : hkv * (bs / 2) * D * 2;
-    for (int64_t b = 0; b < PREFETCH_BLOCKS && b * bs < len; b++) prefetch_span(vc + table[b] * block_elems + v_from, v_span);
     for (int64_t b = 0; b * bs < len; b++) {
         const int64_t keys = len - b * bs < bs ? len - b * bs : bs;
         const uint16_t *vpairs = vc + table[b] * block_elems + hkv * (bs / 2) * D * 2;
-        if ((b + PREFETCH_BLOCKS) * bs < len) {
-            prefetch_span(vc + table[b + PREFETCH_BLOCKS] * block_elems + v_from, v_span);
-        }
         for (int64_t j = 0; j < (keys + 1) / 2; j++) {
+            if (j % 8 == 0) prefetch_some(pf);
             __m512bh vals[MAX_HEAD_DIM / 16];
             for (int64_t v = 0; v < DV; v++) vals[v] = (__m512bh)_mm512_loadu_si512(vpairs + (j * D + 16 * v) * 2);
             for (int64_t g = 0; g < G; g++) {
@@ -240,24 +272,24 @@ static inline __attribute__((always_inline)) void weigh_values(const Job *job, i
  * weighted values) through a scratch buffer: one max per head instead of an online rescale
  * per chunk, and every inner loop keeps its accumulators in registers. */
 static inline __attribute__((always_inline)) void attend_seq_shape(const Job *job, int64_t seq, const Scratch *sc,
-                                                                  const int64_t G, const int64_t D) {
+                                                                  Prefetcher *pf, const int64_t G, const int64_t D) {
     const int64_t H = job->num_heads, hkv_count = H / G;
     const int64_t len = job->seq_lens[seq];
     float maxima[MAX_HEADS], sums[MAX_HEADS];
-    for (int64_t hkv = 0; hkv < hkv_count; hkv++) score_keys(job, seq, hkv, sc, maxima + hkv * G, G, D);
+    for (int64_t hkv = 0; hkv < hkv_count; hkv++) score_keys(job, seq, hkv, sc, pf, maxima + hkv * G, G, D);
     for (int64_t h = 0; h < H; h++) sums[h] = softmax_head(sc, h, len, maxima[h]);
-    for (int64_t hkv = 0; hkv < hkv_count; hkv++) weigh_values(job, seq, hkv, sc, sums, G, D);
+    for (int64_t hkv = 0; hkv < hkv_count; hkv++) weigh_values(job, seq, hkv, sc, pf, sums, G, D);
 }
 
 /* Common shapes get their own copy with G and D known, so the compiler keeps every
  * accumulator in a register; other shapes run the same code with runtime sizes. */
-static void attend_seq_bf16(const Job *job, int64_t seq, const Scratch *sc) {
+static void attend_seq_bf16(const Job *job, int64_t seq, const Scratch *sc, Prefetcher *pf) {
     const int64_t G = job->num_heads / job->num_kv_heads, D = job->head_dim;
-#define SHAPE(g, d) if (G == g && D == d) { attend_seq_shape(job, seq, sc, g, d); return; }
+#define SHAPE(g, d) if (G == g && D == d) { attend_seq_shape(job, seq, sc, pf, g, d); return; }
     SHAPE(1, 64) SHAPE(2, 64) SHAPE(3, 64) SHAPE(4, 64) SHAPE(8, 64)
     SHAPE(1, 128) SHAPE(2, 128) SHAPE(4, 128) SHAPE(5, 128) SHAPE(6, 128) SHAPE(7, 128) SHAPE(8, 128)
 #undef SHAPE
-    attend_seq_shape(job, seq, sc, G, D);
+    attend_seq_shape(job, seq, sc, pf, G, D);
 }
 
 #else
@@ -276,7 +308,18 @@ static void *run_job(void *arg) {
         sc.scores = (float *)aligned_alloc(64, count * sizeof(float));
         sc.probs = (uint16_t *)aligned_alloc(64, count * sizeof(uint16_t));
         if (sc.scores != NULL && sc.probs != NULL) {
-            for (int64_t seq = job->seq_begin; seq < job->seq_end; seq++) attend_seq_bf16(job, seq, &sc);
+            Prefetcher pf;
+            for (int64_t seq = job->seq_begin; seq < job->seq_end; seq++) {
+                if (seq == job->seq_begin) {
+                    plan_prefetch(&pf, job, -1, seq, 1);
+                    prefetch_now(&pf);
+                }
+                /* one prefetch_some per 16 keys per kv head, in the score pass and the value pass */
+                const int64_t calls = 2 * job->num_kv_heads * ((job->seq_lens[seq] + 15) / 16);
+                if (seq + 1 < job->seq_end) plan_prefetch(&pf, job, seq, seq + 1, calls);
+                else pf.count = pf.per_call = 0;
+                attend_seq_bf16(job, seq, &sc, &pf);
+            }
             free(sc.scores);
             free(sc.probs);
             return NULL;
@@ -461,6 +504,21 @@ int rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int6
 #endif
 }
 
+/* A decode token's slot sits in a block last touched a whole step ago, and its K spans one
+ * line per pair of dims: fetch the lines of a token a few ahead, for writing, so the stores
+ * don't wait on memory one line at a time. */
+#define KV_WRITE_AHEAD 4
+static inline void prefetch_kv_slot(const uint16_t *k_cache, const uint16_t *v_cache, int64_t slot,
+                                    int64_t Hkv, int64_t D, int64_t bs) {
+    const int64_t base = slot / bs * bs * Hkv * D, off = slot % bs;
+    for (int64_t h = 0; h < Hkv; h++) {
+        const uint16_t *kd = k_cache + base + k_offset(h, 0, off, D, bs);
+        const uint16_t *vd = v_cache + base + v_offset(h, 0, off, D, bs);
+        for (int64_t d = 0; d < D; d += 2) __builtin_prefetch(kd + d * bs, 1, 3);
+        for (int64_t e = 0; e < 2 * D; e += 32) __builtin_prefetch(vd + e, 1, 3);
+    }
+}
+
 /* One pass over a step's fused q/k/v projection [T, (H + 2 Hkv) * D] (rows ld_qkv apart):
  * rotates q into q_out [T, H, D], and rotates k and stores it, with v, straight into the paged
  * cache at each token's slot (the layouts of write_kv). Replaces rotary + three copies + write_kv. */
@@ -470,8 +528,9 @@ int rope_qkv_cache_bf16(const uint16_t *qkv, int64_t ld_qkv, const uint16_t *cos
 #if HAVE_BF16_FAST_PATH
     if (D % 32 != 0 || D > MAX_HEAD_DIM) return -1;
     const int64_t block_elems = bs * Hkv * D;
-#pragma omp parallel for schedule(static) if (T * (H + 2 * Hkv) * D >= (1 << 17))
+#pragma omp parallel for schedule(static) if (T * (H + 2 * Hkv) * D >= (1 << 14))
     for (int64_t t = 0; t < T; t++) {
+        if (t + KV_WRITE_AHEAD < T) prefetch_kv_slot(k_cache, v_cache, slots[t + KV_WRITE_AHEAD], Hkv, D, bs);
         const uint16_t *row = qkv + t * ld_qkv, *c = cos + t * D, *s = sin + t * D;
         for (int64_t h = 0; h < H; h++) rotate_head(row + h * D, c, s, q_out + (t * H + h) * D, D);
         const int64_t base = slots[t] / bs * block_elems, off = slots[t] % bs;
