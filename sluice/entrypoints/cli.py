@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from sluice.config import EngineConfig
+from sluice.config import CacheConfig, EngineConfig
 from sluice.loader import DEFAULT_MODEL
 
 
@@ -16,7 +16,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="weights and activations dtype; auto picks the fastest here")
     parser.add_argument("--seed", type=int, default=0, help="global random seed")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
-    parser.add_argument("--block-size", type=int, default=64, help="tokens per KV cache block")
+    parser.add_argument("--block-size", type=int, default=None, help=f"tokens per KV cache block (default: {CacheConfig.block_size})")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="reuse KV blocks of shared prompt prefixes")
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None, help="exact number of KV cache blocks")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV cache size in bytes (default: a fraction of free memory)")
