@@ -26,9 +26,9 @@
 #define MAX_THREADS 64
 /* Blocks sit anywhere in the pool, so hardware prefetchers can't follow them. While a thread
  * computes one row, it fetches the next row's blocks into L2 a few lines at a time, so the
- * memory traffic of a row overlaps the arithmetic of the one before. */
-#define PREFETCH_PER_CALL_MIN 4
-#define MAX_BLOCKS_AHEAD 16 /* 16 blocks of 64 keys x 3 heads x 64 dims: 768 KB of K and V, about L2 */
+ * memory traffic of a row overlaps the arithmetic of the one before. Beyond this many blocks
+ * a row's K/V would no longer fit in L2 beside the current row's (16 x 48 KB for SmolLM2). */
+#define MAX_BLOCKS_AHEAD 16
 
 typedef struct {
     const void *q;              /* [num_seqs, num_heads, head_dim] */
@@ -132,47 +132,46 @@ typedef struct {
     int64_t padded;
 } Scratch;
 
-/* The cache lines of the next row's K and V blocks still to fetch, walked block by block. */
+/* The next row's K and V blocks still to fetch into L2, and where the walk over their lines
+ * (all K lines, then all V lines) has got to. */
 typedef struct {
-    const char *blocks[2 * (MAX_BLOCKS_AHEAD)]; /* K blocks, then V blocks */
-    int64_t count, block_bytes, next_line, per_call;
+    const char *caches[2]; /* K, V */
+    int64_t offsets[MAX_BLOCKS_AHEAD]; /* bytes from the start of either cache */
+    int64_t count, block_lines, per_call;
+    int64_t cache, block, line; /* the walk */
 } Prefetcher;
 
 /* Queue the blocks of row `next` that row `seq` does not read itself (a prompt's rows share
  * theirs; seq < 0: none), to be fetched over `calls` calls of prefetch_some. */
 static void plan_prefetch(Prefetcher *pf, const Job *job, int64_t seq, int64_t next, int64_t calls) {
-    const int64_t bs = job->block_size, block_elems = bs * job->num_kv_heads * job->head_dim;
+    const int64_t bs = job->block_size, block_bytes = bs * job->num_kv_heads * job->head_dim * 2;
     const int64_t *table = job->block_table + (seq < 0 ? 0 : seq) * job->table_width;
     const int64_t *next_table = job->block_table + next * job->table_width;
     const int64_t blocks = seq < 0 ? 0 : (job->seq_lens[seq] + bs - 1) / bs;
     const int64_t next_blocks = (job->seq_lens[next] + bs - 1) / bs;
-    int64_t n = 0;
-    for (int64_t b = 0; b < next_blocks && n < MAX_BLOCKS_AHEAD; b++)
-        if (b >= blocks || next_table[b] != table[b]) {
-            pf->blocks[n] = (const char *)job->k_cache + next_table[b] * block_elems * 2;
-            pf->blocks[MAX_BLOCKS_AHEAD + n++] = (const char *)job->v_cache + next_table[b] * block_elems * 2;
-        }
-    for (int64_t b = 0; b < n; b++) pf->blocks[n + b] = pf->blocks[MAX_BLOCKS_AHEAD + b];
-    pf->count = 2 * n;
-    pf->block_bytes = block_elems * 2;
-    pf->next_line = 0;
-    const int64_t lines = pf->count * pf->block_bytes / 64;
-    pf->per_call = lines == 0 ? 0 : (lines + calls - 1) / calls;
-    if (pf->per_call > 0 && pf->per_call < PREFETCH_PER_CALL_MIN) pf->per_call = PREFETCH_PER_CALL_MIN;
+    pf->caches[0] = (const char *)job->k_cache;
+    pf->caches[1] = (const char *)job->v_cache;
+    pf->count = 0;
+    for (int64_t b = 0; b < next_blocks && pf->count < MAX_BLOCKS_AHEAD; b++)
+        if (b >= blocks || next_table[b] != table[b]) pf->offsets[pf->count++] = next_table[b] * block_bytes;
+    pf->block_lines = block_bytes / 64;
+    pf->per_call = (2 * pf->count * pf->block_lines + calls - 1) / calls;
+    pf->cache = pf->block = pf->line = 0;
 }
 
 static inline void prefetch_some(Prefetcher *pf) {
-    const int64_t lines_per_block = pf->block_bytes / 64, total = pf->count * lines_per_block;
-    for (int64_t i = 0; i < pf->per_call && pf->next_line < total; i++, pf->next_line++) {
-        const int64_t line = pf->next_line;
-        _mm_prefetch(pf->blocks[line / lines_per_block] + (line % lines_per_block) * 64, _MM_HINT_T1);
+    for (int64_t i = 0; i < pf->per_call; i++) {
+        if (pf->block == pf->count) {
+            if (pf->cache == 1) return;
+            pf->cache = 1;
+            pf->block = 0;
+        }
+        _mm_prefetch(pf->caches[pf->cache] + pf->offsets[pf->block] + pf->line * 64, _MM_HINT_T1);
+        if (++pf->line == pf->block_lines) {
+            pf->line = 0;
+            pf->block++;
+        }
     }
-}
-
-/* Everything queued, at once: for a thread's first row, with nothing before it to hide behind. */
-static void prefetch_now(Prefetcher *pf) {
-    pf->per_call = pf->count * pf->block_bytes / 64;
-    prefetch_some(pf);
 }
 
 /* Pass 1: scaled scores of every key for the G heads of one kv head; returns their maxima.
@@ -310,14 +309,14 @@ static void *run_job(void *arg) {
         if (sc.scores != NULL && sc.probs != NULL) {
             Prefetcher pf;
             for (int64_t seq = job->seq_begin; seq < job->seq_end; seq++) {
-                if (seq == job->seq_begin) {
+                if (seq == job->seq_begin) { /* nothing runs before the first row: fetch it all now */
                     plan_prefetch(&pf, job, -1, seq, 1);
-                    prefetch_now(&pf);
+                    prefetch_some(&pf);
                 }
                 /* one prefetch_some per 16 keys per kv head, in the score pass and the value pass */
                 const int64_t calls = 2 * job->num_kv_heads * ((job->seq_lens[seq] + 15) / 16);
                 if (seq + 1 < job->seq_end) plan_prefetch(&pf, job, seq, seq + 1, calls);
-                else pf.count = pf.per_call = 0;
+                else pf.count = 0;
                 attend_seq_bf16(job, seq, &sc, &pf);
             }
             free(sc.scores);
@@ -504,21 +503,6 @@ int rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int6
 #endif
 }
 
-/* A decode token's slot sits in a block last touched a whole step ago, and its K spans one
- * line per pair of dims: fetch the lines of a token a few ahead, for writing, so the stores
- * don't wait on memory one line at a time. */
-#define KV_WRITE_AHEAD 4
-static inline void prefetch_kv_slot(const uint16_t *k_cache, const uint16_t *v_cache, int64_t slot,
-                                    int64_t Hkv, int64_t D, int64_t bs) {
-    const int64_t base = slot / bs * bs * Hkv * D, off = slot % bs;
-    for (int64_t h = 0; h < Hkv; h++) {
-        const uint16_t *kd = k_cache + base + k_offset(h, 0, off, D, bs);
-        const uint16_t *vd = v_cache + base + v_offset(h, 0, off, D, bs);
-        for (int64_t d = 0; d < D; d += 2) __builtin_prefetch(kd + d * bs, 1, 3);
-        for (int64_t e = 0; e < 2 * D; e += 32) __builtin_prefetch(vd + e, 1, 3);
-    }
-}
-
 /* One pass over a step's fused q/k/v projection [T, (H + 2 Hkv) * D] (rows ld_qkv apart):
  * rotates q into q_out [T, H, D], and rotates k and stores it, with v, straight into the paged
  * cache at each token's slot (the layouts of write_kv). Replaces rotary + three copies + write_kv. */
@@ -530,7 +514,6 @@ int rope_qkv_cache_bf16(const uint16_t *qkv, int64_t ld_qkv, const uint16_t *cos
     const int64_t block_elems = bs * Hkv * D;
 #pragma omp parallel for schedule(static) if (T * (H + 2 * Hkv) * D >= (1 << 14))
     for (int64_t t = 0; t < T; t++) {
-        if (t + KV_WRITE_AHEAD < T) prefetch_kv_slot(k_cache, v_cache, slots[t + KV_WRITE_AHEAD], Hkv, D, bs);
         const uint16_t *row = qkv + t * ld_qkv, *c = cos + t * D, *s = sin + t * D;
         for (int64_t h = 0; h < H; h++) rotate_head(row + h * D, c, s, q_out + (t * H + h) * D, D);
         const int64_t base = slots[t] / bs * block_elems, off = slots[t] % bs;
