@@ -127,6 +127,18 @@ def test_native_decode_kernel_bf16_fast_path(D, block_size, H, Hkv):
     torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("query_lens,context_lens,block_size", [
+    ([1] * 16, [2080] * 16, 64),  # long decodes, eight to a thread
+    ([1] * 7, [300, 1100, 40, 2100, 700, 1500, 2500], 16),  # most over more blocks than one prefetch holds
+    ([1, 300, 1, 1], [2000, 0, 1300, 900], 16),  # a long prompt's rows between long decodes
+])
+def test_native_kernel_long_rows(query_lens, context_lens, block_size):
+    """Rows longer than the kernel prefetches ahead (16 blocks), several to a thread: each thread
+    fetches the next row's blocks while computing one, and stops at its last row."""
+    out, ref, _ = run_case(query_lens, context_lens, H=9, Hkv=3, D=64, block_size=block_size, dtype=torch.bfloat16)
+    torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_fallback_matches_native_kernel(dtype, monkeypatch):
     from sluice.layers import native

@@ -161,8 +161,8 @@ static void plan_prefetch(Prefetcher *pf, const Job *job, int64_t seq, int64_t n
 
 static inline void prefetch_some(Prefetcher *pf) {
     for (int64_t i = 0; i < pf->per_call; i++) {
-        if (pf->block == pf->count) {
-            if (pf->cache == 1) return;
+        if (pf->block >= pf->count) {
+            if (pf->cache == 1 || pf->count == 0) return;
             pf->cache = 1;
             pf->block = 0;
         }
@@ -316,7 +316,7 @@ static void *run_job(void *arg) {
                 /* one prefetch_some per 16 keys per kv head, in the score pass and the value pass */
                 const int64_t calls = 2 * job->num_kv_heads * ((job->seq_lens[seq] + 15) / 16);
                 if (seq + 1 < job->seq_end) plan_prefetch(&pf, job, seq, seq + 1, calls);
-                else pf.count = 0;
+                else pf.per_call = 0; /* the last row: nothing after it to fetch */
                 attend_seq_bf16(job, seq, &sc, &pf);
             }
             free(sc.scores);
