@@ -83,7 +83,7 @@ def test_max_num_seqs_caps_running():
 def test_preemption_frees_latest_and_admits_nothing_that_step():
     # 6 usable blocks of 4 tokens; two requests of 11 tokens each take 3 blocks.
     sched = make_scheduler(num_blocks=7, caching=False)
-    a = add(sched, "a", 11, max_tokens=20, arrival=0)
+    add(sched, "a", 11, max_tokens=20, arrival=0)
     b = add(sched, "b", 11, max_tokens=20, arrival=1)
     run_step(sched)
     add(sched, "c", 2, arrival=2)
