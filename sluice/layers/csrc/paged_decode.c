@@ -120,11 +120,6 @@ static void attend_seq_generic(const Job *job, int64_t seq) {
 #include "bf16_simd.h"
 #define HAVE_BF16_FAST_PATH 1
 
-static inline __m512 bf16x16_to_f32(const uint16_t *src) {
-    const __m256i raw = _mm256_loadu_si256((const __m256i *)src);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
 /* Scratch of one thread: scores [H][padded] floats, then probabilities [H][padded] bf16. */
 typedef struct {
     float *scores;
@@ -308,11 +303,9 @@ static void *run_job(void *arg) {
         sc.probs = (uint16_t *)aligned_alloc(64, count * sizeof(uint16_t));
         if (sc.scores != NULL && sc.probs != NULL) {
             Prefetcher pf;
+            plan_prefetch(&pf, job, -1, job->seq_begin, 1); /* nothing runs before the first row: */
+            prefetch_some(&pf);                              /* fetch all of it now */
             for (int64_t seq = job->seq_begin; seq < job->seq_end; seq++) {
-                if (seq == job->seq_begin) { /* nothing runs before the first row: fetch it all now */
-                    plan_prefetch(&pf, job, -1, seq, 1);
-                    prefetch_some(&pf);
-                }
                 /* one prefetch_some per 16 keys per kv head, in the score pass and the value pass */
                 const int64_t calls = 2 * job->num_kv_heads * ((job->seq_lens[seq] + 15) / 16);
                 if (seq + 1 < job->seq_end) plan_prefetch(&pf, job, seq, seq + 1, calls);
