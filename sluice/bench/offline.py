@@ -19,7 +19,8 @@ import numpy as np
 from sluice.bench import save_json
 from sluice.bench.datasets import DatasetError, add_dataset_args, build_requests, check_dataset_args, random_token_ids
 from sluice.bench.metrics import cost_per_million_tokens, distribution
-from sluice.loader import DEFAULT_MODEL
+from sluice.config import DEFAULT_MODEL
+from sluice.engine.arg_utils import add_engine_args, engine_kwargs
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,7 @@ class ThroughputResult:
 
 # ---- flags -------------------------------------------------------------------------------------------
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    from sluice.entrypoints.cli import add_engine_args
-
     add_engine_args(parser)
-    parser.add_argument("--model", dest="model_flag", default=None, help="the model, as a flag (vLLM's spelling)")
     parser.add_argument("--output-json", default=None, metavar="PATH", help="write the results as JSON")
 
 
@@ -71,7 +69,6 @@ def add_latency_args(parser: argparse.ArgumentParser) -> None:
 
 
 def check_throughput_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    args.model = args.model_flag or args.model
     problem = check_dataset_args(args)
     if problem:
         parser.error(problem)
@@ -80,7 +77,6 @@ def check_throughput_args(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 
 def check_latency_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    args.model = args.model_flag or args.model
     for name, low in (("input_len", 1), ("output_len", 1), ("batch_size", 1), ("num_iters_warmup", 0),
                       ("num_iters", 1)):
         if getattr(args, name) < low:
@@ -89,7 +85,6 @@ def check_latency_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 def make_llm(args: argparse.Namespace):
     from sluice import LLM
-    from sluice.entrypoints.cli import engine_kwargs
 
     try:
         return LLM(**engine_kwargs(args))
