@@ -65,6 +65,7 @@ def arg(default, help: str, *, default_factory=None, **meta) -> Any:
 
     choices: every value the field can take (vLLM's list). available: the subset sluice runs
     today; another value is refused as "not available yet" (the feature lands in a later issue).
+    aliases: vLLM's short flags (-tp, -q).
     """
     metadata = {"help": help, **meta}
     if default_factory is not None:
@@ -105,7 +106,7 @@ class ModelConfig:
     seed: int = arg(0, "global random seed")
     revision: str | None = arg(None, "hub branch, tag or commit of the model (and of the tokenizer)")
     max_model_len: int | None = arg(None, "context length limit (default: the model's)")
-    quantization: str | None = arg(None, "weight quantization method", available=(None, "none"))
+    quantization: str | None = arg(None, "weight quantization method", available=(None, "none"), aliases=("-q",))
     enforce_eager: bool = arg(False, "accepted: sluice runs eagerly (no CUDA graphs to disable)")
     max_logprobs: int = arg(20, "largest logprobs / prompt_logprobs a request may ask for; -1: no limit")
     hf_overrides: dict | None = arg(None, "JSON object of values set on the model's Hugging Face config")
@@ -150,9 +151,9 @@ class LoadConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel_size: int = arg(1, "tensor-parallel ranks", available=(1,))
-    pipeline_parallel_size: int = arg(1, "pipeline stages", available=(1,))
-    data_parallel_size: int = arg(1, "data-parallel engine replicas", available=(1,))
+    tensor_parallel_size: int = arg(1, "tensor-parallel ranks", available=(1,), aliases=("-tp",))
+    pipeline_parallel_size: int = arg(1, "pipeline stages", available=(1,), aliases=("-pp",))
+    data_parallel_size: int = arg(1, "data-parallel engine replicas", available=(1,), aliases=("-dp",))
     distributed_executor_backend: str = arg(
         "uni", "where the model runner lives: uni (in the engine core process) or mp (a worker process)",
         choices=("uni", "mp", "ray"), available=("uni", "mp"))
@@ -201,6 +202,8 @@ class CacheConfig:
     def notes(self) -> list[str]:
         if self.gpu_memory_utilization is None:
             return []
+        if self.kv_cache_memory_bytes is not None or self.num_gpu_blocks_override is not None:
+            return [f"gpu_memory_utilization={self.gpu_memory_utilization}: ignored, the KV cache size is given"]
         return [f"gpu_memory_utilization={self.gpu_memory_utilization}: on CPU, the KV cache takes this "
                 f"fraction of available memory"]
 

@@ -30,7 +30,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"engine: {part.__name__}")
         hints = typing.get_type_hints(part)
         for f in fields(part):
-            group.add_argument(flag_name(f.name), **_flag_options(f, hints[f.name]))
+            group.add_argument(flag_name(f.name), *f.metadata.get("aliases", ()), **_flag_options(f, hints[f.name]))
 
 
 def _flag_options(f: Field, hint) -> dict:

@@ -55,8 +55,7 @@ def run_serve(args: argparse.Namespace) -> int:
     return run_server(args, config)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description="LLM inference and serving engine")
     parser.add_argument("--version", action="version", version=sluice.__version__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     from sluice.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
-    args = parse_args(parser, argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(build_parser(), argv)
     return args.func(args)
 
 
