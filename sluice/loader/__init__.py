@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from sluice.config import DEFAULT_MODEL, cache_dir
+from sluice.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     import torch
@@ -288,6 +289,10 @@ def generation_defaults(src: ModelSource, config: ModelConfig) -> dict:
     defaults = {key: values[key] for key in _GENERATION_DEFAULT_KEYS if values.get(key) is not None}
     if "max_new_tokens" in defaults:
         defaults["max_tokens"] = defaults.pop("max_new_tokens")
+    try:
+        SamplingParams(**defaults)  # a bad default fails at start, not in every request
+    except ValueError as e:
+        raise ModelLoadError(f"generation config defaults (generation_config / override_generation_config): {e}") from None
     return defaults
 
 
