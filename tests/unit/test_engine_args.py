@@ -125,7 +125,9 @@ LAUNCH_LINES = [
      {"download_dir": "/models-cache", "distributed_executor_backend": "mp", "max_num_seqs": 512}),
     ("vllm serve amd/Llama-3.1-70B-Instruct --trust-remote-code --max-model-len=65536 "
      "--max-num-batched-token=65536 --max-num-seqs=1024 --gpu-memory-utilization=0.9 --enable-prefix-caching "
-     "--kv-cache-dtype=auto -tp 1", {"max_num_batched_tokens": 65536, "max_num_seqs": 1024}),
+     "--disable-log-requests --kv-cache-dtype=auto -tp 1", {"max_num_batched_tokens": 65536, "max_num_seqs": 1024}),
+    ("vllm serve Qwen/Qwen3-8B --max-model-len 32k --max-num-batched-tokens 8K --kv-cache-memory-bytes 4G",
+     {"max_model_len": 32000, "max_num_batched_tokens": 8192, "kv_cache_memory_bytes": 4 << 30}),
     ("python -m vllm.entrypoints.openai.api_server --model Infermatic/Llama-3.3-70B-Instruct --host 0.0.0.0 "
      "--port 8000 --tensor-parallel-size 1 --pipeline-parallel-size 1 --max-model-len 8000 "
      "--gpu-memory-utilization 0.95 --trust-remote-code --max-num-seqs 128", {"pipeline_parallel_size": 1}),
@@ -175,6 +177,7 @@ REFUSED = [
      "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}'", "--speculative-config"),
     ("vllm serve facebook/opt-125m --distributed-executor-backend ray", "--distributed-executor-backend"),
     ("vllm serve mistralai/Mistral-7B-Instruct-v0.3 --tokenizer-mode mistral", "--tokenizer-mode"),
+    ("vllm serve meta-llama/Llama-2-7b-hf --lora-modules sql-lora=yard1/llama-2-7b-sql-lora-test", "--lora-modules"),
 ]
 
 
@@ -191,6 +194,7 @@ def test_features_not_there_yet_are_refused_naming_the_flag(line, flag):
     (["--override-generation-config", "{temperature: 1}"], "--override-generation-config: not valid JSON"),
     (["--load-format", "pt"], "--load-format: invalid choice: 'pt'"),
     (["--max-logprobs", "many"], "--max-logprobs: invalid int value"),
+    (["--max-model-len", "1.5K"], "--max-model-len: not a whole number (or 32k / 32K form): '1.5K'"),
 ])
 def test_bad_flag_values_name_the_flag(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -208,6 +212,11 @@ def test_bad_engine_values_name_the_field(kwargs, message):
     with pytest.raises(ValueError) as error:
         EngineConfig.from_kwargs(**kwargs)
     assert message in str(error.value)
+
+
+def test_contradicting_request_log_flags_are_refused():
+    with pytest.raises(SystemExit, match="--disable-log-requests and --enable-log-requests contradict"):
+        main(["serve", "--disable-log-requests", "--enable-log-requests"])
 
 
 def test_inert_vllm_flags_are_accepted_and_logged():

@@ -424,9 +424,18 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="accepted for vLLM compatibility: --tool-call-parser alone enables tool_choice \"auto\"")
     group.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
                        help='leave tools out of the chat template when tool_choice is "none"')
+    # vLLM launch flags with nothing (yet) behind them, so that copied launch lines start or fail clearly.
+    group.add_argument("--disable-log-requests", action="store_true",
+                       help="accepted (vLLM's older spelling): requests are logged only with --enable-log-requests")
+    group.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                       help="LoRA adapters to serve: not available yet")
 
 
 def check_server_args(args: argparse.Namespace) -> None:
+    if args.lora_modules:
+        raise SystemExit("--lora-modules: LoRA adapters are not available yet in sluice")
+    if args.disable_log_requests and args.enable_log_requests:
+        raise SystemExit("--disable-log-requests and --enable-log-requests contradict each other; give one")
     if args.api_server_count < 1:
         raise SystemExit(f"--api-server-count must be >= 1, got {args.api_server_count}")
     if args.max_n_sequences < 1:
