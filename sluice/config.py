@@ -59,7 +59,7 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def arg(default, help: str, *, default_factory=None, **meta) -> Any:
+def arg(default, help: str, **meta) -> Any:
     """A config field that is also an engine argument: its help text, choices and the values
     available today live here, once; the CLI flags are generated from them.
 
@@ -67,10 +67,7 @@ def arg(default, help: str, *, default_factory=None, **meta) -> Any:
     today; another value is refused as "not available yet" (the feature lands in a later issue).
     aliases: vLLM's short flags (-tp, -q). human_readable: the flag takes vLLM's 32k / 4G forms.
     """
-    metadata = {"help": help, **meta}
-    if default_factory is not None:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+    return field(default=default, metadata={"help": help, **meta})
 
 
 def flag_name(name: str) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import typing
-from decimal import Decimal
 from dataclasses import MISSING, Field, fields
+from decimal import Decimal
 
 import yaml
 
@@ -97,10 +97,7 @@ def json_object(text: str) -> dict:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """The engine arguments the user gave (flags left out keep the config's default)."""
     names = EngineConfig.argument_names()
-    kwargs = {name: value for name, value in vars(args).items() if name in names and value is not None}
-    if getattr(args, "model_tag", None):
-        kwargs["model"] = args.model_tag
-    return kwargs
+    return {name: value for name, value in vars(args).items() if name in names and value is not None}
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

@@ -76,7 +76,8 @@ class LLM:
         ):
             prompts = [prompts]
         prompts = list(prompts)
-        params_list = self._per_prompt(sampling_params or self.get_default_sampling_params(), len(prompts), "sampling_params")
+        params_list = self._per_prompt(sampling_params or self.get_default_sampling_params(), len(prompts),
+                                       "sampling_params")
         priorities = self._per_prompt(priority if priority is not None else 0, len(prompts), "priority")
         # Validate everything before the first request reaches the engine.
         batch = []

@@ -22,7 +22,7 @@ ALLOW_PATTERNS = [
     "*.model",
     "chat_template.*",
 ]
-TOKENIZER_PATTERNS = [p for p in ALLOW_PATTERNS if p != "*.safetensors" and "index" not in p]
+TOKENIZER_PATTERNS = [p for p in ALLOW_PATTERNS if "safetensors" not in p]  # --tokenizer from the hub: no weights
 # Mistral repos also ship the same weights in Mistral's own format.
 IGNORE_PATTERNS = ["consolidated*.safetensors"]
 

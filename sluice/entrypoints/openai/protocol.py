@@ -408,7 +408,7 @@ class _SamplingRequest(BaseModel):
         n = 1 if self.n is None else self.n
         if n > max_n:
             raise APIError(f"n must be at most {max_n}, got {n}", param="n")
-        defaults = dict(defaults or {})
+        defaults = defaults or {}
         kwargs = {**defaults, **{name: getattr(self, name) for name in _PASSTHROUGH if getattr(self, name) is not None}}
         kwargs["max_tokens"] = self._max_tokens(default_max_tokens, defaults.get("max_tokens"))
         kwargs["logprobs"], kwargs["prompt_logprobs"] = self._logprob_counts()
