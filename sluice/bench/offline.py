@@ -19,7 +19,7 @@ import numpy as np
 from sluice.bench import save_json
 from sluice.bench.datasets import DatasetError, add_dataset_args, build_requests, check_dataset_args, random_token_ids
 from sluice.bench.metrics import cost_per_million_tokens, distribution
-from sluice.loader import DEFAULT_MODEL
+from sluice.engine.arg_utils import add_engine_args, engine_kwargs
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,7 @@ class ThroughputResult:
 
 # ---- flags -------------------------------------------------------------------------------------------
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    from sluice.entrypoints.cli import add_engine_args
-
     add_engine_args(parser)
-    parser.add_argument("--model", dest="model_flag", default=None, help="the model, as a flag (vLLM's spelling)")
     parser.add_argument("--output-json", default=None, metavar="PATH", help="write the results as JSON")
 
 
@@ -71,7 +68,6 @@ def add_latency_args(parser: argparse.ArgumentParser) -> None:
 
 
 def check_throughput_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    args.model = args.model_flag or args.model
     problem = check_dataset_args(args)
     if problem:
         parser.error(problem)
@@ -80,7 +76,6 @@ def check_throughput_args(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 
 def check_latency_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    args.model = args.model_flag or args.model
     for name, low in (("input_len", 1), ("output_len", 1), ("batch_size", 1), ("num_iters_warmup", 0),
                       ("num_iters", 1)):
         if getattr(args, name) < low:
@@ -89,7 +84,6 @@ def check_latency_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 def make_llm(args: argparse.Namespace):
     from sluice import LLM
-    from sluice.entrypoints.cli import engine_kwargs
 
     try:
         return LLM(**engine_kwargs(args))
@@ -132,7 +126,7 @@ def report(label: str, result: ThroughputResult) -> float:
 def run_bench_throughput(args: argparse.Namespace) -> int:
     llm = make_llm(args)
     try:
-        requests = build_requests(args, llm.get_tokenizer(), args.seed)
+        requests = build_requests(args, llm.get_tokenizer(), llm.config.model.seed)
     except DatasetError as e:
         raise SystemExit(f"sluice bench throughput: {e}") from None
     warm_up(llm)
@@ -142,7 +136,7 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     except ValueError as e:  # a prompt over the context limit, say
         raise SystemExit(f"sluice bench throughput: {e}") from None
     out_tps = report("sluice", result)
-    numbers = {"model": args.model or DEFAULT_MODEL, "dataset_name": args.dataset_name, **result.to_json()}
+    numbers = {"model": llm.config.model.model, "dataset_name": args.dataset_name, **result.to_json()}
     if args.hourly_cost is not None:
         cost = cost_per_million_tokens(args.hourly_cost, out_tps)
         numbers.update(hourly_cost=args.hourly_cost, cost_per_million_output_tokens=cost)
@@ -171,7 +165,7 @@ def run_bench_latency(args: argparse.Namespace) -> int:
     warm_up(llm)
     timings = []
     for i in range(args.num_iters_warmup + args.num_iters):
-        timing = time_batch(llm, args.batch_size, args.input_len, args.output_len, args.seed + 2 * i)
+        timing = time_batch(llm, args.batch_size, args.input_len, args.output_len, llm.config.model.seed + 2 * i)
         if i >= args.num_iters_warmup:
             timings.append(timing)
     prefill_ms = [p * 1000 for p, _ in timings]
@@ -185,7 +179,7 @@ def run_bench_latency(args: argparse.Namespace) -> int:
             stats = _latency_stats(values)
             print(f"{label:<24}" + "".join(f"{stats[k]:10.2f}" for k in ("mean", "median", "p90", "p99")))
     result = {
-        "model": args.model or DEFAULT_MODEL, "batch_size": args.batch_size, "input_len": args.input_len,
+        "model": llm.config.model.model, "batch_size": args.batch_size, "input_len": args.input_len,
         "output_len": args.output_len, "num_iters": args.num_iters,
         "avg_latency": float(np.mean(whole_ms)) / 1000, "latencies": [w / 1000 for w in whole_ms],  # vLLM's keys (s)
         "prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms,

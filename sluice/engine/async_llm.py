@@ -15,7 +15,8 @@ from sluice.engine.core_client import EngineCoreClient, EngineDeadError
 from sluice.engine.input_processor import InputProcessor
 from sluice.engine.messages import EngineCoreOutput, QueueFullError
 from sluice.engine.output_processor import OutputProcessor
-from sluice.loader import load_eos_token_ids, load_tokenizer, resolve_model
+from sluice.config import EngineConfig
+from sluice.loader import generation_defaults, get_tokenizer, load_eos_token_ids, model_source
 from sluice.outputs import RequestOutput
 from sluice.sampling_params import SamplingParams
 
@@ -25,14 +26,16 @@ logger = logging.getLogger("sluice")
 
 
 class AsyncLLM:
-    def __init__(self, client: EngineCoreClient, tokenizer, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(self, client: EngineCoreClient, config: EngineConfig, tokenizer, eos_token_ids: tuple[int, ...],
+                 default_sampling_params: dict) -> None:
         info = client.info
         self.client = client
         self.tokenizer = tokenizer
         self.max_model_len: int = info["max_model_len"]
         self.kv_capacity_tokens: int = info["num_blocks"] * info["block_size"]
         self.input_processor = InputProcessor(tokenizer, self.max_model_len, info["vocab_size"], eos_token_ids,
-                                              info["scheduling_policy"])
+                                              info["scheduling_policy"], max_logprobs=config.model.max_logprobs)
+        self.default_sampling_params = default_sampling_params  # the model's generation-config defaults
         self.output_processor = OutputProcessor(tokenizer)
         self.queues: dict[str, asyncio.Queue] = {}  # user request id -> its outputs
         self.children: dict[str, list[str]] = {}  # user request id -> its core request ids
@@ -40,13 +43,13 @@ class AsyncLLM:
         client.on_dead = self._on_dead
 
     @classmethod
-    async def connect(cls, model: str | None, address: str, core_pid: int, timeout: float = 600.0) -> "AsyncLLM":
+    async def connect(cls, config: EngineConfig, address: str, core_pid: int, timeout: float = 600.0) -> "AsyncLLM":
         """Attach to a running core process; waits until its model is loaded."""
-        source = resolve_model(model)
-        tokenizer = await asyncio.to_thread(load_tokenizer, source)
+        source = await asyncio.to_thread(model_source, config)
+        tokenizer = await asyncio.to_thread(get_tokenizer, config)
         client = EngineCoreClient(address, core_pid)
         await client.start(timeout)
-        return cls(client, tokenizer, load_eos_token_ids(source))
+        return cls(client, config, tokenizer, load_eos_token_ids(source), generation_defaults(source, config.model))
 
     @property
     def alive(self) -> bool:

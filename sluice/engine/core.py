@@ -15,7 +15,7 @@ from sluice.core.kv_cache_manager import KVCacheManager, cdiv
 from sluice.core.request import Request
 from sluice.core.scheduler import Scheduler
 from sluice.engine.messages import EngineCoreOutput, EngineCoreRequest, QueueFullError
-from sluice.loader import ModelSource, load_tokenizer
+from sluice.loader import ModelSource, get_tokenizer
 from sluice.metrics.loggers import LoggingStatLogger
 from sluice.metrics.prometheus import PrometheusStatLogger
 from sluice.structured_output.manager import StructuredOutputManager
@@ -53,7 +53,7 @@ class EngineCore:
         self.runner.allocate_kv_cache(num_blocks)
         obs = config.observability
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, obs.kv_cache_metrics)
-        grammars = StructuredOutputManager(config.structured_outputs, functools.partial(load_tokenizer, source),
+        grammars = StructuredOutputManager(config.structured_outputs, functools.partial(get_tokenizer, config),
                                            hf_config.vocab_size)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, grammars)
         self.metrics = PrometheusStatLogger(config, self.max_model_len, self.kv.pool.num_usable_blocks)

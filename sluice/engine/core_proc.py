@@ -22,7 +22,7 @@ from sluice.config import EngineConfig
 from sluice.engine import messages as msg
 from sluice.engine.core import EngineCore
 from sluice.engine.messages import EngineCoreOutput, QueueFullError
-from sluice.loader import load_hf_config, resolve_model
+from sluice.loader import load_hf_config, model_source
 from sluice.metrics.http import MULTIPROC_ENV
 
 logger = logging.getLogger("sluice")
@@ -32,8 +32,8 @@ IDLE_POLL_MS = 1000  # how often an idle core wakes to check that its parent sti
 
 class EngineCoreProc:
     def __init__(self, config: EngineConfig, address: str) -> None:
-        source = resolve_model(config.model.model)
-        hf_config = load_hf_config(source)
+        source = model_source(config)
+        hf_config = load_hf_config(source, config.model.hf_overrides)
         self.core = EngineCore(config, hf_config, source)
         self.core.scheduler.structured_output.compiler.warm_up()  # a server lives long: get grammars ready
         self.info = {

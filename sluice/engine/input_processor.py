@@ -13,8 +13,9 @@ PromptType = Union[str, list[int], dict[str, Any]]
 
 class InputProcessor:
     def __init__(self, tokenizer, max_model_len: int, vocab_size: int, eos_token_ids: tuple[int, ...] = (),
-                 scheduling_policy: str = "fcfs") -> None:
+                 scheduling_policy: str = "fcfs", *, max_logprobs: int) -> None:
         self.tokenizer = tokenizer
+        self.max_logprobs = max_logprobs  # -1: no limit
         self.scheduling_policy = scheduling_policy
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
@@ -88,6 +89,7 @@ class InputProcessor:
         if priority != 0 and self.scheduling_policy != "priority":
             raise ValueError(f"priority={priority} needs scheduling_policy='priority' (this engine runs "
                              f"{self.scheduling_policy!r})")
+        self._check_logprobs(params)
         if params.structured_outputs is not None:
             check_spec(params.structured_outputs)  # a bad spec fails here, not in the core
         extra = {} if arrival_time is None else {"arrival_time": arrival_time}
@@ -100,3 +102,14 @@ class InputProcessor:
             trace_headers=trace_headers,
             **extra,
         )
+
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        """vLLM's --max-logprobs: the most logprobs / prompt_logprobs a request may ask for."""
+        if self.max_logprobs == -1:
+            return
+        for name in ("logprobs", "prompt_logprobs"):
+            wanted = getattr(params, name)
+            count = self.vocab_size if wanted == -1 else wanted
+            if count is not None and count > self.max_logprobs:
+                raise ValueError(f"{name}={wanted} is more than max_logprobs={self.max_logprobs}, the most this "
+                                 "server returns (--max-logprobs)")

@@ -14,44 +14,31 @@ from sluice.config import EngineConfig
 from sluice.engine.core import EngineCore
 from sluice.engine.input_processor import InputProcessor, PromptType
 from sluice.engine.output_processor import OutputProcessor
-from sluice.loader import load_eos_token_ids, load_hf_config, load_tokenizer, resolve_model
+from sluice.loader import generation_defaults, get_tokenizer, load_eos_token_ids, load_hf_config, model_source
 from sluice.outputs import RequestOutput
 from sluice.sampling_params import SamplingParams
 
 logger = logging.getLogger("sluice")
 
+# Where offline use differs from serving: a progress bar instead of the periodic stats line (as vLLM's LLM).
+OFFLINE_DEFAULTS = {"disable_log_stats": True}
+
 
 class LLM:
     """An engine core driven in-process, with tokenization and detokenization around it."""
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        dtype: str = "auto",
-        seed: int = 0,
-        max_model_len: int | None = None,
-        block_size: int | None = None,
-        enable_prefix_caching: bool = True,
-        max_num_seqs: int | None = None,
-        max_num_batched_tokens: int | None = None,
-        num_gpu_blocks_override: int | None = None,
-        kv_cache_memory_bytes: int | None = None,
-        scheduling_policy: str = "fcfs",
-        disable_log_stats: bool = True,  # offline runs show a progress bar instead (vLLM's default)
-        **engine_kwargs,
-    ) -> None:
-        self.config = EngineConfig.from_kwargs(
-            model=model, dtype=dtype, seed=seed, max_model_len=max_model_len, block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, num_gpu_blocks_override=num_gpu_blocks_override,
-            kv_cache_memory_bytes=kv_cache_memory_bytes, scheduling_policy=scheduling_policy,
-            disable_log_stats=disable_log_stats, **engine_kwargs,
-        )
-        torch.manual_seed(seed)
-        source = resolve_model(model)
-        hf_config = load_hf_config(source)
-        self.tokenizer = load_tokenizer(source)
+    def __init__(self, model: str | None = None, **kwargs) -> None:
+        """`kwargs` are the engine arguments of sluice.config (vLLM's names), with their defaults
+        there; offline runs change only OFFLINE_DEFAULTS."""
+        given = {name: value for name, value in kwargs.items() if value is not None}
+        self.config = EngineConfig.from_kwargs(model=model, **{**OFFLINE_DEFAULTS, **given})
+        for note in self.config.notes():
+            logger.info(note)
+        torch.manual_seed(self.config.model.seed)
+        source = model_source(self.config)
+        hf_config = load_hf_config(source, self.config.model.hf_overrides)
+        self.tokenizer = get_tokenizer(self.config)
+        self.default_sampling_params = generation_defaults(source, self.config.model)
         self.engine_core = EngineCore(self.config, hf_config, source)
         # Offline batches start at full speed: fault the KV cache in now rather than inside their steps.
         started = time.perf_counter()
@@ -59,10 +46,15 @@ class LLM:
         logger.info("KV cache resident in %.1f s", time.perf_counter() - started)
         self.input_processor = InputProcessor(
             self.tokenizer, self.engine_core.max_model_len, hf_config.vocab_size, load_eos_token_ids(source),
-            self.config.scheduler.scheduling_policy,
+            self.config.scheduler.scheduling_policy, max_logprobs=self.config.model.max_logprobs,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._request_counter = itertools.count()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation-config defaults (--generation-config), used
+        when generate() gets none, as vLLM's LLM does."""
+        return SamplingParams(**self.default_sampling_params)
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -84,7 +76,8 @@ class LLM:
         ):
             prompts = [prompts]
         prompts = list(prompts)
-        params_list = self._per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        params_list = self._per_prompt(sampling_params or self.get_default_sampling_params(), len(prompts),
+                                       "sampling_params")
         priorities = self._per_prompt(priority if priority is not None else 0, len(prompts), "priority")
         # Validate everything before the first request reaches the engine.
         batch = []

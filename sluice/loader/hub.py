@@ -22,18 +22,23 @@ ALLOW_PATTERNS = [
     "*.model",
     "chat_template.*",
 ]
+TOKENIZER_PATTERNS = [p for p in ALLOW_PATTERNS if "safetensors" not in p]  # --tokenizer from the hub: no weights
 # Mistral repos also ship the same weights in Mistral's own format.
 IGNORE_PATTERNS = ["consolidated*.safetensors"]
 
 
-def download_snapshot(repo_id: str) -> str:
-    """Download (or reuse from the local cache) a hub repo; return its local folder."""
+def download_snapshot(repo_id: str, revision: str | None = None, download_dir: str | None = None,
+                      tokenizer_only: bool = False) -> str:
+    """Download (or reuse from the cache: download_dir, else Hugging Face's) a hub repo at a
+    revision; return its local folder."""
     import huggingface_hub
 
     try:
         return huggingface_hub.snapshot_download(
             repo_id,
-            allow_patterns=ALLOW_PATTERNS,
+            revision=revision,
+            cache_dir=download_dir,
+            allow_patterns=TOKENIZER_PATTERNS if tokenizer_only else ALLOW_PATTERNS,
             ignore_patterns=IGNORE_PATTERNS,
             etag_timeout=HUB_TIMEOUT_S,
         )

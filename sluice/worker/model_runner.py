@@ -123,8 +123,10 @@ class ModelRunner:
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
         budget = cache.kv_cache_memory_bytes
-        if budget is None:
-            budget = min(int(available_memory_bytes() * cache.kv_cache_memory_fraction), DEFAULT_KV_CACHE_CAP)
+        if budget is None and cache.kv_cache_memory_fraction is not None:
+            budget = int(available_memory_bytes() * cache.kv_cache_memory_fraction)
+        if budget is None:  # the harden branch brings the full sizing rule
+            budget = min(available_memory_bytes() // 5, DEFAULT_KV_CACHE_CAP)
         num_blocks = budget // self.bytes_per_block()
         if num_blocks < 2:
             raise ValueError(

@@ -27,11 +27,12 @@ def free_port() -> int:
 
 
 class RemoteServer:
-    def __init__(self, *flags: str, env: dict | None = None, tls: tuple[str, str] | None = None) -> None:
+    def __init__(self, *flags: str, env: dict | None = None, tls: tuple[str, str] | None = None,
+                 entry: tuple[str, ...] = ("sluice.entrypoints.cli", "serve")) -> None:
         self.port = free_port()
         self.scheme = "https" if tls else "http"
         self.url = f"{self.scheme}://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "sluice.entrypoints.cli", "serve", *COMMON_FLAGS, "--port", str(self.port), *flags]
+        args = [sys.executable, "-m", *entry, *COMMON_FLAGS, "--port", str(self.port), *flags]
         if tls:
             args += ["--ssl-certfile", tls[0], "--ssl-keyfile", tls[1]]
         self.log = tempfile.NamedTemporaryFile("w+", prefix="sluice-server-", suffix=".log", delete=False)

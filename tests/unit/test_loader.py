@@ -137,6 +137,24 @@ def test_resolve_hub_id_offline(monkeypatch, tmp_path):
     assert (src.kind, src.path, src.name) == ("hf_folder", str(snapshot), "sluice-tests/cached")
 
 
+def test_revision_and_download_dir_pick_the_snapshot(monkeypatch, tmp_path):
+    """--download-dir is the hub cache to use, --revision the branch/tag/commit in it."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "default-cache"))
+    repo = tmp_path / "models" / "models--sluice-tests--revisions"
+    for ref, commit in (("main", "1" * 40), ("v2", "2" * 40)):
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    download_dir = str(tmp_path / "models")
+    assert resolve_model("sluice-tests/revisions", download_dir=download_dir).path.endswith("1" * 40)
+    assert resolve_model("sluice-tests/revisions", "v2", download_dir).path.endswith("2" * 40)
+    with pytest.raises(ModelLoadError, match="could not fetch 'sluice-tests/revisions'"):
+        resolve_model("sluice-tests/revisions")  # not in the default cache
+
+
 # --- config and tokenizer ----------------------------------------------------------
 
 

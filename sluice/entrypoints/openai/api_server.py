@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 
@@ -26,7 +27,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import sluice
-from sluice.config import EngineConfig
+from sluice.config import DEFAULT_MODEL, EngineConfig
+from sluice.engine.arg_utils import engine_config
 from sluice.engine.async_llm import AsyncLLM
 from sluice.engine.core_proc import remove_address, start_engine_core
 from sluice.entrypoints.openai.protocol import (
@@ -39,7 +41,6 @@ from sluice.entrypoints.openai.protocol import (
 )
 from sluice.entrypoints.openai.serving import RETRY_AFTER_S, OpenAIServing, api_error_from_exception
 from sluice.entrypoints.openai.tool_calls import TOOL_PARSERS
-from sluice.loader import DEFAULT_MODEL
 from sluice.metrics.http import MULTIPROC_ENV, HttpMetrics, HttpMetricsMiddleware
 
 logger = logging.getLogger("sluice")
@@ -260,7 +261,7 @@ class AccessLogFilter(logging.Filter):
 
 async def serve_http(args: argparse.Namespace, address: str, core_pid: int, sock: socket.socket) -> int:
     """Run one API process until shutdown; returns its exit code."""
-    engine = await AsyncLLM.connect(args.model, address, core_pid)
+    engine = await AsyncLLM.connect(engine_config(args), address, core_pid)
     serving = OpenAIServing(
         engine, served_model_names(args), max_n=args.max_n_sequences, chat_template=read_chat_template(args),
         log_requests=args.enable_log_requests, max_log_len=args.max_log_len, tool_parser=args.tool_call_parser,
@@ -393,8 +394,6 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on")
     group.add_argument("--port", type=int, default=8000, help="port to listen on")
-    group.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                       help="model names clients may ask for (default: the MODEL argument as given)")
     group.add_argument("--api-key", action="append", default=None, metavar="KEY",
                        help="require 'Authorization: Bearer KEY' on every endpoint but /health and /version; "
                             "repeat or comma-separate for several keys (default: $SLUICE_API_KEY)")
@@ -425,9 +424,18 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="accepted for vLLM compatibility: --tool-call-parser alone enables tool_choice \"auto\"")
     group.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
                        help='leave tools out of the chat template when tool_choice is "none"')
+    # vLLM launch flags with nothing (yet) behind them, so that copied launch lines start or fail clearly.
+    group.add_argument("--disable-log-requests", action="store_true",
+                       help="accepted (vLLM's older spelling): requests are logged only with --enable-log-requests")
+    group.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                       help="LoRA adapters to serve: not available yet")
 
 
 def check_server_args(args: argparse.Namespace) -> None:
+    if args.lora_modules:
+        raise SystemExit("--lora-modules: LoRA adapters are not available yet in sluice")
+    if args.disable_log_requests and args.enable_log_requests:
+        raise SystemExit("--disable-log-requests and --enable-log-requests contradict each other; give one")
     if args.api_server_count < 1:
         raise SystemExit(f"--api-server-count must be >= 1, got {args.api_server_count}")
     if args.max_n_sequences < 1:
@@ -439,3 +447,9 @@ def check_server_args(args: argparse.Namespace) -> None:
     for path in (args.ssl_keyfile, args.ssl_certfile, args.ssl_ca_certs):
         if path and not os.path.isfile(path):
             raise SystemExit(f"TLS file not found: {path}")
+
+
+if __name__ == "__main__":  # `python -m sluice.entrypoints.openai.api_server MODEL [flags]`, like vLLM's module
+    from sluice.entrypoints.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))

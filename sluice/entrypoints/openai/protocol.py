@@ -394,20 +394,23 @@ class _SamplingRequest(BaseModel):
         return self
 
     # ---- conversion ----
-    def to_sampling_params(self, default_max_tokens: int, max_n: int) -> SamplingParams:
+    def to_sampling_params(self, default_max_tokens: int, max_n: int,
+                           defaults: dict | None = None) -> SamplingParams:
         """Raises APIError(400) naming the field for anything refused.
 
         default_max_tokens is the room left in the context (max_model_len - prompt tokens): the
         value of a null max_tokens, and the cap of completions' default 16. A larger max_tokens
         the client asked for is refused, as OpenAI does. A prompt that leaves no room at all is
-        the engine's error to report.
+        the engine's error to report. `defaults` (the model's generation config, vLLM's
+        --generation-config) fill the fields the request leaves unset.
         """
         self._check_supported()
         n = 1 if self.n is None else self.n
         if n > max_n:
             raise APIError(f"n must be at most {max_n}, got {n}", param="n")
-        kwargs = {name: getattr(self, name) for name in _PASSTHROUGH if getattr(self, name) is not None}
-        kwargs["max_tokens"] = self._max_tokens(default_max_tokens)
+        defaults = defaults or {}
+        kwargs = {**defaults, **{name: getattr(self, name) for name in _PASSTHROUGH if getattr(self, name) is not None}}
+        kwargs["max_tokens"] = self._max_tokens(default_max_tokens, defaults.get("max_tokens"))
         kwargs["logprobs"], kwargs["prompt_logprobs"] = self._logprob_counts()
         kwargs["structured_outputs"] = self._structured_outputs()
         try:
@@ -439,10 +442,10 @@ class _SamplingRequest(BaseModel):
         params = self.structured_outputs.to_params() if self.structured_outputs is not None else None
         return {"structured_outputs": (params, None)} if params is not None else {}
 
-    def _max_tokens(self, room: int) -> int:
+    def _max_tokens(self, room: int, default: int | None = None) -> int:
         requested, name = self._requested_max_tokens(), self._max_tokens_param()
         if requested is None:
-            return max(room, 1)
+            return max(min(room, default or room), 1)
         if requested > room >= 1 and name in self.model_fields_set:
             raise APIError(f"{name}={requested} is too large: the prompt leaves room for {room} tokens "
                            "in the context", param=name)

@@ -307,7 +307,8 @@ class OpenAIServing:
         text, token_ids = self._render_chat(request.template_messages(), request.add_generation_prompt,
                                             request.chat_template_kwargs,
                                             tools=request.template_tools(self.exclude_tools_when_tool_choice_none))
-        params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n)
+        params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n,
+                                                self.engine.default_sampling_params)
         job = _Job(_random_id("chatcmpl"), text, token_ids, params, trace_headers)
         if request.stream:
             streams = await self._start_streams([job], request)
@@ -393,7 +394,8 @@ class OpenAIServing:
         jobs = []
         for i, prompt in enumerate(prompts):
             text, token_ids = self._tokenize_prompt(prompt)
-            params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n)
+            params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n,
+                                                self.engine.default_sampling_params)
             job_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
             jobs.append(_Job(job_id, text, token_ids, params, trace_headers))
         echo_texts = [job.prompt if job.prompt is not None else self.tokenizer.decode(job.prompt_token_ids)
