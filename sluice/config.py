@@ -77,8 +77,8 @@ class CacheConfig:
     block_size: int = 64
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: int | None = None  # exact number of KV blocks (vLLM's name)
-    kv_cache_memory_bytes: int | None = None  # bytes of KV cache; None: a fraction of free memory
-    kv_cache_memory_fraction: float = 0.2  # of available memory, used when no size is given
+    kv_cache_memory_bytes: int | None = None  # bytes of KV cache; None: the fraction, else 4 GiB
+    kv_cache_memory_fraction: float | None = None  # of available memory, used when no size is given
 
     def __post_init__(self) -> None:
         _check(
@@ -94,7 +94,7 @@ class CacheConfig:
             f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes!r}",
         )
         _check(
-            0.0 < self.kv_cache_memory_fraction <= 0.95,
+            self.kv_cache_memory_fraction is None or 0.0 < self.kv_cache_memory_fraction <= 0.95,
             f"kv_cache_memory_fraction must be in (0, 0.95], got {self.kv_cache_memory_fraction!r}",
         )
 
