@@ -302,7 +302,8 @@ def http_exception_to_api_error(exc: HTTPException, request: Request) -> APIErro
     elif exc.status_code == 404:
         message = f"no such endpoint: {request.url.path}"
     elif exc.status_code == 405:
-        message = f"method {request.method} is not allowed on {request.url.path} (allowed: {(exc.headers or {}).get('Allow', '')})"
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"method {request.method} is not allowed on {request.url.path} (allowed: {allowed})"
     return APIError(message, exc.status_code, headers=exc.headers)
 
 

@@ -88,5 +88,6 @@ class RateLimitedLoopErrors:
         self.last_logged[kind] = now
         count = self.left_out.pop(kind, 0)
         if count:
-            context = {**context, "message": f"{kind} ({count} more like it in the last {self.interval:.0f} s not logged)"}
+            left_out = f"{count} more like it in the last {self.interval:.0f} s not logged"
+            context = {**context, "message": f"{kind} ({left_out})"}
         loop.default_exception_handler(context)
