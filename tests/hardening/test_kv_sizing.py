@@ -22,8 +22,11 @@ def test_default_kv_cache_is_4_gib_capped_by_the_batch_and_logged(tiny_model_dir
 
 
 def test_a_kv_cache_larger_than_free_memory_is_refused_at_start(tiny_model_dir):
-    too_big = str(2 * available_memory_bytes())
+    # Enough sequences that the batch could use twice the free memory: the tiny model's 256-token
+    # block is 2 layers x K,V x 256 tokens x 2 KV heads x 16 dims x 4 bytes = 128 KiB.
+    max_num_seqs = 2 * available_memory_bytes() // (2 * (128 << 10)) + 1
     with pytest.raises(RuntimeError) as failed:
-        RemoteServer(tiny_model_dir("llama"), "--dtype", "float32", "--kv-cache-memory-bytes", too_big)
+        RemoteServer(tiny_model_dir("llama"), "--dtype", "float32", "--max-model-len", "512", "--block-size", "256",
+                     "--max-num-seqs", str(max_num_seqs), "--kv-cache-memory-bytes", str(1 << 50))
     log = str(failed.value)
-    assert "the KV cache" in log and "does not fit" in log and "free" in log, log[-2000:]
+    assert "the KV cache" in log and "does not fit" in log and "free" in log, log
