@@ -21,6 +21,21 @@ class InputProcessor:
         self.vocab_size = vocab_size
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self.eos_token_ids = tuple(sorted(eos | set(eos_token_ids)))
+        # No token stands for more characters than its own spelling in the vocabulary (byte-level
+        # and byte-fallback spellings are longer than the text), so a text longer than this
+        # cannot fit in max_model_len tokens.
+        self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = max_model_len * self.max_token_chars
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize a prompt, first refusing without tokenizing one too long to ever fit: a huge
+        prompt would otherwise cost seconds and gigabytes before its length check."""
+        if len(text) > self.max_prompt_chars:
+            raise ValueError(
+                f"prompt has {len(text)} characters, more than {self.max_model_len} tokens (max_model_len) "
+                f"of at most {self.max_token_chars} characters each (the tokenizer's longest token) can hold"
+            )
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Accepts a string, a list of token ids, or vLLM's {"prompt"} / {"prompt_token_ids"} dicts."""
@@ -34,7 +49,7 @@ class InputProcessor:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.encode(prompt)
         if isinstance(prompt, (list, tuple)):
             return None, self._check_token_ids(list(prompt))
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")

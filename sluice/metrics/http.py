@@ -14,6 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Label values come from these sets only: anyone can send a made-up method or path, and every new
+# label value would add lines to /metrics for ever.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER = "other"
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
 
 
@@ -39,7 +43,8 @@ class HttpMetrics:
 
 
 class HttpMetricsMiddleware:
-    """ASGI middleware timing every HTTP request; the route template keeps label sets bounded."""
+    """ASGI middleware timing every HTTP request, labelled by method and route template; unknown
+    methods and unmatched paths are `other`, so the label sets stay bounded."""
 
     def __init__(self, app, metrics: HttpMetrics) -> None:
         self.app = app
@@ -60,6 +65,6 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            route = scope.get("route")
-            handler = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe(scope["method"], handler, status, time.perf_counter() - started)
+            handler = getattr(scope.get("route"), "path", None) or OTHER
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER
+            self.metrics.observe(method, handler, status, time.perf_counter() - started)

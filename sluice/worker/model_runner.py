@@ -6,11 +6,13 @@ import atexit
 import contextlib
 import ctypes
 import itertools
+import logging
 import mmap
 import os
 import threading
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 
 from sluice.config import EngineConfig, available_memory_bytes
@@ -22,9 +24,15 @@ from sluice.models.registry import get_model_class
 from sluice.structured_output.manager import GrammarBitmask
 from sluice.worker.sampler import Sampler, SamplingMetadata, SamplingRow, compute_prompt_logprobs
 
+logger = logging.getLogger("sluice")
+
 MAX_NUM_BLOCKS = 1 << 20  # block objects live in Python; beyond this the pool itself gets slow
-DEFAULT_KV_CACHE_CAP = 4 << 30  # without an explicit size, like vLLM's CPU default of 4 GiB
+DEFAULT_KV_CACHE_BYTES = 4 << 30  # without a size or a fraction: vLLM's CPU default of 4 GiB
 MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in, writable, leaving their contents alone
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB"
 
 
 @dataclass
@@ -118,22 +126,37 @@ class ModelRunner:
         return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
 
     def choose_num_blocks(self, max_useful_blocks: int) -> int:
-        """Blocks from an exact override, a byte budget, or a fraction of available memory."""
+        """Blocks from an exact override, a byte budget, a fraction of available memory, or
+        vLLM's fixed 4 GiB default; never more than the memory free once the weights are loaded
+        (a cache that overcommits memory gets the process OOM-killed later, mid-request)."""
         cache = self.config.cache
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
-        budget = cache.kv_cache_memory_bytes
-        if budget is None and cache.kv_cache_memory_fraction is not None:
-            budget = int(available_memory_bytes() * cache.kv_cache_memory_fraction)
-        if budget is None:  # the harden branch brings the full sizing rule
-            budget = min(available_memory_bytes() // 5, DEFAULT_KV_CACHE_CAP)
-        num_blocks = budget // self.bytes_per_block()
+        free = available_memory_bytes()  # the weights are resident by now
+        if cache.kv_cache_memory_bytes is not None:
+            budget, source = cache.kv_cache_memory_bytes, "kv_cache_memory_bytes"
+        elif cache.kv_cache_memory_fraction is not None:
+            budget = int(free * cache.kv_cache_memory_fraction)
+            source = f"kv_cache_memory_fraction={cache.kv_cache_memory_fraction} of free memory"
+        else:
+            budget, source = DEFAULT_KV_CACHE_BYTES, "the default, as vLLM on CPU"
+        num_blocks = int(min(budget // self.bytes_per_block(), max_useful_blocks, MAX_NUM_BLOCKS))
         if num_blocks < 2:
             raise ValueError(
                 f"kv_cache_memory_bytes={budget} holds no KV block; one block of {self.block_size} "
                 f"tokens needs {self.bytes_per_block()} bytes"
             )
-        return int(min(num_blocks, max_useful_blocks, MAX_NUM_BLOCKS))
+        size, resident = num_blocks * self.bytes_per_block(), psutil.Process().memory_info().rss
+        if size > free:
+            raise ValueError(
+                f"the KV cache ({_gib(size)}, from {source}) does not fit: only {_gib(free)} of memory is free "
+                f"with the weights loaded (this process holds {_gib(resident)}); lower --kv-cache-memory-bytes "
+                "(kv_cache_memory_bytes) or --gpu-memory-utilization, or free memory"
+            )
+        logger.info("KV cache: %s, from %s (at most what max_num_seqs x max_model_len can use); %s of memory "
+                    "free with the weights loaded (this process holds %s)", _gib(size), source, _gib(free),
+                    _gib(resident))
+        return num_blocks
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One zeroed tensor per layer: attention reads whole blocks, and masked-out garbage

@@ -3,6 +3,8 @@ and the server serves a good request correctly afterwards."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.server.conftest import MODEL_NAME
@@ -58,6 +60,38 @@ BAD_REQUESTS = [
     (CHAT, chat(model="no-such-model"), 404, "model"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
     ("/tokenize", {}, 400, None),
+    # strict types, as OpenAI's API: booleans and numeric strings are not numbers
+    (CHAT, chat(max_tokens=True), 400, "max_tokens"),
+    (COMPLETIONS, completion(max_tokens="8"), 400, "max_tokens"),
+    (CHAT, chat(temperature=True), 400, "temperature"),
+    (CHAT, chat(n="2"), 400, "n"),
+    (CHAT, chat(logprobs=1), 400, "logprobs"),
+    (CHAT, chat(messages=[{"role": "user", "content": []}]), 400, "content"),
+    # values the engine cannot take (these were 500s)
+    (COMPLETIONS, completion(seed=2**70), 400, "seed"),
+    (CHAT, chat(seed=-(2**63) - 1), 400, "seed"),
+    (COMPLETIONS, completion(stop_token_ids=[2**64]), 400, "stop_token_ids"),
+    (COMPLETIONS, json.dumps(completion(prompt="a \ud800 b")).encode(), 400, "prompt"),
+    (CHAT, json.dumps(chat(messages=[{"role": "user", "content": "\udfff"}])).encode(), 400, "messages"),
+    ("/tokenize", json.dumps({"prompt": "\ud800"}).encode(), 400, "prompt"),
+    # one request's fan-out and size
+    (COMPLETIONS, completion(prompt=["Hi"] * 65), 400, "prompt"),
+    (COMPLETIONS, completion(prompt=["Hi"] * 5, n=16), 400, "prompt"),
+    (COMPLETIONS, completion(prompt="ab " * 30_000), 400, "prompt"),  # more characters than can ever fit
+    (COMPLETIONS, completion(prompt="a" * 3_000_000), 413, None),
+    # bodies that are not JSON objects
+    (CHAT, b'{"model": "x", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None),  # not UTF-8
+    (CHAT, b'{"metadata": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001, 400, None),  # nested too deeply
+]
+
+# (method, path, body, content type, expected status): failures before any field is read
+BAD_HTTP = [
+    ("DELETE", CHAT, b"", None, 405),
+    ("GET", COMPLETIONS, b"", None, 405),
+    ("BREW", "/v1/models", b"", None, 405),
+    ("GET", "/v1/no-such-endpoint", b"", None, 404),
+    ("POST", CHAT, json.dumps(chat()).encode(), "text/plain", 415),
+    ("POST", CHAT, json.dumps(chat()).encode(), "application/x-www-form-urlencoded", 415),
 ]
 
 
@@ -75,6 +109,17 @@ def test_bad_request_is_refused_naming_the_field(server, path, body, status, fie
     assert error["message"]
     if field is not None:
         assert field in error["message"] or field in (error["param"] or ""), error
+
+
+@pytest.mark.parametrize("method,path,body,content_type,status", BAD_HTTP,
+                         ids=[f"{method}-{path}-{status}" for method, path, _, _, status in BAD_HTTP])
+def test_bad_http_is_refused_in_openai_error_shape(server, method, path, body, content_type, status):
+    headers = {"content-type": content_type} if content_type else {}
+    with server.http() as http:
+        response = http.request(method, path, content=body, headers=headers)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
 
 
 def test_server_still_serves_correctly_after_bad_requests(server, client):

@@ -25,6 +25,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 
 import sluice
 from sluice.config import DEFAULT_MODEL, EngineConfig
@@ -39,13 +41,21 @@ from sluice.entrypoints.openai.protocol import (
     TokenizeRequest,
     validation_error_to_api_error,
 )
-from sluice.entrypoints.openai.serving import RETRY_AFTER_S, OpenAIServing, api_error_from_exception
+from sluice.entrypoints.openai.connections import RateLimitedLoopErrors, read_deadline_protocol
+from sluice.entrypoints.openai.serving import (
+    DEFAULT_MAX_NUM_SEQS_PER_REQUEST,
+    RETRY_AFTER_S,
+    OpenAIServing,
+    api_error_from_exception,
+)
 from sluice.entrypoints.openai.tool_calls import TOOL_PARSERS
 from sluice.metrics.http import MULTIPROC_ENV, HttpMetrics, HttpMetricsMiddleware
 
 logger = logging.getLogger("sluice")
 
 ALWAYS_PUBLIC = ("/health", "/version")
+PROBES = ("/health", "/version", "/metrics")  # answered even beyond --limit-concurrency
+BODY_METHODS = ("POST", "PUT", "PATCH")
 TRACE_HEADERS = ("traceparent", "tracestate")  # W3C trace context, passed on to the request's span
 ENGINE_DEAD_EXIT_DELAY_S = 1.0  # lets the 5xx answers of in-flight requests reach their clients
 
@@ -96,6 +106,84 @@ class Gatekeeper:
         await self.app(scope, receive, send)
 
 
+class ConcurrencyLimit:
+    """ASGI middleware: at most `limit` requests in progress in this API process; beyond it a 503
+    at once, so an overloaded server sheds load instead of queueing connections. Probes are
+    exempt, so an orchestrator still sees a live server."""
+
+    def __init__(self, app, limit: int | None) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_progress = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or self.limit is None or scope["path"] in PROBES:
+            return await self.app(scope, receive, send)
+        if self.in_progress >= self.limit:
+            error = APIError(f"the server is at its limit of {self.limit} concurrent requests "
+                             "(--limit-concurrency); retry later", 503, code="concurrency_limit",
+                             headers={"Retry-After": str(RETRY_AFTER_S)})
+            return await error_response(error)(scope, receive, send)
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
+
+
+class BodyGuard:
+    """ASGI middleware: reads a request body in full before the app sees it, refusing it (413)
+    as soon as it passes `max_bytes` (at once when Content-Length says so), and a body that is
+    not JSON (415), all before any parsing."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await error_response(self.too_large(f"{int(declared)} bytes"))(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await error_response(self.too_large(f"more than {self.max_bytes} bytes"))(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        content_type = headers.get("content-type")
+        if size and content_type and not is_json_media_type(content_type):
+            error = APIError(f"Content-Type must be application/json, got {content_type!r}", 415)
+            return await error_response(error)(scope, receive, send)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: disconnect notices
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def too_large(self, size: str) -> APIError:
+        return APIError(f"the request body has {size}; this server takes at most {self.max_bytes} "
+                        "(--max-request-body-bytes)", 413)
+
+
+def is_json_media_type(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
@@ -140,6 +228,10 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(APIError)
     async def _refused(request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(http_exception_to_api_error(exc, request))
 
     @app.exception_handler(Exception)
     async def _failed(request: Request, exc: Exception) -> JSONResponse:
@@ -197,6 +289,23 @@ def build_app(state: ServerState) -> FastAPI:
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def http_exception_to_api_error(exc: HTTPException, request: Request) -> APIError:
+    """Routing and body-parsing failures (404, 405, undecodable bodies) in OpenAI's shape, saying
+    what was wrong where FastAPI's own detail does not."""
+    cause = exc.__cause__
+    message = str(exc.detail)
+    if isinstance(cause, UnicodeDecodeError):
+        message = f"the request body is not valid UTF-8 ({cause.reason} at byte {cause.start})"
+    elif isinstance(cause, RecursionError):
+        message = "the request body's JSON is nested too deeply"
+    elif exc.status_code == 404:
+        message = f"no such endpoint: {request.url.path}"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"method {request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+    return APIError(message, exc.status_code, headers=exc.headers)
 
 
 def trace_headers(request: Request) -> dict[str, str] | None:
@@ -266,14 +375,24 @@ async def serve_http(args: argparse.Namespace, address: str, core_pid: int, sock
         engine, served_model_names(args), max_n=args.max_n_sequences, chat_template=read_chat_template(args),
         log_requests=args.enable_log_requests, max_log_len=args.max_log_len, tool_parser=args.tool_call_parser,
         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+        max_num_seqs_per_request=args.max_num_seqs_per_request, max_num_queued_reqs=args.max_num_queued_reqs,
+        max_num_queued_tokens=args.max_num_queued_tokens,
     )
     public = set(ALWAYS_PUBLIC) | set(split_list(args.public_endpoints))
     state = ServerState(engine, serving, api_keys(args), public)
+    max_body = args.max_request_body_bytes or default_max_request_body_bytes(engine.input_processor.max_prompt_chars)
+    app = BodyGuard(build_app(state), max_body)
+    app = Gatekeeper(ConcurrencyLimit(app, args.limit_concurrency), state)
     config = uvicorn.Config(
-        HttpMetricsMiddleware(Gatekeeper(build_app(state), state), state.http_metrics), log_level=args.uvicorn_log_level,
+        HttpMetricsMiddleware(app, state.http_metrics), log_level=args.uvicorn_log_level,
         ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
-        ssl_cert_reqs=args.ssl_cert_reqs, timeout_graceful_shutdown=5, timeout_keep_alive=5,
+        ssl_cert_reqs=args.ssl_cert_reqs, timeout_graceful_shutdown=5, timeout_keep_alive=args.timeout_keep_alive,
+        http=read_deadline_protocol(args.timeout_request_read),
     )
+    asyncio.get_running_loop().set_exception_handler(RateLimitedLoopErrors())
+    logger.info("HTTP limits: request bodies up to %d bytes, %s s to send a request, %s s keep-alive, %s concurrent "
+                "requests", max_body, args.timeout_request_read, args.timeout_keep_alive,
+                args.limit_concurrency or "unlimited")
     quiet = set(split_list(args.disable_access_log_for_endpoints))
     if quiet:
         logging.getLogger("uvicorn.access").addFilter(AccessLogFilter(quiet))
@@ -288,6 +407,12 @@ async def serve_http(args: argparse.Namespace, address: str, core_pid: int, sock
         watcher.cancel()
         engine.close()
     return server.exit_code
+
+
+def default_max_request_body_bytes(max_prompt_chars: int) -> int:
+    """Room for the longest prompt that can fit max_model_len, every character escaped as JSON's
+    six-byte \\uXXXX, plus 1 MiB for the rest of the body (messages, tools, schemas)."""
+    return 6 * max_prompt_chars + (1 << 20)
 
 
 def run_api_process(args: argparse.Namespace, address: str, core_pid: int, sock: socket.socket) -> None:
@@ -429,6 +554,20 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="accepted (vLLM's older spelling): requests are logged only with --enable-log-requests")
     group.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                        help="LoRA adapters to serve: not available yet")
+    # limits: no client, with or without a key, can stall or exhaust the server
+    group.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                       help="seconds an idle keep-alive connection stays open between requests")
+    group.add_argument("--timeout-request-read", type=float, default=30.0,
+                       help="seconds a client has, from connecting or from the end of the previous response, to send "
+                            "a whole request (headers and body); slower connections are closed")
+    group.add_argument("--limit-concurrency", type=int, default=None,
+                       help="requests in progress per API process beyond which new ones get a 503 at once "
+                            "(/health, /version and /metrics are exempt; default: no limit)")
+    group.add_argument("--max-request-body-bytes", type=int, default=None,
+                       help="largest request body (413 beyond it, refused while reading); default: room for "
+                            "max_model_len tokens of text, JSON-escaped, plus 1 MiB")
+    group.add_argument("--max-num-seqs-per-request", type=int, default=DEFAULT_MAX_NUM_SEQS_PER_REQUEST,
+                       help="most sequences (prompts x n) one request may ask for (400 beyond it)")
 
 
 def check_server_args(args: argparse.Namespace) -> None:
@@ -442,6 +581,11 @@ def check_server_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--max-n-sequences must be >= 1, got {args.max_n_sequences}")
     if args.shutdown_timeout < 0:
         raise SystemExit(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    for flag in ("timeout_keep_alive", "timeout_request_read", "limit_concurrency", "max_request_body_bytes",
+                 "max_num_seqs_per_request"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be > 0, got {value}")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         raise SystemExit("--ssl-keyfile and --ssl-certfile must be given together")
     for path in (args.ssl_keyfile, args.ssl_certfile, args.ssl_ca_certs):

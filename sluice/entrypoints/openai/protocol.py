@@ -133,6 +133,8 @@ def _check_content(value: Any) -> Any:
         return value
     if not isinstance(value, list):
         raise ValueError(f"must be a string or a list of content parts, got {_type_name(value)}")
+    if not value:
+        raise ValueError("must not be an empty list of content parts")
     texts = []
     for i, part in enumerate(value):
         if not isinstance(part, dict):
@@ -205,6 +207,55 @@ Stop = Annotated[str | list[str] | None, BeforeValidator(_check_stop)]
 Prompt = Annotated[Any, AfterValidator(_check_prompt)]
 ToolChoice = Annotated[Any, AfterValidator(_check_tool_choice)]
 TemplateKwargs = Annotated[dict[str, Any] | None, AfterValidator(_check_template_kwargs)]
+
+
+# ---- values JSON allows but the engine cannot take -------------------------------------------
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _bad_json_value(value: Any) -> tuple[list, str] | None:
+    """(where inside `value`, what is wrong) for the first integer outside int64 (the core's wire
+    format) or string that is not valid Unicode (JSON's \\ud800 escapes decode to lone surrogates,
+    which no tokenizer takes); None when all is well."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return [], f"not valid Unicode: a lone surrogate {value[exc.start]!r} at character {exc.start}"
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not INT64_MIN <= value <= INT64_MAX:
+            return [], f"{value} is outside the 64-bit integer range"
+    elif isinstance(value, list):
+        if value and all(type(item) is int for item in value):  # token ids: checked at C speed
+            if INT64_MIN <= min(value) and max(value) <= INT64_MAX:
+                return None
+        for i, item in enumerate(value):
+            if (found := _bad_json_value(item)) is not None:
+                return [i, *found[0]], found[1]
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if (found := _bad_json_value(key) or _bad_json_value(item)) is not None:
+                return [key, *found[0]], found[1]
+    return None
+
+
+class _ApiRequest(BaseModel):
+    """What every request body shares: strict types, as OpenAI's API (`true` and `"8"` are not
+    numbers), and only values the engine can take (see _bad_json_value)."""
+
+    model_config = ConfigDict(strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _engine_safe(cls, value: Any, info) -> Any:
+        found = _bad_json_value(value)
+        if found is not None:
+            inner, problem = found
+            where = f" (at {'.'.join(map(str, [info.field_name, *inner]))})" if inner else ""
+            raise ValueError(problem + where)
+        return value
 
 
 # ---- nested objects ------------------------------------------------------------------------
@@ -326,7 +377,7 @@ _PASSTHROUGH = (
 _GUIDED_KEYS = ("json", "regex", "choice", "grammar")
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(_ApiRequest):
     """Fields and SamplingParams conversion shared by chat and legacy completions."""
 
     model_config = ConfigDict(extra="forbid")
@@ -599,7 +650,7 @@ class CompletionRequest(_SamplingRequest):
         return {"max_tokens": "max_tokens", "logprobs": "logprobs", "prompt_logprobs": "logprobs"}
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_ApiRequest):
     """Either {prompt, add_special_tokens} or {messages, add_generation_prompt, ...}."""
 
     model_config = ConfigDict(extra="forbid")
@@ -619,7 +670,7 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_ApiRequest):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +40,8 @@ logger = logging.getLogger(__name__)
 _SSE_DONE = "data: [DONE]\n\n"
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 RETRY_AFTER_S = 1  # told to clients refused because the queue is full or the server drains
+DEFAULT_MAX_NUM_SEQS_PER_REQUEST = 64  # prompts x n of one request (vLLM has no such cap)
+TOKENIZER_THREADS = max(1, min(4, len(os.sched_getaffinity(0))))  # HF tokenizers encode without the GIL
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest
 
@@ -269,7 +274,9 @@ class OpenAIServing:
 
     def __init__(self, engine, served_model_names: list[str], max_n: int, chat_template: str | None = None,
                  log_requests: bool = False, max_log_len: int | None = None, tool_parser: str | None = None,
-                 exclude_tools_when_tool_choice_none: bool = False) -> None:
+                 exclude_tools_when_tool_choice_none: bool = False,
+                 max_num_seqs_per_request: int = DEFAULT_MAX_NUM_SEQS_PER_REQUEST,
+                 max_num_queued_reqs: int | None = None, max_num_queued_tokens: int | None = None) -> None:
         if not served_model_names:
             raise ValueError("served_model_names must not be empty")
         self.engine = engine
@@ -281,6 +288,12 @@ class OpenAIServing:
         self.max_log_len = max_log_len
         self.tool_parser = tool_parser  # a TOOL_PARSERS name, for tool_choice "auto"; None: "auto" is refused
         self.exclude_tools_when_tool_choice_none = exclude_tools_when_tool_choice_none
+        self.max_num_seqs_per_request = max_num_seqs_per_request
+        self.max_num_queued_reqs = max_num_queued_reqs  # the core's queue limits: what can never fit is a 400
+        self.max_num_queued_tokens = max_num_queued_tokens
+        # Chat templates and tokenization run here, never on the event loop, so a long prompt
+        # does not stall every other request and /health.
+        self.tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="sluice-tokenize")
         self.created = int(time.time())
 
     # ---- models ----
@@ -304,11 +317,13 @@ class OpenAIServing:
         """A chat.completion dict, or (stream=true) an iterator of SSE strings."""
         model = self.check_model(request.model)
         tools = self._tool_extractor(request)
-        text, token_ids = self._render_chat(request.template_messages(), request.add_generation_prompt,
-                                            request.chat_template_kwargs,
-                                            tools=request.template_tools(self.exclude_tools_when_tool_choice_none))
+        self._check_fan_out(request, num_prompts=1)
+        text = await self._off_loop(self._render_chat, request.template_messages(), request.add_generation_prompt,
+                                    request.chat_template_kwargs,
+                                    request.template_tools(self.exclude_tools_when_tool_choice_none))
+        token_ids = await self._off_loop(self._encode_prompt, text, False, "messages")
         params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n,
-                                                self.engine.default_sampling_params)
+                                            self.engine.default_sampling_params)
         job = _Job(_random_id("chatcmpl"), text, token_ids, params, trace_headers)
         if request.stream:
             streams = await self._start_streams([job], request)
@@ -371,17 +386,16 @@ class OpenAIServing:
         return {"token": text, "logprob": _finite(logprob.logprob), "bytes": list(text.encode("utf-8", "replace"))}
 
     def _render_chat(self, messages: list[dict], add_generation_prompt: bool, template_kwargs: dict | None,
-                     add_special_tokens: bool = False, tools: list[dict] | None = None) -> tuple[str, list[int]]:
-        """Chat template -> prompt text and ids. The template already holds the special tokens
-        (BOS), so encoding adds none by default."""
+                     tools: list[dict] | None = None) -> str:
+        """Chat template -> prompt text. The template holds the special tokens (BOS), so encoding
+        it adds none. Runs on the tokenizer pool."""
         try:
-            text = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
                 chat_template=self.chat_template, **(template_kwargs or {}),
             )
         except Exception as exc:  # jinja errors, raise_exception() in templates, no template at all
             raise APIError(f"chat template failed: {exc}", param="messages") from exc
-        return text, self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     # ---- legacy completions ----
     async def completions(self, request: CompletionRequest,
@@ -391,11 +405,13 @@ class OpenAIServing:
         model = self.check_model(request.model)
         request_id = _random_id("cmpl")
         prompts = request.prompts()
+        self._check_fan_out(request, len(prompts))
+        tokenized = await self._off_loop(lambda: [self._tokenize_prompt(prompt) for prompt in prompts])
+        self._check_queued_tokens(request, [token_ids for _, token_ids in tokenized])
         jobs = []
-        for i, prompt in enumerate(prompts):
-            text, token_ids = self._tokenize_prompt(prompt)
+        for i, (text, token_ids) in enumerate(tokenized):
             params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n,
-                                                self.engine.default_sampling_params)
+                                            self.engine.default_sampling_params)
             job_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
             jobs.append(_Job(job_id, text, token_ids, params, trace_headers))
         echo_texts = [job.prompt if job.prompt is not None else self.tokenizer.decode(job.prompt_token_ids)
@@ -477,15 +493,47 @@ class OpenAIServing:
         except ValueError as exc:
             raise APIError(str(exc), param="prompt") from exc
 
+    def _encode_prompt(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        try:
+            return self.engine.input_processor.encode(text, add_special_tokens)
+        except ValueError as exc:
+            raise APIError(str(exc), param=param) from exc
+
+    # ---- what one request costs ----
+    def _check_fan_out(self, request: GenerationRequest, num_prompts: int) -> None:
+        """Sequences (prompts x n) one request asks for: more than --max-num-seqs-per-request, or
+        more than the queue may ever hold, is a 400; a 503 would have the client retry for ever."""
+        n = request.n or 1
+        seqs = num_prompts * n
+        what, param = (f"n={n}", "n") if num_prompts == 1 else (f"{num_prompts} prompts x n={n}", "prompt")
+        if seqs > self.max_num_seqs_per_request:
+            raise APIError(f"{what} asks for {seqs} sequences; one request may run at most "
+                           f"{self.max_num_seqs_per_request} (--max-num-seqs-per-request)", param=param)
+        if self.max_num_queued_reqs is not None and seqs > self.max_num_queued_reqs:
+            raise APIError(f"{what} asks for {seqs} sequences, more than the waiting queue ever admits "
+                           f"(--max-num-queued-reqs {self.max_num_queued_reqs})", param=param)
+
+    def _check_queued_tokens(self, request: CompletionRequest, prompt_token_ids: list[list[int]]) -> None:
+        """Several prompts are admitted one by one, so together they must fit the token queue
+        limit (a single request always gets in when the queue is empty)."""
+        if self.max_num_queued_tokens is None or len(prompt_token_ids) == 1:
+            return
+        total = sum(map(len, prompt_token_ids)) * (request.n or 1)
+        if total > self.max_num_queued_tokens:
+            raise APIError(f"{len(prompt_token_ids)} prompts x n={request.n or 1} hold {total} prompt tokens, more "
+                           f"than the waiting queue ever admits (--max-num-queued-tokens "
+                           f"{self.max_num_queued_tokens}); send them in separate requests", param="prompt")
+
     # ---- tokenizer endpoints ----
     async def tokenize(self, request: TokenizeRequest) -> dict:
         self.check_model(request.model)
         if request.messages is not None:
-            _, token_ids = self._render_chat([m.to_template() for m in request.messages], request.add_generation_prompt,
-                                             request.chat_template_kwargs, bool(request.add_special_tokens))
+            text = await self._off_loop(self._render_chat, [m.to_template() for m in request.messages],
+                                        request.add_generation_prompt, request.chat_template_kwargs)
+            add_special = bool(request.add_special_tokens)
         else:
-            add_special = request.add_special_tokens is not False
-            token_ids = self.tokenizer.encode(request.prompt, add_special_tokens=add_special)
+            text, add_special = request.prompt, request.add_special_tokens is not False
+        token_ids = await self._off_loop(self.tokenizer.encode, text, add_special_tokens=add_special)
         result = {"count": len(token_ids), "max_model_len": self.engine.max_model_len, "tokens": token_ids}
         if request.return_token_strs:
             result["token_strs"] = self.tokenizer.convert_ids_to_tokens(token_ids)
@@ -498,11 +546,15 @@ class OpenAIServing:
         if bad is not None:
             raise APIError(f"tokens must be ids in [0, {vocab_size}), got {bad}", param="tokens")
         try:
-            return {"prompt": self.tokenizer.decode(request.tokens)}
+            return {"prompt": await self._off_loop(self.tokenizer.decode, request.tokens)}
         except Exception as exc:  # ids the model has but the tokenizer does not (padded vocabularies)
             raise APIError(f"cannot decode tokens: {exc}", param="tokens") from exc
 
     # ---- shared machinery ----
+    async def _off_loop(self, fn: Callable, *args, **kwargs) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool,
+                                                                functools.partial(fn, *args, **kwargs))
+
     def _generate(self, job: _Job, priority: int, stream: bool) -> AsyncIterator[RequestOutput]:
         self._log(job, priority)
         return self.engine.generate(job.prompt, job.prompt_token_ids, job.params, job.request_id,
