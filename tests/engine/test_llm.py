@@ -215,3 +215,19 @@ def test_populating_the_kv_cache_leaves_its_contents_intact(llm):
     hits = llm.get_metrics()["vllm:prefix_cache_hits"]
     assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == first
     assert llm.get_metrics()["vllm:prefix_cache_hits"] > hits
+
+
+def test_stop_token_text_is_not_in_the_output(llm):
+    """vLLM: ' 6' for a stop_token_ids stop and 'Yes' for EOS with skip_special_tokens=False; the
+    stop token's text only with include_stop_str_in_output. The token id stays in token_ids."""
+    comma = llm.get_tokenizer().encode(",")[0]
+    prompts = ["Count: 1, 2, 3, 4, 5,"]
+    plain, kept = (llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[comma],
+                                                        include_stop_str_in_output=include), use_tqdm=False)[0]
+                   for include in (False, True))
+    assert plain.outputs[0].text == " 6" and kept.outputs[0].text == " 6,"
+    assert plain.outputs[0].token_ids[-1] == comma and plain.outputs[0].stop_reason == comma
+    eos = llm.chat([{"role": "user", "content": "What is 2+2?"}],
+                   SamplingParams(temperature=0.0, max_tokens=48, skip_special_tokens=False), use_tqdm=False)[0]
+    assert eos.outputs[0].finish_reason == "stop"
+    assert "<|im_end|>" not in eos.outputs[0].text and eos.outputs[0].text.strip()
