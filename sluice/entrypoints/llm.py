@@ -91,7 +91,9 @@ class LLM:
         for prompt, params, prio in zip(prompts, params_list, priorities):
             text, token_ids = self.input_processor.tokenize_prompt(prompt)
             request_id = str(next(self._request_counter))
-            batch.append((request_id, text, self.input_processor.make_requests(request_id, token_ids, params, prio)))
+            salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None  # vLLM's prompt-dict key
+            batch.append((request_id, text, self.input_processor.make_requests(request_id, token_ids, params, prio,
+                                                                               cache_salt=salt)))
         for request_id, text, core_requests in batch:
             self.output_processor.add_requests(request_id, text, core_requests)
             for core_req in core_requests:
