@@ -238,18 +238,25 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")
     strict_fields: ClassVar[bool] = False  # set once per API process
 
-    @model_validator(mode="after")
-    def _unknown_fields(self):
-        extra = self.__pydantic_extra__
-        if not extra:
-            return self
-        if OpenAIModel.strict_fields:
-            raise ValidationError.from_exception_data(type(self).__name__, [
-                InitErrorDetails(type="extra_forbidden", loc=(name,), input=value) for name, value in extra.items()])
-        for name in extra:
-            _warn_once(f"field:{name}", f"request field {name!r} is unknown to this server and ignored")
-        self.__pydantic_extra__ = {}
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _unknown_fields(cls, data: Any, handler):
+        known = {name for name, info in cls.model_fields.items()} | {
+            info.alias for info in cls.model_fields.values() if info.alias}
+        unknown = [key for key in data if key not in known] if isinstance(data, dict) else []
+        if unknown and OpenAIModel.strict_fields:
+            errors = [InitErrorDetails(type="extra_forbidden", loc=(key,), input=data[key]) for key in unknown]
+            try:
+                handler(data)
+            except ValidationError as exc:  # report the other errors too
+                errors = [*exc.errors(include_url=False), *errors]
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        result = handler(data)
+        for key in unknown:
+            _warn_once(f"field:{key}", f"request field {key!r} is unknown to this server and ignored")
+        if unknown:
+            result.__pydantic_extra__ = {}
+        return result
 
 
 # ---- nested objects ------------------------------------------------------------------------
@@ -747,12 +754,13 @@ class DetokenizeRequest(OpenAIModel):
 
 
 # ---- responses -------------------------------------------------------------------------------
-def usage_info(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+def usage_info(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """cached_tokens None: no prompt_tokens_details (vLLM without --enable-prompt-tokens-details)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "prompt_tokens_details": None if cached_tokens is None else {"cached_tokens": cached_tokens},
     }
 
 
