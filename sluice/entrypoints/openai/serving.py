@@ -246,11 +246,13 @@ def _chat_chunk_choice(index: int, delta: dict, logprobs: dict | None = None,
 
 
 def _chat_message(c: CompletionOutput, role: str, tools: ToolCallExtractor | None,
-                  reasoning: ReasoningParser | None, echo: str) -> tuple[dict, str | None]:
+                  reasoning: ReasoningParser | None, include_reasoning: bool, echo: str) -> tuple[dict, str | None]:
     """The message of a finished choice, and its finish_reason."""
     text, message = c.text, {"role": role}
     if reasoning is not None:
-        message["reasoning_content"], text = reasoning.split(text, finished=True)
+        thought, text = reasoning.split(text, finished=True)
+        if include_reasoning:
+            message["reasoning_content"] = thought
     if tools is None:
         return {**message, "content": echo + text}, c.finish_reason
     content, calls = tools.extract(text)
@@ -338,7 +340,6 @@ class OpenAIServing:
         job = _Job(_request_id("chatcmpl", request_id or request.request_id), text, token_ids, params, trace_headers,
                    request.cache_salt)
         role = self.chat_options.response_role if request.add_generation_prompt else request.messages[-1].role
-        reasoning = self.reasoning if request.include_reasoning is not False else None
         if request.stream:
             streams = await self._start_streams([job], request)
             return self._chat_stream(_Head("chat.completion.chunk", job.request_id, model), streams, request, job,
@@ -347,7 +348,8 @@ class OpenAIServing:
         choices = []
         for c in out.outputs:
             _raise_if_failed(c)
-            message, finish_reason = _chat_message(c, role, tools, reasoning, request.echo_text())
+            message, finish_reason = _chat_message(c, role, tools, self.reasoning, request.include_reasoning is not False,
+                                                   request.echo_text())
             choices.append({"index": c.index, "message": message,
                             "logprobs": self._chat_logprobs(c, params.logprobs, request.return_tokens_as_token_ids),
                             "finish_reason": finish_reason, "stop_reason": c.stop_reason})
@@ -375,8 +377,8 @@ class OpenAIServing:
                      job: _Job, role: str, tools: ToolCallExtractor | None) -> AsyncIterator[str]:
         params, as_ids = job.params, request.return_tokens_as_token_ids
         tool_streams = {i: ToolCallStream(tools) for i in range(params.n)} if tools is not None else {}
-        reasoning = self.reasoning if request.include_reasoning is not False else None
-        reasoning_streams = {i: ReasoningStream(reasoning) for i in range(params.n)} if reasoning is not None else {}
+        include_reasoning = request.include_reasoning is not False
+        reasoning_streams = {i: ReasoningStream(self.reasoning) for i in range(params.n)} if self.reasoning else {}
 
         def render(_: int, out: RequestOutput) -> Iterable[dict]:
             for c in out.outputs:
@@ -385,7 +387,7 @@ class OpenAIServing:
                 text = c.text
                 if c.index in reasoning_streams:
                     thought, text = reasoning_streams[c.index].feed(c.text, c.finish_reason is not None)
-                    if thought:
+                    if thought and include_reasoning:
                         yield _chat_chunk_choice(c.index, {"reasoning_content": thought})
                 if c.index in tool_streams:
                     yield from _tool_chunks(tool_streams[c.index], c, text, logprobs)
