@@ -10,6 +10,9 @@ import os
 import httpx
 import openai
 import pytest
+from langchain_core.messages import HumanMessage, ToolMessage
+from langchain_core.tools import tool
+from langchain_openai import ChatOpenAI
 
 from sluice import LLM, SamplingParams
 from tests.server.conftest import MODEL_NAME
@@ -325,16 +328,12 @@ def test_tool_round_trip_with_the_openai_sdk(client):
 
 
 def test_tool_round_trip_with_langchain(server):
-    langchain_openai = pytest.importorskip("langchain_openai")
-    from langchain_core.messages import HumanMessage, ToolMessage
-    from langchain_core.tools import tool
-
     @tool
     def get_weather(city: str) -> str:
         """Weather in a city."""
         return f"22 C and sunny in {city}"
 
-    llm = langchain_openai.ChatOpenAI(model=MODEL_NAME, base_url=server.url + "/v1", api_key="none", temperature=0,
+    llm = ChatOpenAI(model=MODEL_NAME, base_url=server.url + "/v1", api_key="none", temperature=0,
                                       max_tokens=40, max_retries=0)
     messages = [HumanMessage("What is the weather in Paris?")]
     ai = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(messages)
