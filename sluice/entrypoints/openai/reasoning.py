@@ -16,7 +16,7 @@ class ReasoningParser:
     """Splits text-so-far; the split only ever grows (reasoning, then content), so a stream of
     deltas is the difference between successive splits."""
 
-    requires_start: bool = False
+    requires_start: bool  # whether output without an opening <think> is all content
 
     def split(self, text: str, finished: bool) -> tuple[str, str]:
         """(reasoning, content) of the text so far. While not finished, a tail that may be the
