@@ -173,10 +173,9 @@ class SamplingParams:
         if self.bad_words is not None:
             if not all(isinstance(w, str) and w.strip() for w in self.bad_words):
                 raise ValueError("bad_words must be a list of non-empty strings")
-        if self.truncate_prompt_tokens is not None and _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens) < -1:
-            raise ValueError(f"truncate_prompt_tokens must be -1 (max_model_len) or >= 0, got {self.truncate_prompt_tokens}")
-        if self.truncate_prompt_tokens == 0:
-            raise ValueError("truncate_prompt_tokens must be -1 (max_model_len) or >= 1, got 0")
+        keep = self.truncate_prompt_tokens
+        if keep is not None and (_check_int("truncate_prompt_tokens", keep) < -1 or keep == 0):
+            raise ValueError(f"truncate_prompt_tokens must be -1 (max_model_len) or >= 1, got {keep}")
 
     @property
     def greedy(self) -> bool:

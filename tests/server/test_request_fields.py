@@ -355,3 +355,17 @@ def test_strict_request_fields_and_response_role():
         assert reply["choices"][0]["message"]["role"] == "narrator"
     finally:
         strict.stop()
+
+
+def test_return_token_ids(client, http):
+    ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    choice = complete(http, prompt=PROMPT, max_tokens=4, return_token_ids=True)["choices"][0]
+    assert choice["prompt_token_ids"] == ids and len(choice["token_ids"]) == 4
+    streamed = [c.choices[0] for c in client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4,
+                                                                 temperature=0, stream=True,
+                                                                 extra_body={"return_token_ids": True}) if c.choices]
+    assert [t for c in streamed for t in c.model_extra["token_ids"]] == choice["token_ids"]
+    chat = http.post("/v1/chat/completions", json={"model": MODEL_NAME, **chat_body(return_token_ids=True)}).json()
+    assert len(chat["prompt_token_ids"]) == chat["usage"]["prompt_tokens"]
+    assert len(chat["choices"][0]["token_ids"]) == chat["usage"]["completion_tokens"]
+    refused(http, "/v1/completions", {"prompt": PROMPT, "return_token_ids": [1]}, "return_token_ids")

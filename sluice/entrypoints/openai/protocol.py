@@ -11,6 +11,7 @@ definition, naming its field (`response_format.json_schema.schema`, `tools.0...`
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -241,8 +242,7 @@ class OpenAIModel(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _unknown_fields(cls, data: Any, handler):
-        known = {name for name, info in cls.model_fields.items()} | {
-            info.alias for info in cls.model_fields.values() if info.alias}
+        known = _field_names(cls)
         unknown = [key for key in data if key not in known] if isinstance(data, dict) else []
         if unknown and OpenAIModel.strict_fields:
             errors = [InitErrorDetails(type="extra_forbidden", loc=(key,), input=data[key]) for key in unknown]
@@ -257,6 +257,12 @@ class OpenAIModel(BaseModel):
         if unknown:
             result.__pydantic_extra__ = {}
         return result
+
+
+@functools.cache
+def _field_names(model: type[BaseModel]) -> frozenset[str]:
+    """A model's field names and aliases: what a request may spell."""
+    return frozenset(model.model_fields) | {info.alias for info in model.model_fields.values() if info.alias}
 
 
 # ---- nested objects ------------------------------------------------------------------------
@@ -313,7 +319,6 @@ class JsonSchemaFormat(OpenAIModel):
 
 
 class ResponseFormat(OpenAIModel):
-
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -351,7 +356,6 @@ class StructuredOutputs(OpenAIModel):
 
 
 class FunctionDefinition(OpenAIModel):
-
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
@@ -359,7 +363,6 @@ class FunctionDefinition(OpenAIModel):
 
 
 class Tool(OpenAIModel):
-
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
@@ -407,6 +410,7 @@ class _SamplingRequest(OpenAIModel):
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # keep the last k (-1: max_model_len)
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     return_tokens_as_token_ids: bool | None = None  # logprob tokens as "token_id:N"
+    return_token_ids: bool | None = None  # the prompt's and the output's token ids in the response
     request_id: str | None = Field(default=None, min_length=1)
     cache_salt: str | None = Field(default=None, min_length=1)  # isolates this caller's prefix cache
     add_special_tokens: bool | None = None
@@ -431,7 +435,6 @@ class _SamplingRequest(OpenAIModel):
     guided_whitespace_pattern: str | None = None
     kv_transfer_params: dict[str, Any] | None = None
     vllm_xargs: dict[str, Any] | None = None
-    return_token_ids: bool | None = None
 
     @field_validator("best_of")
     @classmethod
@@ -582,7 +585,7 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice = None  # None: "auto" with tools, else "none" (OpenAI's and vLLM's defaults)
     parallel_tool_calls: bool | None = None  # False: tool_choice "required" makes exactly one call
-    functions: list[Any] | None = None  # OpenAI's deprecated form of tools: refused, naming tools
+    functions: list[Any] | None = None  # OpenAI's deprecated form of tools: refused, pointing to tools
     function_call: Any = None
     # Accepted and ignored: OpenAI features this engine does not have (text in, text out).
     reasoning_effort: str | None = None

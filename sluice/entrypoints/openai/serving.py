@@ -353,11 +353,15 @@ class OpenAIServing:
             choices.append({"index": c.index, "message": message,
                             "logprobs": self._chat_logprobs(c, params.logprobs, request.return_tokens_as_token_ids),
                             "finish_reason": finish_reason, "stop_reason": c.stop_reason})
+            if request.return_token_ids:
+                choices[-1]["token_ids"] = c.token_ids
         usage = _Usage([job], self.prompt_tokens_details)
         usage.add(0, out)
         body = {**_Head("chat.completion", job.request_id, model).body(choices), "usage": usage.info()}
         if params.prompt_logprobs is not None:
             body["prompt_logprobs"] = _prompt_logprobs_json(out.prompt_logprobs)
+        if request.return_token_ids:
+            body["prompt_token_ids"] = job.prompt_token_ids
         return body
 
     def _tool_extractor(self, request: ChatCompletionRequest) -> ToolCallExtractor | None:
@@ -380,21 +384,31 @@ class OpenAIServing:
         include_reasoning = request.include_reasoning is not False
         reasoning_streams = {i: ReasoningStream(self.reasoning) for i in range(params.n)} if self.reasoning else {}
 
+        def render_one(c: CompletionOutput) -> Iterable[dict]:
+            logprobs = self._chat_logprobs(c, params.logprobs, as_ids)
+            text = c.text
+            if c.index in reasoning_streams:
+                thought, text = reasoning_streams[c.index].feed(c.text, c.finish_reason is not None)
+                if thought and include_reasoning:
+                    yield _chat_chunk_choice(c.index, {"reasoning_content": thought})
+            if c.index in tool_streams:
+                yield from _tool_chunks(tool_streams[c.index], c, text, logprobs)
+            elif text or c.finish_reason or (logprobs and logprobs["content"]):
+                yield _chat_chunk_choice(c.index, {"content": text}, logprobs, c.finish_reason, c.stop_reason)
+
         def render(_: int, out: RequestOutput) -> Iterable[dict]:
             for c in out.outputs:
                 _raise_if_failed(c)
-                logprobs = self._chat_logprobs(c, params.logprobs, as_ids)
-                text = c.text
-                if c.index in reasoning_streams:
-                    thought, text = reasoning_streams[c.index].feed(c.text, c.finish_reason is not None)
-                    if thought and include_reasoning:
-                        yield _chat_chunk_choice(c.index, {"reasoning_content": thought})
-                if c.index in tool_streams:
-                    yield from _tool_chunks(tool_streams[c.index], c, text, logprobs)
-                elif text or c.finish_reason or (logprobs and logprobs["content"]):
-                    yield _chat_chunk_choice(c.index, {"content": text}, logprobs, c.finish_reason, c.stop_reason)
+                choices = list(render_one(c))
+                if request.return_token_ids and c.token_ids:
+                    choices = choices or [_chat_chunk_choice(c.index, {"content": ""})]
+                    choices[0]["token_ids"] = c.token_ids
+                yield from choices
 
         roles = [_chat_chunk_choice(i, {"role": role, "content": request.echo_text()}) for i in range(params.n)]
+        if request.return_token_ids:
+            for choice in roles:
+                choice["prompt_token_ids"] = job.prompt_token_ids
         return self._sse_stream(head, streams, render, _Usage([job], self.prompt_tokens_details), request, roles)
 
     def _chat_logprobs(self, c: CompletionOutput, k: int | None, as_ids: bool | None) -> dict | None:
@@ -480,6 +494,8 @@ class OpenAIServing:
                 choice = self._completion_choice(p * n + c.index, c, k, echo, request.return_tokens_as_token_ids)
                 if request.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = _prompt_logprobs_json(out.prompt_logprobs)
+                if request.return_token_ids:
+                    choice.update(prompt_token_ids=out.prompt_token_ids, token_ids=c.token_ids)
                 choices.append(choice)
         return {**head.body(choices), "usage": usage.info()}
 
@@ -513,11 +529,15 @@ class OpenAIServing:
                 echo = None
                 if echo_texts and index not in sent:
                     echo = (echo_texts[p], jobs[p].prompt_token_ids, prompt_logprobs.get(p))
-                if not (echo or c.text or c.finish_reason or (k is not None and c.token_ids)):
+                if not (echo or c.text or c.finish_reason or ((k is not None or request.return_token_ids) and c.token_ids)):
                     continue
                 choice = self._completion_choice(index, c, k, echo, as_ids, offset=sent.get(index, 0))
                 if first and request.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = _prompt_logprobs_json(out.prompt_logprobs)
+                if request.return_token_ids:
+                    choice["token_ids"] = c.token_ids
+                    if index not in sent:
+                        choice["prompt_token_ids"] = jobs[p].prompt_token_ids
                 sent[index] = sent.get(index, 0) + len(choice["text"])
                 yield choice
 
