@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sluice.entrypoints.openai.chat_template import fim_tokens, resolve_content_format
+from sluice.entrypoints.openai.chat_template import fim_prompt, fim_tokens, resolve_content_format
 from sluice.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningStream
 from tests.utils import smollm2_tokenizer
 
@@ -47,8 +47,16 @@ def test_content_format_is_read_from_the_template():
     assert resolve_content_format("string", parts) == "string" and resolve_content_format("openai", smol) == "openai"
 
 
-def test_fim_tokens_found_only_where_the_model_has_them():
+def test_fim_prompt_only_where_the_model_has_fim_tokens():
     tokenizer = smollm2_tokenizer()
     assert fim_tokens(tokenizer) is None
+    with pytest.raises(ValueError, match="fill-in-the-middle tokens"):
+        fim_prompt(tokenizer, "def f(", "):")
     tokenizer.add_special_tokens({"additional_special_tokens": ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]})
-    assert fim_tokens(tokenizer) == ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+    text = fim_prompt(tokenizer, "def f(", "):\n    return x")
+    assert text == "<fim_prefix>def f(<fim_suffix>):\n    return x<fim_middle>"
+    ids = tokenizer.encode(text, add_special_tokens=False)  # each FIM marker is one token
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<fim_prefix>")
+    assert ids[-1] == tokenizer.convert_tokens_to_ids("<fim_middle>")
+    with pytest.raises(ValueError, match="text prompt"):
+        fim_prompt(tokenizer, [1, 2], "x")

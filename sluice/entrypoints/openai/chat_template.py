@@ -49,3 +49,16 @@ def fim_tokens(tokenizer) -> tuple[str, str, str] | None:
     """The model's (prefix, suffix, middle) FIM tokens, or None when it has none."""
     vocab = tokenizer.get_vocab()
     return next((spelling for spelling in _FIM_SPELLINGS if all(t in vocab for t in spelling)), None)
+
+
+def fim_prompt(tokenizer, prompt: str | list[int], suffix: str) -> str:
+    """A completions prompt with a suffix, in the fill-in-the-middle form the model was trained on
+    (prefix-suffix-middle): the model writes what goes between prompt and suffix."""
+    tokens = fim_tokens(tokenizer)
+    if tokens is None:
+        raise ValueError("suffix needs a model with fill-in-the-middle tokens (<fim_prefix>, <fim_suffix>, "
+                         "<fim_middle>)")
+    if not isinstance(prompt, str):
+        raise ValueError("suffix needs a text prompt, not token ids")
+    prefix_token, suffix_token, middle_token = tokens
+    return f"{prefix_token}{prompt}{suffix_token}{suffix}{middle_token}"

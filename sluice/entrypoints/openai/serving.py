@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sluice.engine.input_processor import truncate_prompt
-from sluice.entrypoints.openai.chat_template import fim_tokens, resolve_content_format
+from sluice.entrypoints.openai.chat_template import fim_prompt, resolve_content_format
 from sluice.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -466,15 +466,17 @@ class OpenAIServing:
         model = self.check_model(request.model)
         request_id = _request_id("cmpl", request_id or request.request_id)
         prompts = request.prompts()
-        jobs, echo_texts = [], []
+        jobs = []
         for i, prompt in enumerate(prompts):
             text, token_ids = self._tokenize_prompt(self._fim_prompt(prompt, request.suffix), request.add_special_tokens)
             text, token_ids = self._truncate(request, text, token_ids)
             params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n)
             job_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
             jobs.append(_Job(job_id, text, token_ids, params, trace_headers, request.cache_salt))
-            echo_texts.append(prompt if isinstance(prompt, str) and text is not None else self.tokenizer.decode(token_ids))
-        echo_texts = echo_texts if request.echo else None
+        echo_texts = None
+        if request.echo:  # the prompt as sent (not its FIM form), or the ids' text when truncated or ids
+            echo_texts = [prompt if isinstance(prompt, str) and job.prompt is not None
+                          else self.tokenizer.decode(job.prompt_token_ids) for prompt, job in zip(prompts, jobs)]
         head = _Head("text_completion", request_id, model)
         if request.stream:
             streams = await self._start_streams(jobs, request)
@@ -500,17 +502,12 @@ class OpenAIServing:
         return {**head.body(choices), "usage": usage.info()}
 
     def _fim_prompt(self, prompt: str | list[int], suffix: str | None) -> str | list[int]:
-        """With a suffix, the prompt in the model's fill-in-the-middle form (prefix-suffix-middle)."""
         if not suffix:
             return prompt
-        tokens = fim_tokens(self.tokenizer)
-        if tokens is None:
-            raise APIError("suffix needs a model with fill-in-the-middle tokens (<fim_prefix>, <fim_suffix>, "
-                           f"<fim_middle>); {self.served_model_names[0]} has none", param="suffix")
-        if not isinstance(prompt, str):
-            raise APIError("suffix needs a text prompt, not token ids", param="suffix")
-        prefix_token, suffix_token, middle_token = tokens
-        return f"{prefix_token}{prompt}{suffix_token}{suffix}{middle_token}"
+        try:
+            return fim_prompt(self.tokenizer, prompt, suffix)
+        except ValueError as exc:
+            raise APIError(str(exc), param="suffix") from None
 
     def _completion_stream(self, head: _Head, streams: list[AsyncIterator[RequestOutput]],
                            request: CompletionRequest, jobs: list[_Job],
