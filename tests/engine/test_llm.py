@@ -231,3 +231,22 @@ def test_stop_token_text_is_not_in_the_output(llm):
                    SamplingParams(temperature=0.0, max_tokens=48, skip_special_tokens=False), use_tqdm=False)[0]
     assert eos.outputs[0].finish_reason == "stop"
     assert "<|im_end|>" not in eos.outputs[0].text and eos.outputs[0].text.strip()
+
+
+def test_request_fields_offline(llm):
+    """truncate_prompt_tokens keeps the last tokens, a prompt dict's cache_salt separates prefix
+    caches, continue_final_message leaves the last turn open (vLLM's offline spellings)."""
+    tokenizer = llm.get_tokenizer()
+    ids = tokenizer.encode("Ignore this. The capital of France is")
+    cut = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=4, truncate_prompt_tokens=5), use_tqdm=False)[0]
+    assert cut.prompt_token_ids == ids[-5:]
+    assert cut.outputs[0].text == llm.generate([ids[-5:]], SamplingParams(temperature=0.0, max_tokens=4),
+                                               use_tqdm=False)[0].outputs[0].text
+    long_prompt = "Salted prompt: " + "one two three four " * 40  # several full KV blocks
+    salted = [llm.generate([{"prompt": long_prompt, "cache_salt": salt}], SamplingParams(max_tokens=1),
+                           use_tqdm=False)[0].num_cached_tokens for salt in ("a", "a", "b")]
+    assert salted[0] == 0 and salted[1] > 0 and salted[2] == 0
+    messages = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "My favourite is"}]
+    out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False,
+                   add_generation_prompt=False, continue_final_message=True)[0]
+    assert out.prompt.endswith("My favourite is")

@@ -260,7 +260,7 @@ def test_request_ids_in_the_body_and_headers(http):
 
 
 def test_cache_salt_separates_prefix_caches(http):
-    prompt = "A salted prompt that fills several KV blocks: " + "one two three four five six seven " * 8
+    prompt = "A salted prompt that fills several KV blocks: " + "one two three four five six seven " * 24
 
     def cached(**fields) -> int:
         return complete(http, prompt=prompt, max_tokens=1, **fields)["usage"]["prompt_tokens_details"]["cached_tokens"]
