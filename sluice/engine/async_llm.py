@@ -66,8 +66,8 @@ class AsyncLLM:
             raise EngineDeadError(self.client.dead_reason)
         if request_id in self.queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        core_requests = self.input_processor.make_requests(request_id, prompt_token_ids, params, priority, trace_headers,
-                                                           cache_salt)
+        core_requests = self.input_processor.make_requests(request_id, prompt_token_ids, params, priority,
+                                                           trace_headers, cache_salt)
         if len(prompt_token_ids) + 1 > self.kv_capacity_tokens:
             raise ValueError(
                 f"prompt has {len(prompt_token_ids)} tokens; the whole KV cache holds "

@@ -17,7 +17,8 @@ def truncate_prompt(prompt_token_ids: list[int], truncate_prompt_tokens: int | N
     if truncate_prompt_tokens is None:
         return prompt_token_ids
     if truncate_prompt_tokens > max_model_len:
-        raise ValueError(f"truncate_prompt_tokens={truncate_prompt_tokens} is larger than max_model_len={max_model_len}")
+        raise ValueError(f"truncate_prompt_tokens={truncate_prompt_tokens} is larger than "
+                         f"max_model_len={max_model_len}")
     keep = max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
     return prompt_token_ids[-keep:]
 

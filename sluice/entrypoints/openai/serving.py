@@ -304,7 +304,8 @@ class OpenAIServing:
         self.served_model_names = list(served_model_names)
         self.max_n = max_n
         self.chat_options = chat or ChatOptions()
-        self.reasoning = REASONING_PARSERS[self.chat_options.reasoning_parser]() if self.chat_options.reasoning_parser else None
+        parser = self.chat_options.reasoning_parser
+        self.reasoning = REASONING_PARSERS[parser]() if parser else None
         self.log_requests = log_requests
         self.max_log_len = max_log_len
         self.force_include_usage = force_include_usage  # --enable-force-include-usage
@@ -333,8 +334,9 @@ class OpenAIServing:
         caller's X-Request-Id (else the body's request_id, else a random one)."""
         model = self.check_model(request.model)
         tools = self._tool_extractor(request)
-        text, token_ids = self._render_chat(request, request.template_messages(self._content_format(request.chat_template)),
-                                            request.template_tools(self.chat_options.exclude_tools_when_tool_choice_none))
+        messages = request.template_messages(self._content_format(request.chat_template))
+        tools_shown = request.template_tools(self.chat_options.exclude_tools_when_tool_choice_none)
+        text, token_ids = self._render_chat(request, messages, tools_shown)
         text, token_ids = self._truncate(request, text, token_ids)
         params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n)
         job = _Job(_request_id("chatcmpl", request_id or request.request_id), text, token_ids, params, trace_headers,
