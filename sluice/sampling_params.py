@@ -65,6 +65,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output to a grammar
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    allowed_token_ids: list[int] | None = None  # sample only these
+    bad_words: list[str] | None = None  # words never generated (vLLM's semantics: see bad_words_token_ids)
+    truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens (-1: max_model_len)
+    # Filled by the engine from bad_words (each word's ids, with and without a leading space).
+    bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         self._normalise_lists()
@@ -148,9 +154,28 @@ class SamplingParams:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        self._verify_token_controls()
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got "
                              f"{type(self.structured_outputs).__name__}")
+
+    def _verify_token_controls(self) -> None:
+        """Token ids are checked against the vocabulary by the engine, which knows its size."""
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
+            self.logit_bias = {_check_int("logit_bias", k): _check_float("logit_bias", v)
+                               for k, v in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = [_check_int("allowed_token_ids", t) for t in self.allowed_token_ids]
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty")
+        if self.bad_words is not None:
+            if not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+                raise ValueError("bad_words must be a list of non-empty strings")
+        keep = self.truncate_prompt_tokens
+        if keep is not None and (_check_int("truncate_prompt_tokens", keep) < -1 or keep == 0):
+            raise ValueError(f"truncate_prompt_tokens must be -1 (max_model_len) or >= 1, got {keep}")
 
     @property
     def greedy(self) -> bool:

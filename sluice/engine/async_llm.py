@@ -61,14 +61,16 @@ class AsyncLLM:
 
     async def generate(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str, *, priority: int = 0, stream: bool = False,
-                       trace_headers: dict[str, str] | None = None) -> AsyncIterator[RequestOutput]:
+                       trace_headers: dict[str, str] | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields delta outputs as they come (stream) or one final output. Raises ValueError for
         bad input and QueueFullError / EngineDeadError before the first output."""
         if not self.client.alive:
             raise EngineDeadError(self.client.dead_reason)
         if request_id in self.queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        core_requests = self.input_processor.make_requests(request_id, prompt_token_ids, params, priority, trace_headers)
+        core_requests = self.input_processor.make_requests(request_id, prompt_token_ids, params, priority,
+                                                           trace_headers, cache_salt)
         if len(prompt_token_ids) + 1 > self.kv_capacity_tokens:
             raise ValueError(
                 f"prompt has {len(prompt_token_ids)} tokens; the whole KV cache holds "

@@ -44,10 +44,14 @@ class IncrementalDetokenizer:
         else:
             self._decoder = _OffsetDecoder(tokenizer, params, prompt_token_ids)
 
-    def update(self, new_token_ids: list[int], num_output_tokens: int) -> str | None:
+    def update(self, new_token_ids: list[int], num_output_tokens: int, stop_terminated: bool = False) -> str | None:
         """Append new tokens' text; if a stop string matched (only once num_output_tokens >=
         params.min_tokens), truncate output_text at it (keep it when include_stop_str_in_output)
-        and return that stop string; else None."""
+        and return that stop string; else None. stop_terminated: the last token stopped the
+        request (EOS or a stop_token_ids entry); its text is output only with
+        include_stop_str_in_output, as in vLLM."""
+        if stop_terminated and not self.params.include_stop_str_in_output:
+            new_token_ids = new_token_ids[:-1]
         new_text = "".join(self._decoder.step(t) for t in new_token_ids)
         if not new_text:
             return None

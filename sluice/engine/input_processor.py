@@ -11,6 +11,31 @@ from sluice.structured_output.backend import check_spec
 PromptType = Union[str, list[int], dict[str, Any]]
 
 
+def truncate_prompt(prompt_token_ids: list[int], truncate_prompt_tokens: int | None, max_model_len: int) -> list[int]:
+    """The last truncate_prompt_tokens tokens of the prompt (-1: the last max_model_len), vLLM's
+    truncate_prompt_tokens; more than max_model_len is an error naming the field."""
+    if truncate_prompt_tokens is None:
+        return prompt_token_ids
+    if truncate_prompt_tokens > max_model_len:
+        raise ValueError(f"truncate_prompt_tokens={truncate_prompt_tokens} is larger than "
+                         f"max_model_len={max_model_len}")
+    keep = max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+    return prompt_token_ids[-keep:]
+
+
+def bad_words_token_ids(tokenizer, bad_words: list[str]) -> list[list[int]]:
+    """vLLM's reading of bad_words: each word's ids as written, and with a leading space when that
+    is a different token sequence of the same length (the word in the middle of a sentence)."""
+    sequences: list[list[int]] = []
+    for word in bad_words:
+        plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        sequences.append(plain)
+        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            sequences.append(spaced)
+    return sequences
+
+
 class InputProcessor:
     def __init__(self, tokenizer, max_model_len: int, vocab_size: int, eos_token_ids: tuple[int, ...] = (),
                  scheduling_policy: str = "fcfs", *, max_logprobs: int) -> None:
@@ -65,25 +90,41 @@ class InputProcessor:
         return list(token_ids)
 
     def make_requests(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                      priority: int = 0, trace_headers: dict[str, str] | None = None) -> list[EngineCoreRequest]:
+                      priority: int = 0, trace_headers: dict[str, str] | None = None,
+                      cache_salt: str | None = None) -> list[EngineCoreRequest]:
         """One user request -> its core requests: n > 1 runs as n children `{id}-{index}`;
         seeded children get seed + index so that they differ."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        prompt_token_ids = truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens, self.max_model_len)
+        self._prepare_token_controls(params)
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError("cache_salt must be a non-empty string")
         if params.n == 1:
-            return [self.make_request(request_id, prompt_token_ids, params, priority, trace_headers=trace_headers)]
+            return [self.make_request(request_id, prompt_token_ids, params, priority, trace_headers=trace_headers,
+                                      cache_salt=cache_salt)]
         children = []
         for index in range(params.n):
             child = params.clone()
             if child.seed is not None:
                 child.seed += index
             children.append(self.make_request(f"{request_id}-{index}", prompt_token_ids, child, priority,
-                                              trace_headers=trace_headers))
+                                              trace_headers=trace_headers, cache_salt=cache_salt))
         return children
+
+    def _prepare_token_controls(self, params: SamplingParams) -> None:
+        """Token ids of logit_bias / allowed_token_ids must be in the vocabulary; bad_words are
+        tokenized here, once, for the sampler."""
+        for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{name} token ids must be in [0, {self.vocab_size}), got {bad}")
+        if params.bad_words and params.bad_words_token_ids is None:
+            params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
 
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                      priority: int = 0, arrival_time: float | None = None,
-                     trace_headers: dict[str, str] | None = None) -> EngineCoreRequest:
+                     trace_headers: dict[str, str] | None = None, cache_salt: str | None = None) -> EngineCoreRequest:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if not prompt_token_ids:
@@ -114,6 +155,7 @@ class InputProcessor:
             sampling_params=params,
             eos_token_ids=self.eos_token_ids,
             priority=priority,
+            cache_salt=cache_salt,
             trace_headers=trace_headers,
             **extra,
         )

@@ -129,7 +129,7 @@ class OutputProcessor:
                 continue
             self._apply(state, out)
             if out.new_token_ids:
-                stop = state.detokenizer.update(out.new_token_ids, len(state.token_ids))
+                stop = state.detokenizer.update(out.new_token_ids, len(state.token_ids), out.finish_reason == "stop")
                 if stop is not None and state.finish_reason is None:
                     state.finish_reason, state.stop_reason = "stop", stop
                     to_abort.append(state.request_id)

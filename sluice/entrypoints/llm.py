@@ -84,7 +84,9 @@ class LLM:
         for prompt, params, prio in zip(prompts, params_list, priorities):
             text, token_ids = self.input_processor.tokenize_prompt(prompt)
             request_id = str(next(self._request_counter))
-            batch.append((request_id, text, self.input_processor.make_requests(request_id, token_ids, params, prio)))
+            salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None  # vLLM's prompt-dict key
+            batch.append((request_id, text, self.input_processor.make_requests(request_id, token_ids, params, prio,
+                                                                               cache_salt=salt)))
         for request_id, text, core_requests in batch:
             self.output_processor.add_requests(request_id, text, core_requests)
             for core_req in core_requests:
@@ -103,6 +105,7 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
         tools: list[dict] | None = None,
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation (with `tools`, OpenAI's tool
         definitions, where the template shows them), then generate."""
@@ -111,7 +114,8 @@ class LLM:
         for conversation in conversations:
             text = self.tokenizer.apply_chat_template(
                 conversation, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
-                chat_template=chat_template, **(chat_template_kwargs or {}),
+                continue_final_message=continue_final_message, chat_template=chat_template,
+                **(chat_template_kwargs or {}),
             )
             token_ids = self.tokenizer.encode(text, add_special_tokens=False)
             prompts.append({"prompt": text, "prompt_token_ids": token_ids})

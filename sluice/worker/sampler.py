@@ -6,7 +6,8 @@ Everything is vectorised over the batch and nothing forces a host sync; the
 only Python loop at sample time draws noise for seeded rows.
 
 Order (vLLM's): logprobs from the raw logits -> the grammar bitmask of
-structured-output rows -> min_tokens masking of stop ids -> repetition/
+structured-output rows -> allowed_token_ids -> bad_words -> min_tokens masking
+of stop ids -> logit_bias -> repetition/
 frequency/presence penalties -> greedy rows take argmax -> random rows:
 temperature, top-k, top-p, min-p, softmax, then the exponential race
 argmax(probs / q), q ~ Exp(1), which samples from probs exactly.
@@ -61,6 +62,9 @@ class SamplingMetadata:
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # (row ids, token ids) to ban
     max_num_logprobs: int | None  # k for sample logprobs; None when no row asks
     grammar: GrammarBitmask | None = None  # allowed tokens of grammar-constrained rows
+    disallowed: torch.Tensor | None = None  # [B, V] bool: outside a row's allowed_token_ids
+    bad_words_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # (row ids, token ids) to ban
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, tokens, bias)
 
     @classmethod
     def build(cls, rows: list[SamplingRow], vocab_size: int, device,
@@ -112,7 +116,15 @@ class SamplingMetadata:
             min_tokens_mask=_min_tokens_mask(rows, vocab_size, vec),
             max_num_logprobs=_max_num_logprobs(params, vocab_size),
             grammar=grammar,
+            disallowed=_disallowed(params, vocab_size, device),
+            bad_words_mask=_bad_words_mask(rows, vec),
+            logit_bias=_logit_bias(params, vec),
         )
+
+    def changes_logits(self) -> bool:
+        """Whether any row's logits are processed before sampling (else greedy is a bare argmax)."""
+        return (self.min_tokens_mask is not None or self.grammar is not None or _has_penalties(self)
+                or self.disallowed is not None or self.bad_words_mask is not None or self.logit_bias is not None)
 
 
 @dataclass
@@ -132,8 +144,7 @@ class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """Samples one token per row. With a grammar bitmask, float32 `logits` are masked in place
         (the runner's logits serve this step only; a copy would cost a [B, V] write per step)."""
-        if (meta.all_greedy and meta.max_num_logprobs is None and meta.min_tokens_mask is None
-                and meta.grammar is None and not _has_penalties(meta)):
+        if meta.all_greedy and meta.max_num_logprobs is None and not meta.changes_logits():
             # nothing to process: argmax alone, natively on bf16 logits where it can (PyTorch's
             # float32 argmax is ~2x faster than its bf16 one, even counting the copy)
             sampled = native.argmax(logits)
@@ -147,8 +158,15 @@ class Sampler(torch.nn.Module):
 
         if meta.grammar is not None:
             apply_bitmask(logits, meta.grammar.bitmask, meta.grammar.rows)
+        if meta.disallowed is not None:
+            logits = logits.masked_fill(meta.disallowed, _NEG_INF)
+        if meta.bad_words_mask is not None:
+            logits = logits.index_put(meta.bad_words_mask, logits.new_tensor(_NEG_INF))
         if meta.min_tokens_mask is not None:
             logits = logits.index_put(meta.min_tokens_mask, logits.new_tensor(_NEG_INF))
+        if meta.logit_bias is not None:
+            rows, tokens, bias = meta.logit_bias
+            logits = logits.index_put((rows, tokens), bias, accumulate=True)
         logits = apply_penalties(logits, meta)
 
         greedy_ids = None if meta.all_random else logits.argmax(dim=-1)
@@ -312,3 +330,41 @@ def _min_tokens_mask(
     if not row_ids:
         return None
     return vec(row_ids, torch.int64), vec(token_ids, torch.int64)
+
+
+def _disallowed(params: list[SamplingParams], vocab_size: int, device) -> torch.Tensor | None:
+    """[B, V] True outside each row's allowed_token_ids (rows without the option allow all)."""
+    if all(p.allowed_token_ids is None for p in params):
+        return None
+    mask = torch.zeros(len(params), vocab_size, dtype=torch.bool)
+    for i, p in enumerate(params):
+        if p.allowed_token_ids is not None:
+            mask[i] = True
+            mask[i, p.allowed_token_ids] = False
+    return mask.to(device, non_blocking=True)
+
+
+def _bad_words_mask(rows: list[SamplingRow], vec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row, token) pairs that would complete a bad word: a word's last token is banned when the
+    output so far ends with the word's other tokens (a one-token word is always banned)."""
+    row_ids: list[int] = []
+    token_ids: list[int] = []
+    for i, row in enumerate(rows):
+        output = row.output_token_ids
+        for word in row.params.bad_words_token_ids or ():
+            prefix = word[:-1]
+            if len(prefix) <= len(output) and output[len(output) - len(prefix):] == prefix:
+                row_ids.append(i)
+                token_ids.append(word[-1])
+    if not row_ids:
+        return None
+    return vec(row_ids, torch.int64), vec(token_ids, torch.int64)
+
+
+def _logit_bias(params: list[SamplingParams], vec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Every row's logit_bias as one scatter-add: (row ids, token ids, biases)."""
+    entries = [(i, token, bias) for i, p in enumerate(params) for token, bias in (p.logit_bias or {}).items()]
+    if not entries:
+        return None
+    rows, tokens, biases = zip(*entries)
+    return vec(list(rows), torch.int64), vec(list(tokens), torch.int64), vec(list(biases), torch.float32)

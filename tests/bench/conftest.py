@@ -19,7 +19,7 @@ def bench_server():
     """One engine thread: these tests check the benchmark tool, not the engine's speed, and on a
     busy 2-core machine a 2-thread engine stalls at every OpenMP barrier whose other thread is
     descheduled (steps of a second instead of tens of ms)."""
-    srv = RemoteServer(env={"OMP_NUM_THREADS": "1"})
+    srv = RemoteServer("--enable-prompt-tokens-details", env={"OMP_NUM_THREADS": "1"})  # cached_tokens in usage
     yield srv
     srv.stop()
 

@@ -215,3 +215,38 @@ def test_populating_the_kv_cache_leaves_its_contents_intact(llm):
     hits = llm.get_metrics()["vllm:prefix_cache_hits"]
     assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == first
     assert llm.get_metrics()["vllm:prefix_cache_hits"] > hits
+
+
+def test_stop_token_text_is_not_in_the_output(llm):
+    """vLLM: ' 6' for a stop_token_ids stop and 'Yes' for EOS with skip_special_tokens=False; the
+    stop token's text only with include_stop_str_in_output. The token id stays in token_ids."""
+    comma = llm.get_tokenizer().encode(",")[0]
+    prompts = ["Count: 1, 2, 3, 4, 5,"]
+    plain, kept = (llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[comma],
+                                                        include_stop_str_in_output=include), use_tqdm=False)[0]
+                   for include in (False, True))
+    assert plain.outputs[0].text == " 6" and kept.outputs[0].text == " 6,"
+    assert plain.outputs[0].token_ids[-1] == comma and plain.outputs[0].stop_reason == comma
+    eos = llm.chat([{"role": "user", "content": "What is 2+2?"}],
+                   SamplingParams(temperature=0.0, max_tokens=48, skip_special_tokens=False), use_tqdm=False)[0]
+    assert eos.outputs[0].finish_reason == "stop"
+    assert "<|im_end|>" not in eos.outputs[0].text and eos.outputs[0].text.strip()
+
+
+def test_request_fields_offline(llm):
+    """truncate_prompt_tokens keeps the last tokens, a prompt dict's cache_salt separates prefix
+    caches, continue_final_message leaves the last turn open (vLLM's offline spellings)."""
+    tokenizer = llm.get_tokenizer()
+    ids = tokenizer.encode("Ignore this. The capital of France is")
+    cut = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=4, truncate_prompt_tokens=5), use_tqdm=False)[0]
+    assert cut.prompt_token_ids == ids[-5:]
+    assert cut.outputs[0].text == llm.generate([ids[-5:]], SamplingParams(temperature=0.0, max_tokens=4),
+                                               use_tqdm=False)[0].outputs[0].text
+    long_prompt = "Salted prompt: " + "one two three four " * 40  # several full KV blocks
+    salted = [llm.generate([{"prompt": long_prompt, "cache_salt": salt}], SamplingParams(max_tokens=1),
+                           use_tqdm=False)[0].num_cached_tokens for salt in ("a", "a", "b")]
+    assert salted[0] == 0 and salted[1] > 0 and salted[2] == 0
+    messages = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "My favourite is"}]
+    out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False,
+                   add_generation_prompt=False, continue_final_message=True)[0]
+    assert out.prompt.endswith("My favourite is")

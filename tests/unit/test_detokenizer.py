@@ -334,3 +334,18 @@ def test_hold_back_releases_text_that_is_not_a_stop(smol):
     assert d.get_next_output_text(False, delta=True) == "o STOP?"
     assert d.get_next_output_text(True, delta=True) == " yes"
     assert d.get_next_output_text(True, delta=True) == ""
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_token_text_only_with_include_stop_str_in_output(tok_case, include):
+    """The token that stopped the request (a stop_token_ids entry or EOS) is in token_ids but its
+    text is not in the output, unless include_stop_str_in_output (vLLM's rule)."""
+    tok, real = tok_case
+    ids = ids_of(real, "one, two")
+    params = SamplingParams(include_stop_str_in_output=include, skip_special_tokens=False)
+    prompt = ids_of(real, "Count:")
+    d = IncrementalDetokenizer(tok, params, prompt)
+    assert d.update(ids[:-2], len(ids) - 2) is None
+    assert d.update(ids[-2:], len(ids), stop_terminated=True) is None
+    expected = in_context(real, prompt, ids if include else ids[:-1], skip=False)
+    assert d.get_next_output_text(finished=True, delta=False) == expected

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from sluice.entrypoints.openai import protocol
 from sluice.entrypoints.openai.protocol import (
     APIError,
+    OpenAIModel,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -30,6 +31,14 @@ def chat(**fields) -> ChatCompletionRequest:
 
 def completion(**fields) -> CompletionRequest:
     return CompletionRequest.model_validate({"prompt": "Hello", **fields})
+
+
+@pytest.fixture
+def strict():
+    """The server's --strict-request-fields: unknown fields are a 400."""
+    OpenAIModel.strict_fields = True
+    yield
+    OpenAIModel.strict_fields = False
 
 
 def invalid(model, body: dict) -> APIError:
@@ -85,7 +94,7 @@ def test_body_that_is_not_an_object():
     assert error.param is None and error.message.startswith("request body: ")
 
 
-def test_several_errors_are_all_named():
+def test_several_errors_are_all_named(strict):
     error = invalid(ChatCompletionRequest, {"messages": USER, "n": "many", "temprature": 0.5})
     assert error.param == "n"
     assert "n: Input should be a valid integer" in error.message and "(got 'many')" in error.message
@@ -139,8 +148,8 @@ def test_text_parts_are_joined():
     ({"role": "user", "content": None}, "messages.0.content", "is required for role 'user'"),
     ({"role": "user", "content": 5}, "messages.0.content", "must be a string or a list of content parts, got int"),
     ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]},
-     "messages.0.content", "part 0 has type 'image_url'; only 'text' parts are supported"),
-    ({"role": "user", "content": ["hi"]}, "messages.0.content", "part 0 must be an object, got str"),
+     "messages.0.content", "part 0 has type 'image_url'; this model takes only 'text' parts"),
+    ({"role": "user", "content": [3]}, "messages.0.content", "part 0 must be an object, got int"),
     ({"role": "user", "content": [{"type": "text"}]}, "messages.0.content", "part 0 needs a string 'text'"),
 ])
 def test_bad_messages_name_their_field(message, param, fragment):
@@ -168,12 +177,12 @@ def test_roles_and_extra_message_keys():
     messages = request.template_messages()
     assert messages[0] == {"role": "system", "content": "Be brief."}  # templates only know system
     assert messages[1] == {"role": "user", "content": "Hi", "name": "ann"}
-    assert messages[2] == {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}
+    assert messages[2] == {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}
     assert messages[3]["tool_call_id"] == "1"
 
 
-@pytest.mark.parametrize("field", ["temprature", "max_token", "functions", "chat_template"])
-def test_unknown_top_level_fields_are_400(field):
+@pytest.mark.parametrize("field", ["temprature", "max_token", "top_logprob", "stream_option"])
+def test_unknown_top_level_fields_are_400_when_strict(strict, field):
     error = invalid(ChatCompletionRequest, {"messages": USER, field: 1})
     assert error.param == field and error.message == f"{field}: unknown field"
 
@@ -184,7 +193,7 @@ def test_ignored_openai_fields_are_accepted():
     assert request.to_sampling_params(100, 8).max_tokens == 100
 
 
-def test_stream_options_are_strict():
+def test_stream_options_are_strict(strict):
     assert invalid(ChatCompletionRequest, {"messages": USER, "stream_options": {"include_usge": True}}).param == \
         "stream_options.include_usge"
     request = chat(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
@@ -193,7 +202,14 @@ def test_stream_options_are_strict():
 
 
 @pytest.mark.parametrize("fields, param, fragment", [
-    ({"logit_bias": {"50256": -100}}, "logit_bias", "not supported"),
+    ({"use_beam_search": True}, "use_beam_search", "not supported"),
+    ({"logits_processors": ["my.Processor"]}, "logits_processors", "not supported"),
+    ({"functions": [{"name": "f"}]}, "functions", "use tools"),
+    ({"logit_bias": {"50256": 101}}, "logit_bias", "[-100, 100]"),
+    ({"logit_bias": {"dog": 1}}, "logit_bias", "token ids"),
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens", ">= 1"),
+    ({"bad_words": ["ok", " "]}, "bad_words", "non-empty strings"),
+    ({"allowed_token_ids": []}, "allowed_token_ids", "must not be empty"),
     ({"top_logprobs": 3}, "top_logprobs", "requires logprobs=true"),
 ])
 def test_unsupported_features_are_refused_at_conversion(fields, param, fragment):
@@ -208,7 +224,6 @@ def test_unsupported_features_are_refused_at_conversion(fields, param, fragment)
     ({"structured_outputs": {"jsn": {}}}, "structured_outputs.jsn"),
     ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
     ({"logprobs": "maybe"}, "logprobs"),
-    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     ({"top_logprobs": -1, "logprobs": True}, "top_logprobs"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
@@ -220,8 +235,12 @@ def test_unsupported_features_are_refused_at_conversion(fields, param, fragment)
     ({"stop_token_ids": ["x"]}, "stop_token_ids.0"),
     ({"stream": "often"}, "stream"),
     ({"priority": "high"}, "priority"),
+    ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    ({"request_id": ""}, "request_id"),
+    ({"cache_salt": ""}, "cache_salt"),
+    ({"continue_final_message": True}, None),  # needs add_generation_prompt=false: the message says so
 ])
-def test_bad_fields_name_their_path(fields, param):
+def test_bad_fields_name_their_path(strict, fields, param):
     assert invalid(ChatCompletionRequest, {"messages": USER, **fields}).param == param
 
 
@@ -415,19 +434,17 @@ def test_completion_logprobs_and_echo():
     params = completion(logprobs=2, echo=True).to_sampling_params(10, 1)
     assert params.logprobs == 2 and params.prompt_logprobs == 2
     assert completion(echo=True).to_sampling_params(10, 1).prompt_logprobs is None
-    assert invalid(CompletionRequest, {"prompt": "x", "logprobs": 21}).param == "logprobs"
 
 
-def test_completion_refusals():
-    assert refused(completion(suffix="end")).param == "suffix"
+def test_completion_refusals(strict):
     assert completion(suffix="").to_sampling_params(10, 1).max_tokens == 10
-    assert refused(completion(logit_bias={"1": 5})).param == "logit_bias"
+    assert refused(completion(max_tokens=0)).param == "max_tokens"  # only with echo
     assert refused(completion(n=3), max_n=2).param == "n"
     assert refused(completion(max_tokens=4, min_tokens=5)).param == "min_tokens"
     # Chat-only fields are unknown here, and the other way round.
     assert invalid(CompletionRequest, {"prompt": "x", "messages": USER}).param == "messages"
     assert invalid(CompletionRequest, {"prompt": "x", "top_logprobs": 2}).param == "top_logprobs"
-    assert invalid(ChatCompletionRequest, {"messages": USER, "echo": True}).param == "echo"
+    assert invalid(ChatCompletionRequest, {"messages": USER, "suffix": "x"}).param == "suffix"
     assert invalid(ChatCompletionRequest, {"messages": USER, "prompt": "x"}).param == "prompt"
 
 
@@ -444,7 +461,7 @@ def test_tokenize_needs_exactly_one_input(body):
     assert "exactly one of 'prompt' or 'messages'" in invalid(TokenizeRequest, body).message
 
 
-def test_tokenize_and_detokenize_field_errors():
+def test_tokenize_and_detokenize_field_errors(strict):
     assert invalid(TokenizeRequest, {"prompt": "hi", "add_special_token": True}).param == "add_special_token"
     assert invalid(TokenizeRequest, {"messages": [{"role": "user", "content": 3}]}).param == "messages.0.content"
     assert DetokenizeRequest.model_validate({"tokens": [1, 2]}).tokens == [1, 2]
@@ -461,3 +478,50 @@ def test_usage_and_envelopes():
     models = model_list(["a", "b"], "a", 2048, 7)
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["a", "b"]
     assert models["data"][0]["object"] == "model" and models["data"][1]["max_model_len"] == 2048
+
+
+# ---- vLLM's and OpenAI's newer fields ---------------------------------------------------------------
+def test_unknown_fields_are_warned_once_per_name_and_dropped(caplog):
+    with caplog.at_level(logging.WARNING, logger=protocol.logger.name):
+        first = chat(frobnicate=1, stream_options={"include_usage": True, "wiggle": 2})
+        chat(frobnicate=2)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert sum("'frobnicate'" in w for w in warnings) == 1 and sum("'wiggle'" in w for w in warnings) == 1
+    assert first.model_extra == {} and first.stream_options.model_extra == {}
+    assert first.to_sampling_params(100, 8).max_tokens == 100
+
+
+def test_fields_that_describe_the_caller_are_accepted():
+    request = chat(safety_identifier="s", prompt_cache_key="k", reasoning_effort="low", verbosity="low",
+                   modalities=["text"], prediction={"type": "content", "content": "x"}, web_search_options={},
+                   kv_transfer_params={}, vllm_xargs={"a": 1}, mm_processor_kwargs={}, length_penalty=1.0,
+                   stream_options={"include_usage": True, "include_obfuscation": False})
+    assert request.to_sampling_params(100, 8).max_tokens == 100
+
+
+def test_token_controls_reach_sampling_params():
+    params = chat(logit_bias={"5": 2.5, "7": -100}, bad_words=["cat"], allowed_token_ids=[1, 2],
+                  truncate_prompt_tokens=-1, prompt_logprobs=2).to_sampling_params(100, 8)
+    assert params.logit_bias == {5: 2.5, 7: -100.0} and params.bad_words == ["cat"]
+    assert params.allowed_token_ids == [1, 2] and params.truncate_prompt_tokens == -1
+    assert params.prompt_logprobs == 2 and params.logprobs is None
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt():
+    request = completion(echo=True, max_tokens=0, logprobs=1)
+    params = request.to_sampling_params(100, 8)
+    assert request.echo_only() and params.max_tokens == 1 and params.prompt_logprobs == 1
+    assert completion(prompt_logprobs=3).to_sampling_params(100, 8).prompt_logprobs == 3
+
+
+def test_continue_final_message_and_content_formats():
+    messages = [{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]},
+                {"role": "assistant", "content": "The answer is"}]
+    request = chat(messages=messages, continue_final_message=True, add_generation_prompt=False, echo=True)
+    assert request.echo_text() == "The answer is"
+    assert request.template_messages("string")[0]["content"] == "a\nb"
+    assert request.template_messages("openai")[0]["content"] == [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert request.template_messages("openai")[1]["content"] == [{"type": "text", "text": "The answer is"}]
+    error = invalid(ChatCompletionRequest, {"messages": USER, "continue_final_message": True,
+                                            "add_generation_prompt": False})
+    assert "last message to be from the assistant" in error.message

@@ -410,3 +410,40 @@ def test_grammar_bitmask_covers_a_vocab_padded_past_32():
     logits = torch.zeros(1, 70)  # 3 words of bits, the last one partly used
     meta = SamplingMetadata.build([row(SamplingParams(temperature=0))], 70, "cpu", bitmask_allowing([[69]], 70))
     assert Sampler()(logits, meta).sampled_token_ids.tolist() == [69]
+
+
+# ---------------------------------------------------------------- logit_bias, allowed_token_ids, bad_words
+
+
+def test_logit_bias_is_added_per_row_in_one_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(3, V)
+    top = logits.argmax(dim=-1)
+    rows = [row(SamplingParams(temperature=0, logit_bias={5: 100.0})),
+            row(SamplingParams(temperature=0)),
+            row(SamplingParams(temperature=0, logit_bias={int(top[2]): -100.0}, logprobs=2))]
+    out = sample(logits.clone(), rows)
+    second = logits[2].clone()
+    second[top[2]] -= 100.0
+    assert out.sampled_token_ids.tolist() == [5, int(top[1]), int(second.argmax())]
+    # logprobs describe the model, not the bias (vLLM's default)
+    assert torch.allclose(out.logprobs.logprobs[2, 0], torch.log_softmax(logits[2], -1)[second.argmax()])
+
+
+def test_allowed_token_ids_limit_sampling_to_them():
+    torch.manual_seed(1)
+    logits = torch.randn(2, V)
+    rows = [row(SamplingParams(temperature=1.0, allowed_token_ids=[3, 7]), seed=3), row(SamplingParams(temperature=0))]
+    for _ in range(20):
+        out = sample(logits.clone(), rows).sampled_token_ids.tolist()
+        assert out[0] in (3, 7) and out[1] == int(logits[1].argmax())
+
+
+def test_bad_words_ban_the_token_that_would_complete_a_word():
+    logits = torch.zeros(3, V)
+    logits[:, 9] = 5.0  # everyone's favourite next token
+    rows = [row(SamplingParams(temperature=0, bad_words=["x"], bad_words_token_ids=[[9]])),  # a one-token word
+            row(SamplingParams(temperature=0, bad_words=["x"], bad_words_token_ids=[[4, 9], [11, 12]]), output=[2, 4]),
+            row(SamplingParams(temperature=0, bad_words=["x"], bad_words_token_ids=[[4, 9]]), output=[4, 2])]
+    out = sample(logits.clone(), rows).sampled_token_ids.tolist()
+    assert out[0] != 9 and out[1] != 9 and out[2] == 9  # row 2's output does not end in the word's prefix

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -20,6 +21,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -30,7 +32,7 @@ from starlette.exceptions import HTTPException
 
 import sluice
 from sluice.config import DEFAULT_MODEL, EngineConfig
-from sluice.engine.arg_utils import engine_config
+from sluice.engine.arg_utils import engine_config, json_object
 from sluice.engine.async_llm import AsyncLLM
 from sluice.engine.core_proc import remove_address, start_engine_core
 from sluice.entrypoints.openai.protocol import (
@@ -39,15 +41,19 @@ from sluice.entrypoints.openai.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    OpenAIModel,
     validation_error_to_api_error,
 )
+from sluice.entrypoints.openai.chat_template import CONTENT_FORMATS
 from sluice.entrypoints.openai.connections import RateLimitedLoopErrors, read_deadline_protocol
 from sluice.entrypoints.openai.serving import (
     DEFAULT_MAX_NUM_SEQS_PER_REQUEST,
     RETRY_AFTER_S,
+    ChatOptions,
     OpenAIServing,
     api_error_from_exception,
 )
+from sluice.entrypoints.openai.reasoning import REASONING_PARSERS
 from sluice.entrypoints.openai.tool_calls import TOOL_PARSERS
 from sluice.metrics.http import MULTIPROC_ENV, HttpMetrics, HttpMetricsMiddleware
 
@@ -64,8 +70,10 @@ ENGINE_DEAD_EXIT_DELAY_S = 1.0  # lets the 5xx answers of in-flight requests rea
 class ServerState:
     """What the gatekeeper and the routes share in one API process."""
 
-    def __init__(self, engine: AsyncLLM, serving: OpenAIServing, api_keys: list[str], public_paths: set[str]) -> None:
+    def __init__(self, engine: AsyncLLM, serving: OpenAIServing, api_keys: list[str], public_paths: set[str],
+                 request_id_headers: bool = False) -> None:
         self.engine = engine
+        self.request_id_headers = request_id_headers  # --enable-request-id-headers
         self.serving = serving
         self.api_keys = [key.encode() for key in api_keys]
         self.public_paths = public_paths
@@ -237,25 +245,32 @@ def build_app(state: ServerState) -> FastAPI:
     async def _failed(request: Request, exc: Exception) -> JSONResponse:
         return error_response(as_api_error(exc))
 
-    async def respond(request: Request, produce) -> Response:
+    async def respond(request: Request, produce, request_id: str = "") -> Response:
+        """request_id: answered as X-Request-Id with --enable-request-id-headers."""
         async def work() -> Response:
             try:
                 result = await produce
             except Exception as exc:
                 return error_response(as_api_error(exc))
             if isinstance(result, dict):
-                return JSONResponse(result)
-            return StreamingResponse(result, media_type="text/event-stream")
+                response = JSONResponse(result)
+            else:
+                response = StreamingResponse(result, media_type="text/event-stream")
+            if state.request_id_headers:
+                response.headers["X-Request-Id"] = request_id
+            return response
 
         return await run_until_disconnect(request, work())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await respond(request, serving.chat(body, trace_headers(request)))
+        request_id = base_request_id(body, request)
+        return await respond(request, serving.chat(body, trace_headers(request), request_id), request_id)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await respond(request, serving.completions(body, trace_headers(request)))
+        request_id = base_request_id(body, request)
+        return await respond(request, serving.completions(body, trace_headers(request), request_id), request_id)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -306,6 +321,12 @@ def http_exception_to_api_error(exc: HTTPException, request: Request) -> APIErro
         allowed = (exc.headers or {}).get("Allow", "")
         message = f"method {request.method} is not allowed on {request.url.path} (allowed: {allowed})"
     return APIError(message, exc.status_code, headers=exc.headers)
+
+
+def base_request_id(body: ChatCompletionRequest | CompletionRequest, request: Request) -> str:
+    """The caller's X-Request-Id, else the body's request_id, else a new one (vLLM's order); the
+    response id is it with a `chatcmpl-` / `cmpl-` prefix."""
+    return request.headers.get("X-Request-Id") or body.request_id or uuid.uuid4().hex
 
 
 def trace_headers(request: Request) -> dict[str, str] | None:
@@ -371,15 +392,22 @@ class AccessLogFilter(logging.Filter):
 async def serve_http(args: argparse.Namespace, address: str, core_pid: int, sock: socket.socket) -> int:
     """Run one API process until shutdown; returns its exit code."""
     engine = await AsyncLLM.connect(engine_config(args), address, core_pid)
-    serving = OpenAIServing(
-        engine, served_model_names(args), max_n=args.max_n_sequences, chat_template=read_chat_template(args),
-        log_requests=args.enable_log_requests, max_log_len=args.max_log_len, tool_parser=args.tool_call_parser,
+    chat = ChatOptions(
+        chat_template=read_chat_template(args), content_format=args.chat_template_content_format,
+        response_role=args.response_role, default_template_kwargs=args.default_chat_template_kwargs or {},
+        tool_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+    )
+    serving = OpenAIServing(
+        engine, served_model_names(args), max_n=args.max_n_sequences, chat=chat,
+        log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
+        force_include_usage=args.enable_force_include_usage, prompt_tokens_details=args.enable_prompt_tokens_details,
         max_num_seqs_per_request=args.max_num_seqs_per_request, max_num_queued_reqs=args.max_num_queued_reqs,
         max_num_queued_tokens=args.max_num_queued_tokens,
     )
+    OpenAIModel.strict_fields = args.strict_request_fields
     public = set(ALWAYS_PUBLIC) | set(split_list(args.public_endpoints))
-    state = ServerState(engine, serving, api_keys(args), public)
+    state = ServerState(engine, serving, api_keys(args), public, args.enable_request_id_headers)
     max_body = args.max_request_body_bytes or default_max_request_body_bytes(engine.input_processor.max_prompt_chars)
     app = BodyGuard(build_app(state), max_body)
     app = Gatekeeper(ConcurrencyLimit(app, args.limit_concurrency), state)
@@ -568,6 +596,31 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                             "max_model_len tokens of text, JSON-escaped, plus 1 MiB")
     group.add_argument("--max-num-seqs-per-request", type=int, default=DEFAULT_MAX_NUM_SEQS_PER_REQUEST,
                        help="most sequences (prompts x n) one request may ask for (400 beyond it)")
+    add_request_args(parser)
+
+
+def add_request_args(parser: argparse.ArgumentParser) -> None:
+    """How request bodies are read and answered (vLLM's flags)."""
+    group = parser.add_argument_group("requests")
+    group.add_argument("--strict-request-fields", action="store_true",
+                       help="refuse unknown request fields with a 400 naming them (default: accepted, a warning "
+                            "logged once per field name, as vLLM does)")
+    group.add_argument("--chat-template-content-format", default="auto", choices=CONTENT_FORMATS,
+                       help="how message content reaches the chat template: 'string' (text parts joined), "
+                            "'openai' (a list of parts), or 'auto' (read from the template)")
+    group.add_argument("--response-role", default="assistant",
+                       help="the role of generated messages when add_generation_prompt is true")
+    group.add_argument("--default-chat-template-kwargs", type=json_object, default=None, metavar="JSON",
+                       help='chat template arguments for every request, e.g. \'{"enable_thinking": false}\'; '
+                            "a request's chat_template_kwargs override them")
+    group.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                       help="split <think> output into reasoning_content (deepseek_r1, qwen3)")
+    group.add_argument("--enable-request-id-headers", action="store_true",
+                       help="answer with an X-Request-Id header (the caller's, else the response id)")
+    group.add_argument("--enable-force-include-usage", action="store_true",
+                       help="send usage on every stream, as if stream_options.include_usage were true")
+    group.add_argument("--enable-prompt-tokens-details", action="store_true",
+                       help="report usage.prompt_tokens_details.cached_tokens (prefix-cache hits)")
 
 
 def check_server_args(args: argparse.Namespace) -> None:

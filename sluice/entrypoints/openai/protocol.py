@@ -1,21 +1,26 @@
 """OpenAI-compatible request models (pydantic v2), the API error type and response envelopes.
 
-Requests use OpenAI's field names plus vLLM's extensions (top_k, min_p, repetition_penalty,
-ignore_eos, structured_outputs, ...). Unknown top-level fields are refused, so a typo is a 400
-naming the field rather than a knob silently ignored. Features the engine lacks (logit_bias,
-suffix) are parsed, then refused with a 400 by `to_sampling_params`; so is a bad structured-output
-spec or tool definition, naming its field (`response_format.json_schema.schema`, `tools.0...`).
+Requests take every field of OpenAI's chat and completions schemas plus vLLM's extensions (top_k,
+min_p, bad_words, prompt_logprobs, structured_outputs, ...). Fields that only describe the caller
+(user, metadata, safety_identifier, ...) are accepted and ignored. Unknown fields are accepted with
+a warning logged once per name, as vLLM does; with `--strict-request-fields` they are a 400 naming
+the field, which catches typos. Features the engine lacks (beam search, logits processors, images)
+are refused with a 400 by `to_sampling_params`; so is a bad structured-output spec or tool
+definition, naming its field (`response_format.json_schema.schema`, `tools.0...`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 from abc import abstractmethod
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
+from pydantic_core import InitErrorDetails
 
 from sluice.entrypoints.openai.tool_calls import named_call_schema, required_calls_schema
 from sluice.sampling_params import SamplingParams, StructuredOutputsParams
@@ -23,7 +28,6 @@ from sluice.structured_output.backend import check_spec
 
 logger = logging.getLogger(__name__)
 
-MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs (and legacy logprobs)
 
 
 # ---- errors -------------------------------------------------------------------------------
@@ -128,23 +132,42 @@ def _type_name(value: Any) -> str:
 
 
 def _check_content(value: Any) -> Any:
-    """Message content: a string, or a list of text parts (joined with newlines, as vLLM does)."""
+    """Message content: a string, or a list of text parts, kept as [{"type": "text", "text": ...}]
+    (a `refusal` part of an assistant turn counts as text); the template decides how it sees them."""
     if value is None or isinstance(value, str):
         return value
     if not isinstance(value, list):
         raise ValueError(f"must be a string or a list of content parts, got {_type_name(value)}")
     if not value:
         raise ValueError("must not be an empty list of content parts")
-    texts = []
+    parts = []
     for i, part in enumerate(value):
+        if isinstance(part, str):  # vLLM accepts bare strings in the list
+            part = {"type": "text", "text": part}
         if not isinstance(part, dict):
             raise ValueError(f"part {i} must be an object, got {_type_name(part)}")
-        if part.get("type") != "text":
-            raise ValueError(f"part {i} has type {part.get('type')!r}; only 'text' parts are supported")
-        if not isinstance(part.get("text"), str):
-            raise ValueError(f"part {i} needs a string 'text'")
-        texts.append(part["text"])
-    return "\n".join(texts)
+        kind = part.get("type")
+        key = "refusal" if kind == "refusal" else "text"
+        if kind not in ("text", "refusal"):
+            raise ValueError(f"part {i} has type {kind!r}; this model takes only 'text' parts")
+        if not isinstance(part.get(key), str):
+            raise ValueError(f"part {i} needs a string '{key}'")
+        parts.append({"type": "text", "text": part[key]})
+    return parts
+
+
+def content_as_text(content: str | list[dict] | None) -> str:
+    """The `string` content format: parts joined with newlines, as vLLM does; None is ''."""
+    if content is None:
+        return ""
+    return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
+
+
+def content_as_parts(content: str | list[dict] | None) -> list[dict]:
+    """The `openai` content format: always a list of text parts."""
+    if content is None:
+        return []
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
 
 def _check_stop(value: Any) -> Any:
@@ -209,6 +232,40 @@ ToolChoice = Annotated[Any, AfterValidator(_check_tool_choice)]
 TemplateKwargs = Annotated[dict[str, Any] | None, AfterValidator(_check_template_kwargs)]
 
 
+# ---- the unknown-field policy --------------------------------------------------------------
+class OpenAIModel(BaseModel):
+    """Every request object: unknown fields are logged once per name and dropped, as vLLM does;
+    with `strict_fields` (the server's --strict-request-fields) they are a 400 naming each."""
+
+    model_config = ConfigDict(extra="allow")
+    strict_fields: ClassVar[bool] = False  # set once per API process
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _unknown_fields(cls, data: Any, handler):
+        known = _field_names(cls)
+        unknown = [key for key in data if key not in known] if isinstance(data, dict) else []
+        if unknown and OpenAIModel.strict_fields:
+            errors = [InitErrorDetails(type="extra_forbidden", loc=(key,), input=data[key]) for key in unknown]
+            try:
+                handler(data)
+            except ValidationError as exc:  # report the other errors too
+                errors = [*exc.errors(include_url=False), *errors]
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        result = handler(data)
+        for key in unknown:
+            _warn_once(f"field:{key}", f"request field {key!r} is unknown to this server and ignored")
+        if unknown:
+            result.__pydantic_extra__ = {}
+        return result
+
+
+@functools.cache
+def _field_names(model: type[BaseModel]) -> frozenset[str]:
+    """A model's field names and aliases: what a request may spell."""
+    return frozenset(model.model_fields) | {info.alias for info in model.model_fields.values() if info.alias}
+
+
 # ---- values JSON allows but the engine cannot take -------------------------------------------
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -241,7 +298,7 @@ def _bad_json_value(value: Any) -> tuple[list, str] | None:
     return None
 
 
-class _ApiRequest(BaseModel):
+class _ApiRequest(OpenAIModel):
     """What every request body shares: strict types, as OpenAI's API (`true` and `"8"` are not
     numbers), and only values the engine can take (see _bad_json_value)."""
 
@@ -276,12 +333,14 @@ class ChatMessage(BaseModel):
             raise ValueError(f"is required for role '{role}'")
         return value
 
-    def to_template(self) -> dict[str, Any]:
-        """The dict handed to apply_chat_template. `developer` (OpenAI's newer name for the
-        system role) becomes `system`, the only one chat templates know; tool-call arguments
-        (JSON text in OpenAI's API) become objects, which templates expect."""
+    def to_template(self, content_format: str = "string") -> dict[str, Any]:
+        """The dict handed to apply_chat_template. Content is always there, in the template's
+        format ("string": text, "openai": a list of text parts), also when an assistant turn
+        with tool_calls has none; `developer` (OpenAI's newer name for the system role) becomes
+        `system`, the only one chat templates know; tool-call arguments (JSON text in OpenAI's
+        API) become objects, which templates expect."""
         message = self.model_dump(exclude_none=True)
-        message["content"] = self.content
+        message["content"] = content_as_parts(self.content) if content_format == "openai" else content_as_text(self.content)
         if self.role == "developer":
             message["role"] = "system"
         for call in message.get("tool_calls") or ():
@@ -294,15 +353,14 @@ class ChatMessage(BaseModel):
         return message
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StreamOptions(OpenAIModel):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False  # vLLM: running usage on every chunk
+    include_obfuscation: bool | None = None  # OpenAI's padding of stream chunks; none is sent
 
 
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class JsonSchemaFormat(OpenAIModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     name: str | None = None
     description: str | None = None
@@ -310,9 +368,7 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ResponseFormat(OpenAIModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -327,10 +383,8 @@ class ResponseFormat(BaseModel):
         return None
 
 
-class StructuredOutputs(BaseModel):
+class StructuredOutputs(OpenAIModel):
     """vLLM's structured-output constraints (the successor of the guided_* fields)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     json_: Any = Field(default=None, alias="json")  # `json` would shadow BaseModel.json
     regex: str | None = None
@@ -351,18 +405,14 @@ class StructuredOutputs(BaseModel):
             raise APIError(str(exc), param=re.match(r"[\w.]+", str(exc)).group()) from None
 
 
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FunctionDefinition(OpenAIModel):
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
     strict: bool | None = None
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Tool(OpenAIModel):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
@@ -372,15 +422,15 @@ class Tool(BaseModel):
 _PASSTHROUGH = (
     "n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "skip_special_tokens",
-    "spaces_between_special_tokens", "include_stop_str_in_output",
+    "spaces_between_special_tokens", "include_stop_str_in_output", "bad_words", "allowed_token_ids",
+    "truncate_prompt_tokens",
 )
 _GUIDED_KEYS = ("json", "regex", "choice", "grammar")
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value
 
 
 class _SamplingRequest(_ApiRequest):
     """Fields and SamplingParams conversion shared by chat and legacy completions."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None  # None: the first served model name
     n: int | None = Field(default=1, ge=1)
@@ -404,17 +454,37 @@ class _SamplingRequest(_ApiRequest):
     spaces_between_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     priority: int | None = 0
-    logit_bias: dict[str, float] | None = None  # refused when non-empty
+    logit_bias: dict[str, float] | None = None  # token id (as text) -> bias added to its logit
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # keep the last k (-1: max_model_len)
+    prompt_logprobs: int | None = Field(default=None, ge=0)
+    return_tokens_as_token_ids: bool | None = None  # logprob tokens as "token_id:N"
+    return_token_ids: bool | None = None  # the prompt's and the output's token ids in the response
+    request_id: str | None = Field(default=None, min_length=1)
+    cache_salt: str | None = Field(default=None, min_length=1)  # isolates this caller's prefix cache
+    add_special_tokens: bool | None = None
+    response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     guided_json: Any = None  # deprecated spellings of structured_outputs.*
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    # Accepted and ignored: common OpenAI client fields with no meaning here.
+    use_beam_search: bool | None = None  # refused when true
+    logits_processors: list[Any] | None = None  # refused when set: no --logits-processor-pattern
+    prompt_embeds: Any = None  # refused when set: this engine takes text and token ids
+    # Accepted and ignored: they describe the caller, or tune features this engine does not have.
     user: str | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    length_penalty: float | None = None  # beam search only
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
 
     @field_validator("best_of")
     @classmethod
@@ -464,14 +534,30 @@ class _SamplingRequest(_ApiRequest):
         kwargs["max_tokens"] = self._max_tokens(default_max_tokens, defaults.get("max_tokens"))
         kwargs["logprobs"], kwargs["prompt_logprobs"] = self._logprob_counts()
         kwargs["structured_outputs"] = self._structured_outputs()
+        kwargs["logit_bias"] = self._logit_bias()
         try:
             return SamplingParams(**kwargs)
         except ValueError as exc:
             raise APIError(str(exc), param=self.param_of(str(exc))) from None
 
     def _check_supported(self) -> None:
-        if self.logit_bias:
-            raise APIError("logit_bias is not supported", param="logit_bias")
+        for name in ("use_beam_search", "logits_processors", "prompt_embeds"):
+            if getattr(self, name):
+                raise APIError(f"{name} is not supported by this server", param=name)
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI's {"token id": bias} with ids as text; each bias in [-100, 100]."""
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            if not key.strip().lstrip("-").isdigit():
+                raise APIError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+            if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
+                raise APIError(f"logit_bias values must be in [-100, 100], got {value} for token {key}",
+                               param="logit_bias")
+            bias[int(key)] = value
+        return bias
 
     def _structured_outputs(self) -> StructuredOutputsParams | None:
         """The one constraint on the output, its grammar checked; a 400 naming the field if bad."""
@@ -490,8 +576,14 @@ class _SamplingRequest(_ApiRequest):
 
     def _constraints(self) -> dict[str, tuple[StructuredOutputsParams, str | None]]:
         """Request field -> (its constraint, the field its errors name; None: structured_outputs.<kind>)."""
+        constraints = {}
         params = self.structured_outputs.to_params() if self.structured_outputs is not None else None
-        return {"structured_outputs": (params, None)} if params is not None else {}
+        if params is not None:
+            constraints["structured_outputs"] = (params, None)
+        response_format = self.response_format.to_params() if self.response_format is not None else None
+        if response_format is not None:
+            constraints["response_format"] = (response_format, "response_format.json_schema.schema")
+        return constraints
 
     def _max_tokens(self, room: int, default: int | None = None) -> int:
         requested, name = self._requested_max_tokens(), self._max_tokens_param()
@@ -536,16 +628,43 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer max_tokens; wins
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=0)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last (assistant) message is left open to continue
+    echo: bool | None = False  # with continue_final_message: the reply starts with the last message
+    chat_template: str | None = None  # a per-request template (text)
     chat_template_kwargs: TemplateKwargs = None
-    response_format: ResponseFormat | None = None
+    documents: list[dict[str, Any]] | None = None  # for RAG templates
     tools: list[Tool] | None = None
     tool_choice: ToolChoice = None  # None: "auto" with tools, else "none" (OpenAI's and vLLM's defaults)
     parallel_tool_calls: bool | None = None  # False: tool_choice "required" makes exactly one call
+    functions: list[Any] | None = None  # OpenAI's deprecated form of tools: refused, pointing to tools
+    function_call: Any = None
+    # Accepted and ignored: OpenAI features this engine does not have (text in, text out).
+    reasoning_effort: str | None = None
+    include_reasoning: bool | None = None
+    verbosity: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
 
-    def template_messages(self) -> list[dict[str, Any]]:
-        return [m.to_template() for m in self.messages]
+    @model_validator(mode="after")
+    def _continue_or_generate(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true: "
+                             "set add_generation_prompt=false to continue the final message")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs the last message to be from the assistant")
+        return self
+
+    def template_messages(self, content_format: str = "string") -> list[dict[str, Any]]:
+        return [m.to_template(content_format) for m in self.messages]
+
+    def echo_text(self) -> str:
+        """What echo puts before the reply: the final message being continued."""
+        return content_as_text(self.messages[-1].content) if self.echo and self.continue_final_message else ""
 
     # ---- tools ----
     def tool_choice_mode(self) -> str:
@@ -597,15 +716,16 @@ class ChatCompletionRequest(_SamplingRequest):
     # ---- conversion ----
     def _check_supported(self) -> None:
         super()._check_supported()
+        for name in ("functions", "function_call"):
+            if getattr(self, name) is not None:
+                raise APIError(f"{name} is deprecated by OpenAI and not supported; use tools and tool_choice",
+                               param=name)
         self._check_tools()
         if self.top_logprobs and not self.logprobs:
             raise APIError("top_logprobs requires logprobs=true", param="top_logprobs")
 
     def _constraints(self) -> dict[str, tuple[StructuredOutputsParams, str | None]]:
         constraints = super()._constraints()
-        response_format = self.response_format.to_params() if self.response_format is not None else None
-        if response_format is not None:
-            constraints["response_format"] = (response_format, "response_format.json_schema.schema")
         forced = self._forced_tool_calls()
         if forced is not None:
             constraints["tool_choice"] = (forced, "tools")
@@ -615,7 +735,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def _logprob_counts(self) -> tuple[int | None, int | None]:
-        return (self.top_logprobs or 0) if self.logprobs else None, None
+        return (self.top_logprobs or 0) if self.logprobs else None, self.prompt_logprobs
 
     def _max_tokens_param(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
@@ -627,10 +747,10 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     prompt: Prompt
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for legacy completions
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default; 0 only with echo (scoring)
+    logprobs: int | None = Field(default=None, ge=0)
     echo: bool | None = False
-    suffix: str | None = None  # refused when set
+    suffix: str | None = None  # fill-in-the-middle, for models with FIM tokens
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of single prompts (a string or a list of token ids each)."""
@@ -638,29 +758,43 @@ class CompletionRequest(_SamplingRequest):
             return [self.prompt]
         return list(self.prompt)
 
+    def echo_only(self) -> bool:
+        """echo with max_tokens=0 scores the prompt: its logprobs come back and nothing is
+        generated (the engine samples one token, which is dropped, as vLLM does)."""
+        return bool(self.echo) and self.max_tokens == 0
+
     def _check_supported(self) -> None:
         super()._check_supported()
-        if self.suffix:
-            raise APIError("suffix is not supported", param="suffix")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError("max_tokens=0 needs echo=true (it scores the prompt and generates nothing)",
+                           param="max_tokens")
+
+    def _requested_max_tokens(self) -> int | None:
+        return 1 if self.echo_only() else self.max_tokens
 
     def _logprob_counts(self) -> tuple[int | None, int | None]:
-        return self.logprobs, self.logprobs if self.echo else None
+        prompt_logprobs = self.prompt_logprobs
+        if prompt_logprobs is None and self.echo and self.logprobs is not None:
+            prompt_logprobs = self.logprobs
+        return self.logprobs, prompt_logprobs
 
     def _renamed_params(self) -> dict[str, str]:
-        return {"max_tokens": "max_tokens", "logprobs": "logprobs", "prompt_logprobs": "logprobs"}
+        return {"max_tokens": "max_tokens", "logprobs": "logprobs",
+                "prompt_logprobs": "prompt_logprobs" if self.prompt_logprobs is not None else "logprobs"}
 
 
 class TokenizeRequest(_ApiRequest):
     """Either {prompt, add_special_tokens} or {messages, add_generation_prompt, ...}."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None  # None: True for a prompt, False for messages (the template has them)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
     chat_template_kwargs: TemplateKwargs = None
+    tools: list[Tool] | None = None
     return_token_strs: bool | None = False
 
     @model_validator(mode="after")
@@ -671,19 +805,18 @@ class TokenizeRequest(_ApiRequest):
 
 
 class DetokenizeRequest(_ApiRequest):
-    model_config = ConfigDict(extra="forbid")
-
     model: str | None = None
     tokens: list[int]
 
 
 # ---- responses -------------------------------------------------------------------------------
-def usage_info(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+def usage_info(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """cached_tokens None: no prompt_tokens_details (vLLM without --enable-prompt-tokens-details)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "prompt_tokens_details": None if cached_tokens is None else {"cached_tokens": cached_tokens},
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -20,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from sluice.engine.input_processor import truncate_prompt
+from sluice.entrypoints.openai.chat_template import fim_prompt, resolve_content_format
 from sluice.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -31,17 +34,18 @@ from sluice.entrypoints.openai.protocol import (
     response_envelope,
     usage_info,
 )
+from sluice.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningParser, ReasoningStream
 from sluice.entrypoints.openai.tool_calls import TOOL_PARSERS, ForcedToolCalls, ToolCallExtractor, ToolCallStream
 from sluice.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
 from sluice.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+DEFAULT_MAX_NUM_SEQS_PER_REQUEST = 64  # prompts x n of one request (vLLM has no such cap)
+TOKENIZER_THREADS = max(1, min(4, len(os.sched_getaffinity(0))))  # HF tokenizers encode without the GIL
 
 _SSE_DONE = "data: [DONE]\n\n"
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 RETRY_AFTER_S = 1  # told to clients refused because the queue is full or the server drains
-DEFAULT_MAX_NUM_SEQS_PER_REQUEST = 64  # prompts x n of one request (vLLM has no such cap)
-TOKENIZER_THREADS = max(1, min(4, len(os.sched_getaffinity(0))))  # HF tokenizers encode without the GIL
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest
 
@@ -203,6 +207,7 @@ class _Job:
     prompt_token_ids: list[int]
     params: SamplingParams
     trace_headers: dict[str, str] | None = None  # the HTTP request's trace context, for its span
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -219,12 +224,14 @@ class _Head:
 
 
 class _Usage:
-    """Token counts of one API request (completions may carry several prompts)."""
+    """Token counts of one API request (completions may carry several prompts); cached tokens
+    are reported with --enable-prompt-tokens-details, as in vLLM."""
 
-    def __init__(self, jobs: list[_Job]) -> None:
+    def __init__(self, jobs: list[_Job], details: bool) -> None:
         self.prompt_tokens = sum(len(job.prompt_token_ids) for job in jobs)
         self.cached_tokens = [0] * len(jobs)
         self.completion_tokens = 0
+        self.details = details
 
     def add(self, prompt_index: int, out: RequestOutput) -> None:
         # With n > 1 each child has its own count; report the first child's, streamed or not.
@@ -233,7 +240,8 @@ class _Usage:
         self.completion_tokens += sum(len(c.token_ids) for c in out.outputs)
 
     def info(self) -> dict:
-        return usage_info(self.prompt_tokens, self.completion_tokens, sum(self.cached_tokens))
+        return usage_info(self.prompt_tokens, self.completion_tokens,
+                          sum(self.cached_tokens) if self.details else None)
 
 
 def _chat_chunk_choice(index: int, delta: dict, logprobs: dict | None = None,
@@ -242,22 +250,28 @@ def _chat_chunk_choice(index: int, delta: dict, logprobs: dict | None = None,
             "stop_reason": stop_reason}
 
 
-def _chat_message(c: CompletionOutput, tools: ToolCallExtractor | None) -> tuple[dict, str | None]:
-    """The assistant message of a finished choice, and its finish_reason."""
+def _chat_message(c: CompletionOutput, role: str, tools: ToolCallExtractor | None,
+                  reasoning: ReasoningParser | None, include_reasoning: bool, echo: str) -> tuple[dict, str | None]:
+    """The message of a finished choice, and its finish_reason."""
+    text, message = c.text, {"role": role}
+    if reasoning is not None:
+        thought, text = reasoning.split(text, finished=True)
+        if include_reasoning:
+            message["reasoning_content"] = thought
     if tools is None:
-        return {"role": "assistant", "content": c.text}, c.finish_reason
-    content, calls = tools.extract(c.text)
-    message = {"role": "assistant", "content": content}
+        return {**message, "content": echo + text}, c.finish_reason
+    content, calls = tools.extract(text)
+    message["content"] = echo + (content or "") if content is not None or echo else None
     if not calls:
         return message, c.finish_reason
     message["tool_calls"] = [call.to_openai() for call in calls]
     return message, tools.finish_reason or c.finish_reason
 
 
-def _tool_chunks(stream: ToolCallStream, c: CompletionOutput, logprobs: dict | None) -> Iterable[dict]:
+def _tool_chunks(stream: ToolCallStream, c: CompletionOutput, text: str, logprobs: dict | None) -> Iterable[dict]:
     """Streamed chunks of a choice with tools: content, then the calls, then the finish."""
     finished = c.finish_reason is not None
-    content, call_deltas = stream.feed(c.text, finished)
+    content, call_deltas = stream.feed(text, finished)
     if content or (logprobs and logprobs["content"]):
         yield _chat_chunk_choice(c.index, {"content": content}, logprobs)
     for delta in call_deltas:
@@ -268,13 +282,26 @@ def _tool_chunks(stream: ToolCallStream, c: CompletionOutput, logprobs: dict | N
 
 
 # ---- the server side -----------------------------------------------------------------------------
+@dataclass
+class ChatOptions:
+    """Server-wide chat settings (vLLM's flags of the same names)."""
+
+    chat_template: str | None = None  # the template text (None: the tokenizer's own)
+    content_format: str = "auto"  # --chat-template-content-format
+    response_role: str = "assistant"  # --response-role
+    default_template_kwargs: dict[str, Any] = field(default_factory=dict)  # --default-chat-template-kwargs
+    tool_parser: str | None = None  # a TOOL_PARSERS name, for tool_choice "auto"; None: "auto" is refused
+    reasoning_parser: str | None = None  # a REASONING_PARSERS name
+    exclude_tools_when_tool_choice_none: bool = False
+
+
 class OpenAIServing:
     """The OpenAI API over one AsyncLLM. Methods raise APIError for anything the client did
     wrong or the server cannot do now; other exceptions are bugs (500)."""
 
-    def __init__(self, engine, served_model_names: list[str], max_n: int, chat_template: str | None = None,
-                 log_requests: bool = False, max_log_len: int | None = None, tool_parser: str | None = None,
-                 exclude_tools_when_tool_choice_none: bool = False,
+    def __init__(self, engine, served_model_names: list[str], max_n: int, chat: ChatOptions | None = None,
+                 log_requests: bool = False, max_log_len: int | None = None,
+                 force_include_usage: bool = False, prompt_tokens_details: bool = False,
                  max_num_seqs_per_request: int = DEFAULT_MAX_NUM_SEQS_PER_REQUEST,
                  max_num_queued_reqs: int | None = None, max_num_queued_tokens: int | None = None) -> None:
         if not served_model_names:
@@ -283,11 +310,13 @@ class OpenAIServing:
         self.tokenizer = engine.tokenizer
         self.served_model_names = list(served_model_names)
         self.max_n = max_n
-        self.chat_template = chat_template  # the template text (None: the tokenizer's own)
+        self.chat_options = chat or ChatOptions()
+        parser = self.chat_options.reasoning_parser
+        self.reasoning = REASONING_PARSERS[parser]() if parser else None
         self.log_requests = log_requests
         self.max_log_len = max_log_len
-        self.tool_parser = tool_parser  # a TOOL_PARSERS name, for tool_choice "auto"; None: "auto" is refused
-        self.exclude_tools_when_tool_choice_none = exclude_tools_when_tool_choice_none
+        self.force_include_usage = force_include_usage  # --enable-force-include-usage
+        self.prompt_tokens_details = prompt_tokens_details  # --enable-prompt-tokens-details
         self.max_num_seqs_per_request = max_num_seqs_per_request
         self.max_num_queued_reqs = max_num_queued_reqs  # the core's queue limits: what can never fit is a 400
         self.max_num_queued_tokens = max_num_queued_tokens
@@ -312,33 +341,45 @@ class OpenAIServing:
         return model_card(self.check_model(name), self.served_model_names[0], self.engine.max_model_len, self.created)
 
     # ---- chat completions ----
-    async def chat(self, request: ChatCompletionRequest,
-                   trace_headers: dict[str, str] | None = None) -> dict | AsyncIterator[str]:
-        """A chat.completion dict, or (stream=true) an iterator of SSE strings."""
+    async def chat(self, request: ChatCompletionRequest, trace_headers: dict[str, str] | None = None,
+                   request_id: str | None = None) -> dict | AsyncIterator[str]:
+        """A chat.completion dict, or (stream=true) an iterator of SSE strings. request_id: the
+        caller's X-Request-Id (else the body's request_id, else a random one)."""
         model = self.check_model(request.model)
         tools = self._tool_extractor(request)
         self._check_fan_out(request, num_prompts=1)
-        text = await self._off_loop(self._render_chat, request.template_messages(), request.add_generation_prompt,
-                                    request.chat_template_kwargs,
-                                    request.template_tools(self.exclude_tools_when_tool_choice_none))
-        token_ids = await self._off_loop(self._encode_prompt, text, False, "messages")
+        messages = request.template_messages(self._content_format(request.chat_template))
+        tools_shown = request.template_tools(self.chat_options.exclude_tools_when_tool_choice_none)
+        text, token_ids = await self._off_loop(self._render_chat, request, messages, tools_shown)
+        text, token_ids = self._truncate(request, text, token_ids)
         params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n,
                                             self.engine.default_sampling_params)
-        job = _Job(_random_id("chatcmpl"), text, token_ids, params, trace_headers)
+        job = _Job(_request_id("chatcmpl", request_id or request.request_id), text, token_ids, params, trace_headers,
+                   request.cache_salt)
+        role = self.chat_options.response_role if request.add_generation_prompt else request.messages[-1].role
         if request.stream:
             streams = await self._start_streams([job], request)
             return self._chat_stream(_Head("chat.completion.chunk", job.request_id, model), streams, request, job,
-                                     tools)
+                                     role, tools)
         [out] = await self._run_to_end([job], request)
         choices = []
         for c in out.outputs:
             _raise_if_failed(c)
-            message, finish_reason = _chat_message(c, tools)
-            choices.append({"index": c.index, "message": message, "logprobs": self._chat_logprobs(c, params.logprobs),
+            message, finish_reason = _chat_message(c, role, tools, self.reasoning, request.include_reasoning is not False,
+                                                   request.echo_text())
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": self._chat_logprobs(c, params.logprobs, request.return_tokens_as_token_ids),
                             "finish_reason": finish_reason, "stop_reason": c.stop_reason})
-        usage = _Usage([job])
+            if request.return_token_ids:
+                choices[-1]["token_ids"] = c.token_ids
+        usage = _Usage([job], self.prompt_tokens_details)
         usage.add(0, out)
-        return {**_Head("chat.completion", job.request_id, model).body(choices), "usage": usage.info()}
+        body = {**_Head("chat.completion", job.request_id, model).body(choices), "usage": usage.info()}
+        if params.prompt_logprobs is not None:
+            body["prompt_logprobs"] = _prompt_logprobs_json(out.prompt_logprobs)
+        if request.return_token_ids:
+            body["prompt_token_ids"] = job.prompt_token_ids
+        return body
 
     def _tool_extractor(self, request: ChatCompletionRequest) -> ToolCallExtractor | None:
         """What finds the tool calls in this request's output (None: it makes none)."""
@@ -347,98 +388,158 @@ class OpenAIServing:
             return None
         if mode != "auto":
             return ForcedToolCalls(request.named_tool())
-        if self.tool_parser is None:
+        if self.chat_options.tool_parser is None:
             raise APIError('tool_choice "auto" needs a server started with --tool-call-parser '
                            f"({' or '.join(TOOL_PARSERS)}); \"required\", a named function and \"none\" need none",
                            param="tool_choice")
-        return TOOL_PARSERS[self.tool_parser]()
+        return TOOL_PARSERS[self.chat_options.tool_parser]()
 
-    def _chat_stream(self, head: _Head, streams: list[AsyncIterator[RequestOutput]],
-                     request: ChatCompletionRequest, job: _Job, tools: ToolCallExtractor | None) -> AsyncIterator[str]:
-        params = job.params
+    def _chat_stream(self, head: _Head, streams: list[AsyncIterator[RequestOutput]], request: ChatCompletionRequest,
+                     job: _Job, role: str, tools: ToolCallExtractor | None) -> AsyncIterator[str]:
+        params, as_ids = job.params, request.return_tokens_as_token_ids
         tool_streams = {i: ToolCallStream(tools) for i in range(params.n)} if tools is not None else {}
+        include_reasoning = request.include_reasoning is not False
+        reasoning_streams = {i: ReasoningStream(self.reasoning) for i in range(params.n)} if self.reasoning else {}
+
+        def render_one(c: CompletionOutput) -> Iterable[dict]:
+            logprobs = self._chat_logprobs(c, params.logprobs, as_ids)
+            text = c.text
+            if c.index in reasoning_streams:
+                thought, text = reasoning_streams[c.index].feed(c.text, c.finish_reason is not None)
+                if thought and include_reasoning:
+                    yield _chat_chunk_choice(c.index, {"reasoning_content": thought})
+            if c.index in tool_streams:
+                yield from _tool_chunks(tool_streams[c.index], c, text, logprobs)
+            elif text or c.finish_reason or (logprobs and logprobs["content"]):
+                yield _chat_chunk_choice(c.index, {"content": text}, logprobs, c.finish_reason, c.stop_reason)
 
         def render(_: int, out: RequestOutput) -> Iterable[dict]:
             for c in out.outputs:
                 _raise_if_failed(c)
-                logprobs = self._chat_logprobs(c, params.logprobs)
-                if c.index in tool_streams:
-                    yield from _tool_chunks(tool_streams[c.index], c, logprobs)
-                elif c.text or c.finish_reason or (logprobs and logprobs["content"]):
-                    yield _chat_chunk_choice(c.index, {"content": c.text}, logprobs, c.finish_reason, c.stop_reason)
+                choices = list(render_one(c))
+                if request.return_token_ids and c.token_ids:
+                    choices = choices or [_chat_chunk_choice(c.index, {"content": ""})]
+                    choices[0]["token_ids"] = c.token_ids
+                yield from choices
 
-        roles = [_chat_chunk_choice(i, {"role": "assistant", "content": ""}) for i in range(params.n)]
-        return self._sse_stream(head, streams, render, _Usage([job]), request, roles)
+        roles = [_chat_chunk_choice(i, {"role": role, "content": request.echo_text()}) for i in range(params.n)]
+        if request.return_token_ids:
+            for choice in roles:
+                choice["prompt_token_ids"] = job.prompt_token_ids
+        return self._sse_stream(head, streams, render, _Usage([job], self.prompt_tokens_details), request, roles)
 
-    def _chat_logprobs(self, c: CompletionOutput, k: int | None) -> dict | None:
+    def _chat_logprobs(self, c: CompletionOutput, k: int | None, as_ids: bool | None) -> dict | None:
         """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
         if c.logprobs is None or k is None:
             return None
         content = []
         for token_id, entry in zip(c.token_ids, c.logprobs):
-            item = self._chat_token(token_id, _sampled(entry, token_id))
-            item["top_logprobs"] = [self._chat_token(t, lp) for t, lp in _top(entry, k)]
+            item = self._chat_token(token_id, _sampled(entry, token_id), as_ids)
+            item["top_logprobs"] = [self._chat_token(t, lp, as_ids) for t, lp in _top(entry, k)]
             content.append(item)
         return {"content": content}
 
-    def _chat_token(self, token_id: int, logprob: Logprob) -> dict:
-        text = self._token_text(token_id, logprob)
+    def _chat_token(self, token_id: int, logprob: Logprob, as_ids: bool | None) -> dict:
+        text = self._token_text(token_id, logprob, as_ids)
         return {"token": text, "logprob": _finite(logprob.logprob), "bytes": list(text.encode("utf-8", "replace"))}
 
-    def _render_chat(self, messages: list[dict], add_generation_prompt: bool, template_kwargs: dict | None,
-                     tools: list[dict] | None = None) -> str:
-        """Chat template -> prompt text. The template holds the special tokens (BOS), so encoding
-        it adds none. Runs on the tokenizer pool."""
+    def _content_format(self, request_template: str | None) -> str:
+        template = request_template or self.chat_options.chat_template or getattr(self.tokenizer, "chat_template", None)
+        return resolve_content_format(self.chat_options.content_format,
+                                      template if isinstance(template, str) else None)
+
+    def _render_chat(self, request: ChatCompletionRequest | TokenizeRequest, messages: list[dict],
+                     tools: list[dict] | None = None) -> tuple[str, list[int]]:
+        """Chat template -> prompt text and ids. The template already holds the special tokens
+        (BOS), so encoding adds none unless add_special_tokens asks."""
+        template_kwargs = {**self.chat_options.default_template_kwargs, **(request.chat_template_kwargs or {})}
+        documents = getattr(request, "documents", None)
+        if documents is not None:
+            template_kwargs["documents"] = documents
         try:
-            return self.tokenizer.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
-                chat_template=self.chat_template, **(template_kwargs or {}),
+            text = self.tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+                chat_template=request.chat_template or self.chat_options.chat_template, **template_kwargs,
             )
         except Exception as exc:  # jinja errors, raise_exception() in templates, no template at all
             raise APIError(f"chat template failed: {exc}", param="messages") from exc
+        return text, self._encode_prompt(text, bool(request.add_special_tokens), "messages")
+
+    def _truncate(self, request: GenerationRequest, text: str | None, token_ids: list[int]) -> tuple[str | None, list[int]]:
+        """truncate_prompt_tokens applied here too, so the room left for max_tokens counts the kept
+        tokens; a cut prompt's text no longer matches its ids, so it is dropped."""
+        try:
+            kept = truncate_prompt(token_ids, request.truncate_prompt_tokens, self.engine.max_model_len)
+        except ValueError as exc:
+            raise APIError(str(exc), param="truncate_prompt_tokens") from None
+        return (text if len(kept) == len(token_ids) else None), kept
 
     # ---- legacy completions ----
-    async def completions(self, request: CompletionRequest,
-                          trace_headers: dict[str, str] | None = None) -> dict | AsyncIterator[str]:
+    async def completions(self, request: CompletionRequest, trace_headers: dict[str, str] | None = None,
+                          request_id: str | None = None) -> dict | AsyncIterator[str]:
         """A text_completion dict, or (stream=true) an iterator of SSE strings. Several prompts run
         concurrently; choice index = prompt index * n + completion index."""
         model = self.check_model(request.model)
-        request_id = _random_id("cmpl")
+        request_id = _request_id("cmpl", request_id or request.request_id)
         prompts = request.prompts()
         self._check_fan_out(request, len(prompts))
-        tokenized = await self._off_loop(lambda: [self._tokenize_prompt(prompt) for prompt in prompts])
+        tokenized = await self._off_loop(lambda: [
+            self._truncate(request, *self._tokenize_prompt(self._fim_prompt(prompt, request.suffix),
+                                                           request.add_special_tokens))
+            for prompt in prompts])
         self._check_queued_tokens(request, [token_ids for _, token_ids in tokenized])
         jobs = []
         for i, (text, token_ids) in enumerate(tokenized):
             params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n,
-                                            self.engine.default_sampling_params)
+                                                self.engine.default_sampling_params)
             job_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            jobs.append(_Job(job_id, text, token_ids, params, trace_headers))
-        echo_texts = [job.prompt if job.prompt is not None else self.tokenizer.decode(job.prompt_token_ids)
-                      for job in jobs] if request.echo else None
+            jobs.append(_Job(job_id, text, token_ids, params, trace_headers, request.cache_salt))
+        echo_texts = None
+        if request.echo:  # the prompt as sent (not its FIM form), or the ids' text when truncated or ids
+            echo_texts = [prompt if isinstance(prompt, str) and job.prompt is not None
+                          else self.tokenizer.decode(job.prompt_token_ids) for prompt, job in zip(prompts, jobs)]
         head = _Head("text_completion", request_id, model)
         if request.stream:
             streams = await self._start_streams(jobs, request)
+            if request.echo_only():
+                streams = [_scoring(stream) for stream in streams]
             return self._completion_stream(head, streams, request, jobs, echo_texts)
         outs = await self._run_to_end(jobs, request)
         n, k = jobs[0].params.n, request.logprobs
-        choices, usage = [], _Usage(jobs)
+        choices, usage = [], _Usage(jobs, self.prompt_tokens_details)
         for p, out in enumerate(outs):
+            if request.echo_only():
+                _drop_generated(out)
             usage.add(p, out)
             echo = (echo_texts[p], out.prompt_token_ids, out.prompt_logprobs) if echo_texts else None
             for c in out.outputs:
                 _raise_if_failed(c)
-                choices.append(self._completion_choice(p * n + c.index, c, k, echo))
+                choice = self._completion_choice(p * n + c.index, c, k, echo, request.return_tokens_as_token_ids)
+                if request.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = _prompt_logprobs_json(out.prompt_logprobs)
+                if request.return_token_ids:
+                    choice.update(prompt_token_ids=out.prompt_token_ids, token_ids=c.token_ids)
+                choices.append(choice)
         return {**head.body(choices), "usage": usage.info()}
+
+    def _fim_prompt(self, prompt: str | list[int], suffix: str | None) -> str | list[int]:
+        if not suffix:
+            return prompt
+        try:
+            return fim_prompt(self.tokenizer, prompt, suffix)
+        except ValueError as exc:
+            raise APIError(str(exc), param="suffix") from None
 
     def _completion_stream(self, head: _Head, streams: list[AsyncIterator[RequestOutput]],
                            request: CompletionRequest, jobs: list[_Job],
                            echo_texts: list[str] | None) -> AsyncIterator[str]:
-        n, k = jobs[0].params.n, request.logprobs
+        n, k, as_ids = jobs[0].params.n, request.logprobs, request.return_tokens_as_token_ids
         prompt_logprobs: dict[int, PromptLogprobs] = {}  # per prompt; they come on its first output
         sent: dict[int, int] = {}  # per choice: characters streamed so far (legacy text_offset)
 
         def render(p: int, out: RequestOutput) -> Iterable[dict]:
+            first = out.prompt_logprobs is not None and p not in prompt_logprobs
             if out.prompt_logprobs is not None:
                 prompt_logprobs.setdefault(p, out.prompt_logprobs)
             for c in out.outputs:
@@ -447,39 +548,47 @@ class OpenAIServing:
                 echo = None
                 if echo_texts and index not in sent:
                     echo = (echo_texts[p], jobs[p].prompt_token_ids, prompt_logprobs.get(p))
-                if not (echo or c.text or c.finish_reason or (k is not None and c.token_ids)):
+                if not (echo or c.text or c.finish_reason or ((k is not None or request.return_token_ids) and c.token_ids)):
                     continue
-                choice = self._completion_choice(index, c, k, echo, offset=sent.get(index, 0))
+                choice = self._completion_choice(index, c, k, echo, as_ids, offset=sent.get(index, 0))
+                if first and request.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = _prompt_logprobs_json(out.prompt_logprobs)
+                if request.return_token_ids:
+                    choice["token_ids"] = c.token_ids
+                    if index not in sent:
+                        choice["prompt_token_ids"] = jobs[p].prompt_token_ids
                 sent[index] = sent.get(index, 0) + len(choice["text"])
                 yield choice
 
-        return self._sse_stream(head, streams, render, _Usage(jobs), request)
+        return self._sse_stream(head, streams, render, _Usage(jobs, self.prompt_tokens_details), request)
 
     def _completion_choice(self, index: int, c: CompletionOutput, k: int | None,
-                           echo: tuple[str, list[int], PromptLogprobs | None] | None, offset: int = 0) -> dict:
+                           echo: tuple[str, list[int], PromptLogprobs | None] | None, as_ids: bool | None,
+                           offset: int = 0) -> dict:
         """echo: (prompt text, prompt ids, prompt logprobs) to put before this output's text."""
         text, token_ids, entries = c.text, c.token_ids, c.logprobs or [None] * len(c.token_ids)
         if echo is not None:
             echo_text, echo_ids, echo_entries = echo
             text, token_ids = echo_text + text, echo_ids + token_ids
             entries = (echo_entries or [None] * len(echo_ids)) + entries
-        logprobs = None if k is None else self._legacy_logprobs(token_ids, entries, k, offset)
+        logprobs = None if k is None else self._legacy_logprobs(token_ids, entries, k, offset, as_ids)
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason}
 
     def _legacy_logprobs(self, token_ids: list[int], entries: SampleLogprobs | PromptLogprobs, k: int,
-                         offset: int) -> dict:
+                         offset: int, as_ids: bool | None) -> dict:
         """Completions' shape: {tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset};
         a position without an entry (the first prompt token) has None."""
         result: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token_id, entry in zip(token_ids, entries):
             value = top = None
             if entry is None:
-                text = self._token_text(token_id, None)
+                text = self._token_text(token_id, None, as_ids)
             else:
                 sampled = _sampled(entry, token_id)
-                text, value = self._token_text(token_id, sampled), _finite(sampled.logprob)
-                top = {self._token_text(t, lp): _finite(lp.logprob) for t, lp in [(token_id, sampled), *_top(entry, k)]}
+                text, value = self._token_text(token_id, sampled, as_ids), _finite(sampled.logprob)
+                top = {self._token_text(t, lp, as_ids): _finite(lp.logprob)
+                       for t, lp in [(token_id, sampled), *_top(entry, k)]}
             result["tokens"].append(text)
             result["token_logprobs"].append(value)
             result["top_logprobs"].append(top)
@@ -487,11 +596,17 @@ class OpenAIServing:
             offset += len(text)
         return result
 
-    def _tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    def _tokenize_prompt(self, prompt: str | list[int], add_special_tokens: bool | None) -> tuple[str | None, list[int]]:
         try:
+            if isinstance(prompt, str) and add_special_tokens is False:
+                return prompt, self.engine.input_processor.encode(prompt, add_special_tokens=False)
             return self.engine.input_processor.tokenize_prompt(prompt)
         except ValueError as exc:
             raise APIError(str(exc), param="prompt") from exc
+
+    async def _off_loop(self, fn: Callable, *args, **kwargs) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool,
+                                                                functools.partial(fn, *args, **kwargs))
 
     def _encode_prompt(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
         try:
@@ -528,12 +643,12 @@ class OpenAIServing:
     async def tokenize(self, request: TokenizeRequest) -> dict:
         self.check_model(request.model)
         if request.messages is not None:
-            text = await self._off_loop(self._render_chat, [m.to_template() for m in request.messages],
-                                        request.add_generation_prompt, request.chat_template_kwargs)
-            add_special = bool(request.add_special_tokens)
+            messages = [m.to_template(self._content_format(request.chat_template)) for m in request.messages]
+            tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
+            _, token_ids = await self._off_loop(self._render_chat, request, messages, tools)
         else:
-            text, add_special = request.prompt, request.add_special_tokens is not False
-        token_ids = await self._off_loop(self.tokenizer.encode, text, add_special_tokens=add_special)
+            token_ids = await self._off_loop(self._encode_prompt, request.prompt,
+                                             request.add_special_tokens is not False, "prompt")
         result = {"count": len(token_ids), "max_model_len": self.engine.max_model_len, "tokens": token_ids}
         if request.return_token_strs:
             result["token_strs"] = self.tokenizer.convert_ids_to_tokens(token_ids)
@@ -551,14 +666,11 @@ class OpenAIServing:
             raise APIError(f"cannot decode tokens: {exc}", param="tokens") from exc
 
     # ---- shared machinery ----
-    async def _off_loop(self, fn: Callable, *args, **kwargs) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool,
-                                                                functools.partial(fn, *args, **kwargs))
-
     def _generate(self, job: _Job, priority: int, stream: bool) -> AsyncIterator[RequestOutput]:
         self._log(job, priority)
         return self.engine.generate(job.prompt, job.prompt_token_ids, job.params, job.request_id,
-                                    priority=priority, stream=stream, trace_headers=job.trace_headers)
+                                    priority=priority, stream=stream, trace_headers=job.trace_headers,
+                                    cache_salt=job.cache_salt)
 
     async def _start_streams(self, jobs: list[_Job], request: GenerationRequest) -> list[AsyncIterator[RequestOutput]]:
         """Starts every job and awaits its first output, so the engine's own checks (prompt
@@ -577,9 +689,10 @@ class OpenAIServing:
                           render: Callable[[int, RequestOutput], Iterable[dict]], usage: _Usage,
                           request: GenerationRequest,
                           first_choices: Iterable[dict] = ()) -> AsyncIterator[str]:
-        """One chunk per rendered choice, the usage chunk when asked, then [DONE]. Errors after
-        the start become an error event; closing this iterator aborts the engine requests."""
-        include_usage, continuous = request.include_usage(), request.continuous_usage()
+        """One chunk per rendered choice, the usage chunk when asked (or forced by
+        --enable-force-include-usage), then [DONE]. Errors after the start become an error
+        event; closing this iterator aborts the engine requests."""
+        include_usage, continuous = request.include_usage() or self.force_include_usage, request.continuous_usage()
 
         def frame(choices: list[dict], usage_body: dict | None = None) -> str:
             body = head.body(choices)
@@ -603,7 +716,11 @@ class OpenAIServing:
             await merged.aclose()
         yield _SSE_DONE
 
-    def _token_text(self, token_id: int, logprob: Logprob | None) -> str:
+    def _token_text(self, token_id: int, logprob: Logprob | None, as_ids: bool | None = False) -> str:
+        """A token as logprobs show it: its text, or "token_id:N" with return_tokens_as_token_ids
+        (text that is not valid UTF-8 on its own cannot be mapped back to a token)."""
+        if as_ids:
+            return f"token_id:{token_id}"
         if logprob is not None and logprob.decoded_token is not None:
             return logprob.decoded_token
         return self.tokenizer.decode([token_id])
@@ -618,3 +735,37 @@ class OpenAIServing:
             prompt = prompt[: self.max_log_len]
         logger.info("request %s: %d prompt tokens, priority %d, params %s, prompt %r",
                     job.request_id, len(job.prompt_token_ids), priority, job.params, prompt)
+
+
+def _request_id(prefix: str, base: str | None) -> str:
+    return f"{prefix}-{base}" if base else _random_id(prefix)
+
+
+def _prompt_logprobs_json(entries: PromptLogprobs | None) -> list[dict | None] | None:
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}}."""
+    if entries is None:
+        return None
+    return [None if entry is None else
+            {str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for t, lp in entry.items()}
+            for entry in entries]
+
+
+def _drop_generated(out: RequestOutput) -> None:
+    """echo with max_tokens=0: the one token the engine sampled is not part of the answer."""
+    out.outputs = [dataclasses.replace(c, text="", token_ids=[], cumulative_logprob=None,
+                                       logprobs=None if c.logprobs is None else [],
+                                       finish_reason="length" if c.finish_reason in ("stop", "length") else c.finish_reason,
+                                       stop_reason=None)
+                   for c in out.outputs]
+
+
+async def _scoring(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """A stream with the generated part of each output dropped (echo with max_tokens=0)."""
+    try:
+        async for out in stream:
+            _drop_generated(out)
+            yield out
+    finally:
+        await stream.aclose()
