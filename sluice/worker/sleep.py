@@ -56,6 +56,14 @@ def _drop_pages(address: int, length: int) -> None:
                                               MADV_DONTNEED)
 
 
+def release_free_heap() -> None:
+    """glibc keeps freed tensors' memory in its heap for reuse; hand it back to the OS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator decides
+
+
 class SleepingWeights:
     """The model's tensors, parked in a disk-backed file mapping until `restore`."""
 
@@ -80,6 +88,7 @@ class SleepingWeights:
         self.mapping.flush()
         self.mapping.madvise(mmap.MADV_DONTNEED)  # out of this process's RSS; the file holds them
         os.posix_fadvise(self.file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # and out of the page cache
+        release_free_heap()
 
     def restore(self) -> None:
         """Copy every tensor back into anonymous memory; the file goes with the last view of it."""

@@ -2,7 +2,8 @@
 official `anthropic` client works against sluice, streamed or not.
 
 `system`, `messages` (text, tool_use and tool_result blocks), `max_tokens`, `stop_sequences`,
-`temperature`, `top_p`, `top_k`, `tools` and `tool_choice` map onto their chat counterparts;
+`temperature`, `top_p`, `top_k` (the current SDK sends these through `extra_body`), `tools`,
+`tool_choice` and `output_config.format` (a JSON schema) map onto their chat counterparts;
 the answer comes back as Anthropic's message object or its event stream (`message_start`,
 `content_block_start`, `content_block_delta`, ..., `message_stop`). Images and extended
 thinking are refused by name.
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sluice.entrypoints.openai.chat_adapter import chat_chunks, chat_request, sse_event
 from sluice.entrypoints.openai.protocol import APIError
 
-RENAMES = {"max_completion_tokens": "max_tokens", "stop": "stop_sequences"}
+RENAMES = {"max_completion_tokens": "max_tokens", "stop": "stop_sequences", "response_format": "output_config.format"}
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}
 
 
@@ -42,6 +43,20 @@ class ToolChoice(BaseModel):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool | None = None
+
+
+class OutputFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    effort: str | None = None  # no effect here
+    format: OutputFormat | None = None
 
 
 class AnthropicMessage(BaseModel):
@@ -66,8 +81,16 @@ class MessagesRequest(BaseModel):
     tools: list[AnthropicTool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: dict[str, Any] | None = None
-    metadata: dict[str, Any] | None = None  # describes the caller: accepted, ignored
+    output_config: OutputConfig | None = None
+    # Accepted and ignored: they describe the caller or tune what has no effect here.
+    metadata: dict[str, Any] | None = None
     service_tier: str | None = None
+    cache_control: dict[str, Any] | None = None
+    inference_geo: str | None = None
+    speed: str | None = None
+    user_profile_id: str | None = None
+    workspace_id: str | None = None
+    diagnostics: Any = None
 
     def to_chat(self) -> dict[str, Any]:
         """The equivalent chat completion request body."""
@@ -81,6 +104,9 @@ class MessagesRequest(BaseModel):
                             ("top_p", self.top_p), ("top_k", self.top_k)):
             if value is not None:
                 body[name] = value
+        if self.output_config and self.output_config.format:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "output", "schema": self.output_config.format.schema_}}
         if self.tools:
             body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                                "parameters": t.input_schema}} for t in self.tools]
@@ -144,8 +170,12 @@ def chat_turn(message: AnthropicMessage, where: str) -> list[dict[str, Any]]:
 
 
 # ---- results -------------------------------------------------------------------------------
-def stop_fields(finish_reason: str | None, stop_reason: int | str | None, stop_sequences: list[str] | None) -> dict:
-    """Anthropic's stop_reason / stop_sequence for a chat finish."""
+def stop_fields(finish_reason: str | None, stop_reason: int | str | None, stop_sequences: list[str] | None,
+                called: bool) -> dict:
+    """Anthropic's stop_reason / stop_sequence for a chat finish (`called`: it made tool calls,
+    which OpenAI reports as "stop" for a named tool_choice and Anthropic always as "tool_use")."""
+    if called:
+        return {"stop_reason": "tool_use", "stop_sequence": None}
     if finish_reason == "stop" and isinstance(stop_reason, str) and stop_reason in (stop_sequences or ()):
         return {"stop_reason": "stop_sequence", "stop_sequence": stop_reason}
     return {"stop_reason": STOP_REASONS.get(finish_reason or "", "end_turn"), "stop_sequence": None}
@@ -222,7 +252,8 @@ class EventStream:
         for frame in self.close_block():
             yield frame
         yield sse_event("message_delta", {"type": "message_delta",
-                                          "delta": stop_fields(finish_reason, stop_reason, self.stop_sequences),
+                                          "delta": stop_fields(finish_reason, stop_reason, self.stop_sequences,
+                                                               bool(self.calls)),
                                           "usage": {"output_tokens": anthropic_usage(chat_usage)["output_tokens"]}})
         yield sse_event("message_stop", {"type": "message_stop"})
 
@@ -271,7 +302,8 @@ async def create_message(serving, request: MessagesRequest) -> dict | AsyncItera
     result = await serving.chat(chat_request(request.to_chat(), RENAMES))
     if isinstance(result, dict):
         choice = result["choices"][0]
-        stop = stop_fields(choice["finish_reason"], choice.get("stop_reason"), request.stop_sequences)
+        stop = stop_fields(choice["finish_reason"], choice.get("stop_reason"), request.stop_sequences,
+                           bool(choice["message"].get("tool_calls")))
         return message_body(message_id, model, content_blocks(choice["message"]), stop, result.get("usage"))
     return EventStream(message_id, model, request.stop_sequences).run(chat_chunks(result))
 

@@ -151,9 +151,9 @@ async def run_until_disconnect(request: Request, work) -> Response:
 
 def build_app(state: ServerState, args: argparse.Namespace | None = None) -> FastAPI:
     docs = not (args and args.disable_fastapi_docs)
-    app = FastAPI(title="sluice", version=sluice.__version__, root_path=state.root_path,
-                  openapi_url="/openapi.json" if docs else None, docs_url="/docs" if docs else None,
-                  redoc_url="/redoc" if docs else None)
+    app = FastAPI(title="sluice", version=sluice.__version__, openapi_url="/openapi.json" if docs else None,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
+    app.root_path = state.root_path  # routes answer with and without the prefix
     app.state.sluice = state
     serving = state.serving
 
