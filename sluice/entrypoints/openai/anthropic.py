@@ -162,10 +162,9 @@ def chat_turn(message: AnthropicMessage, where: str) -> list[dict[str, Any]]:
             raise APIError(f"{where}.content.{i}: a {kind!r} block is not supported in a {message.role} turn "
                            "(text, tool_use from the assistant, tool_result from the user)",
                            param=f"{where}.content.{i}.type")
-    turn = {"role": message.role, "content": "".join(texts)}
+    turn = {"role": message.role, "content": "".join(texts)}  # "" beside tool calls: templates read .content
     if calls:
         turn["tool_calls"] = calls
-        turn["content"] = turn["content"] or None
     return results + ([turn] if texts or calls else [])
 
 

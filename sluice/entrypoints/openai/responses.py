@@ -132,7 +132,7 @@ def chat_message(item: dict[str, Any], where: str, messages: list) -> dict[str, 
         if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
             last["tool_calls"].append(call)
             return None
-        return {"role": "assistant", "content": None, "tool_calls": [call]}
+        return {"role": "assistant", "content": "", "tool_calls": [call]}  # "": templates read .content
     if kind == "function_call_output":
         output = item.get("output")
         return {"role": "tool", "tool_call_id": item.get("call_id"),
