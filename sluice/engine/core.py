@@ -7,8 +7,8 @@ process, so this loop can run in a process of its own.
 from __future__ import annotations
 
 import functools
-import os
 import logging
+import os
 import time
 
 from sluice.config import EngineConfig

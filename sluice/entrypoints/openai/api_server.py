@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -111,8 +112,8 @@ class Gatekeeper:
                 error = APIError("the server is shutting down", 503, headers={"Retry-After": str(RETRY_AFTER_S)})
                 return await error_response(error)(scope, receive, send)
             if not self.state.authorized(scope):
-                error = APIError("missing or invalid API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')", 401,
-                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                error = APIError("missing or invalid API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')",
+                                 401, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 return await error_response(error)(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -339,7 +340,8 @@ def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
             core.kill()
         remove_address(address)
         if args.uds:
-            remove_address(f"ipc://{args.uds}")
+            with contextlib.suppress(OSError):
+                os.unlink(args.uds)
 
 
 def run_api_processes(args: argparse.Namespace, address: str, core_pid: int, sock: socket.socket) -> int:
