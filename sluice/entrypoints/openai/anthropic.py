@@ -295,10 +295,11 @@ class EventStream:
 
 
 # ---- the route -----------------------------------------------------------------------------
-async def create_message(serving, request: MessagesRequest) -> dict | AsyncIterator[str]:
+async def create_message(serving, request: MessagesRequest,
+                         trace_headers: dict[str, str] | None = None) -> dict | AsyncIterator[str]:
     model = serving.check_model(request.model)
     message_id = f"msg_{uuid.uuid4().hex}"
-    result = await serving.chat(chat_request(request.to_chat(), RENAMES))
+    result = await serving.chat(chat_request(request.to_chat(), RENAMES), trace_headers)
     if isinstance(result, dict):
         choice = result["choices"][0]
         stop = stop_fields(choice["finish_reason"], choice.get("stop_reason"), request.stop_sequences,
@@ -307,7 +308,7 @@ async def create_message(serving, request: MessagesRequest) -> dict | AsyncItera
     return EventStream(message_id, model, request.stop_sequences).run(chat_chunks(result))
 
 
-def add_messages_routes(app: FastAPI, serving, respond) -> None:
+def add_messages_routes(app: FastAPI, serving, respond, trace_headers) -> None:
     @app.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request) -> Response:
-        return await respond(request, create_message(serving, body))
+        return await respond(request, create_message(serving, body, trace_headers(request)))

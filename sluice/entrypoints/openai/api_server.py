@@ -219,9 +219,9 @@ def build_app(state: ServerState, args: argparse.Namespace | None = None) -> Fas
         text = await state.engine.metrics_text() + state.http_metrics.render()
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    add_engine_routes(app, state, respond, bool(args and args.enable_sleep_mode))
-    add_responses_routes(app, serving, respond)
-    add_messages_routes(app, serving, respond)
+    add_engine_routes(app, state, respond, trace_headers, bool(args and args.enable_sleep_mode))
+    add_responses_routes(app, serving, respond, trace_headers)
+    add_messages_routes(app, serving, respond, trace_headers)
     return app
 
 

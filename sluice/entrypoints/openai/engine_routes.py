@@ -22,6 +22,7 @@ from sluice.entrypoints.openai.protocol import (
 )
 
 Respond = Callable[[Request, Awaitable], Awaitable[Response]]
+TraceHeaders = Callable[[Request], dict[str, str] | None]
 
 
 async def json_body(request: Request) -> dict:
@@ -42,7 +43,8 @@ def parse(model: type[pydantic.BaseModel], body: dict) -> pydantic.BaseModel:
         raise validation_error_to_api_error(exc) from exc
 
 
-def add_engine_routes(app: FastAPI, state, respond: Respond, enable_sleep_mode: bool) -> None:
+def add_engine_routes(app: FastAPI, state, respond: Respond, trace_headers: TraceHeaders,
+                      enable_sleep_mode: bool) -> None:
     """`state` is the server's ServerState (engine, serving, health)."""
     engine, serving = state.engine, state.serving
 
@@ -56,9 +58,9 @@ def add_engine_routes(app: FastAPI, state, respond: Respond, enable_sleep_mode: 
         """SageMaker's one inference route: the body's shape picks the API, as in vLLM."""
         body = await json_body(request)
         if "messages" in body:
-            return await respond(request, serving.chat(parse(ChatCompletionRequest, body)))
+            return await respond(request, serving.chat(parse(ChatCompletionRequest, body), trace_headers(request)))
         if "prompt" in body:
-            return await respond(request, serving.completions(parse(CompletionRequest, body)))
+            return await respond(request, serving.completions(parse(CompletionRequest, body), trace_headers(request)))
         raise APIError("the body must have `messages` (chat completions) or `prompt` (completions)",
                        param="messages")
 

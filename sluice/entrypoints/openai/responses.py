@@ -344,7 +344,8 @@ class EventStream:
 
 
 # ---- the route -----------------------------------------------------------------------------
-async def create_response(serving, request: ResponsesRequest, trace_headers: dict | None = None) -> dict | AsyncIterator[str]:
+async def create_response(serving, request: ResponsesRequest,
+                          trace_headers: dict[str, str] | None = None) -> dict | AsyncIterator[str]:
     request.refuse_stored_state()
     model = serving.check_model(request.model)
     shell = ResponseShell(request, model)
@@ -355,7 +356,7 @@ async def create_response(serving, request: ResponsesRequest, trace_headers: dic
     return EventStream(shell).run(chat_chunks(result))
 
 
-def add_responses_routes(app: FastAPI, serving, respond) -> None:
+def add_responses_routes(app: FastAPI, serving, respond, trace_headers) -> None:
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Response:
-        return await respond(request, create_response(serving, body))
+        return await respond(request, create_response(serving, body, trace_headers(request)))
