@@ -45,7 +45,7 @@ class TextConfig(BaseModel):
 
 
 class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     input: str | list[dict[str, Any]]
@@ -112,8 +112,10 @@ class ResponsesRequest(BaseModel):
         if isinstance(self.input, str):
             return [*messages, {"role": "user", "content": self.input}]
         for i, item in enumerate(self.input):
-            messages.append(chat_message(item, f"input.{i}", messages))
-        return [m for m in messages if m is not None]
+            message = chat_message(item, f"input.{i}", messages)
+            if message is not None:
+                messages.append(message)
+        return messages
 
 
 def chat_message(item: dict[str, Any], where: str, messages: list) -> dict[str, Any] | None:
