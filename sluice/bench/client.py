@@ -19,6 +19,12 @@ from sluice.bench.datasets import BenchRequest
 
 EndpointType = Literal["completions", "chat"]
 ENDPOINT_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+BACKENDS: dict[str, EndpointType] = {"openai": "completions", "vllm": "completions", "openai-chat": "chat"}
+
+
+def request_headers(api_key: str | None, extra: dict[str, str]) -> dict[str, str]:
+    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return {**auth, **extra}
 
 
 @dataclass(frozen=True)
@@ -31,9 +37,11 @@ class Endpoint:
     api_key: str | None = None
     ignore_eos: bool = False
     sampling: dict = field(default_factory=dict)  # temperature, top_p, top_k: sent only when set
+    extra_headers: dict = field(default_factory=dict)  # --header
+    extra_body: dict = field(default_factory=dict)  # --extra-body: merged into every body last
 
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return request_headers(self.api_key, self.extra_headers)
 
     def body(self, prompt: str, max_tokens: int) -> dict:
         body: dict = {"model": self.model, "max_tokens": max_tokens, "stream": True,
@@ -44,7 +52,7 @@ class Endpoint:
             body["prompt"] = prompt
         if self.ignore_eos:
             body["ignore_eos"] = True  # vLLM's extension; sluice and vLLM honour it
-        return body
+        return {**body, **self.extra_body}
 
 
 @dataclass(slots=True)
@@ -60,7 +68,8 @@ class RequestRecord:
     e2el_s: float = 0.0
     chunk_times_s: list[float] = field(default_factory=list)  # every content chunk's arrival
     text: str = ""
-    output_tokens: int = 0  # the headline count: `text` re-tokenized with the model's tokenizer
+    output_tokens: int = 0  # the headline count: the server's usage, else the re-tokenized count
+    output_tokens_retokenized: int = 0  # `text` re-tokenized with the benchmark's tokenizer
     usage_prompt_tokens: int | None = None  # what the server's usage said, when it sent one
     usage_output_tokens: int | None = None
     cached_tokens: int | None = None
@@ -166,3 +175,43 @@ def _error_message(body: bytes) -> str:
     if isinstance(parsed, dict) and (parsed.get("error") or parsed.get("message")):
         return _error_text(parsed.get("error") or parsed)
     return text[:500]
+
+
+class ServerTokenizer:
+    """The server's own /tokenize and /detokenize, with the few tokenizer methods the benchmark
+    uses: for a --model that is a served name no tokenizer loads from. The vocabulary size is
+    found by bisecting on which ids /detokenize accepts; special ids are unknown (none)."""
+
+    MAX_VOCAB = 1 << 22
+
+    def __init__(self, root: str, headers: dict[str, str], model: str) -> None:
+        self.http = httpx.Client(base_url=root, headers=headers, timeout=120)
+        self.model = model
+        self.all_special_ids: list[int] = []
+        self.vocab_size = self._bisect_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        body = {"model": self.model, "prompt": text, "add_special_tokens": add_special_tokens}
+        return self._post("/tokenize", body)["tokens"]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._post("/detokenize", {"model": self.model, "tokens": list(token_ids)})["prompt"]
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def _post(self, path: str, body: dict) -> dict:
+        response = self.http.post(path, json=body)
+        response.raise_for_status()
+        return response.json()
+
+    def _bisect_vocab_size(self) -> int:
+        low, high = 1, self.MAX_VOCAB  # id low - 1 decodes; id high does not
+        self.decode([0])
+        while low < high:
+            middle = (low + high) // 2
+            if self.http.post("/detokenize", json={"model": self.model, "tokens": [middle]}).status_code == 200:
+                low = middle + 1
+            else:
+                high = middle
+        return low

@@ -51,6 +51,9 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--random-output-len", "--output-len", dest="random_output_len", type=int, default=128,
                        metavar="N",
                        help="random: output tokens to ask for")
+    group.add_argument("--random-prefix-len", type=int, default=0, metavar="N",
+                       help="random: tokens of one random prefix every prompt starts with (before its "
+                            "--random-input-len tokens)")
     group.add_argument("--random-range-ratio", type=float, default=0.0, metavar="R",
                        help="random: lengths uniform in [len*(1-r), len*(1+r)], 0 <= r < 1")
     group.add_argument("--prefix-repetition-prefix-len", type=int, default=256, metavar="N",
@@ -77,6 +80,8 @@ def check_dataset_args(args: argparse.Namespace) -> str | None:
     for name in at_least_one:
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    if args.random_prefix_len < 0:
+        return f"--random-prefix-len must be >= 0, got {args.random_prefix_len}"
     if not 0 <= args.random_range_ratio < 1:
         return f"--random-range-ratio must be in [0, 1), got {args.random_range_ratio}"
     if args.dataset_name in ("sharegpt", "custom"):
@@ -92,7 +97,7 @@ def build_requests(args: argparse.Namespace, tokenizer, seed: int) -> list[Bench
     name, n = args.dataset_name, args.num_prompts
     if name == "random":
         return random_requests(tokenizer, n, args.random_input_len, args.random_output_len,
-                               args.random_range_ratio, seed)
+                               args.random_range_ratio, seed, args.random_prefix_len)
     if name == "prefix-repetition":
         return prefix_repetition_requests(
             tokenizer, n, args.prefix_repetition_prefix_len, args.prefix_repetition_suffix_len,
@@ -144,14 +149,21 @@ def sample_lengths(rng: np.random.Generator, length: int, ratio: float, n: int) 
 
 
 def random_requests(tokenizer, num: int, input_len: int, output_len: int, range_ratio: float,
-                    seed: int) -> list[BenchRequest]:
+                    seed: int, prefix_len: int = 0) -> list[BenchRequest]:
+    """With prefix_len, every prompt starts with the same random prefix (vLLM's --random-prefix-len);
+    prompt_len counts the whole prompt as the tokenizer sees it."""
     rng = np.random.default_rng(seed)
     vocab, special = _ordinary_ids(tokenizer)
+    prefix = exact_length_text(tokenizer, _draw(rng, prefix_len, vocab, special).tolist(), prefix_len, rng)[0] \
+        if prefix_len else ""
     input_lens = sample_lengths(rng, input_len, range_ratio, num)
     output_lens = sample_lengths(rng, output_len, range_ratio, num)
     requests = []
     for in_len, out_len in zip(input_lens, output_lens):
         text, ids = exact_length_text(tokenizer, _draw(rng, in_len, vocab, special).tolist(), in_len, rng)
+        if prefix:
+            text = prefix + text
+            ids = tokenizer.encode(text, add_special_tokens=False)
         requests.append(BenchRequest(text, len(ids), out_len, ids))
     return requests
 

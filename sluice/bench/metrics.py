@@ -5,8 +5,8 @@ numbers from sluice and from vLLM's tool can be set side by side.
 - ITL: gaps between successive content chunks (pooled over all requests);
 - TPOT: (e2e - TTFT) / (output tokens - 1), one value per request with more than one token;
 - E2EL: send to the end of the stream;
-- output tokens: the returned text re-tokenized with the model's tokenizer (what the server
-  actually produced, not what was asked); the server's own `usage` count is kept beside it;
+- output tokens: the server's `usage` count when it sends one (as `vllm bench serve` counts
+  them), else the returned text re-tokenized; the re-tokenized count is kept beside it;
 - goodput: completed requests per second that met every given target.
 """
 
@@ -29,9 +29,12 @@ DEFAULT_PERCENTILES = (50.0, 90.0, 95.0, 99.0)
 
 
 def count_output_tokens(records: Iterable[RequestRecord], tokenizer) -> None:
-    """Fill each record's headline output count from the text the server returned."""
+    """Fill each record's output counts: re-tokenized from the text the server returned, and the
+    headline one, which is the server's usage when it sent one."""
     for record in records:
-        record.output_tokens = len(tokenizer.encode(record.text, add_special_tokens=False)) if record.text else 0
+        record.output_tokens_retokenized = len(tokenizer.encode(record.text, add_special_tokens=False)) if record.text else 0
+        usage = record.usage_output_tokens
+        record.output_tokens = usage if usage is not None else record.output_tokens_retokenized
 
 
 def percentile_key(p: float) -> str:
@@ -109,7 +112,6 @@ def summarize(records: list[RequestRecord], duration: float, percentiles: Iterab
     done = [r for r in records if r.success]
     input_tokens = sum(r.prompt_len for r in done)
     output_tokens = sum(r.output_tokens for r in done)
-    usage = [r.usage_output_tokens for r in done]
     usage_in = [r.usage_prompt_tokens for r in done]
     cached = [r.cached_tokens for r in done if r.cached_tokens is not None]
     rate = (lambda count: count / duration) if duration > 0 else (lambda count: 0.0)
@@ -122,7 +124,7 @@ def summarize(records: list[RequestRecord], duration: float, percentiles: Iterab
         "total_input_tokens": input_tokens,
         "total_input_tokens_usage": sum(usage_in) if done and None not in usage_in else None,
         "total_output_tokens": output_tokens,
-        "total_output_tokens_usage": sum(usage) if done and None not in usage else None,
+        "total_output_tokens_retokenized": sum(r.output_tokens_retokenized for r in done),
         "total_cached_tokens": sum(cached) if cached else None,
         "request_throughput": rate(len(done)),
         "request_goodput": rate(sum(meets_goodput(r, goodput) for r in done)) if goodput else None,

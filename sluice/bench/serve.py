@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import math
 import os
@@ -23,7 +24,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sluice.bench import save_json
-from sluice.bench.client import ENDPOINT_PATHS, Endpoint, RequestRecord, send_request
+from sluice.bench.client import (
+    BACKENDS, ENDPOINT_PATHS, Endpoint, RequestRecord, ServerTokenizer, request_headers, send_request,
+)
 from sluice.bench.datasets import BenchRequest, DatasetError, add_dataset_args, build_requests, check_dataset_args
 from sluice.bench.metrics import (
     DEFAULT_PERCENTILES, METRICS, count_output_tokens, parse_goodput, percentile_key, summarize,
@@ -44,7 +47,15 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--port", metavar="PORT", type=int, default=8000, help="used when --base-url is not given")
     target.add_argument("--endpoint-type", default="completions", choices=list(ENDPOINT_PATHS),
                         help="/v1/completions or /v1/chat/completions (one user message)")
-    target.add_argument("--endpoint", metavar="PATH", default=None, help="path override (default: the endpoint type's)")
+    target.add_argument("--backend", default=None, choices=list(BACKENDS),
+                        help="vLLM's name for the body to send: openai or vllm (completions), openai-chat (chat)")
+    target.add_argument("--endpoint", metavar="PATH", default=None,
+                        help="path to send to; a .../chat/completions or .../completions path also picks the body "
+                             "(default: the backend's or endpoint type's)")
+    target.add_argument("--header", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="extra HTTP headers on every request, e.g. x-tenant=a")
+    target.add_argument("--extra-body", default=None, metavar="JSON",
+                        help="a JSON object merged into every request body, e.g. '{\"min_tokens\": 8}'")
     target.add_argument("--model", metavar="NAME", default=None,
                         help="model name for requests and tokenizer (default: the server's first)")
     target.add_argument("--served-model-name", metavar="NAME", default=None,
@@ -71,6 +82,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                       help="sweep targets, e.g. ttft_p95:500 itl_p99:50 "
                            "(METRIC ttft|tpot|itl|e2el, STAT pNN|mean|median); "
                            "the sweep names the highest level meeting all, with every lower level meeting them too")
+    load.add_argument("--num-warmups", metavar="N", type=int, default=0,
+                      help="requests sent (with the first prompt) before the run and left out of its results")
     load.add_argument("--seed", metavar="N", type=int, default=0,
                       help="seeds the dataset and the arrival times (sweep level i: seed+i)")
     sampling = parser.add_argument_group("sampling")
@@ -114,6 +127,11 @@ def check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"--request-timeout must be > 0, got {args.request_timeout}")
     if args.temperature < 0:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.num_warmups < 0:
+        parser.error(f"--num-warmups must be >= 0, got {args.num_warmups}")
+    args.endpoint_kind = _parsed(parser, "--backend/--endpoint", endpoint_kind, args)
+    args.extra_headers = _parsed(parser, "--header", parse_headers, args.header)
+    args.extra_body_fields = _parsed(parser, "--extra-body", parse_extra_body, args.extra_body)
     if args.hourly_cost is not None and not args.hourly_cost > 0:
         parser.error(f"--hourly-cost must be > 0, got {args.hourly_cost}")
     args.print_metrics = _parse_list(parser, "--percentile-metrics", args.percentile_metrics, str)
@@ -134,6 +152,39 @@ def check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("--sweep concurrency:... sets the concurrency; drop --max-concurrency")
     if args.sweep_mode == "rate" and not math.isinf(args.request_rate):
         parser.error("--sweep rate:... sets the request rate; drop --request-rate")
+
+
+def endpoint_kind(args: argparse.Namespace) -> str:
+    """The body to send: the --endpoint path's own kind, else --backend's, else --endpoint-type."""
+    path = (args.endpoint or "").rstrip("/")
+    by_path = "chat" if path.endswith("/chat/completions") else "completions" if path.endswith("/completions") else None
+    by_backend = BACKENDS.get(args.backend)
+    if by_path and by_backend and by_path != by_backend:
+        raise ValueError(f"--backend {args.backend} sends a {by_backend} body, but --endpoint {args.endpoint} "
+                         f"is a {by_path} endpoint")
+    return by_path or by_backend or args.endpoint_type
+
+
+def parse_headers(items: list[str]) -> dict[str, str]:
+    headers = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"'{item}' is not KEY=VALUE")
+        headers[key.strip()] = value.strip()
+    return headers
+
+
+def parse_extra_body(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        body = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"expected a JSON object, got {text!r}")
+    return body
 
 
 def _parsed(parser: argparse.ArgumentParser, flag: str, parse, value):
@@ -159,9 +210,8 @@ def server_root(args: argparse.Namespace) -> str:
     return root.removesuffix("/v1")
 
 
-def first_served_model(root: str, api_key: str | None) -> str:
+def first_served_model(root: str, headers: dict[str, str]) -> str:
     """The id of the server's first model, for runs without --model."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         response = httpx.get(root + "/v1/models", headers=headers, timeout=30)
         response.raise_for_status()
@@ -170,14 +220,23 @@ def first_served_model(root: str, api_key: str | None) -> str:
         raise SystemExit(f"sluice bench serve: cannot list models at {root}/v1/models ({e}); pass --model") from None
 
 
-def load_bench_tokenizer(name: str):
-    """The tokenizer through sluice's loader, so a served alias, a .gguf path or a hub id all work."""
+def load_bench_tokenizer(name: str, explicit: bool, endpoint: Endpoint, root: str):
+    """The tokenizer through sluice's loader, so a served alias, a .gguf path or a hub id all work;
+    when --model names nothing loadable (a served name), the server's own /tokenize."""
     from sluice.loader import ModelLoadError, load_tokenizer, resolve_model
 
     try:
         return load_tokenizer(resolve_model(name))
     except (ModelLoadError, OSError, ValueError) as e:
-        raise SystemExit(f"sluice bench serve: --tokenizer {name}: cannot load a tokenizer ({e})") from None
+        if explicit:
+            raise SystemExit(f"sluice bench serve: --tokenizer {name}: cannot load a tokenizer ({e})") from None
+        print(f"sluice bench serve: no tokenizer loads for {name!r} ({e}); counting tokens with the server's "
+              f"/tokenize", file=sys.stderr)
+        try:
+            return ServerTokenizer(root, endpoint.headers(), endpoint.model)
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            raise SystemExit(f"sluice bench serve: no tokenizer for {name!r} and the server's /tokenize failed "
+                             f"({e}); pass --tokenizer") from None
 
 
 def make_endpoint(args: argparse.Namespace, root: str, model: str) -> Endpoint:
@@ -186,9 +245,9 @@ def make_endpoint(args: argparse.Namespace, root: str, model: str) -> Endpoint:
         sampling["top_p"] = args.top_p
     if args.top_k is not None:
         sampling["top_k"] = args.top_k
-    path = args.endpoint or ENDPOINT_PATHS[args.endpoint_type]
-    return Endpoint(root + path, args.endpoint_type, args.served_model_name or model, args.api_key,
-                    args.ignore_eos, sampling)
+    path = args.endpoint or ENDPOINT_PATHS[args.endpoint_kind]
+    return Endpoint(root + path, args.endpoint_kind, args.served_model_name or model, args.api_key,
+                    args.ignore_eos, sampling, args.extra_headers, args.extra_body_fields)
 
 
 # ---- load ------------------------------------------------------------------------------------------------
@@ -232,6 +291,19 @@ async def run_load(endpoint: Endpoint, requests: list[BenchRequest], due: list[f
     return list(records), duration
 
 
+def warm_up(args: argparse.Namespace, endpoint: Endpoint, tokenizer) -> None:
+    """--num-warmups requests with the run's first prompt, at the run's concurrency, unrecorded."""
+    if not args.num_warmups:
+        return
+    first = build_requests(args, tokenizer, args.seed)[0]
+    print(f"warming up with {args.num_warmups} requests")
+    records, _ = asyncio.run(run_load(endpoint, [first] * args.num_warmups, [0.0] * args.num_warmups,
+                                      args.max_concurrency, args.request_timeout, False))
+    failed = [r for r in records if not r.success]
+    if failed:
+        print(f"sluice bench serve: {len(failed)} warm-up requests failed: {failed[0].error}", file=sys.stderr)
+
+
 async def probe(endpoint: Endpoint, timeout: float) -> RequestRecord:
     """One tiny request before the run, so a wrong URL, model name or key fails fast and clearly."""
     async with httpx.AsyncClient(timeout=httpx.Timeout(min(timeout, 300.0))) as client:
@@ -269,7 +341,7 @@ def format_summary(summary: dict, metrics: list[str], percentiles: list[float]) 
         ("Total input tokens", summary["total_input_tokens"]),
         ("Total input tokens (server usage)", summary["total_input_tokens_usage"]),
         ("Total generated tokens", summary["total_output_tokens"]),
-        ("Total generated tokens (server usage)", summary["total_output_tokens_usage"]),
+        ("Total generated tokens (re-tokenized)", summary["total_output_tokens_retokenized"]),
         ("Total cached prompt tokens (usage)", summary["total_cached_tokens"]),
         ("Request throughput (req/s)", summary["request_throughput"]),
         ("Request goodput (req/s)", summary["request_goodput"]),
@@ -311,7 +383,7 @@ def run_config(args: argparse.Namespace, endpoint: Endpoint, tokenizer_name: str
     """What a saved result needs to be reproduced and compared."""
     return {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "backend": "openai-chat" if endpoint.kind == "chat" else "openai",
+        "backend": args.backend or ("openai-chat" if endpoint.kind == "chat" else "openai"),
         "endpoint_type": endpoint.kind,
         "url": endpoint.url,
         "model_id": endpoint.model,
@@ -344,14 +416,15 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     for noisy in ("httpx", "matplotlib"):  # a log line per request would bury the progress bar
         logging.getLogger(noisy).setLevel(logging.WARNING)
     root = server_root(args)
-    model = args.model or first_served_model(root, args.api_key)
-    tokenizer_name = args.tokenizer or model
-    tokenizer = load_bench_tokenizer(tokenizer_name)
+    model = args.model or first_served_model(root, request_headers(args.api_key, args.extra_headers))
     endpoint = make_endpoint(args, root, model)
+    tokenizer_name = args.tokenizer or model
+    tokenizer = load_bench_tokenizer(tokenizer_name, args.tokenizer is not None, endpoint, root)
     check = asyncio.run(probe(endpoint, args.request_timeout))
     if not check.success:
         print(f"sluice bench serve: the test request to {endpoint.url} failed: {check.error}", file=sys.stderr)
         return 1
+    warm_up(args, endpoint, tokenizer)
     config = run_config(args, endpoint, tokenizer_name)
     if args.sweep_mode:
         result, runs = run_sweep(args, endpoint, tokenizer, config)

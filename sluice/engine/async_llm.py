@@ -103,6 +103,10 @@ class AsyncLLM:
     async def metrics_text(self) -> bytes:
         return await self.client.metrics_text()
 
+    async def call_utility(self, method: str, *args):
+        """A control call to the core (reset_prefix_cache, sleep, wake_up, is_sleeping)."""
+        return await self.client.call_utility(method, *args)
+
     def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         results, to_abort = self.output_processor.process_outputs(outputs)
         self.client.abort(to_abort)

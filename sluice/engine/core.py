@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 
 from sluice.config import EngineConfig
@@ -140,3 +141,53 @@ class EngineCore:
         """Every metric in the Prometheus text format, as they stand now."""
         self.record_stats()
         return self.metrics.render()
+
+    # ---- control: asked for by the API server (/reset_prefix_cache, /sleep, /wake_up) ----
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; False (nothing done) while a request holds blocks."""
+        return self.kv.pool.reset_prefix_cache()
+
+    @property
+    def is_sleeping(self) -> bool:
+        return getattr(self, "sleeping_weights", None) is not None
+
+    def sleep(self, level: int = 1) -> dict:
+        """vLLM's level-1 sleep, on CPU: weights to a disk-backed file, the KV cache's pages
+        dropped (see worker/sleep.py). Only when idle; returns the RSS it freed."""
+        from sluice.worker.sleep import SleepingWeights, drop_kv_cache
+
+        if level != 1:
+            raise ValueError(f"level must be 1 (weights kept on disk, KV cache discarded), got {level}")
+        if self.has_unfinished_requests():
+            raise ValueError("cannot sleep while requests are unfinished; retry when they are done")
+        before = resident_bytes()
+        if not self.is_sleeping:
+            self.reset_prefix_cache()  # the blocks' contents are about to go
+            stop_populating = getattr(self.runner, "_populate_stop", None)
+            if stop_populating is not None:
+                stop_populating.set()
+                self.runner.kv_populator.join(timeout=5)
+            drop_kv_cache(self.runner.kv_caches)
+            self.sleeping_weights = SleepingWeights(self.runner.model)
+        after = resident_bytes()
+        logger.info("engine asleep: RSS %.0f MiB -> %.0f MiB", before / 2**20, after / 2**20)
+        return {"rss_bytes_before": before, "rss_bytes_after": after}
+
+    def wake_up(self) -> dict:
+        """Weights back into memory; the KV cache's pages come back zeroed as they are used."""
+        before = resident_bytes()
+        if self.is_sleeping:
+            self.sleeping_weights.restore()
+            self.sleeping_weights = None
+        after = resident_bytes()
+        logger.info("engine awake: RSS %.0f MiB -> %.0f MiB", before / 2**20, after / 2**20)
+        return {"rss_bytes_before": before, "rss_bytes_after": after}
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

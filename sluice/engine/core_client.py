@@ -56,7 +56,7 @@ class EngineCoreClient:
         self.dead_reason: str | None = None
         self._pending_adds: dict[str, asyncio.Future] = {}
         self._pending_replies: dict[bytes, collections.deque[asyncio.Future]] = {
-            msg.STATS: collections.deque(), msg.READY: collections.deque(),
+            msg.STATS: collections.deque(), msg.READY: collections.deque(), msg.UTILITY: collections.deque(),
         }
         self._tasks: list[asyncio.Task] = []
         # Set by the owner (AsyncLLM); called from the receive loop.
@@ -84,7 +84,7 @@ class EngineCoreClient:
         self._pending_adds[key] = future
         await self.socket.send_multipart([msg.ADD, msg.encode(requests)])
         kind, message = await future
-        if kind == "queue_full":
+        if kind in ("queue_full", "sleeping"):
             raise QueueFullError(message)
         if kind is not None:
             raise ValueError(message)
@@ -98,11 +98,18 @@ class EngineCoreClient:
         """The core's metrics in Prometheus text format."""
         return await self._request(msg.STATS, msg.STATS)
 
-    async def _request(self, kind: bytes, reply_kind: bytes):
+    async def call_utility(self, method: str, *args):
+        """Call a control method of the core (messages.UTILITY_METHODS); its refusal is a ValueError."""
+        result, error = await self._request(msg.UTILITY, msg.UTILITY, [method, list(args)])
+        if error is not None:
+            raise ValueError(error)
+        return result
+
+    async def _request(self, kind: bytes, reply_kind: bytes, body=None):
         self._check_alive()
         future = asyncio.get_running_loop().create_future()
         self._pending_replies[reply_kind].append(future)
-        await self.socket.send_multipart([kind, msg.encode(None)])
+        await self.socket.send_multipart([kind, msg.encode(body)])
         return await future
 
     def _check_alive(self) -> None:

@@ -8,6 +8,8 @@ blocks on the socket only while it has nothing to run.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import json
 import logging
 import multiprocessing
 import os
@@ -43,6 +45,7 @@ class EngineCoreProc:
             "block_size": config.cache.block_size,
             "scheduling_policy": config.scheduler.scheduling_policy,
             "pid": os.getpid(),
+            "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),  # for /server_info
         }
         self.socket = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -76,11 +79,25 @@ class EngineCoreProc:
             self._send(client, msg.STATS, self.core.metrics_text())
         elif kind == msg.HELLO:
             self._send(client, msg.READY, self.info)
+        elif kind == msg.UTILITY:
+            self._send(client, msg.UTILITY, self._utility(*body))
         else:
             logger.warning("engine core: unknown message kind %r", kind)
 
+    def _utility(self, method: str, args: list) -> list:
+        """[result, None], or [None, why] for a refused call (a ValueError of the core's)."""
+        if method not in msg.UTILITY_METHODS:
+            return [None, f"unknown engine core method {method!r}"]
+        try:
+            value = getattr(self.core, method)
+            return [value(*args) if callable(value) else value, None]
+        except ValueError as e:
+            return [None, str(e)]
+
     def _add(self, client: bytes, requests: list) -> tuple[str | None, str | None]:
         """(None, None) when admitted, else (error kind, message)."""
+        if self.core.is_sleeping:
+            return "sleeping", "the engine is sleeping (POST /wake_up to wake it); retry later"
         try:
             self.core.add_requests(requests)
         except QueueFullError as e:

@@ -54,11 +54,16 @@ ADD = b"add"  # list[EngineCoreRequest], the children of one user request, admit
 ABORT = b"abort"  # list[str] request ids
 STATS = b"stats"  # None; the core answers STATS with its metrics in Prometheus text format
 HELLO = b"hello"  # None; the core answers READY with what the API side needs to know
+UTILITY = b"utility"  # [method, args]: a control call (UTILITY_METHODS); the core answers UTILITY
 # core -> API
 ADDED = b"added"  # [first request id, None or the reason it was refused]
 OUTPUTS = b"outputs"  # list[EngineCoreOutput]
-READY = b"ready"  # dict: max_model_len, vocab_size, num_blocks, block_size, pid
+READY = b"ready"  # dict: max_model_len, vocab_size, num_blocks, block_size, pid, config
 FATAL = b"fatal"  # str: the core is going down, every request it held is lost
+# UTILITY answer: [result, None] or [None, error message]
+
+# EngineCore methods an API process may call, with no request in hand.
+UTILITY_METHODS = ("reset_prefix_cache", "sleep", "wake_up", "is_sleeping")
 
 encode = msgspec.msgpack.Encoder().encode
 _decoders = {

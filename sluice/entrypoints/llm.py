@@ -63,6 +63,18 @@ class LLM:
         """The engine's counters and gauges under vLLM's metric names (labels summed)."""
         return self.engine_core.get_stats()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's LLM.reset_prefix_cache)."""
+        return self.engine_core.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> dict:
+        """Give the idle engine's memory back: weights to a disk-backed file, KV cache dropped.
+        Returns the RSS before and after; call wake_up() before generating at full speed."""
+        return self.engine_core.sleep(level)
+
+    def wake_up(self) -> dict:
+        return self.engine_core.wake_up()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],

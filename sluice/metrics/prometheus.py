@@ -1,5 +1,7 @@
 """The engine's Prometheus metrics, under vLLM's names, so dashboards and alerts carry over.
 
+Every engine metric carries vLLM's `engine` label (the engine index, "0" here) beside
+`model_name`; the few gauges vLLM lacks use a `sluice:` prefix, so they never pose as vLLM's.
 They live in the engine core, on a registry of their own: the core sees every request whichever
 API process sent it, so the figures stay exact with `--api-server-count N`. API processes fetch
 the rendered text and add their own HTTP metrics (see `metrics/http.py`).
@@ -10,10 +12,11 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from sluice.config import EngineConfig
-from sluice.metrics.stats import IterationStats, SchedulerStats
+from sluice.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 WAITING_REASONS = ("capacity", "deferred")
+ENGINE_INDEX = "0"  # vLLM's `engine` label; one engine core per server here
 
 # Bucket boundaries as vLLM's, so percentiles from either engine compare.
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -22,6 +25,7 @@ ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                10.0, 20.0, 40.0, 80.0]
 REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                            60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+PREEMPTION_BUCKETS = [0, 1, 2, 5, 10, 20, 50, 100]
 KV_BLOCK_BUCKETS = [0.001, 0.01, 0.1, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0]
 
 
@@ -41,7 +45,8 @@ class PrometheusStatLogger:
     def __init__(self, config: EngineConfig, max_model_len: int, num_blocks: int) -> None:
         self.registry = CollectorRegistry()
         self.model_name = config.model_name
-        labels = ["model_name"]
+        labels = ["model_name", "engine"]
+        m = (self.model_name, ENGINE_INDEX)  # every metric's own label values come after these
 
         def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
             return Gauge(name, doc, labels + list(extra), registry=self.registry)
@@ -50,31 +55,32 @@ class PrometheusStatLogger:
             return Counter(name, doc, labels + list(extra), registry=self.registry)
 
         def histogram(name: str, doc: str, buckets: list) -> Histogram:
-            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry).labels(self.model_name)
+            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry).labels(*m)
 
-        m = self.model_name
-        self.running = gauge("vllm:num_requests_running", "Requests in the running batch.").labels(m)
-        self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.").labels(m)
+        self.running = gauge("vllm:num_requests_running", "Requests in the running batch.").labels(*m)
+        self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.").labels(*m)
         by_reason = gauge("vllm:num_requests_waiting_by_reason",
                           "Waiting requests: capacity (no room yet) or deferred (waiting on a grammar).",
                           ("reason",))
-        self.waiting_by_reason = {reason: by_reason.labels(m, reason) for reason in WAITING_REASONS}
-        self.waiting_tokens = gauge("vllm:num_waiting_tokens", "Prompt tokens the waiting queue still has to compute.").labels(m)
-        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV cache usage: 1 means every block is held.").labels(m)
-        self.free_blocks = gauge("vllm:num_free_blocks", "KV blocks no request holds (prefix-cached ones included).").labels(m)
-        self.total_blocks = gauge("vllm:num_total_blocks", "Usable KV blocks.").labels(m)
+        self.waiting_by_reason = {reason: by_reason.labels(*m, reason) for reason in WAITING_REASONS}
+        self.waiting_tokens = gauge("sluice:num_waiting_tokens", "Prompt tokens the waiting queue still has to compute.").labels(*m)
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV cache usage: 1 means every block is held.").labels(*m)
+        self.free_blocks = gauge("sluice:num_free_blocks", "KV blocks no request holds (prefix-cached ones included).").labels(*m)
+        self.total_blocks = gauge("sluice:num_total_blocks", "Usable KV blocks.").labels(*m)
         cache_info = gauge("vllm:cache_config_info", "KV cache configuration.",
                            ("block_size", "num_gpu_blocks", "enable_prefix_caching"))
-        cache_info.labels(m, str(config.cache.block_size), str(num_blocks),
+        cache_info.labels(*m, str(config.cache.block_size), str(num_blocks),
                           str(config.cache.enable_prefix_caching)).set(1)
 
-        self.preemptions = counter("vllm:num_preemptions", "Preemptions (a request's KV freed; it recomputes).").labels(m)
-        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed.").labels(m)
-        self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.").labels(m)
-        self.prefix_queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.").labels(m)
-        self.prefix_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.").labels(m)
+        self.preemptions = counter("vllm:num_preemptions", "Preemptions (a request's KV freed; it recomputes).").labels(*m)
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed.").labels(*m)
+        self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.").labels(*m)
+        self.prefix_queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.").labels(*m)
+        self.prefix_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.").labels(*m)
+        self.prompt_tokens_cached = counter("vllm:prompt_tokens_cached",
+                                            "Prompt tokens of finished requests served from the prefix cache.").labels(*m)
         success = counter("vllm:request_success", "Finished requests, by finish reason.", ("finished_reason",))
-        self.success = {reason: success.labels(m, reason) for reason in FINISH_REASONS}
+        self.success = {reason: success.labels(*m, reason) for reason in FINISH_REASONS}
 
         tokens = buckets_1_2_5(max_model_len)
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Arrival to first token.", TTFT_BUCKETS)
@@ -88,9 +94,14 @@ class PrometheusStatLogger:
         self.request_prompt = histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", tokens)
         self.request_generation = histogram("vllm:request_generation_tokens", "Generated tokens per request.", tokens)
         self.request_max_tokens = histogram("vllm:request_params_max_tokens", "max_tokens per request.", tokens)
+        self.request_max_generation = histogram("vllm:request_max_num_generation_tokens",
+                                                "Most tokens generated by one of a request's n sequences.", tokens)
+        self.request_preemptions = histogram("vllm:request_num_preemptions", "Preemptions per finished request.",
+                                             PREEMPTION_BUCKETS)
         self.request_n = histogram("vllm:request_params_n", "n per request.", [1, 2, 5, 10, 20])
         self.iteration_tokens = histogram("vllm:iteration_tokens_total", "Tokens computed per engine step.",
                                           buckets_1_2_5(max(config.scheduler.max_num_batched_tokens, 1)))
+        self.siblings: dict[str, tuple[int, int]] = {}  # parent id -> (children finished, most tokens)
         self.kv_block_metrics = config.observability.kv_cache_metrics
         if self.kv_block_metrics:
             self.block_lifetime = histogram("vllm:kv_block_lifetime_seconds",
@@ -132,10 +143,28 @@ class PrometheusStatLogger:
             self.request_generation.observe(req.num_generation_tokens)
             self.request_max_tokens.observe(req.max_tokens)
             self.request_n.observe(req.n)
+            self.request_preemptions.observe(req.num_preemptions)
+            self.prompt_tokens_cached.inc(req.num_cached_tokens)
+            self.observe_max_generation(req)
         if self.kv_block_metrics:
             observe(self.block_lifetime, it.kv_blocks.lifetimes)
             observe(self.block_idle, it.kv_blocks.idle_before_evict)
             observe(self.block_reuse, it.kv_blocks.reuse_gaps)
+
+    def observe_max_generation(self, req: FinishedRequestStats) -> None:
+        """The longest of a user request's n sequences, once its last one finishes (the core
+        sees each of them as a request "<parent id>-<index>")."""
+        if req.n == 1:
+            self.request_max_generation.observe(req.num_generation_tokens)
+            return
+        parent = req.request_id.rsplit("-", 1)[0]
+        done, longest = self.siblings.get(parent, (0, 0))
+        done, longest = done + 1, max(longest, req.num_generation_tokens)
+        if done < req.n:
+            self.siblings[parent] = (done, longest)
+        else:
+            self.siblings.pop(parent, None)
+            self.request_max_generation.observe(longest)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -75,3 +75,20 @@ def test_gamma_arrivals_have_the_asked_rate_and_spread(burstiness):
     # A gamma with shape k has coefficient of variation 1/sqrt(k): 1 for Poisson arrivals.
     assert gaps.std() / gaps.mean() == pytest.approx(1 / np.sqrt(burstiness), rel=0.05)
     assert arrival_times(50, 10.0, burstiness, seed=3) == times[:50]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--backend", "openai", "--endpoint", "/v1/chat/completions"],
+     "--backend openai sends a completions body, but --endpoint /v1/chat/completions is a chat endpoint"),
+    (["--backend", "tgi"], "argument --backend: invalid choice"),
+    (["--header", "x-tenant"], "--header: 'x-tenant' is not KEY=VALUE"),
+    (["--extra-body", "[1]"], "--extra-body: expected a JSON object"),
+    (["--extra-body", "{bad"], "--extra-body: not JSON"),
+    (["--num-warmups", "-1"], "--num-warmups must be >= 0"),
+    (["--random-prefix-len", "-1"], "--random-prefix-len must be >= 0"),
+])
+def test_vllm_flag_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "serve", "--model", MODEL_NAME, *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -22,7 +22,7 @@ def records() -> list[RequestRecord]:
 def test_summary_follows_vllm_definitions():
     s = summarize(records(), duration=2.0, percentiles=[50, 99], goodput={"ttft": 150})
     assert (s["completed"], s["failed"], s["errors"]) == (2, 1, {"HTTP 503: queue full": 1})
-    assert (s["total_input_tokens"], s["total_output_tokens"], s["total_output_tokens_usage"]) == (30, 5, 5)
+    assert (s["total_input_tokens"], s["total_output_tokens"]) == (30, 5)
     assert s["request_throughput"] == 1.0 and s["output_throughput"] == 2.5 and s["total_token_throughput"] == 17.5
     assert s["mean_ttft_ms"] == pytest.approx(150) and s["p50_ttft_ms"] == pytest.approx(150)
     assert s["p99_ttft_ms"] == pytest.approx(199)  # numpy's linear interpolation, as vLLM
@@ -58,15 +58,20 @@ def test_max_concurrency_back_to_back_is_not_overlap():
 def test_empty_metrics_are_none_not_zero():
     s = summarize([records()[2]], duration=1.0)
     assert s["completed"] == 0 and s["mean_ttft_ms"] is None and s["p99_itl_ms"] is None
-    assert s["total_output_tokens_usage"] is None
+    assert s["total_output_tokens"] == s["total_output_tokens_retokenized"] == 0
 
 
-def test_output_tokens_are_counted_on_the_returned_text(tokenizer):
+def test_output_tokens_are_the_servers_usage_else_the_returned_text(tokenizer):
+    """vLLM's total_output_tokens counts the server's usage; the re-tokenized count sits beside it."""
     recs = records()
     recs[0].text, recs[1].text = "hello world", ""
+    recs[1].usage_output_tokens = None
     count_output_tokens(recs, tokenizer)
-    assert recs[0].output_tokens == len(tokenizer.encode("hello world", add_special_tokens=False))
-    assert recs[1].output_tokens == 0
+    retokenized = len(tokenizer.encode("hello world", add_special_tokens=False))
+    assert (recs[0].output_tokens, recs[0].output_tokens_retokenized) == (3, retokenized)
+    assert recs[1].output_tokens == recs[1].output_tokens_retokenized == 0
+    s = summarize(recs, duration=1.0)
+    assert (s["total_output_tokens"], s["total_output_tokens_retokenized"]) == (3, retokenized)
 
 
 def test_parse_goodput():

@@ -22,15 +22,16 @@ def check_run(result: dict, tokenizer, num_prompts: int, failed: int = 0) -> lis
     done = [r for r in records if r["success"]]
     for r in done:
         assert r["error"] == ""
-        # Headline count: the returned text re-tokenized; the server's usage sits beside it.
-        assert r["output_tokens"] == len(tokenizer.encode(r["text"], add_special_tokens=False))
+        # Headline count: the server's usage (as vLLM's); the returned text re-tokenized sits beside it.
         assert r["usage_output_tokens"] is not None and r["usage_prompt_tokens"] is not None
+        assert r["output_tokens"] == r["usage_output_tokens"]
+        assert r["output_tokens_retokenized"] == len(tokenizer.encode(r["text"], add_special_tokens=False))
         assert 0 < r["ttft_s"] <= r["e2el_s"]
         assert r["chunk_times_s"][0] == r["ttft_s"] and r["chunk_times_s"] == sorted(r["chunk_times_s"])
         assert len(r["itl_s"]) == len(r["chunk_times_s"]) - 1
         assert r["start_s"] >= 0
-    assert result["total_output_tokens"] == sum(r["output_tokens"] for r in done)
-    assert result["total_output_tokens_usage"] == sum(r["usage_output_tokens"] for r in done)
+    assert result["total_output_tokens"] == sum(r["usage_output_tokens"] for r in done)
+    assert result["total_output_tokens_retokenized"] == sum(r["output_tokens_retokenized"] for r in done)
     assert result["total_input_tokens"] == sum(r["prompt_len"] for r in done)
     assert result["total_input_tokens_usage"] == sum(r["usage_prompt_tokens"] for r in done)
     assert result["duration"] > 0
@@ -61,8 +62,8 @@ def test_random_fixed_concurrency_ignore_eos(bench, tokenizer, tmp_path, capsys)
         # Exact input lengths: what the dataset counted is what the server counted.
         assert r["prompt_len"] == r["usage_prompt_tokens"] == 32
         # ignore_eos: the server made exactly the asked length; re-tokenizing its text may merge a pair.
-        assert r["expected_output_len"] == r["usage_output_tokens"] == 8
-        assert abs(r["output_tokens"] - 8) <= 1
+        assert r["expected_output_len"] == r["usage_output_tokens"] == r["output_tokens"] == 8
+        assert abs(r["output_tokens_retokenized"] - 8) <= 1
         assert r["finish_reason"] == "length"
     assert result["goodput_targets_ms"] == {"ttft": 600000, "e2el": 600000}
     assert result["request_goodput"] == pytest.approx(result["request_throughput"])  # every request met them

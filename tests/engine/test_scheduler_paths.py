@@ -62,7 +62,7 @@ def test_preemption_equals_lone(lone_reference):
     total = llm.get_metrics()["vllm:num_preemptions"]
     assert total > 0
     assert sum(o.metrics["num_preemptions"] for o in outs) == total
-    assert llm.get_metrics()["vllm:num_free_blocks"] == 13
+    assert llm.get_metrics()["sluice:num_free_blocks"] == 13
 
 
 def test_prefix_cache_hits_equal_lone(lone_reference):

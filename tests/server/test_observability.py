@@ -88,12 +88,15 @@ def test_every_metric_carries_vllm_names_and_the_model_label(observed):
         "vllm:request_decode_time_seconds_bucket", "vllm:request_prompt_tokens_bucket",
         "vllm:request_generation_tokens_bucket", "vllm:iteration_tokens_total_bucket",
         "vllm:kv_block_lifetime_seconds_bucket", "vllm:kv_block_idle_before_evict_seconds_bucket",
-        "vllm:kv_block_reuse_gap_seconds_bucket", "http_requests_total",
+        "vllm:kv_block_reuse_gap_seconds_bucket", "vllm:prompt_tokens_cached_total",
+        "vllm:request_max_num_generation_tokens_bucket", "vllm:request_num_preemptions_bucket",
+        "sluice:num_free_blocks", "sluice:num_total_blocks", "sluice:num_waiting_tokens", "http_requests_total",
     ):
         assert name in names, name
+    assert not {"vllm:num_free_blocks", "vllm:num_total_blocks", "vllm:num_waiting_tokens"} & names
     for name, labels, _ in parse_samples(text):
-        if name.startswith("vllm:"):
-            assert labels["model_name"] == MODEL, (name, labels)
+        if name.startswith(("vllm:", "sluice:")):
+            assert labels["model_name"] == MODEL and labels["engine"] == "0", (name, labels)
     reasons = {l["reason"] for n, l, _ in parse_samples(text) if n == "vllm:num_requests_waiting_by_reason"}
     assert reasons == {"capacity", "deferred"}
     finish = {l["finished_reason"] for n, l, _ in parse_samples(text) if n == "vllm:request_success_total"}
@@ -121,6 +124,8 @@ def test_counts_are_exact_for_a_known_workload(observed):
     assert delta(before, after, "vllm:inter_token_latency_seconds_count") == 3 * 7
     assert delta(before, after, "vllm:request_prompt_tokens_sum") == prompt_tokens
     assert delta(before, after, "vllm:request_generation_tokens_sum") == 24
+    assert delta(before, after, "vllm:request_max_num_generation_tokens_sum") == 24
+    assert delta(before, after, "vllm:request_num_preemptions_count") == 3
     # Every prompt token is computed once, and every generated token but the last is fed back.
     assert delta(before, after, "vllm:iteration_tokens_total_sum") == prompt_tokens + 3 * 7
     assert after["vllm:num_requests_running"] == after["vllm:num_requests_waiting"] == 0
@@ -136,6 +141,7 @@ def test_a_repeated_prefix_is_counted_as_hits(observed):
     after = observed.metrics()
     assert delta(before, after, "vllm:prefix_cache_queries_total") == len(second)
     assert delta(before, after, "vllm:prefix_cache_hits_total") == len(prefix)
+    assert delta(before, after, "vllm:prompt_tokens_cached_total") == len(prefix)
     # Each block found in the cache is one reuse of that block.
     assert delta(before, after, "vllm:kv_block_reuse_gap_seconds_count") == len(prefix) // BLOCK_SIZE
 
@@ -163,6 +169,10 @@ def test_preemptions_with_a_tiny_cache_are_counted_exactly(observed):
     assert delta(before, after, "vllm:num_preemptions_total") == expected
     assert delta(before, after, "vllm:generation_tokens_total") == n * max_tokens
     assert delta(before, after, "vllm:e2e_request_latency_seconds_count") == n
+    assert delta(before, after, "vllm:request_num_preemptions_sum") == expected
+    # One user request of n sequences: one observation, its longest sequence.
+    assert delta(before, after, "vllm:request_max_num_generation_tokens_count") == 1
+    assert delta(before, after, "vllm:request_max_num_generation_tokens_sum") == max_tokens
     # Recomputed tokens show up as extra work per step, never as extra prompt tokens.
     assert delta(before, after, "vllm:prompt_tokens_total") == n * len(prompt)
     evictions = delta(before, after, "vllm:kv_block_lifetime_seconds_count")

@@ -165,7 +165,7 @@ def assert_aborted_and_freed(server, before: dict[str, float]) -> None:
     after = wait_for_idle(server)
     assert after["vllm:num_requests_running"] == 0
     assert after["vllm:kv_cache_usage_perc"] == 0
-    assert after["vllm:num_free_blocks"] == before["vllm:num_free_blocks"]
+    assert after["sluice:num_free_blocks"] == before["sluice:num_free_blocks"]
     assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < LONG["max_tokens"]
 
 

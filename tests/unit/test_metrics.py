@@ -58,7 +58,26 @@ def test_counters_and_histograms_match_the_workload():
     assert s["vllm:request_generation_tokens_sum"] == 10
     assert s["vllm:iteration_tokens_total_sum"] == (21 - 8) + 2 * 4  # prompt tokens not hit, fed-back tokens
     assert s["vllm:num_requests_running"] == s["vllm:num_requests_waiting"] == 0
-    assert metrics.values()["vllm:num_free_blocks"] == 63
+    assert s["vllm:prompt_tokens_cached_total"] == 8
+    assert s["vllm:request_max_num_generation_tokens_sum"] == 10
+    assert s["vllm:request_num_preemptions_count"] == 2 and s["vllm:request_num_preemptions_sum"] == 0
+    assert metrics.values()["sluice:num_free_blocks"] == 63
+
+
+def test_engine_metrics_carry_the_engine_label_and_n_children_count_once():
+    """vLLM's `engine` label on every engine metric; the longest of n sequences is one observation."""
+    metrics = PrometheusStatLogger(EngineConfig.from_kwargs(), 1024, 64)
+    it = IterationStats()
+    for index, tokens in enumerate((3, 9, 5)):
+        it.finished.append(FinishedRequestStats(f"cmpl-x-{index}", "length", 4, tokens, 9, 3, 0.0, 0.0, 0.0, 0.0, 1.0))
+    metrics.record(SchedulerStats(), it)
+    families = list(text_string_to_metric_families(metrics.render().decode()))
+    for family in families:
+        for sample in family.samples:
+            assert sample.labels["engine"] == "0", sample
+    s = samples(metrics)
+    assert s["vllm:request_max_num_generation_tokens_count"] == 1
+    assert s["vllm:request_max_num_generation_tokens_sum"] == 9
 
 
 def test_a_later_request_hits_the_prefix_and_reuses_its_blocks():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -18,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -26,6 +28,7 @@ import uuid
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -35,6 +38,8 @@ from sluice.config import DEFAULT_MODEL, EngineConfig
 from sluice.engine.arg_utils import engine_config, json_object
 from sluice.engine.async_llm import AsyncLLM
 from sluice.engine.core_proc import remove_address, start_engine_core
+from sluice.entrypoints.openai.anthropic import add_messages_routes
+from sluice.entrypoints.openai.engine_routes import add_engine_routes
 from sluice.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -54,6 +59,7 @@ from sluice.entrypoints.openai.serving import (
     api_error_from_exception,
 )
 from sluice.entrypoints.openai.reasoning import REASONING_PARSERS
+from sluice.entrypoints.openai.responses import add_responses_routes
 from sluice.entrypoints.openai.tool_calls import TOOL_PARSERS
 from sluice.metrics.http import MULTIPROC_ENV, HttpMetrics, HttpMetricsMiddleware
 
@@ -71,25 +77,40 @@ class ServerState:
     """What the gatekeeper and the routes share in one API process."""
 
     def __init__(self, engine: AsyncLLM, serving: OpenAIServing, api_keys: list[str], public_paths: set[str],
-                 request_id_headers: bool = False) -> None:
+                 request_id_headers: bool = False, root_path: str = "") -> None:
         self.engine = engine
         self.request_id_headers = request_id_headers  # --enable-request-id-headers
         self.serving = serving
         self.api_keys = [key.encode() for key in api_keys]
         self.public_paths = public_paths
+        self.root_path = root_path.rstrip("/")
         self.draining = False
         self.http_metrics = HttpMetrics()
 
+    def route_path(self, scope: dict) -> str:
+        """The path the routes see: a --root-path prefix, when the proxy kept it, comes off."""
+        path = scope["path"]
+        if self.root_path and (path == self.root_path or path.startswith(self.root_path + "/")):
+            return path[len(self.root_path):] or "/"
+        return path
+
     def authorized(self, scope: dict) -> bool:
-        if not self.api_keys or scope["path"] in self.public_paths:
+        if not self.api_keys or self.route_path(scope) in self.public_paths:
             return True
-        header = dict(scope.get("headers") or []).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
+        headers = dict(scope.get("headers") or [])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         if scheme.lower() != b"bearer":
-            return False
+            token = headers.get(b"x-api-key", b"")  # how Anthropic's clients send the key
+            if not token:
+                return False
         # Compare with every key, constant time each, so timing reveals neither key nor match.
         matches = [hmac.compare_digest(token.strip(), key) for key in self.api_keys]
         return any(matches)
+
+    async def health(self) -> Response:
+        if not self.engine.alive:
+            return error_response(APIError(f"the engine core is dead: {self.engine.client.dead_reason}", 503))
+        return Response(status_code=200)
 
 
 class Gatekeeper:
@@ -108,8 +129,8 @@ class Gatekeeper:
                 error = APIError("the server is shutting down", 503, headers={"Retry-After": str(RETRY_AFTER_S)})
                 return await error_response(error)(scope, receive, send)
             if not self.state.authorized(scope):
-                error = APIError("missing or invalid API key (send 'Authorization: Bearer <key>')", 401,
-                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                error = APIError("missing or invalid API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')",
+                                 401, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 return await error_response(error)(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -224,8 +245,11 @@ async def run_until_disconnect(request: Request, work) -> Response:
     return task.result()
 
 
-def build_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="sluice", version=sluice.__version__)
+def build_app(state: ServerState, args: argparse.Namespace | None = None) -> FastAPI:
+    docs = not (args and args.disable_fastapi_docs)
+    app = FastAPI(title="sluice", version=sluice.__version__, openapi_url="/openapi.json" if docs else None,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
+    app.root_path = state.root_path  # routes answer with and without the prefix
     app.state.sluice = state
     serving = state.serving
 
@@ -290,9 +314,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if not state.engine.alive:
-            return error_response(APIError(f"the engine core is dead: {state.engine.client.dead_reason}", 503))
-        return Response(status_code=200)
+        return await state.health()
 
     @app.get("/version")
     async def version() -> dict:
@@ -303,6 +325,9 @@ def build_app(state: ServerState) -> FastAPI:
         text = await state.engine.metrics_text() + state.http_metrics.render()
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    add_engine_routes(app, state, respond, trace_headers, bool(args and args.enable_sleep_mode))
+    add_responses_routes(app, serving, respond, trace_headers)
+    add_messages_routes(app, serving, respond, trace_headers)
     return app
 
 
@@ -407,15 +432,16 @@ async def serve_http(args: argparse.Namespace, address: str, core_pid: int, sock
     )
     OpenAIModel.strict_fields = args.strict_request_fields
     public = set(ALWAYS_PUBLIC) | set(split_list(args.public_endpoints))
-    state = ServerState(engine, serving, api_keys(args), public, args.enable_request_id_headers)
+    state = ServerState(engine, serving, api_keys(args), public, args.enable_request_id_headers, args.root_path)
     max_body = args.max_request_body_bytes or default_max_request_body_bytes(engine.input_processor.max_prompt_chars)
-    app = BodyGuard(build_app(state), max_body)
-    app = Gatekeeper(ConcurrencyLimit(app, args.limit_concurrency), state)
+    app = BodyGuard(build_app(state, args), max_body)
+    # CORS outside the gatekeeper: a browser's preflight carries no API key.
+    app = cors(Gatekeeper(ConcurrencyLimit(app, args.limit_concurrency), state), args)
     config = uvicorn.Config(
         HttpMetricsMiddleware(app, state.http_metrics), log_level=args.uvicorn_log_level,
         ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
         ssl_cert_reqs=args.ssl_cert_reqs, timeout_graceful_shutdown=5, timeout_keep_alive=args.timeout_keep_alive,
-        http=read_deadline_protocol(args.timeout_request_read),
+        http=read_deadline_protocol(args.timeout_request_read), access_log=not args.disable_uvicorn_access_log,
     )
     asyncio.get_running_loop().set_exception_handler(RateLimitedLoopErrors())
     logger.info("HTTP limits: request bodies up to %d bytes, %s s to send a request, %s s keep-alive, %s concurrent "
@@ -427,8 +453,7 @@ async def serve_http(args: argparse.Namespace, address: str, core_pid: int, sock
     server = DrainingServer(config, state, args.shutdown_timeout)
     server.loop = asyncio.get_running_loop()
     watcher = asyncio.ensure_future(server.exit_when_engine_dies())
-    scheme = "https" if args.ssl_certfile else "http"
-    logger.info("serving %s on %s://%s:%d", ", ".join(serving.served_model_names), scheme, args.host, sock.getsockname()[1])
+    logger.info("serving %s on %s", ", ".join(serving.served_model_names), listening_on(args, sock))
     try:
         await server.serve(sockets=[sock])
     finally:
@@ -452,7 +477,7 @@ def run_api_process(args: argparse.Namespace, address: str, core_pid: int, sock:
 # ---- the launcher ---------------------------------------------------------------------------
 def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
     """Bind, start the core, serve; returns the exit code (non-zero if the core died)."""
-    sock = bind_socket(args.host, args.port)
+    sock = bind_unix_socket(args.uds) if args.uds else bind_socket(args.host, args.port)
     core, address = start_engine_core(config)
     try:
         if args.api_server_count == 1:
@@ -464,6 +489,9 @@ def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
         if core.is_alive():
             core.kill()
         remove_address(address)
+        if args.uds:
+            with contextlib.suppress(OSError):
+                os.unlink(args.uds)
 
 
 def run_api_processes(args: argparse.Namespace, address: str, core_pid: int, sock: socket.socket) -> int:
@@ -512,7 +540,52 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def bind_unix_socket(path: str) -> socket.socket:
+    """--uds: listen on a Unix domain socket instead of TCP (a stale socket file is replaced)."""
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise SystemExit(f"--uds {path}: exists and is not a socket")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def listening_on(args: argparse.Namespace, sock: socket.socket) -> str:
+    if args.uds:
+        return f"unix:{args.uds}"
+    scheme = "https" if args.ssl_certfile else "http"
+    return f"{scheme}://{args.host}:{sock.getsockname()[1]}{args.root_path}"
+
+
+def cors(app, args: argparse.Namespace):
+    """FastAPI's CORSMiddleware when --allowed-origins names any origin; else no CORS headers at
+    all, so browsers refuse cross-origin calls (and preflights get no special answer)."""
+    origins = json_or_split(args.allowed_origins)
+    if not origins:
+        return app
+    return CORSMiddleware(app, allow_origins=origins, allow_methods=json_or_split(args.allowed_methods),
+                          allow_headers=json_or_split(args.allowed_headers), allow_credentials=args.allow_credentials)
+
+
 # ---- flags -------------------------------------------------------------------------------
+def json_or_split(value: str | None) -> list[str]:
+    """vLLM's CORS flags take a JSON list ('["*"]'); a plain 'a,b' works too."""
+    if not value:
+        return []
+    if value.lstrip().startswith("["):
+        try:
+            items = json.loads(value)
+        except ValueError as exc:
+            raise SystemExit(f"not a JSON list: {value!r} ({exc})") from None
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise SystemExit(f"expected a JSON list of strings, got {value!r}")
+        return items
+    return split_list([value])
+
+
 def split_list(values: list[str] | None) -> list[str]:
     """Flags that take 'a,b' or several values or both."""
     return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
@@ -622,6 +695,28 @@ def add_request_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enable-prompt-tokens-details", action="store_true",
                        help="report usage.prompt_tokens_details.cached_tokens (prefix-cache hits)")
 
+    group = parser.add_argument_group("server: HTTP surface")
+    group.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                       help='origins allowed cross-origin calls, a JSON list (\'["https://app.example"]\', '
+                            '\'["*"]\') or comma-separated (default: none, no cross-origin access)')
+    group.add_argument("--allowed-methods", default='["*"]', metavar="METHODS",
+                       help="HTTP methods allowed cross-origin (with --allowed-origins)")
+    group.add_argument("--allowed-headers", default='["*"]', metavar="HEADERS",
+                       help="request headers allowed cross-origin (with --allowed-origins)")
+    group.add_argument("--allow-credentials", action="store_true",
+                       help="let cross-origin calls carry credentials (cookies, Authorization)")
+    group.add_argument("--root-path", default="", metavar="PATH",
+                       help="path prefix the server is mounted under behind a proxy, e.g. /llm; routes "
+                            "answer with and without it")
+    group.add_argument("--uds", default=None, metavar="PATH",
+                       help="serve on this Unix domain socket instead of --host/--port")
+    group.add_argument("--disable-uvicorn-access-log", action="store_true", help="no per-request access log lines")
+    group.add_argument("--disable-fastapi-docs", action="store_true",
+                       help="no /docs, /redoc or /openapi.json")
+    group.add_argument("--enable-sleep-mode", action="store_true",
+                       help="add POST /sleep, POST /wake_up and GET /is_sleeping: an idle engine gives its "
+                            "memory back (weights to a disk-backed file, KV cache dropped) until woken")
+
 
 def check_server_args(args: argparse.Namespace) -> None:
     if args.lora_modules:
@@ -639,6 +734,12 @@ def check_server_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+    if args.root_path and not args.root_path.startswith("/"):
+        raise SystemExit(f"--root-path must start with '/', got {args.root_path!r}")
+    if args.uds and args.ssl_certfile:
+        raise SystemExit("--uds serves plain HTTP on a local socket; leave out --ssl-certfile")
+    for flag in ("allowed_origins", "allowed_methods", "allowed_headers"):
+        json_or_split(getattr(args, flag))  # exits naming the bad value
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         raise SystemExit("--ssl-keyfile and --ssl-certfile must be given together")
     for path in (args.ssl_keyfile, args.ssl_certfile, args.ssl_ca_certs):

@@ -1,0 +1,51 @@
+"""What the Responses and Anthropic Messages APIs share: each request becomes a chat completion
+request, runs through the one chat path (template, tools, structured output, engine), and its
+result or chunk stream is re-shaped into the other API's objects.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pydantic
+
+from sluice.entrypoints.openai.protocol import APIError, ChatCompletionRequest, validation_error_to_api_error
+
+
+def chat_request(body: dict[str, Any], renames: dict[str, str]) -> ChatCompletionRequest:
+    """A ChatCompletionRequest from a chat-shaped dict; errors name the caller's own fields
+    (`renames`: chat field -> the other API's)."""
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except pydantic.ValidationError as exc:
+        error = validation_error_to_api_error(exc)
+        for chat_name, name in renames.items():
+            error.message = error.message.replace(chat_name, name)
+            if error.param and error.param.startswith(chat_name):
+                error.param = name + error.param[len(chat_name):]
+        raise error from exc
+
+
+async def chat_chunks(frames: AsyncIterator[str]) -> AsyncIterator[dict]:
+    """The chat.completion.chunk dicts of a chat SSE stream; its error event raises APIError.
+    Closing this closes the stream, which aborts the engine request."""
+    try:
+        async for frame in frames:
+            data = frame.removeprefix("data: ").strip()
+            if data == "[DONE]":
+                return
+            chunk = json.loads(data)
+            if "error" in chunk:
+                error = chunk["error"]
+                raise APIError(error.get("message") or "generation failed", 500, type=error.get("type"),
+                               param=error.get("param"), code=error.get("code"))
+            yield chunk
+    finally:
+        await frames.aclose()
+
+
+def sse_event(event: str, data: dict) -> str:
+    """A named server-sent event, as both the Responses and the Messages API stream them."""
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
