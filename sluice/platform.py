@@ -33,6 +33,7 @@ def _cpuinfo() -> dict[str, str]:
     return fields
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (/proc/cpuinfo); empty where that can't be read."""
     return frozenset(_cpuinfo().get("flags", "").split())
