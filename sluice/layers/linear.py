@@ -11,6 +11,8 @@ F.linear, which is oneDNN on CPU (AMX where the CPU has it) and cuBLAS on CUDA. 
 linear_path.py for how the choice is made.
 """
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,8 @@ from torch import nn
 from sluice.layers import native
 from sluice.layers.activation import silu_and_mul
 from sluice.layers.linear_path import choose_path
+
+logger = logging.getLogger(__name__)
 
 
 class Linear(nn.Linear):
@@ -62,10 +66,10 @@ def pack_linears(model: nn.Module) -> int:
     owners: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         owners[id(param)] = owners.get(id(param), 0) + 1
-    packed = 0
-    for module in model.modules():
-        if isinstance(module, Linear) and choose_path(module) == "native":
-            packed += module.pack(drop_weight=owners[id(module.weight)] == 1)
+    linears = [module for module in model.modules() if isinstance(module, Linear)]
+    packed = sum(module.pack(drop_weight=owners[id(module.weight)] == 1)
+                 for module in linears if choose_path(module) == "native")
+    logger.info("linear layers: %d on the packed native kernel, %d on F.linear", packed, len(linears) - packed)
     return packed
 
 
