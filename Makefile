@@ -22,8 +22,14 @@ serve: venv
 chat: venv
 	$(VENV)/bin/sluice chat
 
+# Second leg: the portable PyTorch path (no C kernels) keeps parity with transformers. float32
+# never takes the C kernels, so the first leg already runs those tests on the portable path;
+# this leg reruns only the bfloat16 ones, where the two paths differ.
+PORTABLE_TESTS := tests/models tests/unit/test_attention.py tests/engine
+
 test: venv
 	$(VENV)/bin/python -m pytest -q tests
+	SLUICE_DISABLE_NATIVE=1 $(VENV)/bin/python -m pytest -q $(PORTABLE_TESTS) -k "bfloat16 or bf16"
 
 bench: venv
 	$(VENV)/bin/python benchmarks/throughput.py

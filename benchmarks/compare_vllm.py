@@ -656,7 +656,7 @@ def main() -> int:
     if args.w1_worker:
         w1_worker(args.w1_worker, args.model_dir, args.prompts)
         return 0
-    from sluice.config import cache_dir  # the orchestrator runs in sluice's venv
+    from sluice.platform import cache_dir  # the orchestrator runs in sluice's venv
 
     plan = QUICK if args.quick else FULL
     if args.w1_shape:

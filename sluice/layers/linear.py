@@ -4,12 +4,14 @@ q/k/v become one `qkv_proj`, gate/up one `gate_up_proj`. They stay nn.Linear sub
 (weight [sum(out), in]) and know where each checkpoint shard lives, which is what weight
 loading needs today and what LoRA wrappers / tensor-parallel shards will hook into later.
 
-On CPUs with AVX-512 BF16, `pack_linears` repacks every bf16 weight once after loading
-into the native kernel's panel layout (sluice/layers/csrc/gemm.c) and drops the original:
-the kernel streams each weight once per step at batch 1 and fuses the residual add and
-the gated activation into the matmul's output pass. Elsewhere the layers stay plain
-F.linear.
+Each layer runs one of two paths, chosen per layer shape at load (`pack_linears`): the native
+packed kernel (sluice/layers/csrc/gemm.c, CPUs with AVX-512 BF16: the weight repacked once into
+panels, the residual add and the gated activation fused into the matmul's output pass), or
+F.linear, which is oneDNN on CPU (AMX where the CPU has it) and cuBLAS on CUDA. See
+linear_path.py for how the choice is made.
 """
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,9 @@ from torch import nn
 
 from sluice.layers import native
 from sluice.layers.activation import silu_and_mul
+from sluice.layers.linear_path import choose_path
+
+logger = logging.getLogger(__name__)
 
 
 class Linear(nn.Linear):
@@ -37,8 +42,15 @@ class Linear(nn.Linear):
             self.weight.data = self.weight.data.new_empty(0)
         return True
 
+    def unpack(self) -> None:
+        self.packed = self.packed_bias = None
+
     def rows_for_packing(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """What the model calls this layer for (timed to choose its path)."""
+        return self(x)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed is not None:
@@ -49,12 +61,16 @@ class Linear(nn.Linear):
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Pack every Linear of the model for the native kernel; returns how many were packed."""
+    """Give every Linear of the model the faster of the packed native kernel and F.linear for its
+    shape (a no-op where the native kernel can't run); returns how many were packed."""
     owners: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         owners[id(param)] = owners.get(id(param), 0) + 1
-    return sum(module.pack(drop_weight=owners[id(module.weight)] == 1)
-               for module in model.modules() if isinstance(module, Linear))
+    linears = [module for module in model.modules() if isinstance(module, Linear)]
+    packed = sum(module.pack(drop_weight=owners[id(module.weight)] == 1)
+                 for module in linears if choose_path(module) == "native")
+    logger.info("linear layers: %d on the packed native kernel, %d on F.linear", packed, len(linears) - packed)
+    return packed
 
 
 class MergedLinear(Linear):
@@ -105,6 +121,9 @@ class GateUpLinear(MergedLinear):
         half = native.PANEL // 2
         gate, up = weight.view(2, -1, half, weight.shape[1]).unbind(0)
         return torch.stack((gate, up), dim=1).reshape(weight.shape)  # [g0..g31, u0..u31, g32.., u32.., ...]
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        return self.silu_and_mul(x)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate(x)) * up(x) -> [..., intermediate]."""

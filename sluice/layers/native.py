@@ -16,7 +16,6 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -24,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from sluice.config import cache_dir, cpu_flags
+from sluice.platform import cache_dir, cpu_flags, current_platform, native_disabled
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode.c", "gemm.c")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("attention.c", "elementwise.c", "gemm.c")]
 HEADERS = [Path(__file__).parent / "csrc" / "bf16_simd.h"]
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-fopenmp"]
 # linear_bf16 epilogues (gemm.c)
@@ -39,14 +38,16 @@ PANEL = 64  # output columns per packed weight panel
 @functools.lru_cache(maxsize=1)
 def load_library() -> ctypes.CDLL | None:
     """The compiled kernels, or None when they can't be built here."""
-    if os.environ.get("SLUICE_DISABLE_NATIVE") == "1":
+    if native_disabled():
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         logger.warning("no C compiler found; using the PyTorch path")
         return None
     source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-    key = hashlib.sha256(source + " ".join(CFLAGS).encode() + platform.machine().encode()).hexdigest()[:16]
+    # -march=native: a library built on one CPU must never load on another sharing the cache
+    cpu = current_platform("cpu").cpu_key
+    key = hashlib.sha256(source + " ".join(CFLAGS).encode() + cpu.encode()).hexdigest()[:16]
     target = Path(cache_dir("kernels")) / f"sluice-kernels-{key}.so"
     try:
         if not target.exists():
@@ -61,7 +62,7 @@ def load_library() -> ctypes.CDLL | None:
         detail = getattr(exc, "stderr", b"") or b""
         logger.warning("could not build native kernels (%s %s); using the PyTorch path", exc, detail.decode()[-500:])
         return None
-    fn = lib.paged_decode_attention
+    fn = lib.paged_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     lib.write_kv.restype = None
@@ -172,7 +173,7 @@ def rope_qkv_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_c
                    slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor | None:
     """From qkv [T, (H + 2 Hkv) * D]: rotated q [T, H, D], with rotated k and v already stored in
     the cache at their slots. None when the caller must do it step by step."""
-    if not has_fast_path(qkv.dtype, head_dim) or qkv.stride(-1) != 1 or (lib := _bf16_kernels(qkv, kv_cache)) is None:
+    if head_dim % 32 or qkv.stride(-1) != 1 or (lib := _bf16_kernels(qkv, kv_cache)) is None:
         return None
     cos, sin = cos.contiguous(), sin.contiguous()
     slots = slot_mapping.to(torch.int64).contiguous()
@@ -198,19 +199,11 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     return True
 
 
-def has_fast_path(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether the vectorised bf16 kernel serves this shape (else only the scalar C path would)."""
-    return (dtype == torch.bfloat16 and head_dim % 32 == 0 and "avx512_bf16" in cpu_flags()
-            and load_library() is not None)
-
-
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """q [B, H, D] -> [B, H, D], attending each row to its sequence's first seq_lens[b] cached keys.
-
-    Returns None when the kernel can't serve this call (no library, non-CPU tensors, odd
-    dtype or sizes); the caller then takes the PyTorch path.
-    """
+    """q [B, H, D] -> [B, H, D], attending each row to its sequence's first seq_lens[b] cached keys
+    (a decode row, or one row of a prompt). None when the kernel can't serve this call (no
+    library, non-CPU tensors, odd dtype or sizes)."""
     lib = load_library()
     if lib is None or q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float32):
         return None
@@ -221,7 +214,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_table = block_table.contiguous()
     seq_lens = seq_lens.to(torch.int64).contiguous()
     out = torch.empty_like(q)
-    status = lib.paged_decode_attention(
+    status = lib.paged_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(), seq_lens.data_ptr(),
         out.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, block_size, block_table.shape[1],
         scale, int(q.dtype == torch.bfloat16), torch.get_num_threads(),

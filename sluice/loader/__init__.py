@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from sluice.config import DEFAULT_MODEL, cache_dir
+from sluice.config import DEFAULT_MODEL
+from sluice.platform import cache_dir
 from sluice.sampling_params import SamplingParams
 
 if TYPE_CHECKING:

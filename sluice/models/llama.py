@@ -11,11 +11,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from sluice.layers import native
-from sluice.layers.attention import AttentionMetadata, cached_attention, paged_attention
+from sluice.layers.attention import Attention, AttentionMetadata
 from sluice.layers.linear import GateUpLinear, Linear, MergedLinear, QKVLinear
 from sluice.layers.norm import RMSNorm
-from sluice.layers.rotary import apply_rotary, get_rope
+from sluice.layers.rotary import get_rope
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +25,8 @@ class LlamaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim
-        self.scale = head_dim ** -0.5
         self.qkv_proj = QKVLinear(config.hidden_size, self.num_heads, self.num_kv_heads, head_dim, bias=qkv_bias)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim)
         self.o_proj = Linear(self.num_heads * head_dim, config.hidden_size, bias=o_bias)
         # Qwen3: RMSNorm over head_dim of every q and k head, before rotary
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
@@ -36,21 +35,13 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """residual + attention(x): the add is fused into o_proj."""
-        T, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
-        if self.q_norm is None:
-            # native: rotary for q and k, and the K/V cache write, in one pass over qkv
-            q = native.rope_qkv_cache(qkv, cos, sin, kv_cache, meta.slot_mapping, H, Hkv, D)
-            if q is not None and (out := cached_attention(q, kv_cache, meta, self.scale)) is not None:
-                return self.o_proj(out, residual=residual)
-        # q and k sit side by side in qkv_proj's output: treat them as one [T, H + Hkv, D]
-        # tensor so rotary runs once for both
-        qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
-        qk, v = qk.view(T, H + Hkv, D), v.view(T, Hkv, D)
         if self.q_norm is not None:
-            qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
-        q, k = apply_rotary(qk, cos, sin).split([H, Hkv], dim=1)
-        return self.o_proj(paged_attention(q, k, v, kv_cache, meta, self.scale), residual=residual)
+            T, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+            qkv = torch.cat((self.q_norm(q.reshape(T, H, D)).view(T, H * D),
+                             self.k_norm(k.reshape(T, Hkv, D)).view(T, Hkv * D), v), dim=-1)
+        return self.o_proj(self.attn(qkv, cos, sin, kv_cache, meta), residual=residual)
 
 
 class LlamaMLP(nn.Module):

@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import itertools
 import logging
+import math
 import mmap
 import os
 import threading
@@ -15,9 +16,10 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from sluice.config import EngineConfig, available_memory_bytes
+from sluice.config import EngineConfig
+from sluice.platform import available_memory_bytes
 from sluice.core.scheduler import ScheduledRequest, SchedulerOutput
-from sluice.layers.attention import build_attention_metadata
+from sluice.layers.attention import attention_layers, build_attention_metadata
 from sluice.layers.linear import pack_linears
 from sluice.loader import ModelSource, iter_weights
 from sluice.models.registry import get_model_class
@@ -121,9 +123,8 @@ class ModelRunner:
 
     # ---- KV cache --------------------------------------------------------------------
     def bytes_per_block(self) -> int:
-        m = self.model
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
+        """K and V of one block in every layer, as each layer's attention backend lays them out."""
+        return sum(attn.bytes_per_block(self.block_size, self.dtype) for attn in attention_layers(self.model))
 
     def choose_num_blocks(self, max_useful_blocks: int) -> int:
         """Blocks from an exact override, a byte budget, a fraction of available memory, or
@@ -161,13 +162,13 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One zeroed tensor per layer: attention reads whole blocks, and masked-out garbage
         (NaN * 0) would poison real rows."""
-        m = self.model
-        shape = (2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        shapes = [attn.kv_cache_shape(num_blocks, self.block_size) for attn in attention_layers(self.model)]
         if self.device.type != "cpu":
-            self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(m.num_layers)]
+            self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for shape in shapes]
             return
-        flat = _zeroed_host_memory(num_blocks * self.bytes_per_block())
-        self.kv_caches = list(flat.view(self.dtype).view(m.num_layers, *shape).unbind(0))
+        flat = _zeroed_host_memory(num_blocks * self.bytes_per_block()).view(self.dtype)
+        sizes = [math.prod(shape) for shape in shapes]
+        self.kv_caches = [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
         self._populate_stop = threading.Event()
         self.kv_populator = threading.Thread(target=_populate_when_idle, args=(self.kv_caches, self._populate_stop),
                                              name="kv-populate", daemon=True)

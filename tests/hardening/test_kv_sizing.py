@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from sluice import LLM
-from sluice.config import available_memory_bytes
+from sluice.platform import available_memory_bytes
 from tests.server.utils import RemoteServer
 
 

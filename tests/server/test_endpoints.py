@@ -47,7 +47,8 @@ GREEDY = {"temperature": 0}
 @pytest.fixture(scope="module")
 def srv():
     server = RemoteServer("--api-key", KEY, "--root-path", ROOT, "--allowed-origins", json.dumps([ORIGIN]),
-                          "--enable-sleep-mode", "--tool-call-parser", "hermes", "--dtype", "float32")
+                          "--enable-sleep-mode", "--tool-call-parser", "hermes", "--dtype", "float32",
+                          "--enable-prompt-tokens-details")
     yield server
     assert server.stop() == 0
 

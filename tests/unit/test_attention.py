@@ -1,11 +1,17 @@
-"""paged_attention against a naive per-request causal softmax attention."""
+"""Both attention backends (write + attend over paged blocks) against a naive per-request
+causal softmax attention."""
 
 import math
 
 import pytest
 import torch
 
-from sluice.layers.attention import build_attention_metadata, gather_k, gather_v, paged_attention, write_kv
+from sluice.layers.attention import BACKENDS, Attention, build_attention_metadata
+from sluice.layers.rotary import apply_rotary
+from sluice.platform import current_platform
+
+NATIVE_BF16 = current_platform("cpu").attention_backend_name(torch.bfloat16, 8, 64) == "native"
+needs_native = pytest.mark.skipif(not NATIVE_BF16, reason="needs the native bf16 kernels (AVX-512 BF16)")
 
 
 def reference(q, k_full, v_full, ctx, scale):
@@ -20,7 +26,8 @@ def reference(q, k_full, v_full, ctx, scale):
     return torch.einsum("hqk,khd->qhd", probs, v).reshape(q.shape[0], -1)
 
 
-def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.float32, seed=0):
+def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.float32, seed=0, backend="torch"):
+    backend = BACKENDS[backend]()
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
     need = [math.ceil(s / block_size) for s in seq_lens]
@@ -32,7 +39,7 @@ def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.f
         tables.append(ids[at:at + n] + [ids[-1]] * 2)  # extra trailing entries must be ignored
         at += n
     # stale random data everywhere (finite), null block zeroed as the runner does
-    kv_cache = torch.randn(2, num_blocks, block_size, Hkv, D, generator=gen).to(dtype)
+    kv_cache = torch.randn(backend.kv_cache_shape(num_blocks, block_size, Hkv, D), generator=gen).to(dtype)
     kv_cache[:, 0] = 0
     k_full = [torch.randn(s, Hkv, D, generator=gen).to(dtype) for s in seq_lens]
     v_full = [torch.randn(s, Hkv, D, generator=gen).to(dtype) for s in seq_lens]
@@ -40,7 +47,7 @@ def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.f
     for t, c, kf, vf in zip(tables, context_lens, k_full, v_full):
         if c:
             slots = torch.tensor([t[p // block_size] * block_size + p % block_size for p in range(c)])
-            write_kv(kv_cache, kf[:c], vf[:c], slots)
+            backend.write_kv(kv_cache, kf[:c], vf[:c], slots)
     qs = [torch.randn(n, H, D, generator=gen).to(dtype) for n in query_lens]
     q = torch.cat(qs)
     k = torch.cat([kf[c:] for kf, c in zip(k_full, context_lens)])
@@ -48,14 +55,15 @@ def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.f
 
     meta = build_attention_metadata(query_lens, context_lens, tables, block_size, "cpu")
     scale = D ** -0.5
-    out = paged_attention(q, k, v, kv_cache, meta, scale)
+    backend.write_kv(kv_cache, k, v, meta.slot_mapping)
+    out = backend.attend(q, k, v, kv_cache, meta, scale)
     assert out.shape == (sum(query_lens), H * D) and out.dtype == dtype
     ref = torch.cat([reference(qi, kf, vf, c, scale) for qi, kf, vf, c in zip(qs, k_full, v_full, context_lens)])
     # new K/V landed in the cache at their slots
     for t, c, kf, vf, n in zip(tables, context_lens, k_full, v_full, query_lens):
         table = torch.tensor([t])
-        assert torch.equal(gather_k(kv_cache[0], table)[0, c:c + n], kf[c:c + n])
-        assert torch.equal(gather_v(kv_cache[1], table)[0, c:c + n], vf[c:c + n])
+        k_read, v_read = backend.read_kv(kv_cache, table)
+        assert torch.equal(k_read[0, :c + n], kf) and torch.equal(v_read[0, :c + n], vf)
     return out.float(), ref, meta
 
 
@@ -118,15 +126,25 @@ def test_short_block_table_rejected():
 DECODE_CASE = ([1, 1, 1, 1, 1], [0, 5, 16, 37, 70])  # decodes at and across block edges
 
 
-@pytest.mark.parametrize("D", [32, 64, 128])
-@pytest.mark.parametrize("block_size", [4, 16])
-@pytest.mark.parametrize("H,Hkv", [(9, 3), (4, 4), (8, 1)])
-def test_native_decode_kernel_bf16_fast_path(D, block_size, H, Hkv):
-    """head_dim a multiple of 32 in bf16 takes the vectorised kernel path (where the CPU has it)."""
-    out, ref, _ = run_case(*DECODE_CASE, H=H, Hkv=Hkv, D=D, block_size=block_size, dtype=torch.bfloat16)
+@needs_native
+@pytest.mark.parametrize("case", CASES)
+def test_native_backend(case):
+    out, ref, _ = run_case(*CASES[case], H=8, Hkv=2, D=32, block_size=16, dtype=torch.bfloat16, seed=1,
+                           backend="native")
     torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
 
 
+@needs_native
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("H,Hkv", [(9, 3), (4, 4), (8, 1)])
+def test_native_decode_kernel_shapes(D, block_size, H, Hkv):
+    out, ref, _ = run_case(*DECODE_CASE, H=H, Hkv=Hkv, D=D, block_size=block_size, dtype=torch.bfloat16,
+                           backend="native")
+    torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
+
+
+@needs_native
 @pytest.mark.parametrize("query_lens,context_lens,block_size", [
     ([1] * 16, [2080] * 16, 64),  # long decodes, eight to a thread
     ([1] * 7, [300, 1100, 40, 2100, 700, 1500, 2500], 16),  # most over more blocks than one prefetch holds
@@ -135,17 +153,39 @@ def test_native_decode_kernel_bf16_fast_path(D, block_size, H, Hkv):
 def test_native_kernel_long_rows(query_lens, context_lens, block_size):
     """Rows longer than the kernel prefetches ahead (16 blocks), several to a thread: each thread
     fetches the next row's blocks while computing one, and stops at its last row."""
-    out, ref, _ = run_case(query_lens, context_lens, H=9, Hkv=3, D=64, block_size=block_size, dtype=torch.bfloat16)
+    out, ref, _ = run_case(query_lens, context_lens, H=9, Hkv=3, D=64, block_size=block_size,
+                           dtype=torch.bfloat16, backend="native")
     torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_fallback_matches_native_kernel(dtype, monkeypatch):
-    from sluice.layers import native
+@pytest.mark.parametrize("case", ["mixed_prefix_hit", "pure_prefill"])
+def test_backends_agree(case):
+    """The torch backend on bf16 gives what the native one gives (and both the reference)."""
+    outs = {name: run_case(*CASES[case], H=6, Hkv=2, D=64, block_size=16, dtype=torch.bfloat16, backend=name)[0]
+            for name in (BACKENDS if NATIVE_BF16 else ["torch"])}
+    for out in outs.values():
+        torch.testing.assert_close(out, outs["torch"], atol=3e-2, rtol=3e-2)
 
-    with_kernel, ref, _ = run_case(*DECODE_CASE, H=6, Hkv=2, D=64, block_size=16, dtype=dtype)
-    monkeypatch.setattr(native, "load_library", lambda: None)
-    without, _, _ = run_case(*DECODE_CASE, H=6, Hkv=2, D=64, block_size=16, dtype=dtype)
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(with_kernel, without, atol=tol, rtol=tol)
-    torch.testing.assert_close(without, ref, atol=tol, rtol=tol)
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("native", marks=needs_native)])
+def test_attention_layer_rotary_and_write(backend):
+    """Attention(qkv, cos, sin): rotary on q and k (fused into the KV write where the backend can),
+    the rotated k and raw v in the cache, and attention over them."""
+    T, H, Hkv, D, block_size = 5, 4, 2, 64, 16
+    gen = torch.Generator().manual_seed(3)
+    attn = Attention(H, Hkv, D, backend=BACKENDS[backend]())
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=gen).bfloat16()
+    angle = torch.randn(T, 1, D // 2, generator=gen)
+    cos = torch.cat((angle.cos(), angle.cos()), -1).bfloat16()
+    sin = torch.cat((-angle.sin(), angle.sin()), -1).bfloat16()
+    kv_cache = torch.zeros(attn.kv_cache_shape(4, block_size), dtype=torch.bfloat16)
+    meta = build_attention_metadata([T], [0], [[2]], block_size, "cpu")
+    out = attn(qkv, cos, sin, kv_cache, meta)
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k = apply_rotary(q.reshape(T, H, D), cos, sin), apply_rotary(k.reshape(T, Hkv, D), cos, sin)
+    k_read, v_read = attn.backend.read_kv(kv_cache, torch.tensor([[2]]))
+    torch.testing.assert_close(k_read[0, :T], k, atol=1e-2, rtol=1e-2)
+    assert torch.equal(v_read[0, :T], v.reshape(T, Hkv, D))
+    ref = reference(q, k, v.reshape(T, Hkv, D), 0, D ** -0.5)
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    assert attn.bytes_per_block(block_size, torch.bfloat16) == 2 * block_size * Hkv * D * 2

@@ -1,14 +1,16 @@
 """The native bf16 kernels against PyTorch: linear (packed weights, fused epilogues), RMSNorm, argmax."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sluice.config import cpu_flags
 from sluice.layers import native
 from sluice.layers.linear import GateUpLinear, Linear, pack_linears
 from sluice.layers.norm import RMSNorm
+from sluice.platform import cpu_flags, current_platform
 
 pytestmark = pytest.mark.skipif(
     "avx512_bf16" not in cpu_flags() or native.load_library() is None, reason="needs the native bf16 kernels")
@@ -71,8 +73,9 @@ def test_rms_norm_native_matches_torch():
     assert_bf16_close(norm(x), expected)
 
 
-def test_pack_linears_keeps_a_shared_weight():
+def test_pack_linears_keeps_a_shared_weight(monkeypatch):
     """A tied lm_head shares the embedding's weight: it is packed, but the weight stays."""
+    monkeypatch.setenv("SLUICE_LINEAR_PATH", "native")
     model = nn.Module()
     model.embed = nn.Embedding(100, 64).to(torch.bfloat16)
     model.head = Linear(64, 100, bias=False).to(torch.bfloat16)
@@ -82,6 +85,45 @@ def test_pack_linears_keeps_a_shared_weight():
     assert model.embed.weight.shape == (100, 64) and model.proj.weight.numel() == 0
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     assert_bf16_close(model.head(x), F.linear(x, model.embed.weight))
+
+
+def test_linear_path_timed_once_per_cpu_and_kept_on_disk(monkeypatch, tmp_path):
+    """Each layer shape is timed on both paths at first start; the choice lands in the cache dir
+    under this CPU's key, and a later start reads it instead of timing again."""
+    from sluice.layers import linear_path
+
+    monkeypatch.setenv("SLUICE_CACHE_DIR", str(tmp_path))
+    linear_path._choices.cache_clear()
+    model = nn.Sequential(Linear(64, 128, bias=False), Linear(128, 64, bias=True), Linear(64, 128, bias=False))
+    model = model.to(torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = model(x)
+    packed = pack_linears(model)
+    stored = json.loads(next((tmp_path / "linear-paths").glob("*.json")).read_text())
+    assert stored["cpu"] == current_platform("cpu").cpu_key
+    assert len(stored["choices"]) == 2  # two distinct shapes, the repeated one timed once
+    def chosen(layer):
+        key = f"Linear {layer.out_features}x{layer.in_features} bias={layer.bias is not None} "
+        return next(path for k, path in stored["choices"].items() if k.startswith(key))
+
+    assert [layer.packed is not None for layer in model] == [chosen(layer) == "native" for layer in model]
+    assert packed == sum(chosen(layer) == "native" for layer in model)
+    assert_bf16_close(model(x), expected)
+
+    linear_path._choices.cache_clear()
+    monkeypatch.setattr(linear_path, "_measure", lambda module: pytest.fail("timed again"))
+    again = nn.Sequential(Linear(64, 128, bias=False)).to(torch.bfloat16)
+    pack_linears(again)
+    assert (again[0].packed is not None) == (chosen(again[0]) == "native")
+
+
+def test_linear_path_forced(monkeypatch):
+    monkeypatch.setenv("SLUICE_LINEAR_PATH", "torch")
+    model = nn.Sequential(Linear(64, 64, bias=False)).to(torch.bfloat16)
+    assert pack_linears(model) == 0 and model[0].weight.shape == (64, 64)
+    monkeypatch.setenv("SLUICE_LINEAR_PATH", "fast")
+    with pytest.raises(ValueError, match="SLUICE_LINEAR_PATH must be one of native, torch"):
+        pack_linears(model)
 
 
 def test_argmax_matches_torch_with_ties_and_nan():

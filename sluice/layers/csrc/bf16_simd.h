@@ -1,4 +1,4 @@
-/* AVX-512 helpers shared by the bf16 kernels (paged_decode.c, gemm.c). Include only where
+/* AVX-512 helpers shared by the bf16 kernels (attention.c, elementwise.c, gemm.c). Include only where
  * __AVX512F__ and __AVX512BF16__ are defined. */
 #ifndef SLUICE_BF16_SIMD_H
 #define SLUICE_BF16_SIMD_H
@@ -36,5 +36,18 @@ static inline void store_bf16(uint16_t *dst, __m512 x, __mmask16 live) {
 
 static inline __m512 load_bf16(const uint16_t *src, __mmask16 live) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, src)), 16));
+}
+
+/* out = bf16(bf16(x * cos) + bf16(roll(x, D/2) * sin)) for one head, cos/sin [D] (sign in sin) */
+static inline void rotate_head(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uint16_t *out, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t i = 0; i < D; i += 16) {
+        const int64_t n = D - i >= 16 ? 16 : D - i, rolled = (i + half) % D;
+        const __mmask16 live = (__mmask16)(n == 16 ? 0xFFFF : ((1u << n) - 1u));
+        /* roll by D/2: element i takes x[i - D/2 mod D]; D/2 is a multiple of 16 here */
+        const __m512 a = round_bf16(_mm512_mul_ps(load_bf16(x + i, live), load_bf16(cos + i, live)));
+        const __m512 b = round_bf16(_mm512_mul_ps(load_bf16(x + rolled, live), load_bf16(sin + i, live)));
+        store_bf16(out + i, _mm512_add_ps(a, b), live);
+    }
 }
 #endif

@@ -1,17 +1,18 @@
 /*
- * Paged attention on CPU, one query row at a time: a decode token, or one token of a prompt
+ * Paged attention on CPU (the native backend, sluice/layers/attention/native.py), one query row at a time: a decode token, or one token of a prompt
  * (its row then sees the keys up to its own position: seq_lens is per row).
  *
  * Reads each sequence's K/V straight out of the paged cache, block by block, with an
  * online softmax, so nothing is gathered or copied. Work is split across threads by
  * sequence; one pass over a sequence serves all its query heads (GQA without expansion).
  *
- * Cache layout per layer and block (see sluice/layers/attention.py):
+ * Cache layout per layer and block (the native backend's; the portable one keeps token order):
  *   K: [num_kv_heads, head_dim / 2, block_size, 2]  pairs of dims, keys along the row,
  *      so one 64-byte load holds 16 keys x 2 dims: exactly the operand of the bf16
  *      dot-product instruction, and scores of 16 keys need no horizontal reductions.
  *   V: [num_kv_heads, block_size / 2, head_dim, 2]  pairs of keys, dims along the row,
  *      so one load holds 16 dims x 2 keys for the same instruction with (p_j, p_j+1).
+ * Also the KV write in that layout, and the fused rotary + KV write of a step's q/k/v.
  * bf16 or f32. Built by sluice/layers/native.py with the system C compiler and called
  * through ctypes, which releases the GIL. Threads come from OpenMP: the libgomp PyTorch loaded.
  */
@@ -325,7 +326,7 @@ static void *run_job(void *arg) {
 }
 
 /* Returns 0 on success, -1 when a size exceeds the compiled limits (caller falls back). */
-int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache,
+int paged_attention(const void *q, const void *k_cache, const void *v_cache,
                            const int64_t *block_table, const int64_t *seq_lens, void *out,
                            int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                            int64_t head_dim, int64_t block_size, int64_t table_width,
@@ -383,119 +384,6 @@ void write_kv(void *k_cache, void *v_cache, const void *k, const void *v, const 
 }
 #undef WRITE_KV
 
-/* ---- elementwise ops of the model, one pass each instead of several PyTorch kernels ------
- * Rounded to bf16 at the same points as the PyTorch code they replace, so results match it. */
-#if HAVE_BF16_FAST_PATH
-typedef struct {
-    const uint16_t *a, *b, *c;
-    uint16_t *out;
-    int64_t rows, cols, heads, row_begin, row_end;
-} RowJob;
-
-/* out[t] = bf16(bf16(silu(gate[t])) * up[t]), gate_up rows = [gate (cols) | up (cols)] */
-static void *silu_mul_rows(void *arg) {
-    const RowJob *job = (const RowJob *)arg;
-    const int64_t I = job->cols;
-    for (int64_t t = job->row_begin; t < job->row_end; t++) {
-        const uint16_t *gate = job->a + t * 2 * I, *up = gate + I;
-        for (int64_t i = 0; i < I; i += 16) {
-            const __mmask16 live = (__mmask16)(I - i >= 16 ? 0xFFFF : ((1u << (I - i)) - 1u));
-            const __m512 g = load_bf16(gate + i, live);
-            store_bf16(job->out + t * I + i, _mm512_mul_ps(round_bf16(silu512(g)), load_bf16(up + i, live)), live);
-        }
-    }
-    return NULL;
-}
-
-/* out = bf16(bf16(x * cos) + bf16(roll(x, D/2) * sin)) for one head, cos/sin [D] (sign in sin) */
-static inline void rotate_head(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uint16_t *out, int64_t D) {
-    const int64_t half = D / 2;
-    for (int64_t i = 0; i < D; i += 16) {
-        const int64_t n = D - i >= 16 ? 16 : D - i, rolled = (i + half) % D;
-        const __mmask16 live = (__mmask16)(n == 16 ? 0xFFFF : ((1u << n) - 1u));
-        /* roll by D/2: element i takes x[i - D/2 mod D]; D/2 is a multiple of 16 here */
-        const __m512 a = round_bf16(_mm512_mul_ps(load_bf16(x + i, live), load_bf16(cos + i, live)));
-        const __m512 b = round_bf16(_mm512_mul_ps(load_bf16(x + rolled, live), load_bf16(sin + i, live)));
-        store_bf16(out + i, _mm512_add_ps(a, b), live);
-    }
-}
-
-/* every head of rows [T, heads, D], cos/sin [T, D] */
-static void *rotary_rows(void *arg) {
-    const RowJob *job = (const RowJob *)arg;
-    const int64_t D = job->cols;
-    for (int64_t t = job->row_begin; t < job->row_end; t++)
-        for (int64_t h = 0; h < job->heads; h++)
-            rotate_head(job->a + (t * job->heads + h) * D, job->b + t * D, job->c + t * D,
-                        job->out + (t * job->heads + h) * D, D);
-    return NULL;
-}
-
-/* Rows split across threads when there is enough work to pay for them. */
-static void run_rows(void *(*fn)(void *), RowJob base, int num_threads, int64_t work) {
-    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
-    if (work < (1 << 18) || num_threads < 2 || base.rows < 2) num_threads = 1;
-    RowJob jobs[MAX_THREADS];
-    for (int t = 0; t < num_threads; t++) {
-        jobs[t] = base;
-        jobs[t].row_begin = base.rows * t / num_threads;
-        jobs[t].row_end = base.rows * (t + 1) / num_threads;
-    }
-#pragma omp parallel for schedule(static, 1) num_threads(num_threads)
-    for (int t = 0; t < num_threads; t++) fn(&jobs[t]);
-}
-#endif
-
-int silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t cols, int num_threads) {
-#if HAVE_BF16_FAST_PATH
-    RowJob job = {gate_up, NULL, NULL, out, rows, cols, 1, 0, 0};
-    run_rows(silu_mul_rows, job, num_threads, rows * cols);
-    return 0;
-#else
-    (void)gate_up; (void)out; (void)rows; (void)cols; (void)num_threads;
-    return -1;
-#endif
-}
-
-int rotary_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uint16_t *out,
-                int64_t rows, int64_t heads, int64_t head_dim, int num_threads) {
-#if HAVE_BF16_FAST_PATH
-    if (head_dim % 32 != 0) return -1;
-    RowJob job = {x, cos, sin, out, rows, head_dim, heads, 0, 0};
-    run_rows(rotary_rows, job, num_threads, rows * heads * head_dim);
-    return 0;
-#else
-    (void)x; (void)cos; (void)sin; (void)out; (void)rows; (void)heads; (void)head_dim; (void)num_threads;
-    return -1;
-#endif
-}
-
-/* out[t] = bf16(bf16(x[t] * rsqrt(mean(x[t]^2) + eps)) * weight), the sum of squares in fp32:
- * F.rms_norm rounded once to bf16, then the bf16 weight multiply, as sluice's RMSNorm does. */
-int rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t rows, int64_t cols, float eps) {
-#if HAVE_BF16_FAST_PATH
-#pragma omp parallel for schedule(static) if (rows * cols >= (1 << 18))
-    for (int64_t t = 0; t < rows; t++) {
-        const uint16_t *row = x + t * cols;
-        __m512 sq = _mm512_setzero_ps();
-        for (int64_t i = 0; i < cols; i += 16) {
-            const __m512 v = load_bf16(row + i, (__mmask16)(cols - i >= 16 ? 0xFFFF : ((1u << (cols - i)) - 1u)));
-            sq = _mm512_fmadd_ps(v, v, sq);
-        }
-        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sq) / (float)cols + eps));
-        for (int64_t i = 0; i < cols; i += 16) {
-            const __mmask16 live = (__mmask16)(cols - i >= 16 ? 0xFFFF : ((1u << (cols - i)) - 1u));
-            const __m512 y = round_bf16(_mm512_mul_ps(load_bf16(row + i, live), inv));
-            store_bf16(out + t * cols + i, _mm512_mul_ps(y, load_bf16(weight + i, live)), live);
-        }
-    }
-    return 0;
-#else
-    (void)x; (void)weight; (void)out; (void)rows; (void)cols; (void)eps;
-    return -1;
-#endif
-}
-
 /* One pass over a step's fused q/k/v projection [T, (H + 2 Hkv) * D] (rows ld_qkv apart):
  * rotates q into q_out [T, H, D], and rotates k and stores it, with v, straight into the paged
  * cache at each token's slot (the layouts of write_kv). Replaces rotary + three copies + write_kv. */
@@ -527,43 +415,6 @@ int rope_qkv_cache_bf16(const uint16_t *qkv, int64_t ld_qkv, const uint16_t *cos
 #else
     (void)qkv; (void)ld_qkv; (void)cos; (void)sin; (void)q_out; (void)k_cache; (void)v_cache; (void)slots;
     (void)T; (void)H; (void)Hkv; (void)D; (void)bs;
-    return -1;
-#endif
-}
-
-/* out[r] = index of the first maximum of row r of x [rows, cols] (rows ld apart): greedy
- * sampling straight from bf16 logits, one read of them instead of a float32 copy first. */
-int argmax_bf16(const uint16_t *x, int64_t rows, int64_t cols, int64_t ld, int64_t *out) {
-#if HAVE_BF16_FAST_PATH
-#pragma omp parallel for schedule(static) if (rows * cols >= (1 << 20))
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *row = x + r * ld;
-        __m512 best = _mm512_set1_ps(-INFINITY);
-        __mmask16 nan = 0;
-        for (int64_t i = 0; i < cols; i += 16) {
-            const __mmask16 live = (__mmask16)(cols - i >= 16 ? 0xFFFF : ((1u << (cols - i)) - 1u));
-            const __m512 v = load_bf16(row + i, live);
-            best = _mm512_mask_max_ps(best, live, best, v);
-            nan |= _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q);
-        }
-        /* like torch.argmax, a NaN counts as the maximum */
-        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
-        int64_t found = 0;
-        for (int64_t i = 0; i < cols; i += 16) {
-            const __mmask16 live = (__mmask16)(cols - i >= 16 ? 0xFFFF : ((1u << (cols - i)) - 1u));
-            const __m512 v = load_bf16(row + i, live);
-            const __mmask16 hit = nan ? _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q)
-                                      : _mm512_mask_cmp_ps_mask(live, v, top, _CMP_EQ_OQ);
-            if (hit) {
-                found = i + __builtin_ctz(hit);
-                break;
-            }
-        }
-        out[r] = found;
-    }
-    return 0;
-#else
-    (void)x; (void)rows; (void)cols; (void)ld; (void)out;
     return -1;
 #endif
 }

@@ -1,0 +1,62 @@
+"""What an attention backend owns: the KV cache layout, the KV write, attention over paged
+blocks for prompt and decode rows, and the bytes a block takes.
+
+Every backend keeps a layer's cache as one tensor whose leading dims are [2 (K, V), num_blocks]
+(the runner allocates it zeroed and faults it in region by region); what a block holds inside
+is the backend's own business. The runner zeroes the cache: backends may read every slot of a
+block, masked or not, and NaN garbage would leak into real rows.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from sluice.layers.attention.metadata import AttentionMetadata
+from sluice.layers.rotary import apply_rotary
+
+
+class AttentionBackend:
+    name: ClassVar[str]
+
+    @staticmethod
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """One layer's cache; both backends give [2, num_blocks, block_size, num_kv_heads, head_dim]
+        elements and differ in how a block's elements are ordered."""
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    @classmethod
+    def bytes_per_block(cls, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """One layer's K and V bytes for one block."""
+        elements = 1
+        for size in cls.kv_cache_shape(1, block_size, num_kv_heads, head_dim):
+            elements *= size
+        return elements * torch.empty((), dtype=dtype).element_size()
+
+    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store the new tokens' k/v [T, Hkv, D] at their flat slots."""
+        raise NotImplementedError
+
+    def read_kv(self, kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole blocks in token order: [B, NB] block ids -> k, v [B, NB*block_size, Hkv, D]."""
+        raise NotImplementedError
+
+    def rope_and_write(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From a fused projection qkv [T, (H + 2 Hkv) * D]: rotary on q and k, the new k/v written
+        to the cache. Returns q [T, H, D] and k, v [T, Hkv, D]. Backends may fuse the steps."""
+        T, H, Hkv, D = qkv.shape[0], num_heads, num_kv_heads, head_dim
+        # q and k sit side by side in qkv: one [T, H + Hkv, D] tensor, so rotary runs once for both
+        qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
+        q, k = apply_rotary(qk.view(T, H + Hkv, D), cos, sin).split([H, Hkv], dim=1)
+        v = v.view(T, Hkv, D)
+        self.write_kv(kv_cache, k, v, slot_mapping)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q [T, H, D] -> [T, H*D], once this step's k/v [T, Hkv, D] are in the cache: every row
+        attends causally to its request's keys up to its own position."""
+        raise NotImplementedError

@@ -1,0 +1,60 @@
+"""The attention layer models call: rotary, the KV write and paged attention, through the
+backend the platform picked for this layer's dtype and shape. Models reach nothing below it."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+
+from sluice.layers.attention.backend import AttentionBackend
+from sluice.layers.attention.metadata import AttentionMetadata
+from sluice.layers.attention.native_backend import NativeBackend
+from sluice.layers.attention.torch_backend import TorchBackend
+from sluice.platform import current_platform
+
+logger = logging.getLogger(__name__)
+
+BACKENDS: dict[str, type[AttentionBackend]] = {"native": NativeBackend, "torch": TorchBackend}
+
+
+@functools.lru_cache(maxsize=None)
+def get_attn_backend(num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> AttentionBackend:
+    """The platform's backend for this shape, one instance per choice, logged once."""
+    name = current_platform(device).attention_backend_name(dtype, num_heads, head_dim)
+    logger.info("attention backend: %s (%s, %d heads of %d, on %s)", name, dtype, num_heads, head_dim, device)
+    return BACKENDS[name]()
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
+                 backend: AttentionBackend | None = None):
+        """The backend defaults to the platform's choice for torch's default dtype and device,
+        which the model runner sets while it builds the model."""
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.backend = backend or get_attn_backend(num_heads, head_dim, torch.get_default_dtype(),
+                                                   torch.get_default_device())
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return self.backend.kv_cache_shape(num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        return self.backend.bytes_per_block(block_size, self.num_kv_heads, self.head_dim, dtype)
+
+    def forward(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Fused projection qkv [T, (H + 2 Hkv) * D] (q and k not yet rotated) -> [T, H * D]."""
+        q, k, v = self.backend.rope_and_write(qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads,
+                                              self.num_kv_heads, self.head_dim)
+        return self.backend.attend(q, k, v, kv_cache, meta, self.scale)
+
+
+def attention_layers(model: nn.Module) -> list[Attention]:
+    """The model's attention layers in order: one KV cache each."""
+    return [module for module in model.modules() if isinstance(module, Attention)]

@@ -1,0 +1,120 @@
+"""Which path each linear layer takes: the packed native kernel (gemm.c) or F.linear (oneDNN).
+
+Neither wins everywhere. On an AMD EPYC (Zen 4: AVX-512 BF16, no AMX) the packed kernel measured
+1.0-3x faster than oneDNN at every row count from 1 to 256 on SmolLM2's shapes; on Intel Xeons
+with AMX, oneDNN is about 4x faster than the kernel's dot-product loops above a few rows. So the
+choice is measured, once per CPU: at first start each distinct layer shape runs on both paths
+at decode-sized and prefill-sized row counts, and the winner is kept on disk
+(platform.cache_dir("linear-paths")) under a key naming the CPU model, its flags and the thread
+count. SLUICE_LINEAR_PATH=native|torch forces one path everywhere (to compare them).
+
+A layer keeps one weight form: both would cost a second copy of every weight. The path chosen
+is the one with the smaller sum of slowdowns against the faster path at each row count, so a
+path that loses badly at one count (oneDNN at batch 1, the kernel at 256 rows under AMX) is not
+chosen for a small win at another.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sluice.platform import Platform, cache_dir, current_platform
+
+logger = logging.getLogger(__name__)
+
+PATHS = ("native", "torch")
+ROW_COUNTS = (1, 16, 256)  # single-stream decode, batched decode, a prompt chunk
+REPEATS = 5
+
+
+def choose_path(module) -> str:
+    """"native" or "torch" for this Linear (its weight still in place, unpacked)."""
+    weight = module.weight
+    platform = current_platform(weight.device)
+    if not platform.native_kernels(weight.dtype):
+        return "torch"
+    forced = os.environ.get("SLUICE_LINEAR_PATH")
+    if forced:
+        if forced not in PATHS:
+            raise ValueError(f"SLUICE_LINEAR_PATH must be one of {', '.join(PATHS)}; got {forced!r}")
+        return forced
+    key = (f"{type(module).__name__} {module.out_features}x{module.in_features} bias={module.bias is not None} "
+           f"{weight.dtype} threads={torch.get_num_threads()}")
+    choices = _choices(platform)
+    if key not in choices:
+        choices[key], timings = _measure(module)
+        logger.info("linear path for %s: %s (ms at %s rows, native/torch: %s)", key, choices[key], ROW_COUNTS,
+                    timings)
+        _save(platform, choices)
+    return choices[key]
+
+
+def _measure(module) -> tuple[str, str]:
+    """Time the layer's own call on both paths; the winner and the timings, for the log."""
+    if not module.pack(drop_weight=False):
+        return "torch", "the kernel can't take this shape"
+    try:
+        times = {path: [] for path in PATHS}
+        with torch.inference_mode():
+            for rows in ROW_COUNTS:
+                x = torch.randn(rows, module.in_features, dtype=module.weight.dtype)
+                best = _time_both(module, x)
+                for path in PATHS:
+                    times[path].append(best[path])
+    finally:
+        module.unpack()
+    slowdown = {path: sum(t / min(pair) for t, pair in zip(times[path], zip(*times.values()))) for path in PATHS}
+    winner = min(PATHS, key=slowdown.__getitem__)
+    return winner, ", ".join(f"{a * 1e3:.3f}/{b * 1e3:.3f}" for a, b in zip(times["native"], times["torch"]))
+
+
+def _time_both(module, x: torch.Tensor) -> dict[str, float]:
+    """Min of interleaved repeats of each path (the machine may be shared)."""
+    packed, packed_bias = module.packed, module.packed_bias
+    best = {path: float("inf") for path in PATHS}
+    for i in range(REPEATS + 1):
+        for path in PATHS:
+            module.packed, module.packed_bias = (packed, packed_bias) if path == "native" else (None, None)
+            start = time.perf_counter()
+            module.run(x)
+            elapsed = time.perf_counter() - start
+            if i:  # the first round warms up
+                best[path] = min(best[path], elapsed)
+    module.packed, module.packed_bias = packed, packed_bias
+    return best
+
+
+def _path_file(platform: Platform) -> Path:
+    key = hashlib.sha256(platform.cpu_key.encode()).hexdigest()[:16]
+    return Path(cache_dir("linear-paths", f"{key}.json"))
+
+
+@functools.lru_cache(maxsize=None)
+def _choices(platform: Platform) -> dict[str, str]:
+    try:
+        stored = json.loads(_path_file(platform).read_text())
+    except (OSError, ValueError):
+        return {}
+    if stored.get("cpu") != platform.cpu_key:
+        return {}
+    return {key: path for key, path in stored.get("choices", {}).items() if path in PATHS}
+
+
+def _save(platform: Platform, choices: dict[str, str]) -> None:
+    target = _path_file(platform)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp") as f:
+            json.dump({"cpu": platform.cpu_key, "choices": choices}, f, indent=1, sort_keys=True)
+        os.replace(f.name, target)  # atomic: a concurrent reader sees the old file or the new one
+    except OSError as exc:
+        logger.warning("could not store linear-path timings in %s: %s", target, exc)
