@@ -184,6 +184,28 @@ class StructuredOutputsConfig:
         )
 
 
+EXECUTOR_BACKENDS = ("uni", "mp")
+
+
+@dataclass
+class ParallelConfig:
+    # Where the worker runs: "uni" in the engine core's process, "mp" in a process of its own.
+    distributed_executor_backend: str = "uni"
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _check(
+            self.distributed_executor_backend in EXECUTOR_BACKENDS,
+            f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
+            f"got {self.distributed_executor_backend!r}",
+        )
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            _check(getattr(self, name) == 1, f"{name} must be 1 (one worker per engine for now), "
+                                             f"got {getattr(self, name)!r}")
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -191,9 +213,11 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-             "observability": ObservabilityConfig, "structured_outputs": StructuredOutputsConfig}
+             "observability": ObservabilityConfig, "structured_outputs": StructuredOutputsConfig,
+             "parallel": ParallelConfig}
 
     @property
     def model_name(self) -> str:

@@ -30,9 +30,8 @@ class AsyncLLM:
         self.client = client
         self.tokenizer = tokenizer
         self.max_model_len: int = info["max_model_len"]
-        self.kv_capacity_tokens: int = info["num_blocks"] * info["block_size"]
         self.input_processor = InputProcessor(tokenizer, self.max_model_len, info["vocab_size"], eos_token_ids,
-                                              info["scheduling_policy"])
+                                              info["scheduling_policy"], info["num_blocks"] * info["block_size"])
         self.output_processor = OutputProcessor(tokenizer)
         self.queues: dict[str, asyncio.Queue] = {}  # user request id -> its outputs
         self.children: dict[str, list[str]] = {}  # user request id -> its core request ids
@@ -66,11 +65,6 @@ class AsyncLLM:
         if request_id in self.queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         core_requests = self.input_processor.make_requests(request_id, prompt_token_ids, params, priority, trace_headers)
-        if len(prompt_token_ids) + 1 > self.kv_capacity_tokens:
-            raise ValueError(
-                f"prompt has {len(prompt_token_ids)} tokens; the whole KV cache holds "
-                f"{self.kv_capacity_tokens} tokens"
-            )
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[request_id] = queue
         self.children[request_id] = [r.request_id for r in core_requests]

@@ -14,19 +14,19 @@ from sluice.config import EngineConfig
 from sluice.core.kv_cache_manager import KVCacheManager, cdiv
 from sluice.core.request import Request
 from sluice.core.scheduler import Scheduler
+from sluice.core.sched_output import RunnerOutput
 from sluice.engine.messages import EngineCoreOutput, EngineCoreRequest, QueueFullError
+from sluice.executor.abstract import Executor
 from sluice.loader import ModelSource, load_tokenizer
 from sluice.metrics.loggers import LoggingStatLogger
 from sluice.metrics.prometheus import PrometheusStatLogger
 from sluice.structured_output.manager import StructuredOutputManager
-from sluice.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("sluice")
 
 
-def resolve_max_model_len(requested: int | None, hf_config, model) -> int:
+def resolve_max_model_len(requested: int | None, hf_config, window: int | None) -> int:
     model_len = getattr(hf_config, "max_position_embeddings", None) or 2048
-    window = getattr(model, "sliding_window", None)
     if window and window < model_len:
         # Attention here spans the full context, exact only while it stays inside the window.
         logger.warning("capping the context at the model's sliding window of %d tokens", window)
@@ -45,12 +45,13 @@ class EngineCore:
     def __init__(self, config: EngineConfig, hf_config, source: ModelSource) -> None:
         self.config = config
         started = time.monotonic()
-        self.runner = ModelRunner(config, hf_config, source)
-        self.max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config, self.runner.model)
+        self.executor = Executor.create(config, hf_config, source)
+        model = self.executor.describe()
+        self.max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config, model["sliding_window"])
         block_size = config.cache.block_size
         max_useful = cdiv(self.max_model_len, block_size) * config.scheduler.max_num_seqs + 1
-        num_blocks = self.runner.choose_num_blocks(max_useful)
-        self.runner.allocate_kv_cache(num_blocks)
+        num_blocks = self.executor.choose_num_blocks(max_useful)
+        self.executor.initialize_cache(num_blocks)
         obs = config.observability
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, obs.kv_cache_metrics)
         grammars = StructuredOutputManager(config.structured_outputs, functools.partial(load_tokenizer, source),
@@ -66,7 +67,7 @@ class EngineCore:
 
             self.tracer = RequestTracer(config)
             self.stat_loggers.append(self.tracer)
-        cache_gib = num_blocks * self.runner.bytes_per_block() / 2**30
+        cache_gib = num_blocks * model["bytes_per_block"] / 2**30
         logger.info(
             "model %s loaded in %.1f s (%s); KV cache: %d blocks of %d tokens (%.2f GiB), "
             "max concurrency %.1fx for %d-token requests",
@@ -109,21 +110,28 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv.capacity_tokens
+
     def step(self) -> list[EngineCoreOutput]:
         started = time.time()
         sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            outputs = self.scheduler.update_from_output(sched, {})
+        if not sched.total_num_scheduled_tokens:
+            outputs = self.scheduler.update_from_output(sched, RunnerOutput())
         else:
             scheduled = time.time()
-            result = self.runner.execute_model(sched)
+            result = self.executor.execute_model(sched)
             executed = time.time()
-            outputs = self.scheduler.update_from_output(sched, result.sampled, result.logprobs, result.prompt_logprobs)
+            outputs = self.scheduler.update_from_output(sched, result)
             if self.tracer is not None and self.tracer.detailed:
                 self.tracer.step_span((started, scheduled, executed, time.time()),
-                                      [s.request.request_id for s in sched.scheduled], sched.total_num_tokens)
+                                      list(sched.num_scheduled_tokens), sched.total_num_scheduled_tokens)
         self.record_stats()
         return outputs
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
 
     def record_stats(self) -> None:
         """Hand what happened since the last call to every stat logger."""

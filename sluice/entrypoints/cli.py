@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from sluice.config import CacheConfig, EngineConfig
+from sluice.config import EXECUTOR_BACKENDS, CacheConfig, EngineConfig
 from sluice.loader import DEFAULT_MODEL
 
 
@@ -26,6 +26,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"], help="fcfs, or priority (lower first, then arrival)")
     parser.add_argument("--max-num-queued-reqs", type=int, default=None, help="refuse new requests (503) while this many wait (default: no limit)")
     parser.add_argument("--max-num-queued-tokens", type=int, default=None, help="refuse new requests (503) while this many prompt tokens wait (default: no limit)")
+    parser.add_argument("--distributed-executor-backend", default=None, choices=list(EXECUTOR_BACKENDS),
+                        help="where the model worker runs: uni (in the engine core's process, default) or mp "
+                             "(a process of its own)")
     parser.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput / queue / KV log line")
     parser.add_argument("--kv-cache-metrics", action="store_true", help="KV block lifetime, idle-before-evict and reuse-gap histograms on /metrics")
     parser.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
