@@ -214,23 +214,26 @@ class Scheduler:
         out.finished_req_ids, self.finished_for_worker = self.finished_for_worker, []
         out.preempted_req_ids, self.preempted_for_worker = self.preempted_for_worker, []
         cached = out.cached_requests
+        req_blocks = self.kv.req_blocks
         sampling_grammars: list[Request] = []
         for request, num_new in scheduled.items():
             rid = request.request_id
+            blocks = req_blocks[rid]
+            num_tokens = request.num_tokens
             if request.num_worker_tokens == 0:
                 out.new_requests.append(NewRequestData(
-                    rid, request.prompt_token_ids, request.sampling_params, self.kv.block_ids(rid),
+                    rid, request.prompt_token_ids, request.sampling_params, [b.block_id for b in blocks],
                     request.num_computed_tokens, sorted(request.stop_token_ids),
                 ))
             else:
                 cached.req_ids.append(rid)
                 cached.new_token_ids.append(request.all_token_ids[request.num_worker_tokens:])
-                cached.new_block_ids.append(self.kv.block_ids(rid, request.num_worker_blocks))
+                cached.new_block_ids.append([b.block_id for b in blocks[request.num_worker_blocks:]])
                 cached.num_computed_tokens.append(request.num_computed_tokens)
-            request.num_worker_tokens = request.num_tokens
-            request.num_worker_blocks = len(self.kv.req_blocks[rid])
+            request.num_worker_tokens = num_tokens
+            request.num_worker_blocks = len(blocks)
             request.num_computed_tokens += num_new
-            if request.grammar is not None and request.num_computed_tokens == request.num_tokens:
+            if request.grammar is not None and request.num_computed_tokens == num_tokens:
                 sampling_grammars.append(request)
         out.num_scheduled_tokens = {r.request_id: n for r, n in scheduled.items()}
         out.total_num_scheduled_tokens = sum(scheduled.values())
@@ -247,15 +250,10 @@ class Scheduler:
         outputs = self.finished_outputs
         self.finished_outputs = []
         now = time.time()
-        for rid in out.num_scheduled_tokens:
+        prompt_logprobs = result.prompt_logprobs
+        for rid, tokens in result.sampled_token_ids.items():
             request = self.requests.get(rid)
             if request is None or request.status.finished:  # aborted since it was scheduled
-                continue
-            tokens = result.sampled_token_ids.get(rid)
-            plp = result.prompt_logprobs.get(rid)
-            if not tokens:
-                if plp:
-                    outputs.append(EngineCoreOutput(rid, [], new_prompt_logprobs=plp))
                 continue
             status = None
             accepted = 0
@@ -266,12 +264,12 @@ class Scheduler:
                 status = self._advance_grammar(request, token) or self._check_stop(request, token)
                 if status is not None:
                     break
-            logprobs = result.logprobs.get(rid)
+            logprobs = result.logprobs.get(rid) if result.logprobs else None
             output = EngineCoreOutput(
                 rid,
                 tokens[:accepted],
                 new_logprobs=logprobs[:accepted] if logprobs else None,
-                new_prompt_logprobs=plp,
+                new_prompt_logprobs=prompt_logprobs.get(rid) if prompt_logprobs else None,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
                 num_preemptions=request.num_preemptions,
             )
@@ -281,6 +279,9 @@ class Scheduler:
                 output.stop_reason = request.stop_reason
                 output.error = request.error
             outputs.append(output)
+        for rid, plp in prompt_logprobs.items():  # prompt chunks that sampled nothing yet
+            if rid not in result.sampled_token_ids and rid in self.requests:
+                outputs.append(EngineCoreOutput(rid, [], new_prompt_logprobs=plp))
         return outputs
 
     def _record_token(self, request: Request, now: float) -> None:
