@@ -53,26 +53,35 @@ class MultiprocExecutor(Executor):
         self.process = subprocess.Popen([sys.executable, "-m", "sluice.executor.mp", self.address])
         self._finalizer = weakref.finalize(self, _stop, self.process, self.socket, self.address)
         init = (config, hf_config, source, rank, logging.getLogger("sluice").getEffectiveLevel())
-        self.socket.send_multipart([b"init", pickle.dumps(init)])
+        self._send(b"init", pickle.dumps(init))
         self._receive()  # the model is loaded
 
     def collective_rpc(self, method: str, *args) -> list:
-        self.socket.send_multipart([method.encode(), _encode(list(args))])
+        self._send(method.encode(), _encode(list(args)))
         return [_decode_any(self._receive())]
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        self.socket.send_multipart([EXECUTE, _encode(scheduler_output)])
+        self._send(EXECUTE, _encode(scheduler_output))
         return _decode_result(self._receive())
+
+    def _send(self, method: bytes, payload: bytes) -> None:
+        # A PAIR socket whose peer is gone blocks on send: wait in slices, checking the worker lives.
+        while not self.socket.poll(POLL_MS, zmq.POLLOUT):
+            self._check_alive()
+        self.socket.send_multipart([method, payload])
 
     def _receive(self) -> bytes:
         while not self.socket.poll(POLL_MS):
-            code = self.process.poll()
-            if code is not None:
-                raise WorkerDiedError(f"the worker process (pid {self.process.pid}) died with exit code {code}")
+            self._check_alive()
         status, payload = self.socket.recv_multipart()
         if status == ERROR:
             raise RuntimeError(f"worker failed: {payload.decode()}")
         return payload
+
+    def _check_alive(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise WorkerDiedError(f"the worker process (pid {self.process.pid}) died with exit code {code}")
 
     def shutdown(self) -> None:
         self._finalizer()

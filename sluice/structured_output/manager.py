@@ -74,7 +74,7 @@ class StructuredOutputManager:
         self.timeout = config.structured_outputs_compile_timeout
         self.vocab_size = vocab_size
         self.compiler = GrammarCompiler(load_tokenizer, vocab_size, config.structured_outputs_any_whitespace)
-        self.num_active = 0  # requests holding a grammar; none: the step skips bitmasks at once
+        self.num_active = 0  # requests holding a grammar
 
     def start(self, params: SamplingParams, eos_token_ids: tuple[int, ...]) -> RequestGrammar:
         """Start compiling (or reuse) a request's grammar."""

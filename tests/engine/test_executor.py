@@ -9,11 +9,14 @@ import subprocess
 import sys
 import time
 
+import openai
 import pytest
 
 from sluice import LLM, SamplingParams
 from sluice.executor.abstract import WorkerDiedError
 from sluice.sampling_params import StructuredOutputsParams
+
+from tests.server.utils import RemoteServer
 
 PROMPTS = [[5, 6, 7, 8, 9], list(range(100, 160)), [42] * 20]
 COMMON = dict(dtype="float32", max_model_len=256, block_size=16, kv_cache_memory_bytes=16 << 20)
@@ -89,3 +92,22 @@ def test_a_prompt_that_fits_the_context_but_not_the_kv_cache_is_refused(tiny_mod
     with pytest.raises(ValueError, match="prompt has 60 tokens; the whole KV cache holds 48 tokens"):
         llm.generate([list(range(100, 160))], SamplingParams(max_tokens=4), use_tqdm=False)
     assert not llm.engine_core.has_unfinished_requests()
+
+
+def test_a_served_mp_worker_answers_like_uni_and_its_death_fails_requests_with_the_reason(engines, tiny_model_dir):
+    server = RemoteServer(tiny_model_dir("llama"), "--dtype", "float32", "--max-model-len", "256",
+                          "--distributed-executor-backend", "mp")
+    try:
+        client = server.client()
+        model = client.models.list().data[0].id
+        served = client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=8, temperature=0.0)
+        offline = engines["uni"].generate([PROMPTS[1]], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+        assert served.choices[0].text == offline[0].outputs[0].text
+        [worker] = [p for p in server.core_process().children() if "sluice.executor.mp" in p.cmdline()]
+        worker.kill()
+        with pytest.raises(openai.APIStatusError) as failure:
+            client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=8)
+        assert failure.value.status_code == 503
+        assert f"the worker process (pid {worker.pid}) died" in failure.value.message
+    finally:
+        server.stop()
