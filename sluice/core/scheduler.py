@@ -47,6 +47,9 @@ class Scheduler:
         if request.sampling_params.structured_outputs is not None:
             self._start_grammar(request)
             return
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
         self.waiting.add(request)
 
@@ -119,8 +122,7 @@ class Scheduler:
                 continue
             if ready:
                 self.waiting_for_grammar.remove(request)
-                request.status = RequestStatus.WAITING
-                self.waiting.add(request)
+                self._enqueue(request)
 
     def _chunk(self, remaining: int, budget: int) -> int:
         """Tokens to schedule for a request with `remaining` uncomputed tokens."""
