@@ -2,7 +2,11 @@
 
 Every step hands out at most `max_num_batched_tokens` tokens: first to running requests (a
 decode is one token, an unfinished prompt gets its next chunk), then to waiting ones. A request
-is only ever `num_computed_tokens` catching up with `num_tokens`.
+is only ever `num_computed_tokens` catching up with `num_tokens`. A request preempted after it
+was given tokens in the same step gives them back to the budget.
+
+`schedule()` returns plain data for the worker (sched_output.py): requests it has not seen in
+full, the others as differences; `update_from_output` takes a list of tokens per request.
 """
 
 from __future__ import annotations

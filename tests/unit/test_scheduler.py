@@ -195,3 +195,38 @@ def test_fcfs_queue_serves_in_order_and_puts_preempted_requests_first():
         by_priority.add(request)
     by_priority.remove(c)
     assert [by_priority.pop() for _ in range(2)] == [b, a] and not by_priority
+
+
+def test_several_tokens_in_one_step_stop_at_the_first_stop_token():
+    from sluice.core.sched_output import RunnerOutput
+
+    sched = make_scheduler()
+    core = EngineCoreRequest("s", [1, 2, 3], SamplingParams(max_tokens=10, stop_token_ids=[7]), eos_token_ids=())
+    request = Request(core, 10)
+    sched.add_request(request)
+    out = sched.schedule()
+    outputs = sched.update_from_output(out, RunnerOutput(sampled_token_ids={"s": [5, 7, 6]},
+                                                         logprobs={"s": [([5], [-0.1], 1), ([7], [-0.2], 1),
+                                                                         ([6], [-0.3], 1)]}))
+    assert outputs[0].new_token_ids == [5, 7] and outputs[0].finish_reason == "stop"
+    assert outputs[0].new_logprobs == [([5], [-0.1], 1), ([7], [-0.2], 1)]
+    assert request.output_token_ids == [5, 7] and sched.stats.num_generation_tokens == 2
+
+
+def test_the_worker_hears_new_requests_in_full_then_differences():
+    sched = make_scheduler(num_blocks=7, caching=False)
+    add(sched, "a", 11, max_tokens=20, arrival=0)
+    b = add(sched, "b", 11, max_tokens=20, arrival=1)
+    out, _ = run_step(sched)
+    assert [(n.req_id, n.block_ids, n.num_computed_tokens) for n in out.new_requests] == [("a", [1, 2, 3], 0),
+                                                                                          ("b", [4, 5, 6], 0)]
+    out, _ = run_step(sched)
+    assert not out.new_requests and out.cached_requests.new_token_ids == [[7], [7]]
+    assert out.cached_requests.new_block_ids == [[], []] and out.cached_requests.num_computed_tokens == [11, 11]
+    out, _ = run_step(sched)  # a needs a 4th block: b is preempted
+    assert out.preempted_req_ids == ["b"] and out.cached_requests.new_block_ids == [[6]]  # freed tail first
+    sched.abort_requests(["a"])
+    out, _ = run_step(sched)  # b resumes: all its blocks again, and the tokens it has not seen
+    assert out.finished_req_ids == ["a"] and out.cached_requests.req_ids == ["b"]
+    assert len(out.cached_requests.new_block_ids[0]) == 4 and out.cached_requests.new_token_ids == [[7]]
+    assert out.cached_requests.num_computed_tokens == [0] and b.num_output_tokens == 3  # recomputed, sampled again
