@@ -79,7 +79,7 @@ def main() -> None:
     from sluice import LLM
 
     llm = LLM(model=args.model, dtype="bfloat16", enable_prefix_caching=False, seed=0)
-    model = llm.engine_core.runner.model
+    model = llm.engine_core.executor.worker.runner.model
     # every matmul weight, packed or not: what one decode step reads, and 2 FLOP per token each
     matmul_params = sum(m.packed.numel() if getattr(m, "packed", None) is not None else m.weight.numel()
                         for m in model.modules() if isinstance(m, torch.nn.Linear))

@@ -48,7 +48,7 @@ class GrammarClock:
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        for owner, name in ((StructuredOutputManager, "grammar_bitmask"), (sluice.worker.sampler, "apply_bitmask"),
+        for owner, name in ((StructuredOutputManager, "fill_bitmask"), (sluice.worker.sampler, "apply_bitmask"),
                             (RequestGrammar, "accept")):
             setattr(owner, name, self._timed(getattr(owner, name)))
 

@@ -39,3 +39,16 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
+
+
+def fake_runner_output(scheduler, out, token: int = 7, tokens: dict[str, int] | None = None):
+    """What a forward pass would answer a model-free scheduler: for each request that samples this
+    step, `tokens[request id]` (default `token`)."""
+    from sluice.core.sched_output import RunnerOutput
+
+    sampled = {}
+    for rid in out.num_scheduled_tokens:
+        request = scheduler.requests.get(rid)
+        if request is not None and request.num_computed_tokens == request.num_tokens:
+            sampled[rid] = [(tokens or {}).get(rid, token)]
+    return RunnerOutput(sampled_token_ids=sampled)

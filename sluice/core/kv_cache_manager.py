@@ -36,8 +36,9 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage()
 
-    def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+    def block_ids(self, request_id: str, start: int = 0) -> list[int]:
+        """Ids of a request's blocks from its `start`-th on."""
+        return [b.block_id for b in self.req_blocks.get(request_id, ())[start:]]
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """Longest cached prefix of a request that holds no blocks yet: (blocks, tokens).
@@ -61,14 +62,18 @@ class KVCacheManager:
         request: Request,
         num_new_tokens: int,
         computed_blocks: list[KVCacheBlock] | None = None,
+        num_lookahead_tokens: int = 0,
     ) -> list[KVCacheBlock] | None:
-        """Make room for `num_new_tokens` more tokens after the computed (and cache-hit) ones."""
+        """Make room for `num_new_tokens` more tokens after the computed (and cache-hit) ones,
+        plus `num_lookahead_tokens` slots for tokens proposed ahead (speculation); only the
+        known tokens' blocks are indexed in the prefix cache."""
         computed_blocks = computed_blocks or []
         held = self.req_blocks.setdefault(request.request_id, [])
         num_tokens_after = (
             request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
         )
-        num_needed = cdiv(num_tokens_after, self.block_size) - len(held) - len(computed_blocks)
+        num_slots = num_tokens_after + num_lookahead_tokens
+        num_needed = cdiv(num_slots, self.block_size) - len(held) - len(computed_blocks)
         num_revived = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if num_needed + num_revived > self.pool.num_free_blocks():
             if not held:

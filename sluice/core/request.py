@@ -6,8 +6,6 @@ import enum
 import itertools
 from typing import TYPE_CHECKING
 
-import torch
-
 from sluice.engine.messages import EngineCoreRequest
 
 if TYPE_CHECKING:
@@ -65,7 +63,6 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit of the first scheduling; -1 until then
         self.num_preemptions = 0
-        self.num_prompt_logprobs_done = 0  # prompt positions whose logprobs were emitted
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.error: str | None = None
@@ -75,9 +72,9 @@ class Request:
         self.stop_token_ids: set[int] = set(params.stop_token_ids or [])
         if not params.ignore_eos:
             self.stop_token_ids.update(req.eos_token_ids)
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+        # What the worker holds of this request (0 tokens: it has not seen it yet).
+        self.num_worker_tokens = 0
+        self.num_worker_blocks = 0
         self.grammar: RequestGrammar | None = None  # set by the scheduler for structured outputs
         self.trace_headers = req.trace_headers
         # Wall-clock timestamps for metrics and traces, comparable with arrival_time.

@@ -2,48 +2,28 @@
 
 Every step hands out at most `max_num_batched_tokens` tokens: first to running requests (a
 decode is one token, an unfinished prompt gets its next chunk), then to waiting ones. A request
-is only ever `num_computed_tokens` catching up with `num_tokens`.
+is only ever `num_computed_tokens` catching up with `num_tokens`. A request preempted after it
+was given tokens in the same step gives them back to the budget.
+
+`schedule()` returns plain data for the worker (sched_output.py): requests it has not seen in
+full, the others as differences; `update_from_output` takes a list of tokens per request.
 """
 
 from __future__ import annotations
 
-import bisect
 import time
-from dataclasses import dataclass, field
 
 from sluice.config import SchedulerConfig
 from sluice.core.kv_cache_manager import KVCacheManager, cdiv
 from sluice.core.request import Request, RequestStatus
+from sluice.core.request_queue import create_request_queue
+from sluice.core.sched_output import GrammarBitmask, NewRequestData, RunnerOutput, SchedulerOutput
 from sluice.engine.messages import EngineCoreOutput
 from sluice.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
-from sluice.structured_output.manager import GrammarBitmask, GrammarError, StructuredOutputManager
+from sluice.structured_output.manager import GrammarError, StructuredOutputManager
 
 # With nothing else to run, how long one step may block waiting for a grammar to compile.
 GRAMMAR_IDLE_WAIT_S = 0.01
-
-
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int
-    num_computed_before: int  # tokens already in the KV cache before this step
-    block_ids: list[int]
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the known tokens, so the model samples one more."""
-        return self.num_computed_before + self.num_new_tokens == self.request.num_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    num_preempted: int = 0
-    grammar_bitmask: GrammarBitmask | None = None  # None: no sampling row is constrained
-
-    @property
-    def total_num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
 
 
 class Scheduler:
@@ -53,36 +33,37 @@ class Scheduler:
         self.kv = kv
         self.max_model_len = max_model_len
         self.structured_output = structured_output
-        self.waiting: list[Request] = []  # kept sorted by the policy's key
+        self.waiting = create_request_queue(config.scheduling_policy)
         self.waiting_for_grammar: list[Request] = []  # out of the queue until their grammar compiles
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.finished_outputs: list[EngineCoreOutput] = []  # finished outside a step (aborts, errors)
+        # What the worker must still hear: requests it holds that finished, or lost their blocks.
+        self.finished_for_worker: list[str] = []
+        self.preempted_for_worker: list[str] = []
         self.stats = IterationStats()  # what happened since the stat loggers last took it
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
+        """Queue a request the input processor checked (it fits max_model_len and the KV cache)."""
         request.queued_time = time.time()
         self.requests[request.request_id] = request
-        if cdiv(request.num_tokens + 1, self.kv.block_size) > self.kv.pool.num_usable_blocks:
-            self._finish_with_error(
-                request,
-                f"prompt of {request.num_tokens} tokens cannot fit in the KV cache "
-                f"({self.kv.pool.num_usable_blocks} blocks of {self.kv.block_size} tokens)",
-            )
-            return
         if request.sampling_params.structured_outputs is not None:
             self._start_grammar(request)
             return
-        self._enqueue_waiting(request)
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.add(request)
 
     def _start_grammar(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING_FOR_GRAMMAR
+        self.waiting_for_grammar.append(request)
         if self.structured_output is None:
             self._finish_with_error(request, "structured outputs are not available in this engine")
             return
-        request.grammar = self.structured_output.start(request)
-        request.status = RequestStatus.WAITING_FOR_GRAMMAR
-        self.waiting_for_grammar.append(request)
+        request.grammar = self.structured_output.start(request.sampling_params, request.eos_token_ids)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Finish requests by the client's or output processor's wish; frees their blocks now."""
@@ -100,7 +81,8 @@ class Scheduler:
 
     def num_waiting_tokens(self) -> int:
         """Prompt tokens the waiting queue still has to compute (backpressure and metrics)."""
-        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting + self.waiting_for_grammar)
+        return sum(r.num_tokens - r.num_computed_tokens for queue in (self.waiting, self.waiting_for_grammar)
+                   for r in queue)
 
     # ---- statistics ---------------------------------------------------------------------
     def take_stats(self) -> IterationStats:
@@ -125,18 +107,12 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         if self.waiting_for_grammar:
             self._admit_compiled_grammars()
-        out = SchedulerOutput()
+        scheduled: dict[Request, int] = {}  # request -> tokens this step, in batch order
         budget = self.config.max_num_batched_tokens
-        budget = self._schedule_running(out, budget)
-        if out.num_preempted == 0:
-            self._schedule_waiting(out, budget)
-        for s in out.scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
-        if out.scheduled:
-            self.stats.step_num_tokens.append(out.total_num_tokens)
-        if self.structured_output is not None:
-            out.grammar_bitmask = self.structured_output.grammar_bitmask(out.scheduled)
-        return out
+        budget, preempted = self._schedule_running(scheduled, budget)
+        if not preempted:  # nothing new joins a step that had to preempt
+            self._schedule_waiting(scheduled, budget)
+        return self._output(scheduled)
 
     def _admit_compiled_grammars(self) -> None:
         """Queue requests whose grammar compiled; fail those whose grammar failed or timed out."""
@@ -150,7 +126,7 @@ class Scheduler:
                 continue
             if ready:
                 self.waiting_for_grammar.remove(request)
-                self._enqueue_waiting(request)
+                self._enqueue(request)
 
     def _chunk(self, remaining: int, budget: int) -> int:
         """Tokens to schedule for a request with `remaining` uncomputed tokens."""
@@ -158,8 +134,9 @@ class Scheduler:
             remaining = min(remaining, self.config.long_prefill_token_threshold)
         return min(remaining, budget)
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        index = 0
+    def _schedule_running(self, scheduled: dict[Request, int], budget: int) -> tuple[int, bool]:
+        """Returns the budget left, and whether a request had to be preempted."""
+        index, preempted = 0, False
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
@@ -169,36 +146,31 @@ class Scheduler:
             while self.kv.allocate_slots(request, num_new) is None:
                 victim = max(self.running, key=lambda r: r.sort_key(self.config.scheduling_policy))
                 if victim is request and len(self.running) == 1:
-                    self._finish_with_error(
-                        request,
-                        f"request needs {cdiv(request.num_tokens, self.kv.block_size)} KV blocks; "
-                        f"the cache holds {self.kv.pool.num_usable_blocks} blocks of {self.kv.block_size} tokens",
-                    )
+                    self._finish_with_error(request, self._outgrown_message(request))
                     break
                 if self.running.index(victim) < index:
                     index -= 1
-                self._preempt(victim, out)
+                budget += self._preempt(victim, scheduled)
+                preempted = True
                 if victim is request:
                     break
             else:
-                out.scheduled.append(self._scheduled(request, num_new))
+                scheduled[request] = num_new
                 budget -= num_new
                 index += 1
-        return budget
+        return budget, preempted
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, scheduled: dict[Request, int], budget: int) -> None:
         num_partial = sum(
             1 for r in self.running if r.num_tokens - r.num_computed_tokens > 1
         )
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+            request = self.waiting.peek()
             if num_partial >= self.config.max_num_partial_prefills:
                 break
             if cdiv(request.num_tokens, self.kv.block_size) > self.kv.pool.num_usable_blocks:
-                self.waiting.pop(0)
-                self._finish_with_error(
-                    request, f"request of {request.num_tokens} tokens no longer fits in the KV cache"
-                )
+                # preempted after its output outgrew the whole cache
+                self._finish_with_error(request, self._outgrown_message(request))
                 continue
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = self._chunk(request.num_tokens - num_hit_tokens, budget)
@@ -207,7 +179,7 @@ class Scheduler:
             if self.kv.enable_caching:  # counted once admitted: a refused admission retries later
                 self.stats.prefix_cache_queries += request.num_tokens
                 self.stats.prefix_cache_hits += num_hit_tokens
-            self.waiting.pop(0)
+            self.waiting.pop()
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
@@ -215,62 +187,95 @@ class Scheduler:
                 request.first_scheduled_time = time.time()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(self._scheduled(request, num_new))
+            scheduled[request] = num_new
             budget -= num_new
             if request.num_tokens - request.num_computed_tokens - num_new > 0:
                 num_partial += 1
 
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
-        return ScheduledRequest(
-            request=request,
-            num_new_tokens=num_new,
-            num_computed_before=request.num_computed_tokens,
-            block_ids=self.kv.block_ids(request.request_id),
-        )
+    def _outgrown_message(self, request: Request) -> str:
+        return (f"request needs {cdiv(request.num_tokens, self.kv.block_size)} KV blocks; "
+                f"the cache holds {self.kv.pool.num_usable_blocks} blocks of {self.kv.block_size} tokens")
 
-    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
-        """Free a running request's blocks; it recomputes from scratch (prefix cache permitting)."""
+    def _preempt(self, request: Request, scheduled: dict[Request, int]) -> int:
+        """Free a running request's blocks; it recomputes from scratch (prefix cache permitting).
+        Returns the tokens it had been given this step, back to the budget."""
         self.running.remove(request)
-        out.scheduled = [s for s in out.scheduled if s.request is not request]
+        refund = scheduled.pop(request, 0)
         self.kv.free(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self.stats.num_preemptions += 1
-        out.num_preempted += 1
-        self._enqueue_waiting(request)
+        if request.num_worker_blocks:
+            request.num_worker_blocks = 0
+            self.preempted_for_worker.append(request.request_id)
+        self.waiting.add_preempted(request)
+        return refund
 
-    def _enqueue_waiting(self, request: Request) -> None:
-        if request.status != RequestStatus.PREEMPTED:
-            request.status = RequestStatus.WAITING
-        keys = [r.sort_key(self.config.scheduling_policy) for r in self.waiting]
-        self.waiting.insert(bisect.bisect_right(keys, request.sort_key(self.config.scheduling_policy)), request)
+    def _output(self, scheduled: dict[Request, int]) -> SchedulerOutput:
+        """The step as plain data for the worker: new requests in full, known ones as differences."""
+        out = SchedulerOutput()
+        if not scheduled:
+            return out  # notices for the worker wait for a step that runs
+        out.finished_req_ids, self.finished_for_worker = self.finished_for_worker, []
+        out.preempted_req_ids, self.preempted_for_worker = self.preempted_for_worker, []
+        cached = out.cached_requests
+        req_blocks = self.kv.req_blocks
+        sampling_grammars: list[Request] = []
+        for request, num_new in scheduled.items():
+            rid = request.request_id
+            blocks = req_blocks[rid]
+            num_tokens = request.num_tokens
+            if request.num_worker_tokens == 0:
+                out.new_requests.append(NewRequestData(
+                    rid, request.prompt_token_ids, request.sampling_params, [b.block_id for b in blocks],
+                    request.num_computed_tokens, sorted(request.stop_token_ids),
+                ))
+            else:
+                cached.req_ids.append(rid)
+                cached.new_token_ids.append(request.all_token_ids[request.num_worker_tokens:])
+                cached.new_block_ids.append([b.block_id for b in blocks[request.num_worker_blocks:]])
+                cached.num_computed_tokens.append(request.num_computed_tokens)
+            request.num_worker_tokens = num_tokens
+            request.num_worker_blocks = len(blocks)
+            request.num_computed_tokens += num_new
+            if request.grammar is not None and request.num_computed_tokens == num_tokens:
+                sampling_grammars.append(request)
+        out.num_scheduled_tokens = {r.request_id: n for r, n in scheduled.items()}
+        out.total_num_scheduled_tokens = sum(scheduled.values())
+        self.stats.step_num_tokens.append(out.total_num_scheduled_tokens)
+        if sampling_grammars:
+            bitmask = self.structured_output.fill_bitmask([r.grammar for r in sampling_grammars])
+            out.grammar_bitmask = GrammarBitmask([r.request_id for r in sampling_grammars], bitmask)
+        return out
 
     # ---- after the forward pass -------------------------------------------------------
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int],
-                           logprobs: dict[str, tuple] | None = None,
-                           prompt_logprobs: dict[str, list] | None = None) -> list[EngineCoreOutput]:
+    def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
+        """Take each request's sampled tokens one by one, up to the first that finishes it
+        (tokens after a stop are dropped)."""
         outputs = self.finished_outputs
         self.finished_outputs = []
         now = time.time()
-        for s in out.scheduled:
-            request = s.request
-            if request.status.finished:
+        prompt_logprobs = result.prompt_logprobs
+        for rid, tokens in result.sampled_token_ids.items():
+            request = self.requests.get(rid)
+            if request is None or request.status.finished:  # aborted since it was scheduled
                 continue
-            token = sampled.get(request.request_id)
-            plp = (prompt_logprobs or {}).get(request.request_id)
-            if token is None:
-                if plp:
-                    outputs.append(EngineCoreOutput(request.request_id, [], new_prompt_logprobs=plp))
-                continue
-            request.append_output_token(token)
-            self._record_token(request, now)
-            status = self._advance_grammar(request, token) or self._check_stop(request, token)
+            status = None
+            accepted = 0
+            for token in tokens:
+                request.append_output_token(token)
+                self._record_token(request, now)
+                accepted += 1
+                status = self._advance_grammar(request, token) or self._check_stop(request, token)
+                if status is not None:
+                    break
+            logprobs = result.logprobs.get(rid) if result.logprobs else None
             output = EngineCoreOutput(
-                request.request_id,
-                [token],
-                new_logprobs=[logprobs[request.request_id]] if logprobs and request.request_id in logprobs else None,
-                new_prompt_logprobs=plp,
+                rid,
+                tokens[:accepted],
+                new_logprobs=logprobs[:accepted] if logprobs else None,
+                new_prompt_logprobs=prompt_logprobs.get(rid) if prompt_logprobs else None,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
                 num_preemptions=request.num_preemptions,
             )
@@ -280,6 +285,9 @@ class Scheduler:
                 output.stop_reason = request.stop_reason
                 output.error = request.error
             outputs.append(output)
+        for rid, plp in prompt_logprobs.items():  # prompt chunks that sampled nothing yet
+            if rid not in result.sampled_token_ids and rid in self.requests:
+                outputs.append(EngineCoreOutput(rid, [], new_prompt_logprobs=plp))
         return outputs
 
     def _record_token(self, request: Request, now: float) -> None:
@@ -315,12 +323,14 @@ class Scheduler:
         return None
 
     def _finish(self, request: Request, status: RequestStatus, emit: bool = True) -> None:
-        if request in self.running:
+        if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
-        elif request in self.waiting:
+        elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
-        elif request in self.waiting_for_grammar:
+        elif request.status == RequestStatus.WAITING_FOR_GRAMMAR:
             self.waiting_for_grammar.remove(request)
+        if request.num_worker_tokens:
+            self.finished_for_worker.append(request.request_id)
         if request.grammar is not None:
             self.structured_output.release()
             request.grammar = None

@@ -32,9 +32,9 @@ class AsyncLLM:
         self.client = client
         self.tokenizer = tokenizer
         self.max_model_len: int = info["max_model_len"]
-        self.kv_capacity_tokens: int = info["num_blocks"] * info["block_size"]
         self.input_processor = InputProcessor(tokenizer, self.max_model_len, info["vocab_size"], eos_token_ids,
-                                              info["scheduling_policy"], max_logprobs=config.model.max_logprobs)
+                                              info["scheduling_policy"], info["num_blocks"] * info["block_size"],
+                                              max_logprobs=config.model.max_logprobs)
         self.default_sampling_params = default_sampling_params  # the model's generation-config defaults
         self.output_processor = OutputProcessor(tokenizer)
         self.queues: dict[str, asyncio.Queue] = {}  # user request id -> its outputs
@@ -71,11 +71,6 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         core_requests = self.input_processor.make_requests(request_id, prompt_token_ids, params, priority,
                                                            trace_headers, cache_salt)
-        if len(prompt_token_ids) + 1 > self.kv_capacity_tokens:
-            raise ValueError(
-                f"prompt has {len(prompt_token_ids)} tokens; the whole KV cache holds "
-                f"{self.kv_capacity_tokens} tokens"
-            )
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[request_id] = queue
         self.children[request_id] = [r.request_id for r in core_requests]

@@ -8,26 +8,25 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 
 from sluice.config import EngineConfig
 from sluice.core.kv_cache_manager import KVCacheManager, cdiv
 from sluice.core.request import Request
 from sluice.core.scheduler import Scheduler
+from sluice.core.sched_output import RunnerOutput
 from sluice.engine.messages import EngineCoreOutput, EngineCoreRequest, QueueFullError
+from sluice.executor.abstract import Executor
 from sluice.loader import ModelSource, get_tokenizer
 from sluice.metrics.loggers import LoggingStatLogger
 from sluice.metrics.prometheus import PrometheusStatLogger
 from sluice.structured_output.manager import StructuredOutputManager
-from sluice.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("sluice")
 
 
-def resolve_max_model_len(requested: int | None, hf_config, model) -> int:
+def resolve_max_model_len(requested: int | None, hf_config, window: int | None) -> int:
     model_len = getattr(hf_config, "max_position_embeddings", None) or 2048
-    window = getattr(model, "sliding_window", None)
     if window and window < model_len:
         # Attention here spans the full context, exact only while it stays inside the window.
         logger.warning("capping the context at the model's sliding window of %d tokens", window)
@@ -46,12 +45,14 @@ class EngineCore:
     def __init__(self, config: EngineConfig, hf_config, source: ModelSource) -> None:
         self.config = config
         started = time.monotonic()
-        self.runner = ModelRunner(config, hf_config, source)
-        self.max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config, self.runner.model)
+        self.executor = Executor.create(config, hf_config, source)
+        self.sleeping = False  # weights on disk, KV cache dropped (sleep mode)
+        model = self.executor.describe()
+        self.max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config, model["sliding_window"])
         block_size = config.cache.block_size
         max_useful = cdiv(self.max_model_len, block_size) * config.scheduler.max_num_seqs + 1
-        num_blocks = self.runner.choose_num_blocks(max_useful)
-        self.runner.allocate_kv_cache(num_blocks)
+        num_blocks = self.executor.choose_num_blocks(max_useful)
+        self.executor.initialize_cache(num_blocks)
         obs = config.observability
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, obs.kv_cache_metrics)
         grammars = StructuredOutputManager(config.structured_outputs, functools.partial(get_tokenizer, config),
@@ -67,7 +68,7 @@ class EngineCore:
 
             self.tracer = RequestTracer(config)
             self.stat_loggers.append(self.tracer)
-        cache_gib = num_blocks * self.runner.bytes_per_block() / 2**30
+        cache_gib = num_blocks * model["bytes_per_block"] / 2**30
         logger.info(
             "model %s loaded in %.1f s (%s); KV cache: %d blocks of %d tokens (%.2f GiB), "
             "max concurrency %.1fx for %d-token requests",
@@ -110,21 +111,28 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv.capacity_tokens
+
     def step(self) -> list[EngineCoreOutput]:
         started = time.time()
         sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            outputs = self.scheduler.update_from_output(sched, {})
+        if not sched.total_num_scheduled_tokens:
+            outputs = self.scheduler.update_from_output(sched, RunnerOutput())
         else:
             scheduled = time.time()
-            result = self.runner.execute_model(sched)
+            result = self.executor.execute_model(sched)
             executed = time.time()
-            outputs = self.scheduler.update_from_output(sched, result.sampled, result.logprobs, result.prompt_logprobs)
+            outputs = self.scheduler.update_from_output(sched, result)
             if self.tracer is not None and self.tracer.detailed:
                 self.tracer.step_span((started, scheduled, executed, time.time()),
-                                      [s.request.request_id for s in sched.scheduled], sched.total_num_tokens)
+                                      list(sched.num_scheduled_tokens), sched.total_num_scheduled_tokens)
         self.record_stats()
         return outputs
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
 
     def record_stats(self) -> None:
         """Hand what happened since the last call to every stat logger."""
@@ -149,45 +157,27 @@ class EngineCore:
 
     @property
     def is_sleeping(self) -> bool:
-        return getattr(self, "sleeping_weights", None) is not None
+        return self.sleeping
 
     def sleep(self, level: int = 1) -> dict:
-        """vLLM's level-1 sleep, on CPU: weights to a disk-backed file, the KV cache's pages
-        dropped (see worker/sleep.py). Only when idle; returns the RSS it freed."""
-        from sluice.worker.sleep import SleepingWeights, drop_kv_cache
-
+        """vLLM's level-1 sleep on every worker (see Worker.sleep). Only when idle; returns the RSS
+        the (first) worker freed."""
         if level != 1:
             raise ValueError(f"level must be 1 (weights kept on disk, KV cache discarded), got {level}")
         if self.has_unfinished_requests():
             raise ValueError("cannot sleep while requests are unfinished; retry when they are done")
-        before = resident_bytes()
-        if not self.is_sleeping:
+        if not self.sleeping:
             self.reset_prefix_cache()  # the blocks' contents are about to go
-            stop_populating = getattr(self.runner, "_populate_stop", None)
-            if stop_populating is not None:
-                stop_populating.set()
-                self.runner.kv_populator.join(timeout=5)
-            drop_kv_cache(self.runner.kv_caches)
-            self.sleeping_weights = SleepingWeights(self.runner.model)
-        after = resident_bytes()
-        logger.info("engine asleep: RSS %.0f MiB -> %.0f MiB", before / 2**20, after / 2**20)
-        return {"rss_bytes_before": before, "rss_bytes_after": after}
+        result = self.executor.collective_rpc("sleep")[0]
+        self.sleeping = True
+        logger.info("engine asleep: RSS %.0f MiB -> %.0f MiB", result["rss_bytes_before"] / 2**20,
+                    result["rss_bytes_after"] / 2**20)
+        return result
 
     def wake_up(self) -> dict:
-        """Weights back into memory; the KV cache's pages come back zeroed as they are used."""
-        before = resident_bytes()
-        if self.is_sleeping:
-            self.sleeping_weights.restore()
-            self.sleeping_weights = None
-        after = resident_bytes()
-        logger.info("engine awake: RSS %.0f MiB -> %.0f MiB", before / 2**20, after / 2**20)
-        return {"rss_bytes_before": before, "rss_bytes_after": after}
-
-
-def resident_bytes() -> int:
-    """This process's resident set size (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
+        """Weights back into memory on every worker."""
+        result = self.executor.collective_rpc("wake_up")[0]
+        self.sleeping = False
+        logger.info("engine awake: RSS %.0f MiB -> %.0f MiB", result["rss_bytes_before"] / 2**20,
+                    result["rss_bytes_after"] / 2**20)
+        return result

@@ -38,8 +38,10 @@ def bad_words_token_ids(tokenizer, bad_words: list[str]) -> list[list[int]]:
 
 class InputProcessor:
     def __init__(self, tokenizer, max_model_len: int, vocab_size: int, eos_token_ids: tuple[int, ...] = (),
-                 scheduling_policy: str = "fcfs", *, max_logprobs: int) -> None:
+                 scheduling_policy: str = "fcfs", kv_capacity_tokens: int | None = None, *,
+                 max_logprobs: int) -> None:
         self.tokenizer = tokenizer
+        self.kv_capacity_tokens = kv_capacity_tokens  # tokens the whole KV cache holds; None: unchecked
         self.max_logprobs = max_logprobs  # -1: no limit
         self.scheduling_policy = scheduling_policy
         self.max_model_len = max_model_len
@@ -122,24 +124,33 @@ class InputProcessor:
         if params.bad_words and params.bad_words_token_ids is None:
             params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
 
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
+        """The one admission rule, offline and on the server (which answers 400): the prompt plus
+        one generated token fit max_model_len and the whole KV cache; so does max_tokens."""
+        if not num_prompt_tokens:
+            raise ValueError("prompt must not be empty (it has 0 tokens)")
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {num_prompt_tokens} tokens; max_model_len is {self.max_model_len}, "
+                "which must leave room for at least one generated token"
+            )
+        if max_tokens is not None and num_prompt_tokens + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens={max_tokens} plus the prompt's {num_prompt_tokens} tokens exceeds "
+                f"max_model_len={self.max_model_len}; ask for at most {self.max_model_len - num_prompt_tokens}"
+            )
+        if self.kv_capacity_tokens is not None and num_prompt_tokens >= self.kv_capacity_tokens:
+            raise ValueError(
+                f"prompt has {num_prompt_tokens} tokens; the whole KV cache holds {self.kv_capacity_tokens} "
+                "tokens, which must leave room for at least one generated token"
+            )
+
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                      priority: int = 0, arrival_time: float | None = None,
                      trace_headers: dict[str, str] | None = None, cache_salt: str | None = None) -> EngineCoreRequest:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        if not prompt_token_ids:
-            raise ValueError("prompt must not be empty (it has 0 tokens)")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {self.max_model_len}, "
-                "which must leave room for at least one generated token"
-            )
-        max_tokens = params.max_tokens
-        if max_tokens is not None and len(prompt_token_ids) + max_tokens > self.max_model_len:
-            raise ValueError(
-                f"max_tokens={max_tokens} plus the prompt's {len(prompt_token_ids)} tokens exceeds "
-                f"max_model_len={self.max_model_len}; ask for at most {self.max_model_len - len(prompt_token_ids)}"
-            )
+        self.check_fits(len(prompt_token_ids), params.max_tokens)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority must be an int, got {priority!r}")
         if priority != 0 and self.scheduling_policy != "priority":

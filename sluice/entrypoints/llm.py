@@ -42,11 +42,12 @@ class LLM:
         self.engine_core = EngineCore(self.config, hf_config, source)
         # Offline batches start at full speed: fault the KV cache in now rather than inside their steps.
         started = time.perf_counter()
-        self.engine_core.runner.populate_kv()
+        self.engine_core.executor.populate_kv()
         logger.info("KV cache resident in %.1f s", time.perf_counter() - started)
         self.input_processor = InputProcessor(
             self.tokenizer, self.engine_core.max_model_len, hf_config.vocab_size, load_eos_token_ids(source),
-            self.config.scheduler.scheduling_policy, max_logprobs=self.config.model.max_logprobs,
+            self.config.scheduler.scheduling_policy, self.engine_core.kv_capacity_tokens,
+            max_logprobs=self.config.model.max_logprobs,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._request_counter = itertools.count()

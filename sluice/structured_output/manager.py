@@ -11,31 +11,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import xgrammar as xgr
 
 from sluice.config import StructuredOutputsConfig
+from sluice.sampling_params import SamplingParams
 from sluice.structured_output.backend import Compiled, GrammarCompiler, allocate_bitmask, describe_error
-
-if TYPE_CHECKING:
-    from sluice.core.request import Request
-    from sluice.core.scheduler import ScheduledRequest
 
 
 class GrammarError(Exception):
     """A request's grammar failed to compile, or did not compile in time."""
-
-
-@dataclass
-class GrammarBitmask:
-    """The token bitmask of one step. Rows follow the scheduled requests that sample this step,
-    in scheduled order; `rows` lists those a grammar constrains (the others allow everything)."""
-
-    rows: list[int]
-    bitmask: torch.Tensor  # [num sampling rows, ceil(vocab_size / 32)] int32
 
 
 class RequestGrammar:
@@ -88,14 +74,13 @@ class StructuredOutputManager:
         self.timeout = config.structured_outputs_compile_timeout
         self.vocab_size = vocab_size
         self.compiler = GrammarCompiler(load_tokenizer, vocab_size, config.structured_outputs_any_whitespace)
-        self.num_active = 0  # requests holding a grammar; none: the step skips bitmasks at once
+        self.num_active = 0  # requests holding a grammar
 
-    def start(self, request: Request) -> RequestGrammar:
-        """Start compiling (or reuse) the request's grammar."""
-        params = request.sampling_params
+    def start(self, params: SamplingParams, eos_token_ids: tuple[int, ...]) -> RequestGrammar:
+        """Start compiling (or reuse) a request's grammar."""
         spec = params.structured_outputs
         # The grammar ends on the model's EOS or a requested stop id, even with ignore_eos.
-        stop_ids = sorted(set(request.eos_token_ids) | set(params.stop_token_ids or ()))
+        stop_ids = sorted(set(eos_token_ids) | set(params.stop_token_ids or ()))
         self.num_active += 1
         return RequestGrammar(self.compiler.submit(spec.spec()), spec.field_name(), stop_ids, self.timeout)
 
@@ -103,17 +88,12 @@ class StructuredOutputManager:
         """A request holding a grammar finished."""
         self.num_active -= 1
 
-    def grammar_bitmask(self, scheduled: list[ScheduledRequest]) -> GrammarBitmask | None:
-        if not self.num_active:
-            return None
-        sampling = [s.request for s in scheduled if s.samples]
-        rows = [i for i, request in enumerate(sampling) if request.grammar is not None]
-        if not rows:
-            return None
-        bitmask = allocate_bitmask(len(sampling), self.vocab_size)
-        for i in rows:
-            sampling[i].grammar.fill(bitmask, i)
-        return GrammarBitmask(rows, bitmask)
+    def fill_bitmask(self, grammars: list[RequestGrammar]) -> torch.Tensor:
+        """[len(grammars), ceil(vocab_size / 32)] int32: row i holds the tokens grammars[i] allows next."""
+        bitmask = allocate_bitmask(len(grammars), self.vocab_size)
+        for row, grammar in enumerate(grammars):
+            grammar.fill(bitmask, row)
+        return bitmask
 
     @staticmethod
     def wait(grammars: list[RequestGrammar], timeout: float) -> None:

@@ -1,30 +1,32 @@
-"""Turns a SchedulerOutput into one varlen forward pass plus batched sampling."""
+"""Turns a SchedulerOutput into one varlen forward pass plus batched sampling.
+
+The runner reads only plain data from the scheduler and keeps its own per-request state (an
+InputBatch): it could run in another process, as one of several ranks.
+"""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
 import ctypes
-import itertools
 import logging
 import math
 import mmap
 import os
 import threading
-from dataclasses import dataclass, field
 
 import psutil
 import torch
 
 from sluice.config import EngineConfig
-from sluice.platform import available_memory_bytes
-from sluice.core.scheduler import ScheduledRequest, SchedulerOutput
+from sluice.core.sched_output import GrammarBitmask, RunnerOutput, SchedulerOutput
 from sluice.layers.attention import attention_layers, build_attention_metadata
+from sluice.platform import available_memory_bytes
 from sluice.layers.linear import pack_linears
 from sluice.loader import ModelSource, iter_weights
 from sluice.models.registry import get_model_class
-from sluice.structured_output.manager import GrammarBitmask
-from sluice.worker.sampler import Sampler, SamplingMetadata, SamplingRow, compute_prompt_logprobs
+from sluice.worker.input_batch import CachedRequestState, InputBatch
+from sluice.worker.sampler import RowBitmask, Sampler, SamplingMetadata, compute_prompt_logprobs
 
 logger = logging.getLogger("sluice")
 
@@ -35,13 +37,6 @@ MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in, writable, leaving their
 
 def _gib(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:.2f} GiB"
-
-
-@dataclass
-class RunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, tuple] = field(default_factory=dict)  # (top ids, top logprobs, rank)
-    prompt_logprobs: dict[str, list] = field(default_factory=dict)
 
 
 def _zeroed_host_memory(num_bytes: int) -> torch.Tensor:
@@ -119,6 +114,7 @@ class ModelRunner:
         pack_linears(self.model)  # a no-op where the native bf16 kernel can't run
         self.vocab_size = hf_config.vocab_size
         self.sampler = Sampler()
+        self.input_batch = InputBatch()
         self.kv_caches: list[torch.Tensor] = []
 
     # ---- KV cache --------------------------------------------------------------------
@@ -193,82 +189,92 @@ class ModelRunner:
     # ---- one step --------------------------------------------------------------------
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> RunnerOutput:
-        scheduled = sched.scheduled
-        input_ids, positions = self._flatten_tokens(scheduled)
+        self.input_batch.update(sched)
+        out = RunnerOutput()
+        if not sched.total_num_scheduled_tokens:
+            return out
+        requests = self.input_batch.requests
+        ids: list[int] = []
+        positions: list[int] = []
+        context_lens: list[int] = []
+        block_tables: list[list[int]] = []
+        chunks: list[tuple[CachedRequestState, int]] = []  # (request, index of its first row)
+        sample_rows: list[tuple[CachedRequestState, int]] = []  # (request, row whose logits it samples)
+        for req_id, num_new in sched.num_scheduled_tokens.items():
+            state = requests[req_id]
+            start, end = state.num_computed_tokens, state.num_computed_tokens + num_new
+            chunks.append((state, len(ids)))
+            ids.extend(state.token_ids(start, end))
+            positions.extend(range(start, end))
+            context_lens.append(start)
+            block_tables.append(state.block_ids)
+            if end == state.num_tokens:  # past the known tokens: the model proposes the next one
+                sample_rows.append((state, len(ids) - 1))
         meta = build_attention_metadata(
-            query_lens=[s.num_new_tokens for s in scheduled],
-            context_lens=[s.num_computed_before for s in scheduled],
-            block_tables=[s.block_ids for s in scheduled],
+            query_lens=list(sched.num_scheduled_tokens.values()),
+            context_lens=context_lens,
+            block_tables=block_tables,
             block_size=self.block_size,
             device=self.device,
         )
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-
-        out = RunnerOutput()
-        ends = list(itertools.accumulate(s.num_new_tokens for s in scheduled))
-        sampling = [(i, s) for i, s in enumerate(scheduled) if s.samples]
-        if sampling:
-            last_index = torch.tensor([ends[i] - 1 for i, _ in sampling], device=self.device)
-            logits = self.model.compute_logits(hidden[last_index])
-            self._sample(logits, [s for _, s in sampling], out, sched.grammar_bitmask)
-        for i, s in enumerate(scheduled):
-            if s.request.sampling_params.prompt_logprobs is not None:
-                self._prompt_logprobs(hidden[ends[i] - s.num_new_tokens : ends[i]], s, out)
+        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
+                            torch.tensor(positions, dtype=torch.long, device=self.device), self.kv_caches, meta)
+        if sample_rows:
+            logits = self.compute_logits(hidden, [row for _, row in sample_rows])
+            self._sample(logits, [state for state, _ in sample_rows], out, sched.grammar_bitmask)
+        for state, first_row in chunks:
+            if state.sampling.params.prompt_logprobs is not None:
+                num_new = sched.num_scheduled_tokens[state.req_id]
+                self._prompt_logprobs(hidden[first_row : first_row + num_new], state, num_new, out)
         return out
 
-    def _flatten_tokens(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids: list[int] = []
-        pos: list[int] = []
-        for s in scheduled:
-            start, end = s.num_computed_before, s.num_computed_before + s.num_new_tokens
-            ids.extend(s.request.all_token_ids[start:end])
-            pos.extend(range(start, end))
-        return (
-            torch.tensor(ids, dtype=torch.long, device=self.device),
-            torch.tensor(pos, dtype=torch.long, device=self.device),
-        )
+    def compute_logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Logits at any rows of the step's hidden states (one per sample, in this order)."""
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
 
-    def _sample(self, logits: torch.Tensor, rows: list[ScheduledRequest], out: RunnerOutput,
+    def _sample(self, logits: torch.Tensor, rows: list[CachedRequestState], out: RunnerOutput,
                 grammar: GrammarBitmask | None) -> None:
-        """grammar: the bitmask rows of these sampling rows, in this order (see GrammarBitmask)."""
-        sampling_rows = [
-            SamplingRow(
-                params=s.request.sampling_params,
-                prompt_token_ids=s.request.prompt_token_ids,
-                output_token_ids=s.request.output_token_ids,
-                generator=s.request.generator,
-                stop_token_ids=s.request.stop_token_ids,
-            )
-            for s in rows
-        ]
-        meta = SamplingMetadata.build(sampling_rows, self.vocab_size, self.device, grammar)
+        """One token per logits row; a request's tokens (and logprobs) gather in a list."""
+        meta = SamplingMetadata.build([s.sampling for s in rows], self.vocab_size, self.device,
+                                      self._row_bitmask(rows, grammar))
         result = self.sampler(logits, meta)
-        tokens = result.sampled_token_ids.tolist()
-        for s, token in zip(rows, tokens):
-            out.sampled[s.request.request_id] = token
+        sampled = out.sampled_token_ids
+        for state, token in zip(rows, result.sampled_token_ids.tolist()):
+            sampled.setdefault(state.req_id, []).append(token)
         if result.logprobs is not None:
             lp = result.logprobs
             ids, values, ranks = lp.token_ids.tolist(), lp.logprobs.tolist(), lp.ranks.tolist()
-            for row, s in enumerate(rows):
-                k = s.request.sampling_params.logprobs
+            for row, state in enumerate(rows):
+                k = state.sampling.params.logprobs
                 if k is None:
                     continue
                 k = lp.token_ids.shape[1] - 1 if k < 0 else k
-                out.logprobs[s.request.request_id] = (ids[row][: k + 1], values[row][: k + 1], ranks[row])
+                out.logprobs.setdefault(state.req_id, []).append((ids[row][: k + 1], values[row][: k + 1], ranks[row]))
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, s: ScheduledRequest, out: RunnerOutput) -> None:
+    @staticmethod
+    def _row_bitmask(rows: list[CachedRequestState], grammar: GrammarBitmask | None) -> RowBitmask | None:
+        """The scheduler's bitmask rows (keyed by request) placed at these sampling rows."""
+        if grammar is None:
+            return None
+        row_of = {state.req_id: row for row, state in enumerate(rows)}
+        constrained = [row_of[req_id] for req_id in grammar.req_ids]
+        bitmask = torch.full((len(rows), grammar.bitmask.shape[1]), -1, dtype=grammar.bitmask.dtype)
+        bitmask[constrained] = grammar.bitmask
+        return RowBitmask(constrained, bitmask)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, state: CachedRequestState, num_new: int,
+                         out: RunnerOutput) -> None:
         """Logprobs of prompt tokens 1.. predicted from this chunk's positions."""
-        request = s.request
-        chunk_start = s.num_computed_before
-        start = max(chunk_start, request.num_prompt_logprobs_done)  # a preempted request recomputes
-        end = min(chunk_start + s.num_new_tokens, request.num_prompt_tokens - 1)
+        chunk_start = state.num_computed_tokens
+        start = max(chunk_start, state.num_prompt_logprobs_done)  # a preempted request recomputes
+        end = min(chunk_start + num_new, len(state.prompt_token_ids) - 1)
         if end <= start:
             return
-        request.num_prompt_logprobs_done = end
-        targets = torch.tensor(request.prompt_token_ids[start + 1 : end + 1], device=self.device)
+        state.num_prompt_logprobs_done = end
+        targets = torch.tensor(state.prompt_token_ids[start + 1 : end + 1], device=self.device)
         logits = self.model.compute_logits(hidden[start - chunk_start : end - chunk_start])
-        k = request.sampling_params.prompt_logprobs
+        k = state.sampling.params.prompt_logprobs
         k = self.vocab_size if k < 0 else k
         lp = compute_prompt_logprobs(logits, targets, k)
         ids, values, ranks = lp.token_ids.tolist(), lp.logprobs.tolist(), lp.ranks.tolist()
-        out.prompt_logprobs[request.request_id] = list(zip(ids, values, ranks))
+        out.prompt_logprobs[state.req_id] = list(zip(ids, values, ranks))

@@ -16,16 +16,12 @@ argmax(probs / q), q ~ Exp(1), which samples from probs exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from sluice.layers import native
 from sluice.sampling_params import SamplingParams
 from sluice.structured_output.backend import apply_bitmask
-
-if TYPE_CHECKING:
-    from sluice.structured_output.manager import GrammarBitmask
 
 _NEG_INF = float("-inf")
 
@@ -39,6 +35,14 @@ class SamplingRow:
     output_token_ids: list[int]  # generated so far, not including the one being sampled
     generator: torch.Generator | None  # per-request generator for seeded requests
     stop_token_ids: set[int]  # masked out while len(output_token_ids) < params.min_tokens
+
+
+@dataclass
+class RowBitmask:
+    """Allowed tokens per sampling row; only `rows` are constrained (the rest allow everything)."""
+
+    rows: list[int]
+    bitmask: torch.Tensor  # [num sampling rows, ceil(vocab_size / 32)] int32
 
 
 @dataclass
@@ -61,14 +65,14 @@ class SamplingMetadata:
     presence_penalties: torch.Tensor | None  # [B] float32
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # (row ids, token ids) to ban
     max_num_logprobs: int | None  # k for sample logprobs; None when no row asks
-    grammar: GrammarBitmask | None = None  # allowed tokens of grammar-constrained rows
+    grammar: RowBitmask | None = None  # allowed tokens of grammar-constrained rows
     disallowed: torch.Tensor | None = None  # [B, V] bool: outside a row's allowed_token_ids
     bad_words_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # (row ids, token ids) to ban
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, tokens, bias)
 
     @classmethod
     def build(cls, rows: list[SamplingRow], vocab_size: int, device,
-              grammar: GrammarBitmask | None = None) -> SamplingMetadata:
+              grammar: RowBitmask | None = None) -> SamplingMetadata:
         params = [r.params for r in rows]
         greedy = [p.greedy for p in params]
         all_greedy, all_random = all(greedy), not any(greedy)

@@ -107,3 +107,12 @@ def drop_kv_cache(kv_caches: list[torch.Tensor]) -> int:
         _drop_pages(cache.data_ptr(), length)
         total += length
     return total
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

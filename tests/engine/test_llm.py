@@ -202,7 +202,7 @@ def test_populating_the_kv_cache_leaves_its_contents_intact(llm):
     params = SamplingParams(temperature=0.0, max_tokens=8)
     prompt = "A long shared beginning, repeated to fill several blocks. " * 6
     first = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
-    runner = llm.engine_core.runner
+    runner = llm.engine_core.executor.worker.runner
     assert not runner.kv_populator.is_alive()  # LLM populated the cache itself and stopped it
     before = [cache.clone() for cache in runner.kv_caches]
     runner.populate_kv()

@@ -1,5 +1,7 @@
 """Greedy output never depends on the scheduler's path: batching, chunked prefill, preemption,
-prefix caching. Each path is held to the tokens of a lone request (SmolLM2, float32)."""
+prefix caching. Each path is held to the tokens of a lone request (SmolLM2, float32), in-process
+and, for the paths that send the worker differences (chunks, preemption, cache hits), with the
+worker in a process of its own (`mp`)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ QUESTIONS = [
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
 COMMON = dict(dtype="float32", max_model_len=256, block_size=16)  # the paths below are sized in 16-token blocks
+BOTH_EXECUTORS = pytest.mark.parametrize("backend", ["uni", "mp"])
 
 
 def prompts() -> list[dict]:
@@ -49,14 +52,17 @@ def test_batched_equals_lone(lone_reference):
     assert tokens(llm, prompts()) == lone_reference
 
 
-def test_tiny_chunks_equal_lone(lone_reference):
-    llm = LLM(**COMMON, enable_prefix_caching=False, max_num_batched_tokens=32, kv_cache_memory_bytes=64 << 20)
+@BOTH_EXECUTORS
+def test_tiny_chunks_equal_lone(lone_reference, backend):
+    llm = LLM(**COMMON, enable_prefix_caching=False, max_num_batched_tokens=32, kv_cache_memory_bytes=64 << 20,
+              distributed_executor_backend=backend)
     assert tokens(llm, prompts()) == lone_reference
 
 
-def test_preemption_equals_lone(lone_reference):
+@BOTH_EXECUTORS
+def test_preemption_equals_lone(lone_reference, backend):
     # Each request needs ~6 blocks of 16 at the end; 13 usable blocks cannot hold all four.
-    llm = LLM(**COMMON, enable_prefix_caching=False, num_gpu_blocks_override=14)
+    llm = LLM(**COMMON, enable_prefix_caching=False, num_gpu_blocks_override=14, distributed_executor_backend=backend)
     outs = llm.generate(prompts(), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == lone_reference
     total = llm.get_metrics()["vllm:num_preemptions"]
@@ -65,8 +71,9 @@ def test_preemption_equals_lone(lone_reference):
     assert llm.get_metrics()["sluice:num_free_blocks"] == 13
 
 
-def test_prefix_cache_hits_equal_lone(lone_reference):
-    llm = LLM(**COMMON, enable_prefix_caching=True, kv_cache_memory_bytes=64 << 20)
+@BOTH_EXECUTORS
+def test_prefix_cache_hits_equal_lone(lone_reference, backend):
+    llm = LLM(**COMMON, enable_prefix_caching=True, kv_cache_memory_bytes=64 << 20, distributed_executor_backend=backend)
     batch = prompts()
     first = tokens(llm, batch[:1])
     rest = tokens(llm, batch[1:])

@@ -25,6 +25,8 @@ from sluice.sampling_params import SamplingParams
 from tests.otlp_receiver import HttpReceiver, span_attributes
 from tests.server.utils import RemoteServer, parse_samples
 
+from tests.utils import fake_runner_output
+
 MODEL = "observed-model"
 NUM_BLOCKS = 20  # 19 usable blocks of 16 tokens: four children of one 60-token prompt growing to 124 cannot all fit
 BLOCK_SIZE = 16
@@ -154,7 +156,7 @@ def expected_preemptions(prompt: list[int], n: int, max_tokens: int) -> int:
         scheduler.add_request(Request(EngineCoreRequest(f"r-{i}", list(prompt), params, eos_token_ids=()), max_tokens))
     while scheduler.has_unfinished():
         out = scheduler.schedule()
-        scheduler.update_from_output(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
+        scheduler.update_from_output(out, fake_runner_output(scheduler, out))
     return scheduler.stats.num_preemptions
 
 

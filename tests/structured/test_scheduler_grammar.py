@@ -17,7 +17,7 @@ from sluice.engine.messages import EngineCoreRequest
 from sluice.sampling_params import SamplingParams, StructuredOutputsParams
 from sluice.structured_output.manager import StructuredOutputManager
 
-from tests.utils import smollm2_tokenizer
+from tests.utils import fake_runner_output, smollm2_tokenizer
 
 VOCAB = 49152
 EOS = 2
@@ -58,7 +58,7 @@ def add(sched: Scheduler, rid: str, spec: StructuredOutputsParams | None = None,
 
 def step(sched: Scheduler, tokens: dict[str, int] | None = None):
     out = sched.schedule()
-    sampled = {s.request.request_id: (tokens or {}).get(s.request.request_id, 9) for s in out.scheduled if s.samples}
+    sampled = fake_runner_output(sched, out, 9, tokens)
     return out, {o.request_id: o for o in sched.update_from_output(out, sampled)}
 
 
@@ -76,12 +76,12 @@ def test_a_compiling_request_waits_while_others_run(futures):
     waiting = sched.scheduler_stats()  # vllm:num_requests_waiting_by_reason
     assert (waiting.num_waiting_capacity, waiting.num_waiting_deferred) == (1, 1)
     out, _ = step(sched)
-    assert [s.request.request_id for s in out.scheduled] == ["f"] and out.grammar_bitmask is None
+    assert list(out.num_scheduled_tokens) == ["f"] and out.grammar_bitmask is None
     finish_compiling(futures, sched, spec)
     out, _ = step(sched, {"c": token("a")})
-    assert [s.request.request_id for s in out.scheduled] == ["f", "c"]
+    assert list(out.num_scheduled_tokens) == ["f", "c"]
     assert constrained.status is RequestStatus.RUNNING and free.num_output_tokens == 2
-    assert out.grammar_bitmask.rows == [1] and out.grammar_bitmask.bitmask.shape == (2, VOCAB // 32)
+    assert out.grammar_bitmask.req_ids == ["c"] and out.grammar_bitmask.bitmask.shape == (1, VOCAB // 32)
 
 
 def test_identical_specs_share_one_compilation(futures):

@@ -19,6 +19,8 @@ from sluice.metrics.prometheus import PrometheusStatLogger, buckets_1_2_5
 from sluice.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
 from sluice.sampling_params import SamplingParams
 
+from tests.utils import fake_runner_output
+
 BS = 4
 
 
@@ -32,7 +34,7 @@ def run(config: EngineConfig, prompts: list[list[int]], max_tokens: int, num_blo
         scheduler.add_request(Request(EngineCoreRequest(f"r{i}", prompt, params, eos_token_ids=()), max_tokens))
     while scheduler.has_unfinished():
         out = scheduler.schedule()
-        scheduler.update_from_output(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
+        scheduler.update_from_output(out, fake_runner_output(scheduler, out))
         metrics.record(scheduler.scheduler_stats(), scheduler.take_stats())
     return metrics
 
@@ -89,7 +91,7 @@ def test_a_later_request_hits_the_prefix_and_reuses_its_blocks():
         scheduler.add_request(request)
         while scheduler.has_unfinished():
             out = scheduler.schedule()
-            scheduler.update_from_output(out, {s.request.request_id: 7 for s in out.scheduled if s.samples})
+            scheduler.update_from_output(out, fake_runner_output(scheduler, out))
     stats = scheduler.take_stats()
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (21, 8)
     assert len(stats.kv_blocks.reuse_gaps) == 2 and all(gap >= 0 for gap in stats.kv_blocks.reuse_gaps)

@@ -8,8 +8,8 @@ import torch
 
 from sluice.sampling_params import SamplingParams
 from sluice.structured_output.backend import allocate_bitmask
-from sluice.structured_output.manager import GrammarBitmask
 from sluice.worker.sampler import (
+    RowBitmask,
     Sampler,
     SamplingMetadata,
     SamplingRow,
@@ -374,7 +374,7 @@ def test_prompt_logprobs(k):
 # ---------------------------------------------------------------- grammar bitmask
 
 
-def bitmask_allowing(allowed: list[list[int] | None], vocab: int = V) -> GrammarBitmask:
+def bitmask_allowing(allowed: list[list[int] | None], vocab: int = V) -> RowBitmask:
     """Rows with a token list are constrained to it; None rows are free."""
     mask = allocate_bitmask(len(allowed), vocab)
     for i, tokens in enumerate(allowed):
@@ -382,7 +382,7 @@ def bitmask_allowing(allowed: list[list[int] | None], vocab: int = V) -> Grammar
             mask[i] = 0
             for t in tokens:
                 mask[i, t // 32] |= 1 << (t % 32)
-    return GrammarBitmask([i for i, tokens in enumerate(allowed) if tokens is not None], mask)
+    return RowBitmask([i for i, tokens in enumerate(allowed) if tokens is not None], mask)
 
 
 def test_grammar_bitmask_constrains_only_its_rows():

@@ -7,6 +7,8 @@ from sluice.engine.messages import EngineCoreRequest
 from sluice.core.scheduler import Scheduler
 from sluice.sampling_params import SamplingParams
 
+from tests.utils import fake_runner_output
+
 BS = 4
 
 
@@ -30,12 +32,11 @@ def add(sched: Scheduler, rid: str, num_prompt: int, max_tokens: int = 8, priori
 def run_step(sched: Scheduler, token: int = 7):
     """Schedule, pretend the forward pass sampled `token` for every sampling request, update."""
     out = sched.schedule()
-    sampled = {s.request.request_id: token for s in out.scheduled if s.samples}
-    return out, sched.update_from_output(out, sampled)
+    return out, sched.update_from_output(out, fake_runner_output(sched, out, token))
 
 
 def scheduled(out) -> dict[str, int]:
-    return {s.request.request_id: s.num_new_tokens for s in out.scheduled}
+    return out.num_scheduled_tokens
 
 
 def test_budget_is_shared_and_long_prompts_are_chunked():
@@ -47,7 +48,7 @@ def test_budget_is_shared_and_long_prompts_are_chunked():
     out, _ = run_step(sched)
     # short now decodes (1 token) in the same step as the long prompt's next chunk
     assert scheduled(out) == {"long": 24, "short": 1}
-    assert out.total_num_tokens <= 64
+    assert out.total_num_scheduled_tokens <= 64
 
 
 def test_running_decodes_are_never_starved_by_a_new_long_prompt():
@@ -94,6 +95,7 @@ def test_preemption_frees_latest_and_admits_nothing_that_step():
     assert set(scheduled(out)) == {"a"}
     # b's generated tokens are kept and recomputed later, never lost
     assert b.num_output_tokens == 2 and b in sched.waiting
+    assert out.preempted_req_ids == ["b"]
 
 
 def test_priority_policy_preempts_lowest_priority_first():
@@ -113,12 +115,9 @@ def test_priority_policy_admits_by_priority_then_arrival():
     assert set(scheduled(out)) == {"late-urgent"}
 
 
-def test_request_that_can_never_fit_fails_with_error():
+def test_request_that_outgrows_the_whole_cache_fails_with_error():
     sched = make_scheduler(num_blocks=4, caching=False)  # 12 tokens of cache
-    add(sched, "huge", 20)
-    out, outputs = run_step(sched)
-    assert outputs[0].finish_reason == "error" and "KV cache" in outputs[0].error
-    # one that fits the prompt but outgrows the whole cache while decoding also ends cleanly
+    # its prompt fits (the input processor refuses one that does not), its output does not
     grow = add(sched, "grow", 10, max_tokens=100)
     finished = []
     for _ in range(10):
@@ -161,3 +160,73 @@ def test_prefix_hits_counted_once_per_admission():
     add(sched, "b", 17, max_tokens=1)
     run_step(sched)
     assert (sched.stats.prefix_cache_queries, sched.stats.prefix_cache_hits) == (34, 16)
+
+
+def test_a_request_preempted_after_it_was_scheduled_gives_its_budget_back():
+    # Priority policy: low-priority L runs first in the batch, then a higher-priority request
+    # needs a block L holds; L's 16 tokens of this step go back to the budget and M uses them.
+    sched = make_scheduler(num_blocks=18, caching=False, scheduling_policy="priority",
+                           max_num_batched_tokens=24, long_prefill_token_threshold=16)
+    add(sched, "L", 60, max_tokens=20, priority=5, arrival=0)
+    run_step(sched)
+    add(sched, "H", 4, max_tokens=20, priority=0, arrival=1, first_token=100)
+    add(sched, "M", 40, max_tokens=20, priority=1, arrival=2, first_token=200)
+    for _ in range(2):
+        out, _ = run_step(sched)
+        assert "L" in scheduled(out) and not out.preempted_req_ids
+    out, _ = run_step(sched)
+    assert out.preempted_req_ids == ["L"]
+    # without the refund M would get 24 - 16 (L) - 1 (H) = 7 tokens
+    assert scheduled(out) == {"H": 1, "M": 16}
+
+
+def test_fcfs_queue_serves_in_order_and_puts_preempted_requests_first():
+    from sluice.core.request_queue import FCFSQueue, PriorityQueue
+
+    sched = make_scheduler()
+    a, b, c = (add(sched, rid, 3, priority=p, arrival=t) for rid, p, t in (("a", 2, 0), ("b", 0, 1), ("c", 1, 2)))
+    fcfs = FCFSQueue()
+    fcfs.add(a)
+    fcfs.add(b)
+    fcfs.add_preempted(c)
+    assert [fcfs.pop() for _ in range(3)] == [c, a, b]
+    by_priority = PriorityQueue()
+    for request in (a, b, c):
+        by_priority.add(request)
+    by_priority.remove(c)
+    assert [by_priority.pop() for _ in range(2)] == [b, a] and not by_priority
+
+
+def test_several_tokens_in_one_step_stop_at_the_first_stop_token():
+    from sluice.core.sched_output import RunnerOutput
+
+    sched = make_scheduler()
+    core = EngineCoreRequest("s", [1, 2, 3], SamplingParams(max_tokens=10, stop_token_ids=[7]), eos_token_ids=())
+    request = Request(core, 10)
+    sched.add_request(request)
+    out = sched.schedule()
+    outputs = sched.update_from_output(out, RunnerOutput(sampled_token_ids={"s": [5, 7, 6]},
+                                                         logprobs={"s": [([5], [-0.1], 1), ([7], [-0.2], 1),
+                                                                         ([6], [-0.3], 1)]}))
+    assert outputs[0].new_token_ids == [5, 7] and outputs[0].finish_reason == "stop"
+    assert outputs[0].new_logprobs == [([5], [-0.1], 1), ([7], [-0.2], 1)]
+    assert request.output_token_ids == [5, 7] and sched.stats.num_generation_tokens == 2
+
+
+def test_the_worker_hears_new_requests_in_full_then_differences():
+    sched = make_scheduler(num_blocks=7, caching=False)
+    add(sched, "a", 11, max_tokens=20, arrival=0)
+    b = add(sched, "b", 11, max_tokens=20, arrival=1)
+    out, _ = run_step(sched)
+    assert [(n.req_id, n.block_ids, n.num_computed_tokens) for n in out.new_requests] == [("a", [1, 2, 3], 0),
+                                                                                          ("b", [4, 5, 6], 0)]
+    out, _ = run_step(sched)
+    assert not out.new_requests and out.cached_requests.new_token_ids == [[7], [7]]
+    assert out.cached_requests.new_block_ids == [[], []] and out.cached_requests.num_computed_tokens == [11, 11]
+    out, _ = run_step(sched)  # a needs a 4th block: b is preempted
+    assert out.preempted_req_ids == ["b"] and out.cached_requests.new_block_ids == [[6]]  # freed tail first
+    sched.abort_requests(["a"])
+    out, _ = run_step(sched)  # b resumes: all its blocks again, and the tokens it has not seen
+    assert out.finished_req_ids == ["a"] and out.cached_requests.req_ids == ["b"]
+    assert len(out.cached_requests.new_block_ids[0]) == 4 and out.cached_requests.new_token_ids == [[7]]
+    assert out.cached_requests.num_computed_tokens == [0] and b.num_output_tokens == 3  # recomputed, sampled again

@@ -1,0 +1,54 @@
+"""Where the workers live. The engine core calls one `execute_model(scheduler_output)` per step
+and the few start-up calls below; executors differ only in how those reach their workers:
+`uni` calls one in-process worker, `mp` one worker process over ZMQ. A tensor-parallel or Ray
+executor starts N workers and fans each call out to all of them (`collective_rpc`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from sluice.config import EngineConfig
+from sluice.core.sched_output import RunnerOutput, SchedulerOutput
+from sluice.loader import ModelSource
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process went away; every request of the engine is lost."""
+
+
+class Executor(ABC):
+    @staticmethod
+    def create(config: EngineConfig, hf_config, source: ModelSource) -> Executor:
+        """The executor `distributed_executor_backend` names."""
+        if config.parallel.distributed_executor_backend == "mp":
+            from sluice.executor.mp import MultiprocExecutor
+
+            return MultiprocExecutor(config, hf_config, source)
+        from sluice.executor.uni import UniProcExecutor
+
+        return UniProcExecutor(config, hf_config, source)
+
+    @abstractmethod
+    def collective_rpc(self, method: str, *args) -> list:
+        """Call a Worker method on every worker; their results, by rank."""
+
+    @abstractmethod
+    def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        """Run one step on every worker; the output of the rank that samples."""
+
+    def describe(self) -> dict:
+        return self.collective_rpc("describe")[0]
+
+    def choose_num_blocks(self, max_useful_blocks: int) -> int:
+        """Blocks every worker can hold."""
+        return min(self.collective_rpc("choose_num_blocks", max_useful_blocks))
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.collective_rpc("initialize_cache", num_blocks)
+
+    def populate_kv(self) -> None:
+        self.collective_rpc("populate_kv")
+
+    def shutdown(self) -> None:
+        """Stop the workers; a no-op where they live in this process."""

@@ -1,0 +1,60 @@
+"""One worker: a model replica with its KV cache, driven by an executor.
+
+The executor calls these methods in order: `describe`, `choose_num_blocks`, `initialize_cache`,
+then `execute_model` once per step. Tensor- and pipeline-parallel ranks will be N workers that
+receive the same calls (`rank` tells them apart); today every engine runs one.
+"""
+
+from __future__ import annotations
+
+from sluice.config import EngineConfig
+from sluice.core.sched_output import RunnerOutput, SchedulerOutput
+from sluice.loader import ModelSource
+from sluice.worker.model_runner import ModelRunner
+from sluice.worker.sleep import SleepingWeights, drop_kv_cache, resident_bytes
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, hf_config, source: ModelSource, rank: int = 0) -> None:
+        self.rank = rank
+        self.runner = ModelRunner(config, hf_config, source)
+        self.sleeping_weights: SleepingWeights | None = None
+
+    def describe(self) -> dict:
+        """What the engine core needs from the model before it sizes anything."""
+        return {"sliding_window": getattr(self.runner.model, "sliding_window", None),
+                "bytes_per_block": self.runner.bytes_per_block()}
+
+    def choose_num_blocks(self, max_useful_blocks: int) -> int:
+        return self.runner.choose_num_blocks(max_useful_blocks)
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def populate_kv(self) -> None:
+        self.runner.populate_kv()
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        return self.runner.execute_model(scheduler_output)
+
+    def sleep(self) -> dict:
+        """vLLM's level-1 sleep, on CPU: weights to a disk-backed file, the KV cache's pages dropped
+        (see worker/sleep.py); this process's RSS before and after."""
+        before = resident_bytes()
+        if self.sleeping_weights is None:
+            runner = self.runner
+            stop_populating = getattr(runner, "_populate_stop", None)
+            if stop_populating is not None:
+                stop_populating.set()
+                runner.kv_populator.join(timeout=5)
+            drop_kv_cache(runner.kv_caches)
+            self.sleeping_weights = SleepingWeights(runner.model)
+        return {"rss_bytes_before": before, "rss_bytes_after": resident_bytes()}
+
+    def wake_up(self) -> dict:
+        """Weights back into memory; the KV cache's pages come back zeroed as they are used."""
+        before = resident_bytes()
+        if self.sleeping_weights is not None:
+            self.sleeping_weights.restore()
+            self.sleeping_weights = None
+        return {"rss_bytes_before": before, "rss_bytes_after": resident_bytes()}
