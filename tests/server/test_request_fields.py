@@ -4,7 +4,6 @@ refused with a 400 naming it. One server for the module, started with this area'
 
 from __future__ import annotations
 
-import json
 import os
 
 import httpx
@@ -20,7 +19,6 @@ from tests.server.utils import RemoteServer
 
 HERE = os.path.dirname(__file__)
 TOOL_TEMPLATE = os.path.join(HERE, "..", "structured", "tool_template.jinja")
-TASK_FILE = os.path.join(HERE, "data", "loglikelihood_task.jsonl")
 PROMPT = "The capital of France is"
 COUNT = "Count: 1, 2, 3, 4, 5,"
 THINK_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -170,28 +168,6 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(client, http, offline):
     assert "".join(c.choices[0].text for c in chunks) == PROMPT
     assert sum(len(c.choices[0].logprobs.tokens) for c in chunks if c.choices[0].logprobs) == len(ids)
     refused(http, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, "max_tokens")
-
-
-def test_lm_eval_loglikelihood_requests_agree_with_offline_scores(http, offline):
-    """The request lm-evaluation-harness's `local-completions` sends for loglikelihood (token-id
-    prompts in a batch, echo, max_tokens=1, logprobs=1) parsed as it parses it: the sum of the
-    continuation's token logprobs and whether each is the argmax."""
-    tasks = [json.loads(line) for line in open(TASK_FILE)]
-    tokenize = lambda text: http.post("/tokenize", json={"prompt": text}).json()["tokens"]  # noqa: E731
-    requests = [(tokenize(t["context"]), tokenize(t["context"] + t["continuation"])) for t in tasks]
-    reply = complete(http, prompt=[full for _, full in requests], max_tokens=1, logprobs=1, echo=True, seed=1234)
-    choices = sorted(reply["choices"], key=lambda c: c["index"])
-    for (context, full), choice in zip(requests, choices):
-        ctxlen = len(context)
-        values = choice["logprobs"]["token_logprobs"][ctxlen:-1]
-        tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
-        expected = offline_prompt_logprobs(offline, full)[ctxlen:]
-        assert sum(values) == pytest.approx(sum(expected), abs=1e-3)
-        greedy = offline.generate([full], SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
-        offline_greedy = all(entry[t].rank == 1 for t, entry in zip(full[ctxlen:], greedy.prompt_logprobs[ctxlen:]))
-        assert all(v == max(top.values()) for v, top in zip(values, tops)) == offline_greedy
-    paris, berlin = (sum(c["logprobs"]["token_logprobs"][len(requests[i][0]):-1]) for i, c in enumerate(choices[:2]))
-    assert paris > berlin
 
 
 # ---- chat templating -----------------------------------------------------------------------------
