@@ -5,6 +5,7 @@ and every failure class answers in OpenAI's error shape."""
 from __future__ import annotations
 
 import random
+import statistics
 import string
 import threading
 import time
@@ -31,8 +32,8 @@ def completion(**fields) -> dict:
 
 
 def test_20mb_body_is_413_within_1s_and_a_concurrent_request_keeps_its_latency(hardened, http):
-    """Rounds of (a good request alone, then one beside a 20 MB upload); the best of each kind are
-    compared, so the noise of a shared machine cancels out while a stalled server would not."""
+    """Rounds of (a good request alone, then one beside a 20 MB upload); the medians of each kind are
+    compared, so one lucky or unlucky round cancels out while a stalled server would not."""
     quiet, during, refusals = [], [], []
 
     def good_request_s() -> float:
@@ -58,7 +59,7 @@ def test_20mb_body_is_413_within_1s_and_a_concurrent_request_keeps_its_latency(h
         error = assert_openai_error(response, 413)
         assert "--max-request-body-bytes" in error["message"]
         assert seconds < 1.0, refusals
-    assert min(during) <= 2 * min(quiet), (quiet, during)
+    assert statistics.median(during) <= 2 * statistics.median(quiet), (quiet, during)
 
 
 def test_a_prompt_too_long_to_fit_is_refused_before_tokenizing(http):
