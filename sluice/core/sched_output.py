@@ -69,11 +69,11 @@ class RunnerOutput:
 def encode_hook(obj):
     if isinstance(obj, torch.Tensor):
         return [str(obj.dtype).removeprefix("torch."), list(obj.shape), obj.cpu().numpy().tobytes()]
-    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+    raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
 def decode_hook(kind: type, obj):
     if kind is torch.Tensor:
         dtype, shape, data = obj
         return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape)
-    raise NotImplementedError(f"cannot decode {kind.__name__}")
+    raise TypeError(f"cannot decode {kind.__name__}")

@@ -9,6 +9,7 @@ block, masked or not, and NaN garbage would leak into real rows.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -17,7 +18,7 @@ from sluice.layers.attention.metadata import AttentionMetadata
 from sluice.layers.rotary import apply_rotary
 
 
-class AttentionBackend:
+class AttentionBackend(ABC):
     name: ClassVar[str]
 
     @staticmethod
@@ -34,13 +35,13 @@ class AttentionBackend:
             elements *= size
         return elements * torch.empty((), dtype=dtype).element_size()
 
+    @abstractmethod
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store the new tokens' k/v [T, Hkv, D] at their flat slots."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read_kv(self, kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole blocks in token order: [B, NB] block ids -> k, v [B, NB*block_size, Hkv, D]."""
-        raise NotImplementedError
 
     def rope_and_write(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                        slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
@@ -55,8 +56,8 @@ class AttentionBackend:
         self.write_kv(kv_cache, k, v, slot_mapping)
         return q, k, v
 
+    @abstractmethod
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q [T, H, D] -> [T, H*D], once this step's k/v [T, Hkv, D] are in the cache: every row
         attends causally to its request's keys up to its own position."""
-        raise NotImplementedError
