@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from sluice.entrypoints.openai.chat_adapter import chat_chunks, chat_request, sse_event
+from sluice.entrypoints.openai.chat_adapter import chat_chunks, chat_request, closing_chunks, sse_event
 from sluice.entrypoints.openai.protocol import APIError, OpenAIModel
 
 RENAMES = {"max_completion_tokens": "max_tokens", "stop": "stop_sequences", "response_format": "output_config.format"}
@@ -219,12 +219,8 @@ class EventStream:
         self.calls: set[int] = set()  # chat tool call indexes seen
         self.started = False
 
-    async def run(self, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
-        try:
-            async for frame in self._run(chunks):
-                yield frame
-        finally:
-            await chunks.aclose()  # aborts the engine request if the client went away
+    def run(self, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+        return closing_chunks(self._run(chunks), chunks)
 
     async def _run(self, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
         chat_usage, finish_reason, stop_reason = None, None, None

@@ -46,6 +46,16 @@ async def chat_chunks(frames: AsyncIterator[str]) -> AsyncIterator[dict]:
         await frames.aclose()
 
 
+async def closing_chunks(frames: AsyncIterator[str], chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """An adapter's frames, then the chat chunks closed: closing them aborts the engine request
+    when the client went away mid-stream."""
+    try:
+        async for frame in frames:
+            yield frame
+    finally:
+        await chunks.aclose()
+
+
 def sse_event(event: str, data: dict) -> str:
     """A named server-sent event, as both the Responses and the Messages API stream them."""
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"

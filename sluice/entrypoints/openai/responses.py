@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from sluice.entrypoints.openai.chat_adapter import chat_chunks, chat_request, sse_event
+from sluice.entrypoints.openai.chat_adapter import chat_chunks, chat_request, closing_chunks, sse_event
 from sluice.entrypoints.openai.protocol import APIError, OpenAIModel
 
 RENAMES = {"max_completion_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
@@ -253,12 +253,8 @@ class EventStream:
         self.sequence += 1
         return sse_event(kind, data)
 
-    async def run(self, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
-        try:
-            async for frame in self._run(chunks):
-                yield frame
-        finally:
-            await chunks.aclose()  # aborts the engine request if the client went away
+    def run(self, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+        return closing_chunks(self._run(chunks), chunks)
 
     async def _run(self, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
         yield self.event("response.created", response=self.shell.body("in_progress", []))
