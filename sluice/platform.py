@@ -94,8 +94,13 @@ class Platform:
         return f"{self.cpu_model}|{' '.join(sorted(self.cpu_flags))}"
 
     def native_kernels(self, dtype: torch.dtype) -> bool:
-        """Whether sluice's C kernels (AVX-512 BF16) can serve tensors of this dtype here."""
-        if self.device.type != "cpu" or dtype != torch.bfloat16 or "avx512_bf16" not in self.cpu_flags:
+        """Whether sluice's C kernels (AVX-512 BF16) can serve tensors of this dtype here: the one
+        answer the attention backend, the linear path and the element-wise kernels all use."""
+        return dtype == torch.bfloat16 and self._native_bf16
+
+    @functools.cached_property
+    def _native_bf16(self) -> bool:
+        if self.device.type != "cpu" or "avx512_bf16" not in self.cpu_flags:
             return False
         from sluice.layers import native
 

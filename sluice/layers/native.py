@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sluice.platform import cache_dir, cpu_flags, current_platform, native_disabled
+from sluice.platform import cache_dir, current_platform, native_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,12 @@ def load_library() -> ctypes.CDLL | None:
 
 
 def _bf16_kernels(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The library when its vectorised bf16 kernels can take these tensors, else None."""
-    if "avx512_bf16" in cpu_flags() and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors):
+    """The library when the platform lets its vectorised bf16 kernels take these tensors, else None.
+    The platform decides once per device (CPU flags, SLUICE_DISABLE_NATIVE, a built library);
+    every element-wise kernel below asks it here, nowhere else."""
+    device = tensors[0].device
+    if all(t.dtype == torch.bfloat16 and t.device == device for t in tensors) and \
+            current_platform(device).native_kernels(torch.bfloat16):
         return load_library()
     return None
 
