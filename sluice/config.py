@@ -292,14 +292,71 @@ class LoRAConfig:
         _check_values(self)
 
 
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3")  # vLLM's names
+SPECULATIVE_METHODS_AVAILABLE = ("ngram",)
+MAX_SPECULATIVE_TOKENS = 16
+# Speculation pays while a step is bound by reading the weights; on CPU a batch of this many decode
+# rows is already compute-bound, so verifying k more rows per request costs more than it saves.
+DEFAULT_DISABLE_BY_BATCH_SIZE = 4
+_SPECULATIVE_KEYS = {"method": None, "num_speculative_tokens": None, "prompt_lookup_min": 1,
+                     "prompt_lookup_max": None, "disable_by_batch_size": DEFAULT_DISABLE_BY_BATCH_SIZE,
+                     "model": None}
+
+
 @dataclass
 class SpeculativeConfig:
-    speculative_config: dict | None = arg(None, "JSON object configuring speculative decoding",
-                                          available=(None,))
+    speculative_config: dict | None = arg(
+        None, 'JSON object configuring speculative decoding, vLLM\'s keys: {"method": "ngram", '
+              '"num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b, '
+              '"disable_by_batch_size": n (no drafts in steps with more running requests; default '
+              f'{DEFAULT_DISABLE_BY_BATCH_SIZE})}}')
 
     def __post_init__(self) -> None:
         _check_json_object("speculative_config", self.speculative_config)
-        _check_values(self)
+        spec = self.speculative_config
+        if spec is None:
+            return
+        where = "speculative_config (--speculative-config)"
+        unknown = sorted(set(spec) - set(_SPECULATIVE_KEYS))
+        _check(not unknown, f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                            f"known: {', '.join(_SPECULATIVE_KEYS)}")
+        method = spec.get("method")
+        _check(method in SPECULATIVE_METHODS, f"{where}: method must be one of "
+                                              f"{', '.join(SPECULATIVE_METHODS)}; got {method!r}")
+        _check(method in SPECULATIVE_METHODS_AVAILABLE,
+               f"{where}: method {method!r} is not available yet in sluice; accepted today: "
+               f"{', '.join(SPECULATIVE_METHODS_AVAILABLE)}")
+        values = {**_SPECULATIVE_KEYS, **spec}
+        k = values["num_speculative_tokens"]
+        _check(_is_int(k) and 1 <= k <= MAX_SPECULATIVE_TOKENS,
+               f"{where}: num_speculative_tokens must be an int in [1, {MAX_SPECULATIVE_TOKENS}]; got {k!r}")
+        if values["prompt_lookup_max"] is None:
+            values["prompt_lookup_max"] = max(values["prompt_lookup_min"], 3) if _is_int(values["prompt_lookup_min"]) \
+                else None
+        low, high = values["prompt_lookup_min"], values["prompt_lookup_max"]
+        _check(_is_int(low) and _is_int(high) and 1 <= low <= high,
+               f"{where}: prompt_lookup_min and prompt_lookup_max must be ints with "
+               f"1 <= prompt_lookup_min <= prompt_lookup_max; got {low!r}, {high!r}")
+        limit = values["disable_by_batch_size"]
+        _check(_is_int(limit) and limit >= 1,
+               f"{where}: disable_by_batch_size must be an int >= 1; got {limit!r}")
+        self.method: str = method
+        self.num_speculative_tokens: int = k
+        self.prompt_lookup_min: int = low
+        self.prompt_lookup_max: int = high
+        self.disable_by_batch_size: int = limit
+
+    @property
+    def enabled(self) -> bool:
+        return self.speculative_config is not None
+
+    def speculates(self, num_running: int) -> bool:
+        """Whether a step with this many running requests proposes drafts (the one rule)."""
+        return self.enabled and num_running <= self.disable_by_batch_size
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass

@@ -75,6 +75,7 @@ class Request:
         # What the worker holds of this request (0 tokens: it has not seen it yet).
         self.num_worker_tokens = 0
         self.num_worker_blocks = 0
+        self.spec_token_ids: list[int] = []  # drafts to verify in the next step (speculative decoding)
         self.grammar: RequestGrammar | None = None  # set by the scheduler for structured outputs
         self.trace_headers = req.trace_headers
         # Wall-clock timestamps for metrics and traces, comparable with arrival_time.

@@ -40,9 +40,10 @@ class CachedRequestData:
 
 @dataclass
 class GrammarBitmask:
-    """Allowed tokens of the grammar-constrained requests that sample this step, a row each."""
+    """Allowed tokens of the grammar-constrained requests that sample this step: a row per
+    sampling position (a request verifying k drafts has k + 1, in position order)."""
 
-    req_ids: list[str]
+    req_ids: list[str]  # the request of each row
     bitmask: torch.Tensor  # [len(req_ids), ceil(vocab_size / 32)] int32
 
 
@@ -50,7 +51,9 @@ class GrammarBitmask:
 class SchedulerOutput:
     new_requests: list[NewRequestData] = field(default_factory=list)
     cached_requests: CachedRequestData = field(default_factory=CachedRequestData)
-    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)  # in batch order
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)  # in batch order, drafts included
+    # draft tokens scheduled after a request's known tokens: the worker verifies them
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
     total_num_scheduled_tokens: int = 0
     finished_req_ids: list[str] = field(default_factory=list)  # the worker drops their state
     preempted_req_ids: list[str] = field(default_factory=list)  # the worker drops their blocks
@@ -64,6 +67,7 @@ class RunnerOutput:
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[tuple]] = field(default_factory=dict)  # per token: (top ids, top logprobs, rank)
     prompt_logprobs: dict[str, list] = field(default_factory=dict)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)  # drafts proposed for the next step
 
 
 def encode_hook(obj):

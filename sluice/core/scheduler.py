@@ -7,13 +7,17 @@ was given tokens in the same step gives them back to the budget.
 
 `schedule()` returns plain data for the worker (sched_output.py): requests it has not seen in
 full, the others as differences; `update_from_output` takes a list of tokens per request.
+
+Speculative decoding is more of the same: a decoding request's drafts are scheduled as extra
+tokens after its known ones, and the positions the worker rejects are taken back from
+`num_computed_tokens` (their KV is overwritten later; no block leaks).
 """
 
 from __future__ import annotations
 
 import time
 
-from sluice.config import SchedulerConfig
+from sluice.config import SchedulerConfig, SpeculativeConfig
 from sluice.core.kv_cache_manager import KVCacheManager, cdiv
 from sluice.core.request import Request, RequestStatus
 from sluice.core.request_queue import create_request_queue
@@ -28,8 +32,10 @@ GRAMMAR_IDLE_WAIT_S = 0.01
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-                 structured_output: StructuredOutputManager | None = None) -> None:
+                 structured_output: StructuredOutputManager | None = None,
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.config = config
+        self.speculative = speculative or SpeculativeConfig()
         self.kv = kv
         self.max_model_len = max_model_len
         self.structured_output = structured_output
@@ -137,13 +143,23 @@ class Scheduler:
     def _schedule_running(self, scheduled: dict[Request, int], budget: int) -> tuple[int, bool]:
         """Returns the budget left, and whether a request had to be preempted."""
         index, preempted = 0, False
+        speculate = self.speculative.speculates(len(self.running))
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
+            if request.spec_token_ids and not speculate:
+                request.spec_token_ids = []
+            num_known = request.num_tokens - request.num_computed_tokens
+            num_new = self._chunk(num_known + len(request.spec_token_ids), budget)
             if num_new <= 0:
                 index += 1
                 continue
+            if num_new < num_known + len(request.spec_token_ids):  # the budget cuts the drafts short
+                del request.spec_token_ids[max(num_new - num_known, 0):]
             while self.kv.allocate_slots(request, num_new) is None:
+                if request.spec_token_ids:  # give up the drafts before anyone's blocks
+                    num_new -= len(request.spec_token_ids)
+                    request.spec_token_ids = []
+                    continue
                 victim = max(self.running, key=lambda r: r.sort_key(self.config.scheduling_policy))
                 if victim is request and len(self.running) == 1:
                     self._finish_with_error(request, self._outgrown_message(request))
@@ -203,6 +219,7 @@ class Scheduler:
         refund = scheduled.pop(request, 0)
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self.stats.num_preemptions += 1
@@ -222,6 +239,7 @@ class Scheduler:
         cached = out.cached_requests
         req_blocks = self.kv.req_blocks
         sampling_grammars: list[Request] = []
+        spec = out.scheduled_spec_decode_tokens
         for request, num_new in scheduled.items():
             rid = request.request_id
             blocks = req_blocks[rid]
@@ -239,14 +257,19 @@ class Scheduler:
             request.num_worker_tokens = num_tokens
             request.num_worker_blocks = len(blocks)
             request.num_computed_tokens += num_new
-            if request.grammar is not None and request.num_computed_tokens == num_tokens:
+            if request.spec_token_ids:
+                spec[rid] = request.spec_token_ids
+                self.stats.record_drafts(len(request.spec_token_ids))
+            if request.grammar is not None and request.num_computed_tokens >= num_tokens:
                 sampling_grammars.append(request)
         out.num_scheduled_tokens = {r.request_id: n for r, n in scheduled.items()}
         out.total_num_scheduled_tokens = sum(scheduled.values())
         self.stats.step_num_tokens.append(out.total_num_scheduled_tokens)
         if sampling_grammars:
-            bitmask = self.structured_output.fill_bitmask([r.grammar for r in sampling_grammars])
-            out.grammar_bitmask = GrammarBitmask([r.request_id for r in sampling_grammars], bitmask)
+            rows = [(r.request_id, r.grammar, r.spec_token_ids) for r in sampling_grammars]
+            bitmask = self.structured_output.fill_bitmask([(grammar, drafts) for _, grammar, drafts in rows])
+            out.grammar_bitmask = GrammarBitmask(
+                [rid for rid, _, drafts in rows for _ in range(len(drafts) + 1)], bitmask)
         return out
 
     # ---- after the forward pass -------------------------------------------------------
@@ -261,6 +284,12 @@ class Scheduler:
             request = self.requests.get(rid)
             if request is None or request.status.finished:  # aborted since it was scheduled
                 continue
+            drafts = out.scheduled_spec_decode_tokens.get(rid)
+            if drafts:  # the rejected drafts' positions are computed again later
+                num_accepted = len(tokens) - 1
+                request.num_computed_tokens -= len(drafts) - num_accepted
+                self.stats.record_accepted(num_accepted)
+            request.spec_token_ids = []
             status = None
             accepted = 0
             for token in tokens:
@@ -284,11 +313,22 @@ class Scheduler:
                 output.finish_reason = status.finish_reason
                 output.stop_reason = request.stop_reason
                 output.error = request.error
+            elif rid in result.spec_token_ids:
+                request.spec_token_ids = self._usable_drafts(request, result.spec_token_ids[rid])
             outputs.append(output)
         for rid, plp in prompt_logprobs.items():  # prompt chunks that sampled nothing yet
             if rid not in result.sampled_token_ids and rid in self.requests:
                 outputs.append(EngineCoreOutput(rid, [], new_prompt_logprobs=plp))
         return outputs
+
+    def _usable_drafts(self, request: Request, drafts: list[int]) -> list[int]:
+        """The proposed drafts the request can use: never past max_tokens or max_model_len (the
+        token after the drafts is sampled too), and for a grammar, only the prefix it accepts."""
+        room = min(request.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
+        drafts = drafts[: max(room, 0)]
+        if request.grammar is not None and drafts:
+            drafts = request.grammar.valid_prefix(drafts)
+        return drafts
 
     def _record_token(self, request: Request, now: float) -> None:
         stats = self.stats

@@ -57,7 +57,7 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, obs.kv_cache_metrics)
         grammars = StructuredOutputManager(config.structured_outputs, functools.partial(get_tokenizer, config),
                                            hf_config.vocab_size)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, grammars)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, grammars, config.speculative)
         self.metrics = PrometheusStatLogger(config, self.max_model_len, self.kv.pool.num_usable_blocks)
         self.stat_loggers: list = [self.metrics]
         if not obs.disable_log_stats:

@@ -21,12 +21,15 @@ class LoggingStatLogger:
         self.since = now
         self.prompt_tokens = self.generation_tokens = 0
         self.prefix_queries = self.prefix_hits = 0
+        self.spec_drafts = self.spec_accepted = 0
 
     def record(self, scheduler: SchedulerStats, it: IterationStats) -> None:
         self.prompt_tokens += it.num_prompt_tokens
         self.generation_tokens += it.num_generation_tokens
         self.prefix_queries += it.prefix_cache_queries
         self.prefix_hits += it.prefix_cache_hits
+        self.spec_drafts += it.spec.num_drafts
+        self.spec_accepted += it.spec.num_accepted_tokens
         now = time.monotonic()
         elapsed = now - self.since
         if elapsed < self.interval_s:
@@ -40,4 +43,7 @@ class LoggingStatLogger:
                 scheduler.num_running, scheduler.num_waiting, 100 * scheduler.kv_cache_usage,
                 100 * self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0,
             )
+            if self.spec_drafts:  # tokens per verification: the kept drafts plus the one sampled after
+                logger.info("speculative decoding: mean acceptance length %.2f over %d drafts",
+                            1 + self.spec_accepted / self.spec_drafts, self.spec_drafts)
         self._reset(now)

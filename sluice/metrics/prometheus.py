@@ -101,6 +101,15 @@ class PrometheusStatLogger:
         self.request_n = histogram("vllm:request_params_n", "n per request.", [1, 2, 5, 10, 20])
         self.iteration_tokens = histogram("vllm:iteration_tokens_total", "Tokens computed per engine step.",
                                           buckets_1_2_5(max(config.scheduler.max_num_batched_tokens, 1)))
+        self.spec_decoding = config.speculative.enabled
+        if self.spec_decoding:
+            self.spec_drafts = counter("vllm:spec_decode_num_drafts", "Draft sequences verified.").labels(*m)
+            self.spec_draft_tokens = counter("vllm:spec_decode_num_draft_tokens", "Draft tokens verified.").labels(*m)
+            self.spec_accepted = counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.").labels(*m)
+            per_pos = counter("vllm:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by position.",
+                              ("position",))
+            self.spec_accepted_per_pos = [per_pos.labels(*m, str(pos))
+                                          for pos in range(config.speculative.num_speculative_tokens)]
         self.siblings: dict[str, tuple[int, int]] = {}  # parent id -> (children finished, most tokens)
         self.kv_block_metrics = config.observability.kv_cache_metrics
         if self.kv_block_metrics:
@@ -128,6 +137,12 @@ class PrometheusStatLogger:
         self.prefix_queries.inc(it.prefix_cache_queries)
         self.prefix_hits.inc(it.prefix_cache_hits)
         observe(self.iteration_tokens, it.step_num_tokens)
+        if self.spec_decoding:
+            self.spec_drafts.inc(it.spec.num_drafts)
+            self.spec_draft_tokens.inc(it.spec.num_draft_tokens)
+            self.spec_accepted.inc(it.spec.num_accepted_tokens)
+            for pos, count in enumerate(it.spec.accepted_per_pos):
+                self.spec_accepted_per_pos[pos].inc(count)
         observe(self.ttft, it.time_to_first_tokens)
         observe(self.itl, it.inter_token_latencies)
         for req in it.finished:

@@ -89,6 +89,16 @@ class KVBlockEvents:
 
 
 @dataclass
+class SpecDecodingStats:
+    """Speculative decoding since the last look: drafts verified, and how many were kept."""
+
+    num_drafts: int = 0  # requests that verified drafts, once per step
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)  # [i]: drafts kept at position i
+
+
+@dataclass
 class IterationStats:
     """Everything that happened since the stat loggers last looked (normally one step)."""
 
@@ -102,3 +112,18 @@ class IterationStats:
     inter_token_latencies: list[float] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
     kv_blocks: KVBlockEvents = field(default_factory=KVBlockEvents)
+    spec: SpecDecodingStats = field(default_factory=SpecDecodingStats)
+
+    def record_drafts(self, num_draft_tokens: int) -> None:
+        self.spec.num_drafts += 1
+        self.spec.num_draft_tokens += num_draft_tokens
+
+    def record_accepted(self, num_accepted: int) -> None:
+        """The first num_accepted drafts of one request's verification were kept."""
+        spec = self.spec
+        spec.num_accepted_tokens += num_accepted
+        if len(spec.accepted_per_pos) < num_accepted:
+            spec.accepted_per_pos.extend([0] * (num_accepted - len(spec.accepted_per_pos)))
+        for pos in range(num_accepted):
+            spec.accepted_per_pos[pos] += 1
+

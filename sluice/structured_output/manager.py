@@ -68,6 +68,28 @@ class RequestGrammar:
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
 
+    def fill_with_drafts(self, bitmask: torch.Tensor, row: int, drafts: list[int]) -> None:
+        """Rows row .. row + len(drafts): what may come next now, and after each draft in turn.
+        The matcher steps through the drafts and is rolled back: only verified tokens advance it."""
+        for i, token in enumerate(drafts):
+            self.fill(bitmask, row + i)
+            if not self.accept(token):
+                raise RuntimeError(f"draft token {token} passed the grammar when proposed and fails it now")
+        self.fill(bitmask, row + len(drafts))
+        if drafts:
+            self.matcher.rollback(len(drafts))
+
+    def valid_prefix(self, drafts: list[int]) -> list[int]:
+        """The longest prefix of `drafts` the grammar accepts from here (the matcher is left as it was)."""
+        accepted = 0
+        for token in drafts:
+            if self.matcher.is_terminated() or not self.accept(token):
+                break
+            accepted += 1
+        if accepted:
+            self.matcher.rollback(accepted)
+        return drafts[:accepted]
+
 
 class StructuredOutputManager:
     def __init__(self, config: StructuredOutputsConfig, load_tokenizer: Callable[[], object], vocab_size: int) -> None:
@@ -88,11 +110,14 @@ class StructuredOutputManager:
         """A request holding a grammar finished."""
         self.num_active -= 1
 
-    def fill_bitmask(self, grammars: list[RequestGrammar]) -> torch.Tensor:
-        """[len(grammars), ceil(vocab_size / 32)] int32: row i holds the tokens grammars[i] allows next."""
-        bitmask = allocate_bitmask(len(grammars), self.vocab_size)
-        for row, grammar in enumerate(grammars):
-            grammar.fill(bitmask, row)
+    def fill_bitmask(self, grammars: list[tuple[RequestGrammar, list[int]]]) -> torch.Tensor:
+        """[rows, ceil(vocab_size / 32)] int32 for (grammar, drafts) pairs: len(drafts) + 1 rows
+        each, in order, holding the tokens the grammar allows at each position to verify."""
+        bitmask = allocate_bitmask(sum(len(drafts) + 1 for _, drafts in grammars), self.vocab_size)
+        row = 0
+        for grammar, drafts in grammars:
+            grammar.fill_with_drafts(bitmask, row, drafts)
+            row += len(drafts) + 1
         return bitmask
 
     @staticmethod

@@ -26,6 +26,8 @@ from sluice.layers.linear import pack_linears
 from sluice.loader import ModelSource, iter_weights
 from sluice.models.registry import get_model_class
 from sluice.worker.input_batch import CachedRequestState, InputBatch
+from sluice.spec_decode.ngram import NgramProposer
+from sluice.worker.rejection_sampler import RejectionSampler
 from sluice.worker.sampler import RowBitmask, Sampler, SamplingMetadata, compute_prompt_logprobs
 
 logger = logging.getLogger("sluice")
@@ -114,6 +116,10 @@ class ModelRunner:
         pack_linears(self.model)  # a no-op where the native bf16 kernel can't run
         self.vocab_size = hf_config.vocab_size
         self.sampler = Sampler()
+        self.rejection_sampler = RejectionSampler(self.sampler)
+        spec = config.speculative
+        self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min,
+                                      spec.prompt_lookup_max) if spec.enabled else None
         self.input_batch = InputBatch()
         self.kv_caches: list[torch.Tensor] = []
 
@@ -199,17 +205,21 @@ class ModelRunner:
         context_lens: list[int] = []
         block_tables: list[list[int]] = []
         chunks: list[tuple[CachedRequestState, int]] = []  # (request, index of its first row)
-        sample_rows: list[tuple[CachedRequestState, int]] = []  # (request, row whose logits it samples)
+        # (request, first row whose logits it samples, its drafts: one more row each)
+        sample_rows: list[tuple[CachedRequestState, int, list[int]]] = []
+        spec = sched.scheduled_spec_decode_tokens
         for req_id, num_new in sched.num_scheduled_tokens.items():
             state = requests[req_id]
-            start, end = state.num_computed_tokens, state.num_computed_tokens + num_new
+            drafts = spec.get(req_id, [])
+            start, end = state.num_computed_tokens, state.num_computed_tokens + num_new - len(drafts)
             chunks.append((state, len(ids)))
             ids.extend(state.token_ids(start, end))
-            positions.extend(range(start, end))
+            ids.extend(drafts)
+            positions.extend(range(start, end + len(drafts)))
             context_lens.append(start)
             block_tables.append(state.block_ids)
             if end == state.num_tokens:  # past the known tokens: the model proposes the next one
-                sample_rows.append((state, len(ids) - 1))
+                sample_rows.append((state, len(ids) - 1 - len(drafts), drafts))
         meta = build_attention_metadata(
             query_lens=list(sched.num_scheduled_tokens.values()),
             context_lens=context_lens,
@@ -219,9 +229,14 @@ class ModelRunner:
         )
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
                             torch.tensor(positions, dtype=torch.long, device=self.device), self.kv_caches, meta)
-        if sample_rows:
-            logits = self.compute_logits(hidden, [row for _, row in sample_rows])
-            self._sample(logits, [state for state, _ in sample_rows], out, sched.grammar_bitmask)
+        if spec:
+            rows = [row + j for _, row, drafts in sample_rows for j in range(len(drafts) + 1)]
+            self._verify(self.compute_logits(hidden, rows), sample_rows, out, sched.grammar_bitmask)
+        elif sample_rows:
+            logits = self.compute_logits(hidden, [row for _, row, _ in sample_rows])
+            self._sample(logits, [state for state, _, _ in sample_rows], out, sched.grammar_bitmask)
+        if self.proposer is not None and self.config.speculative.speculates(len(sched.num_scheduled_tokens)):
+            self._propose(out)
         for state, first_row in chunks:
             if state.sampling.params.prompt_logprobs is not None:
                 num_new = sched.num_scheduled_tokens[state.req_id]
@@ -251,13 +266,41 @@ class ModelRunner:
                 k = lp.token_ids.shape[1] - 1 if k < 0 else k
                 out.logprobs.setdefault(state.req_id, []).append((ids[row][: k + 1], values[row][: k + 1], ranks[row]))
 
+    def _verify(self, logits: torch.Tensor, samples: list[tuple[CachedRequestState, int, list[int]]],
+                out: RunnerOutput, grammar: GrammarBitmask | None) -> None:
+        """Requests with drafts keep the verified prefix plus one token; the others sample one."""
+        rows = [state for state, _, drafts in samples for _ in range(len(drafts) + 1)]
+        verified = self.rejection_sampler(logits, [(state.sampling, drafts) for state, _, drafts in samples],
+                                          self.vocab_size, self._row_bitmask(rows, grammar))
+        for (state, _, _), tokens, logprobs in zip(samples, verified.token_ids, verified.logprobs):
+            out.sampled_token_ids[state.req_id] = tokens
+            if logprobs is not None:
+                out.logprobs[state.req_id] = logprobs
+
+    def _propose(self, out: RunnerOutput) -> None:
+        """Drafts for the next step of every request that just sampled, from its own context."""
+        requests = self.input_batch.requests
+        for req_id, tokens in out.sampled_token_ids.items():
+            state = requests[req_id]
+            drafts = self.proposer.propose(state.prompt_token_ids + state.output_token_ids + tokens)
+            if drafts:
+                out.spec_token_ids[req_id] = drafts
+
     @staticmethod
     def _row_bitmask(rows: list[CachedRequestState], grammar: GrammarBitmask | None) -> RowBitmask | None:
-        """The scheduler's bitmask rows (keyed by request) placed at these sampling rows."""
+        """The scheduler's bitmask rows (keyed by request, a request's rows in position order)
+        placed at these sampling rows (likewise a request's rows in order)."""
         if grammar is None:
             return None
-        row_of = {state.req_id: row for row, state in enumerate(rows)}
-        constrained = [row_of[req_id] for req_id in grammar.req_ids]
+        rows_of: dict[str, list[int]] = {}
+        for row, state in enumerate(rows):
+            rows_of.setdefault(state.req_id, []).append(row)
+        taken: dict[str, int] = {}
+        constrained = []
+        for req_id in grammar.req_ids:
+            index = taken.get(req_id, 0)
+            constrained.append(rows_of[req_id][index])
+            taken[req_id] = index + 1
         bitmask = torch.full((len(rows), grammar.bitmask.shape[1]), -1, dtype=grammar.bitmask.dtype)
         bitmask[constrained] = grammar.bitmask
         return RowBitmask(constrained, bitmask)

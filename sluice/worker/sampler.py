@@ -154,6 +154,24 @@ class Sampler(torch.nn.Module):
             sampled = native.argmax(logits)
             return SamplerOutput(sampled_token_ids=logits.float().argmax(dim=-1) if sampled is None else sampled,
                                  logprobs=None)
+        logits, logprobs = self.process(logits, meta)
+        greedy_ids = None if meta.all_random else logits.argmax(dim=-1)
+        if meta.all_greedy:
+            sampled = greedy_ids
+        elif meta.all_random:
+            sampled = _sample_random(logits, meta)
+        else:
+            sampled = torch.where(meta.greedy_mask, greedy_ids, _sample_random(logits, meta))
+
+        out_logprobs = None
+        if logprobs is not None:
+            out_logprobs = gather_logprobs(logprobs, meta.max_num_logprobs, sampled)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs=out_logprobs)
+
+    @staticmethod
+    def process(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """float32 logits with every row's rules applied (greedy rows take their argmax), and the
+        raw logprobs when a row asks for logprobs."""
         logits = logits.float()
         logprobs = None
         if meta.max_num_logprobs is not None:
@@ -171,20 +189,7 @@ class Sampler(torch.nn.Module):
         if meta.logit_bias is not None:
             rows, tokens, bias = meta.logit_bias
             logits = logits.index_put((rows, tokens), bias, accumulate=True)
-        logits = apply_penalties(logits, meta)
-
-        greedy_ids = None if meta.all_random else logits.argmax(dim=-1)
-        if meta.all_greedy:
-            sampled = greedy_ids
-        elif meta.all_random:
-            sampled = _sample_random(logits, meta)
-        else:
-            sampled = torch.where(meta.greedy_mask, greedy_ids, _sample_random(logits, meta))
-
-        out_logprobs = None
-        if logprobs is not None:
-            out_logprobs = _gather_logprobs(logprobs, meta.max_num_logprobs, sampled)
-        return SamplerOutput(sampled_token_ids=sampled, logprobs=out_logprobs)
+        return apply_penalties(logits, meta), logprobs
 
 
 def compute_prompt_logprobs(
@@ -193,7 +198,7 @@ def compute_prompt_logprobs(
     """Logprobs of the actual next prompt tokens ([N] targets for [N, V] logits), plus top-k."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     k = logits.shape[-1] if num_logprobs == -1 else min(num_logprobs, logits.shape[-1])
-    return _gather_logprobs(logprobs, k, target_ids)
+    return gather_logprobs(logprobs, k, target_ids)
 
 
 # ---------------------------------------------------------------- processors
@@ -261,19 +266,26 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- sampling
 
 
-def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+def sampling_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """The distribution random rows sample from: temperature, top-k, top-p, softmax, min-p.
+    min-p leaves it unnormalised; every consumer here only compares or races its entries."""
     if meta.temperature is not None:
         logits = logits / meta.temperature.unsqueeze(1)
     logits = apply_top_k_top_p(logits, meta.top_k, meta.max_top_k, meta.top_p)
     probs = logits.softmax(dim=-1)
     if meta.min_p is not None:
         probs = apply_min_p(probs, meta.min_p)
-    # argmax(p_i / q_i) with q_i ~ Exp(1) picks i with probability p_i / sum(p),
-    # so neither renormalisation nor multinomial (which syncs) is needed.
+    return probs
+
+
+def race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """One token per row drawn in proportion to `probs` (unnormalised is fine):
+    argmax(p_i / q_i) with q_i ~ Exp(1) picks i with probability p_i / sum(p), so neither
+    renormalisation nor multinomial (which syncs) is needed."""
     q = torch.empty_like(probs)
-    if len(meta.generators) < q.shape[0]:
+    if len(generators) < q.shape[0]:
         q.exponential_()
-    for i, generator in meta.generators.items():
+    for i, generator in generators.items():
         # Seeded rows draw only from their own generator, so their samples do
         # not depend on the batch they land in.
         q[i].exponential_(generator=generator)
@@ -281,7 +293,11 @@ def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor
     return probs.div(q).argmax(dim=-1)
 
 
-def _gather_logprobs(logprobs: torch.Tensor, k: int, token_ids: torch.Tensor) -> LogprobsTensors:
+def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    return race(sampling_probs(logits, meta), meta.generators)
+
+
+def gather_logprobs(logprobs: torch.Tensor, k: int, token_ids: torch.Tensor) -> LogprobsTensors:
     token_ids = token_ids.long().unsqueeze(1)
     token_logprobs = logprobs.gather(1, token_ids)
     ranks = (logprobs > token_logprobs).sum(dim=-1) + 1

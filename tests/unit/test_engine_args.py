@@ -145,6 +145,9 @@ LAUNCH_LINES = [
     ("vllm serve meta-llama/Llama-3.1-8B-Instruct --no-enable-prefix-caching --max-num-batched-tokens 8192 "
      "--disable-log-stats --data-parallel-size 1",
      {"enable_prefix_caching": False, "disable_log_stats": True}),
+    ("vllm serve meta-llama/Llama-3.1-8B-Instruct --speculative-config '{\"method\": \"ngram\", "
+     "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}'",
+     {"speculative_config": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}}),
 ]
 
 
@@ -173,8 +176,8 @@ REFUSED = [
     ("vllm serve Qwen/Qwen2.5-14B-Instruct-AWQ -q awq --port 8012", "--quantization"),
     ("vllm serve amd/Llama-3.1-70B-Instruct-FP8-KV --kv-cache-dtype=fp8", "--kv-cache-dtype"),
     ("vllm serve meta-llama/Llama-2-7b-hf --enable-lora", "--enable-lora"),
-    ("vllm serve meta-llama/Llama-3.1-8B-Instruct --speculative-config '{\"method\": \"ngram\", "
-     "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}'", "--speculative-config"),
+    ("vllm serve meta-llama/Llama-3.1-8B-Instruct --speculative-config '{\"method\": \"eagle3\", "
+     "\"model\": \"yuhuili/EAGLE3-LLaMA3.1-Instruct-8B\", \"num_speculative_tokens\": 3}'", "--speculative-config"),
     ("vllm serve facebook/opt-125m --distributed-executor-backend ray", "--distributed-executor-backend"),
     ("vllm serve mistralai/Mistral-7B-Instruct-v0.3 --tokenizer-mode mistral", "--tokenizer-mode"),
     ("vllm serve meta-llama/Llama-2-7b-hf --lora-modules sql-lora=yard1/llama-2-7b-sql-lora-test", "--lora-modules"),
