@@ -293,7 +293,7 @@ class LoRAConfig:
 
 
 SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3")  # vLLM's names
-SPECULATIVE_METHODS_AVAILABLE = ("ngram",)
+SPECULATIVE_METHODS_AVAILABLE = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 16
 # Speculation pays while a step is bound by reading the weights; on CPU a batch of this many decode
 # rows is already compute-bound, so verifying k more rows per request costs more than it saves.
@@ -309,7 +309,8 @@ class SpeculativeConfig:
         None, 'JSON object configuring speculative decoding, vLLM\'s keys: {"method": "ngram", '
               '"num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b, '
               '"disable_by_batch_size": n (no drafts in steps with more running requests; default '
-              f'{DEFAULT_DISABLE_BY_BATCH_SIZE})}}')
+              f'{DEFAULT_DISABLE_BY_BATCH_SIZE})}}, or {{"method": "draft_model", "model": PATH, '
+              '"num_speculative_tokens": k}')
 
     def __post_init__(self) -> None:
         _check_json_object("speculative_config", self.speculative_config)
@@ -337,6 +338,11 @@ class SpeculativeConfig:
         _check(_is_int(low) and _is_int(high) and 1 <= low <= high,
                f"{where}: prompt_lookup_min and prompt_lookup_max must be ints with "
                f"1 <= prompt_lookup_min <= prompt_lookup_max; got {low!r}, {high!r}")
+        model = values["model"]
+        _check((method == "draft_model") == (model is not None),
+               f"{where}: a model (a path or name) is needed for method 'draft_model' and only there; got {model!r}")
+        _check(model is None or (isinstance(model, str) and model != ""),
+               f"{where}: model must be a path or name; got {model!r}")
         limit = values["disable_by_batch_size"]
         _check(_is_int(limit) and limit >= 1,
                f"{where}: disable_by_batch_size must be an int >= 1; got {limit!r}")
@@ -345,10 +351,16 @@ class SpeculativeConfig:
         self.prompt_lookup_min: int = low
         self.prompt_lookup_max: int = high
         self.disable_by_batch_size: int = limit
+        self.model: str | None = model
 
     @property
     def enabled(self) -> bool:
         return self.speculative_config is not None
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """KV slots past a step's tokens that a draft model writes while it proposes."""
+        return self.num_speculative_tokens if self.enabled and self.method == "draft_model" else 0
 
     def speculates(self, num_running: int) -> bool:
         """Whether a step with this many running requests proposes drafts (the one rule)."""

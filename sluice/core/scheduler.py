@@ -155,10 +155,11 @@ class Scheduler:
                 continue
             if num_new < num_known + len(request.spec_token_ids):  # the budget cuts the drafts short
                 del request.spec_token_ids[max(num_new - num_known, 0):]
-            while self.kv.allocate_slots(request, num_new) is None:
-                if request.spec_token_ids:  # give up the drafts before anyone's blocks
+            lookahead = self.speculative.num_lookahead_tokens if speculate else 0
+            while self.kv.allocate_slots(request, num_new, num_lookahead_tokens=lookahead) is None:
+                if request.spec_token_ids or lookahead:  # give up speculating before anyone's blocks
                     num_new -= len(request.spec_token_ids)
-                    request.spec_token_ids = []
+                    request.spec_token_ids, lookahead = [], 0
                     continue
                 victim = max(self.running, key=lambda r: r.sort_key(self.config.scheduling_policy))
                 if victim is request and len(self.running) == 1:
@@ -190,7 +191,9 @@ class Scheduler:
                 continue
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = self._chunk(request.num_tokens - num_hit_tokens, budget)
-            if self.kv.allocate_slots(request, num_new, hits) is None:
+            lookahead = self.speculative.num_lookahead_tokens  # a draft model proposes after the prompt
+            if self.kv.allocate_slots(request, num_new, hits, lookahead) is None and (
+                    not lookahead or self.kv.allocate_slots(request, num_new, hits) is None):
                 break
             if self.kv.enable_caching:  # counted once admitted: a refused admission retries later
                 self.stats.prefix_cache_queries += request.num_tokens

@@ -23,9 +23,10 @@ from sluice.core.sched_output import GrammarBitmask, RunnerOutput, SchedulerOutp
 from sluice.layers.attention import attention_layers, build_attention_metadata
 from sluice.platform import available_memory_bytes
 from sluice.layers.linear import pack_linears
-from sluice.loader import ModelSource, iter_weights
+from sluice.loader import ModelLoadError, ModelSource, iter_weights, load_hf_config, resolve_model
 from sluice.models.registry import get_model_class
 from sluice.worker.input_batch import CachedRequestState, InputBatch
+from sluice.spec_decode.draft_model import DraftModel
 from sluice.spec_decode.ngram import NgramProposer
 from sluice.worker.rejection_sampler import RejectionSampler
 from sluice.worker.sampler import RowBitmask, Sampler, SamplingMetadata, compute_prompt_logprobs
@@ -67,15 +68,16 @@ def _populate(kv_caches: list[torch.Tensor], stop: threading.Event, part: int = 
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     regions = [half for cache in kv_caches for half in cache.unbind(0)]
     num_blocks = regions[0].shape[0]
-    block_bytes = regions[0][0].numel() * regions[0].element_size()
-    bases = [region.data_ptr() for region in regions]  # plain ints: the loop below calls only C
-    step = max(1, (2 << 20) // block_bytes)
+    # plain ints: the loop below calls only C. Layers may differ in block size (a draft model's).
+    bases = [(region.data_ptr(), region[0].numel() * region.element_size()) for region in regions]
+    step = max(1, (2 << 20) // max(block_bytes for _, block_bytes in bases))
     for start in range(part * step, num_blocks, parts * step):
-        length = (min(num_blocks, start + step) - start) * block_bytes
-        for base in bases:
+        count = min(num_blocks, start + step) - start
+        for base, block_bytes in bases:
             address = base + start * block_bytes
             page_start = address & ~(mmap.PAGESIZE - 1)
-            if stop.is_set() or madvise(page_start, length + address - page_start, MADV_POPULATE_WRITE) != 0:
+            length = count * block_bytes + address - page_start
+            if stop.is_set() or madvise(page_start, length, MADV_POPULATE_WRITE) != 0:
                 return  # stopped, or a kernel before 5.14: pages fault in on first use
 
 
@@ -102,31 +104,54 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """Build the registry's class for this config and load its weights, on the fastest linear path."""
+    model_class = get_model_class(hf_config)
+    with _default_dtype(dtype), device:
+        model = model_class(hf_config)
+    model.load_weights(iter_weights(source, hf_config, dtype))
+    model.eval()
+    pack_linears(model)  # a no-op where the native bf16 kernel can't run
+    return model
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, source: ModelSource) -> None:
         self.config = config
         self.dtype = config.model.torch_dtype
         self.device = torch.device(config.model.device)
         self.block_size = config.cache.block_size
-        model_class = get_model_class(hf_config)
-        with _default_dtype(self.dtype), self.device:
-            self.model = model_class(hf_config)
-        self.model.load_weights(iter_weights(source, hf_config, self.dtype))
-        self.model.eval()
-        pack_linears(self.model)  # a no-op where the native bf16 kernel can't run
+        self.model = load_model(hf_config, source, self.dtype, self.device)
         self.vocab_size = hf_config.vocab_size
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler(self.sampler)
         spec = config.speculative
-        self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min,
-                                      spec.prompt_lookup_max) if spec.enabled else None
+        self.ngram = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max) \
+            if spec.enabled and spec.method == "ngram" else None
+        self.draft = self._load_draft(hf_config) if spec.enabled and spec.method == "draft_model" else None
+        # every layer that holds KV, the draft's after the target's: a block id addresses all of them
+        self.attention_layers = attention_layers(self.model) + (attention_layers(self.draft.model) if self.draft else [])
+        self.num_target_layers = len(attention_layers(self.model))
         self.input_batch = InputBatch()
         self.kv_caches: list[torch.Tensor] = []
+
+    def _load_draft(self, hf_config) -> DraftModel:
+        """The draft model of speculative_config; its vocabulary must be the target's."""
+        spec = self.config.speculative
+        source = resolve_model(spec.model)
+        draft_config = load_hf_config(source)
+        if draft_config.vocab_size != hf_config.vocab_size:
+            raise ModelLoadError(f"speculative_config model {spec.model!r}: vocab_size {draft_config.vocab_size} "
+                                 f"differs from the target's {hf_config.vocab_size}; a draft model must share "
+                                 "the target's tokenizer")
+        model = load_model(draft_config, source, self.dtype, self.device)
+        max_position = min(draft_config.max_position_embeddings, hf_config.max_position_embeddings)
+        return DraftModel(model, spec.num_speculative_tokens, max_position, self.block_size, self.device)
 
     # ---- KV cache --------------------------------------------------------------------
     def bytes_per_block(self) -> int:
         """K and V of one block in every layer, as each layer's attention backend lays them out."""
-        return sum(attn.bytes_per_block(self.block_size, self.dtype) for attn in attention_layers(self.model))
+        return sum(attn.bytes_per_block(self.block_size, self.dtype) for attn in self.attention_layers)
 
     def choose_num_blocks(self, max_useful_blocks: int) -> int:
         """Blocks from an exact override, a byte budget, a fraction of available memory, or
@@ -164,13 +189,17 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One zeroed tensor per layer: attention reads whole blocks, and masked-out garbage
         (NaN * 0) would poison real rows."""
-        shapes = [attn.kv_cache_shape(num_blocks, self.block_size) for attn in attention_layers(self.model)]
+        shapes = [attn.kv_cache_shape(num_blocks, self.block_size) for attn in self.attention_layers]
         if self.device.type != "cpu":
             self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for shape in shapes]
+        else:
+            flat = _zeroed_host_memory(num_blocks * self.bytes_per_block()).view(self.dtype)
+            sizes = [math.prod(shape) for shape in shapes]
+            self.kv_caches = [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+        if self.draft is not None:
+            self.draft.kv_caches = self.kv_caches[self.num_target_layers:]
+        if self.device.type != "cpu":
             return
-        flat = _zeroed_host_memory(num_blocks * self.bytes_per_block()).view(self.dtype)
-        sizes = [math.prod(shape) for shape in shapes]
-        self.kv_caches = [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
         self._populate_stop = threading.Event()
         self.kv_populator = threading.Thread(target=_populate_when_idle, args=(self.kv_caches, self._populate_stop),
                                              name="kv-populate", daemon=True)
@@ -227,16 +256,19 @@ class ModelRunner:
             block_size=self.block_size,
             device=self.device,
         )
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
-                            torch.tensor(positions, dtype=torch.long, device=self.device), self.kv_caches, meta)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        input_positions = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, input_positions, self.kv_caches[: self.num_target_layers], meta)
         if spec:
             rows = [row + j for _, row, drafts in sample_rows for j in range(len(drafts) + 1)]
             self._verify(self.compute_logits(hidden, rows), sample_rows, out, sched.grammar_bitmask)
         elif sample_rows:
             logits = self.compute_logits(hidden, [row for _, row, _ in sample_rows])
             self._sample(logits, [state for state, _, _ in sample_rows], out, sched.grammar_bitmask)
-        if self.proposer is not None and self.config.speculative.speculates(len(sched.num_scheduled_tokens)):
-            self._propose(out)
+        if self.draft is not None:
+            self.draft.ride_along(input_ids, input_positions, meta)
+        if self.config.speculative.speculates(len(sched.num_scheduled_tokens)):
+            self._propose(out, sched)
         for state, first_row in chunks:
             if state.sampling.params.prompt_logprobs is not None:
                 num_new = sched.num_scheduled_tokens[state.req_id]
@@ -277,14 +309,23 @@ class ModelRunner:
             if logprobs is not None:
                 out.logprobs[state.req_id] = logprobs
 
-    def _propose(self, out: RunnerOutput) -> None:
-        """Drafts for the next step of every request that just sampled, from its own context."""
+    def _propose(self, out: RunnerOutput, sched: SchedulerOutput) -> None:
+        """Drafts for the next step of every request that just sampled."""
         requests = self.input_batch.requests
+        if self.ngram is not None:  # from each request's own context
+            for req_id, tokens in out.sampled_token_ids.items():
+                state = requests[req_id]
+                drafts = self.ngram.propose(state.prompt_token_ids + state.output_token_ids + tokens)
+                if drafts:
+                    out.spec_token_ids[req_id] = drafts
+            return
+        starts = []  # from the draft model, starting at each request's newest token
         for req_id, tokens in out.sampled_token_ids.items():
             state = requests[req_id]
-            drafts = self.proposer.propose(state.prompt_token_ids + state.output_token_ids + tokens)
-            if drafts:
-                out.spec_token_ids[req_id] = drafts
+            num_known = sched.num_scheduled_tokens[req_id] - len(sched.scheduled_spec_decode_tokens.get(req_id, ()))
+            position = state.num_computed_tokens + num_known + len(tokens) - 1
+            starts.append((req_id, tokens[-1], position, state.block_ids))
+        out.spec_token_ids.update(self.draft.propose(starts))
 
     @staticmethod
     def _row_bitmask(rows: list[CachedRequestState], grammar: GrammarBitmask | None) -> RowBitmask | None:

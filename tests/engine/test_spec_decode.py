@@ -115,6 +115,35 @@ def test_stop_strings_and_structured_output_match_plain(spec, plain):
     assert spec.get_metrics()["vllm:spec_decode_num_accepted_tokens"] > before
 
 
+# ---- draft model --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("draft", ["itself", "tiny random"])
+def test_draft_model_equals_plain(plain_reference, smollm2_gguf, tiny_model_dir, draft):
+    """The default model drafting for itself (drafts nearly always kept) and a tiny random model of
+    the same vocabulary (nearly always refused); with preemption in the second run."""
+    model = smollm2_gguf if draft == "itself" else tiny_model_dir("llama")
+    config = {"method": "draft_model", "model": model, "num_speculative_tokens": 3}
+    llm = LLM(**COMMON, enable_prefix_caching=False, kv_cache_memory_bytes=32 << 20, speculative_config=config)
+    assert tokens(llm, prompts()) == plain_reference
+    metrics = llm.get_metrics()
+    drafts, accepted = metrics["vllm:spec_decode_num_draft_tokens"], metrics["vllm:spec_decode_num_accepted_tokens"]
+    assert drafts > 0
+    assert accepted > 0.8 * drafts if draft == "itself" else accepted < 0.5 * drafts
+    if draft == "itself":
+        return
+    # both models' layers in every block: 10 blocks cannot hold all four requests
+    small = LLM(**COMMON, enable_prefix_caching=True, num_gpu_blocks_override=10, speculative_config=config)
+    assert tokens(small, prompts()) == plain_reference
+    assert small.get_metrics()["vllm:num_preemptions"] > 0
+    assert small.get_metrics()["sluice:num_free_blocks"] == 9
+
+
+def test_draft_model_with_another_vocabulary_is_refused(memoryless_model):
+    with pytest.raises(ValueError, match="vocab_size 64 differs from the target's 49152"):
+        LLM(**COMMON, speculative_config={"method": "draft_model", "model": memoryless_model,
+                                          "num_speculative_tokens": 2})
+
+
 # ---- the distribution ---------------------------------------------------------------------------
 
 def _verify_many(p0: torch.Tensor, p1: torch.Tensor, draft: int, params: Params, n: int) -> list[list[int]]:
@@ -203,7 +232,8 @@ def test_sampled_output_distribution_matches_plain_end_to_end(memoryless_model):
 
 @pytest.mark.parametrize("config, message", [
     ({"method": "medusa", "num_speculative_tokens": 2}, "method must be one of ngram, draft_model, eagle, eagle3"),
-    ({"method": "draft_model", "model": "x", "num_speculative_tokens": 2}, "not available yet"),
+    ({"method": "eagle", "model": "x", "num_speculative_tokens": 2}, "not available yet"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "a model (a path or name) is needed"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an int in [1, 16]"),
     ({"method": "ngram", "num_speculative_tokens": 17}, "num_speculative_tokens must be an int in [1, 16]"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
