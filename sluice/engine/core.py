@@ -50,7 +50,8 @@ class EngineCore:
         num_blocks = self.executor.choose_num_blocks(max_useful)
         self.executor.initialize_cache(num_blocks)
         obs = config.observability
-        self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, obs.kv_cache_metrics)
+        self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, obs.kv_cache_metrics,
+                                 sliding_window=model["sliding_window"])
         grammars = StructuredOutputManager(config.structured_outputs, functools.partial(get_tokenizer, config),
                                            hf_config.vocab_size)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, grammars)
