@@ -78,8 +78,9 @@ def main() -> None:
     print(f"{'model':16} {'window':>7} {'blocks at end':>14} {'peak blocks':>12} {'KV MiB at end':>14} "
           f"{'vs window/block':>16} {'steps':>6} {'seconds':>8}")
     for name, r in results.items():
-        print(f"{name:16} {r['window'] or '-':>7} {r['end']:14d} {r['peak']:12d} "
-              f"{r['end'] * r['block_bytes'] / 2**20:14.1f} {r['end'] / bound:15.2f}x {r['steps']:6d} {r['seconds']:8.1f}")
+        mib = r["end"] * r["block_bytes"] / 2**20
+        print(f"{name:16} {r['window'] or '-':>7} {r['end']:14d} {r['peak']:12d} {mib:14.1f} "
+              f"{r['end'] / bound:15.2f}x {r['steps']:6d} {r['seconds']:8.1f}")
     print(f"window/block_size = {bound} blocks; the full-attention model holds "
           f"{results['full attention']['end'] / results['windowed']['end']:.1f}x the windowed one's blocks")
 
