@@ -1,11 +1,11 @@
 """Llama, written to be read top to bottom. Mistral, Qwen2 and Qwen3 reuse it: they
-differ only in the switches returned by `LlamaForCausalLM.layer_options`.
+differ only in the switches returned by `LlamaForCausalLM.layer_options` and the attention
+window of each layer (`LlamaForCausalLM.sliding_windows`).
 
 Module names mirror Hugging Face's, except that q/k/v and gate/up are fused into
 `qkv_proj` and `gate_up_proj`; `load_weights` does that mapping.
 """
 
-import logging
 from collections.abc import Iterable
 
 import torch
@@ -16,17 +16,16 @@ from sluice.layers.linear import GateUpLinear, Linear, MergedLinear, QKVLinear
 from sluice.layers.norm import RMSNorm
 from sluice.layers.rotary import get_rope
 
-logger = logging.getLogger(__name__)
-
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, head_dim: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    def __init__(self, config, head_dim: int, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+                 sliding_window: int | None):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim
         self.qkv_proj = QKVLinear(config.hidden_size, self.num_heads, self.num_kv_heads, head_dim, bias=qkv_bias)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, sliding_window=sliding_window)
         self.o_proj = Linear(self.num_heads * head_dim, config.hidden_size, bias=o_bias)
         # Qwen3: RMSNorm over head_dim of every q and k head, before rotary
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
@@ -56,9 +55,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, head_dim: int, options: dict):
+    def __init__(self, config, head_dim: int, options: dict, sliding_window: int | None):
         super().__init__()
-        self.self_attn = LlamaAttention(config, head_dim, options["qkv_bias"], options["o_bias"], options["qk_norm"])
+        self.self_attn = LlamaAttention(config, head_dim, options["qkv_bias"], options["o_bias"], options["qk_norm"],
+                                        sliding_window)
         self.mlp = LlamaMLP(config, options["mlp_bias"])
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -70,11 +70,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, head_dim: int, options: dict):
+    def __init__(self, config, head_dim: int, options: dict, sliding_windows: list[int | None]):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, head_dim, options) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, head_dim, options, window) for window in sliding_windows)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = get_rope(config, head_dim)
 
@@ -95,16 +94,12 @@ _FUSED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
-def sliding_window(config) -> int | None:
-    """The config's attention window if any layer uses one (Mistral v0.1, Qwen with
-    use_sliding_window), else None."""
-    window = getattr(config, "sliding_window", None)
-    if getattr(config, "use_sliding_window", True) is False:
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    return window
+def windows_by_layer_type(config) -> list[int | None]:
+    """transformers' Qwen2/Qwen3 rule: layers whose layer_types entry is "sliding_attention" use
+    config.sliding_window (which their configs clear unless use_sliding_window), others none."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", False) else None
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -114,19 +109,11 @@ class LlamaForCausalLM(nn.Module):
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.model = LlamaModel(config, self.head_dim, self.layer_options(config))
+        self.model = LlamaModel(config, self.head_dim, self.layer_options(config), self.sliding_windows(config))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Not implemented: every layer attends to its full context. That equals the
-        # windowed model only while sequences stay within the window, so the engine
-        # should cap max_model_len at this value when it is set.
-        self.sliding_window = sliding_window(config)
-        if self.sliding_window is not None and self.sliding_window < config.max_position_embeddings:
-            logger.warning("%s: sliding_window=%d is not implemented; attention covers the full context, "
-                           "which matches the model only for sequences up to %d tokens",
-                           type(self).__name__, self.sliding_window, self.sliding_window)
 
     @classmethod
     def layer_options(cls, config) -> dict:
@@ -134,6 +121,12 @@ class LlamaForCausalLM(nn.Module):
         bias = bool(getattr(config, "attention_bias", False))
         return {"qkv_bias": bias, "o_bias": bias, "mlp_bias": bool(getattr(config, "mlp_bias", False)),
                 "qk_norm": False}
+
+    @classmethod
+    def sliding_windows(cls, config) -> list[int | None]:
+        """Each layer's attention window (None: full attention). transformers' Llama has none,
+        whatever the config says; subclasses override."""
+        return [None] * config.num_hidden_layers
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""Mistral is Llama with a sliding attention window (v0.1; later versions set it to
-null). The window is not implemented: see LlamaForCausalLM.sliding_window."""
+"""Mistral is Llama with a sliding attention window on every layer (v0.1: 4096 tokens; later
+versions set it to null)."""
 
 from sluice.models.llama import LlamaForCausalLM
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    pass
+    @classmethod
+    def sliding_windows(cls, config) -> list[int | None]:
+        return [getattr(config, "sliding_window", None)] * config.num_hidden_layers

@@ -182,6 +182,6 @@ def test_load_weights_errors():
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
 
 
-def test_mistral_sliding_window_noted():
+def test_mistral_sliding_window_on_every_layer():
     _, ours = make_pair("mistral")
-    assert ours.sliding_window == 4096  # MistralConfig default; attended as full context
+    assert [layer.self_attn.attn.params.sliding_window for layer in ours.model.layers] == [4096, 4096]
