@@ -9,7 +9,8 @@ What differs from Llama:
 - Gemma 2 and 3 norm each sub-block's output too (post_attention_layernorm,
   post_feedforward_layernorm, with pre_feedforward_layernorm before the MLP), scale attention by
   query_pre_attn_scalar ** -0.5, and alternate sliding-window and global layers (layer_types).
-- Gemma 2 soft-caps the final logits (final_logit_softcapping) and the attention logits.
+- Gemma 2 soft-caps the final logits (final_logit_softcapping) and the attention scores
+  (attn_logit_softcapping).
 - Gemma 3 norms each q and k head, and its sliding layers rotate with their own rope base
   (rope_parameters keyed by layer type).
 """
@@ -27,8 +28,8 @@ from sluice.models.llama import (DecoderOptions, LlamaAttention, LlamaForCausalL
 
 
 class GemmaModel(LlamaModel):
-    def __init__(self, config, head_dim: int, options: DecoderOptions):
-        super().__init__(config, head_dim, options)
+    def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_windows: list[int | None]):
+        super().__init__(config, head_dim, options, sliding_windows)
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
         self.sliding = [kind == "sliding_attention" for kind in layer_types]
         per_type = "sliding_attention" in (getattr(config, "rope_parameters", None) or {})
@@ -53,9 +54,9 @@ class GemmaModel(LlamaModel):
 class Gemma2DecoderLayer(nn.Module):
     """Each sub-block normed on the way in and on the way out, then added to the residual."""
 
-    def __init__(self, config, head_dim: int, options: DecoderOptions, layer_idx: int):
+    def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_window: int | None):
         super().__init__()
-        self.self_attn = LlamaAttention(config, head_dim, options)
+        self.self_attn = LlamaAttention(config, head_dim, options, sliding_window)
         self.mlp = LlamaMLP(config, options)
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(hidden, eps)
@@ -96,12 +97,13 @@ class Gemma2ForCausalLM(GemmaForCausalLM):
     @classmethod
     def decoder_options(cls, config) -> DecoderOptions:
         return dataclasses.replace(super().decoder_options(config), act_field="hidden_activation",
-                                   attn_scale=config.query_pre_attn_scalar ** -0.5)
+                                   attn_scale=config.query_pre_attn_scalar ** -0.5,
+                                   attn_logits_soft_cap=getattr(config, "attn_logit_softcapping", None))
 
     @classmethod
-    def check_config(cls, config) -> None:
-        super().check_config(config)
-        refuse_unsupported(config, cls.__name__, "attn_logit_softcapping", (None,))
+    def sliding_windows(cls, config) -> list[int | None]:
+        """transformers' Gemma 2/3 rule: config.sliding_window on the "sliding_attention" layers."""
+        return [config.sliding_window if kind == "sliding_attention" else None for kind in config.layer_types]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)

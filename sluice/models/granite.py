@@ -10,8 +10,8 @@ from sluice.models.llama import DecoderOptions, LlamaDecoderLayer, LlamaForCausa
 
 
 class GraniteDecoderLayer(LlamaDecoderLayer):
-    def __init__(self, config, head_dim: int, options: DecoderOptions, layer_idx: int):
-        super().__init__(config, head_dim, options, layer_idx)
+    def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_window: int | None):
+        super().__init__(config, head_dim, options, sliding_window)
         self.residual_multiplier = config.residual_multiplier
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
@@ -23,8 +23,8 @@ class GraniteDecoderLayer(LlamaDecoderLayer):
 class GraniteModel(LlamaModel):
     decoder_layer = GraniteDecoderLayer
 
-    def __init__(self, config, head_dim: int, options: DecoderOptions):
-        super().__init__(config, head_dim, options)
+    def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_windows: list[int | None]):
+        super().__init__(config, head_dim, options, sliding_windows)
         self.embedding_multiplier = config.embedding_multiplier
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,12 @@
 """Llama, written to be read top to bottom. Mistral, Qwen2, Qwen3 and Phi-3 reuse it whole: they
-differ only in the switches `decoder_options` returns. Gemma, Granite and OLMo2 reuse its
-attention, MLP and weight loading with decoder layers of their own.
+differ only in the switches `decoder_options` returns and each layer's attention window
+(`sliding_windows`). Gemma, Granite and OLMo2 reuse its attention, MLP and weight loading with
+decoder layers of their own.
 
 Module names mirror Hugging Face's, except that q/k/v and gate/up are fused into
 `qkv_proj` and `gate_up_proj`; `load_weights` does that mapping.
 """
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -20,9 +20,6 @@ from sluice.layers.linear import GateUpLinear, Linear, MergedLinear, QKVLinear
 from sluice.layers.norm import RMSNorm
 from sluice.layers.rotary import get_rope
 
-logger = logging.getLogger(__name__)
-
-
 @dataclass(frozen=True)
 class DecoderOptions:
     """What a Llama-shaped family changes inside a decoder layer."""
@@ -35,6 +32,7 @@ class DecoderOptions:
     qk_norm: Literal["head", "full"] | None = None
     norm: type[nn.Module] = RMSNorm
     attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_logits_soft_cap: float | None = None  # Gemma 2: tanh soft-capping of attention scores
     act_field: str = "hidden_act"  # the config field naming the MLP's activation
 
 
@@ -48,12 +46,13 @@ def refuse_unsupported(config, arch: str, field: str, supported: tuple) -> None:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, head_dim: int, options: DecoderOptions):
+    def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_window: int | None):
         super().__init__()
         H, Hkv = config.num_attention_heads, config.num_key_value_heads
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, head_dim
         self.qkv_proj = QKVLinear(config.hidden_size, H, Hkv, head_dim, bias=options.qkv_bias)
-        self.attn = Attention(H, Hkv, head_dim, scale=options.attn_scale)
+        self.attn = Attention(H, Hkv, head_dim, scale=options.attn_scale, sliding_window=sliding_window,
+                              logits_soft_cap=options.attn_logits_soft_cap)
         self.o_proj = Linear(H * head_dim, config.hidden_size, bias=options.o_bias)
         self.q_norm = self.k_norm = None
         if options.qk_norm is not None:
@@ -95,9 +94,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, head_dim: int, options: DecoderOptions, layer_idx: int):
+    def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_window: int | None):
         super().__init__()
-        self.self_attn = LlamaAttention(config, head_dim, options)
+        self.self_attn = LlamaAttention(config, head_dim, options, sliding_window)
         self.mlp = LlamaMLP(config, options)
         self.input_layernorm = options.norm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = options.norm(config.hidden_size, config.rms_norm_eps)
@@ -111,11 +110,10 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     decoder_layer: type[nn.Module] = LlamaDecoderLayer
 
-    def __init__(self, config, head_dim: int, options: DecoderOptions):
+    def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_windows: list[int | None]):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            self.decoder_layer(config, head_dim, options, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.decoder_layer(config, head_dim, options, window) for window in sliding_windows)
         self.norm = options.norm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = get_rope(config, head_dim)
 
@@ -139,16 +137,17 @@ _FUSED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
-def sliding_window(config) -> int | None:
-    """The config's attention window if any layer uses one (Mistral v0.1, Qwen with
-    use_sliding_window), else None."""
-    window = getattr(config, "sliding_window", None)
-    if getattr(config, "use_sliding_window", True) is False:
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    return window
+def window_on_every_layer(config) -> list[int | None]:
+    """transformers' Mistral / Phi-3 rule: config.sliding_window (None: off) on every layer."""
+    return [getattr(config, "sliding_window", None)] * config.num_hidden_layers
+
+
+def windows_by_layer_type(config) -> list[int | None]:
+    """transformers' Qwen2/Qwen3 rule: layers whose layer_types entry is "sliding_attention" use
+    config.sliding_window (which their configs clear unless use_sliding_window), others none."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", False) else None
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -161,25 +160,24 @@ class LlamaForCausalLM(nn.Module):
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.model = self.model_class(config, self.head_dim, self.decoder_options(config))
+        self.model = self.model_class(config, self.head_dim, self.decoder_options(config),
+                                      self.sliding_windows(config))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Not implemented: every layer attends to its full context. That equals the
-        # windowed model only while sequences stay within the window, so the engine
-        # should cap max_model_len at this value when it is set.
-        self.sliding_window = sliding_window(config)
-        if self.sliding_window is not None and self.sliding_window < config.max_position_embeddings:
-            logger.warning("%s: sliding_window=%d is not implemented; attention covers the full context, "
-                           "which matches the model only for sequences up to %d tokens",
-                           type(self).__name__, self.sliding_window, self.sliding_window)
 
     @classmethod
     def decoder_options(cls, config) -> DecoderOptions:
         """Per-family switches; subclasses override."""
         bias = bool(getattr(config, "attention_bias", False))
         return DecoderOptions(qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(config, "mlp_bias", False)))
+
+    @classmethod
+    def sliding_windows(cls, config) -> list[int | None]:
+        """Each layer's attention window (None: full attention). transformers' Llama has none,
+        whatever the config says; subclasses override."""
+        return [None] * config.num_hidden_layers
 
     @classmethod
     def check_config(cls, config) -> None:

@@ -11,9 +11,9 @@ from sluice.models.llama import DecoderOptions, LlamaAttention, LlamaForCausalLM
 
 
 class Olmo2DecoderLayer(nn.Module):
-    def __init__(self, config, head_dim: int, options: DecoderOptions, layer_idx: int):
+    def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_window: int | None):
         super().__init__()
-        self.self_attn = LlamaAttention(config, head_dim, options)
+        self.self_attn = LlamaAttention(config, head_dim, options, sliding_window)
         self.mlp = LlamaMLP(config, options)
         self.post_attention_layernorm = options.norm(config.hidden_size, config.rms_norm_eps)
         self.post_feedforward_layernorm = options.norm(config.hidden_size, config.rms_norm_eps)
