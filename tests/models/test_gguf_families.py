@@ -1,4 +1,5 @@
-"""GGUF files of the architectures whose config transformers reads from GGUF metadata, written
+"""GGUF files of the architectures whose config transformers reads from GGUF metadata (gemma2,
+gemma3, phi3; llama and qwen are covered by the default model in tests/unit/test_loader.py), written
 the way llama.cpp's converter lays them out (gguf.GGUFWriter, the gguf package's tensor-name
 map, Gemma's norm weights stored plus 1), then loaded by sluice and held to the same weights
 loaded from the Hugging Face state dict: same config, same tensors, same logits.
@@ -12,7 +13,7 @@ import torch
 import transformers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from sluice.loader import iter_weights, load_hf_config, resolve_model
+from sluice.loader import ModelLoadError, iter_weights, load_hf_config, resolve_model
 from sluice.models.registry import get_model_class
 
 from tests.models.test_model_forward import MiniRunner
@@ -22,11 +23,13 @@ TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, interm
 # Only what GGUF metadata carries differs from transformers' defaults, so the config read back
 # from the file is the config the weights were made with.
 CONFIGS = {
+    "gemma2": lambda: transformers.Gemma2Config(**TINY, head_dim=16, sliding_window=4,
+                                                architectures=["Gemma2ForCausalLM"]),
     "gemma3": lambda: transformers.Gemma3TextConfig(**TINY, head_dim=16, sliding_window=256,
                                                     architectures=["Gemma3ForCausalLM"]),
     "phi3": lambda: transformers.Phi3Config(**TINY, pad_token_id=0, architectures=["Phi3ForCausalLM"]),
 }
-NORM_SHIFT = {"gemma3": 1.0}  # llama.cpp's Gemma converters store 1 + w
+NORM_SHIFT = {"gemma2": 1.0, "gemma3": 1.0}  # llama.cpp's Gemma converters store 1 + w
 
 
 def add_byte_tokenizer(writer: gguf.GGUFWriter) -> None:
@@ -54,7 +57,7 @@ def write_gguf(path: str, arch: str, model) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters.get("full_attention", config.rope_parameters)["rope_theta"])
     writer.add_vocab_size(config.vocab_size)
-    if arch == "gemma3":
+    if arch in ("gemma2", "gemma3"):
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
         writer.add_sliding_window(config.sliding_window)
@@ -102,3 +105,12 @@ def test_gguf_loads_like_safetensors(arch, tmp_path):
     prompt = {0: [1, 50, 200, 42, 299, 9]}
     torch.testing.assert_close(MiniRunner(from_gguf).step(prompt)[0], MiniRunner(from_hf).step(prompt)[0],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_without_a_transformers_config_mapping_says_so(tmp_path):
+    """OLMo2 is in the registry, but transformers reads no config from an olmo2 GGUF."""
+    config = transformers.Olmo2Config(**TINY, pad_token_id=0, architectures=["Olmo2ForCausalLM"])
+    path = str(tmp_path / "tiny-olmo2.gguf")
+    write_gguf(path, "olmo2", transformers.AutoModelForCausalLM.from_config(config))
+    with pytest.raises(ModelLoadError, match="transformers cannot read a config from GGUF architecture 'olmo2'"):
+        load_hf_config(resolve_model(path))
