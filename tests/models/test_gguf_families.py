@@ -1,5 +1,5 @@
 """GGUF files of the architectures whose config transformers reads from GGUF metadata (gemma2,
-gemma3, phi3; llama and qwen are covered by the default model in tests/unit/test_loader.py), written
+gemma3, phi3; llama is covered by the default model in tests/unit/test_loader.py), written
 the way llama.cpp's converter lays them out (gguf.GGUFWriter, the gguf package's tensor-name
 map, Gemma's norm weights stored plus 1), then loaded by sluice and held to the same weights
 loaded from the Hugging Face state dict: same config, same tensors, same logits.
