@@ -20,6 +20,7 @@ angles depend on that position only, so greedy output never depends on batching 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sluice.layers import native
@@ -101,21 +102,42 @@ def _longrope_attention_factor(params: dict, max_position: int) -> float:
     return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
+def rotary_dim(params: dict, head_dim: int) -> int:
+    """How many of a head's dims rotate (partial_rotary_factor: Phi-4-mini rotates 3/4 of them)."""
+    factor = params.get("partial_rotary_factor", 1.0)
+    dim = int(head_dim * factor)
+    if not 0 < dim <= head_dim or dim % 2:
+        raise ValueError(f"partial_rotary_factor={factor} (rope_parameters) gives {dim} rotary dims of head_dim "
+                         f"{head_dim}; it must give an even number between 2 and head_dim")
+    return dim
+
+
+def rotary_order(head_dim: int, dim: int) -> torch.Tensor | None:
+    """With partial rotary, the order of a head's dims under which the half-rotation over the whole
+    head (pairs i, i + head_dim/2) rotates exactly transformers' pairs (i, i + dim/2) of the first
+    `dim` dims, and pairs the rest with each other at angle 0 (unchanged). q and k take the same
+    order, so q.k is unchanged; None when every dim rotates."""
+    if dim == head_dim:
+        return None
+    half, rest = dim // 2, (head_dim - dim) // 2
+    return torch.cat([torch.arange(0, half), torch.arange(dim, dim + rest),
+                      torch.arange(half, dim), torch.arange(dim + rest, head_dim)])
+
+
 class RotaryEmbedding(nn.Module):
     """Holds cos/sin tables [max_position, head_dim/2]; forward(positions) -> (cos, sin),
-    each [T, 1, head_dim] in the full-width form apply_rotary wants."""
+    each [T, 1, head_dim] in the full-width form apply_rotary wants. With partial rotary the
+    columns past dim/2 stay at angle 0 (see rotary_order)."""
 
     def __init__(self, head_dim: int, max_position: int, params: dict):
         super().__init__()
         rope_type = params["rope_type"]
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} (rope_parameters) is not "
-                             "supported; rotary embedding covers the whole head_dim (partial_rotary_factor 1.0)")
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope_type {rope_type!r} (config field rope_parameters / rope_scaling); "
                              f"supported: {', '.join(ROPE_TYPES)}")
+        dim = rotary_dim(params, head_dim)
         base = float(params["rope_theta"])
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
         inv_freq = 1.0 / (base ** exponents)
         positions = torch.arange(max_position, dtype=torch.float32)[:, None]
         scale = 1.0
@@ -124,7 +146,7 @@ class RotaryEmbedding(nn.Module):
         elif rope_type == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, params, max_position)
         elif rope_type == "yarn":
-            inv_freq, scale = _yarn(head_dim, base, params, max_position)
+            inv_freq, scale = _yarn(dim, base, params, max_position)
         freqs = positions * inv_freq[None, :]
         if rope_type == "longrope":
             short, long = (1.0 / (torch.tensor(params[key], dtype=torch.float32) * base ** exponents)
@@ -134,8 +156,9 @@ class RotaryEmbedding(nn.Module):
             scale = _longrope_attention_factor(params, max_position)
         # float32 like HF; the tables follow model.to(dtype) afterwards, which matches HF
         # casting cos/sin to the activation dtype before use.
-        self.register_buffer("cos", freqs.cos() * scale, persistent=False)
-        self.register_buffer("sin", freqs.sin() * scale, persistent=False)
+        unrotated = (head_dim - dim) // 2
+        self.register_buffer("cos", F.pad(freqs.cos() * scale, (0, unrotated), value=1.0), persistent=False)
+        self.register_buffer("sin", F.pad(freqs.sin() * scale, (0, unrotated), value=0.0), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Done once per forward and shared by all layers."""

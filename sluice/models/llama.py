@@ -18,7 +18,7 @@ from sluice.layers.activation import get_gated_activation, silu_and_mul
 from sluice.layers.attention import Attention, AttentionMetadata
 from sluice.layers.linear import GateUpLinear, Linear, MergedLinear, QKVLinear
 from sluice.layers.norm import RMSNorm
-from sluice.layers.rotary import get_rope
+from sluice.layers.rotary import get_rope, rope_parameters, rotary_dim, rotary_order
 
 @dataclass(frozen=True)
 class DecoderOptions:
@@ -59,6 +59,11 @@ class LlamaAttention(nn.Module):
             per_head = options.qk_norm == "head"
             self.q_norm = options.norm(head_dim if per_head else H * head_dim, config.rms_norm_eps)
             self.k_norm = options.norm(head_dim if per_head else Hkv * head_dim, config.rms_norm_eps)
+        order = rotary_order(head_dim, rotary_dim(rope_parameters(config), head_dim))
+        if order is not None:  # every q and k head reordered, v kept
+            heads = torch.arange(H + Hkv)[:, None] * head_dim
+            order = torch.cat(((heads + order).flatten(), torch.arange((H + Hkv) * head_dim, (H + 2 * Hkv) * head_dim)))
+        self.register_buffer("rotary_order", order, persistent=False)  # partial rotary only
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,6 +71,8 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(x)
         if self.q_norm is not None:
             qkv = self.norm_qk(qkv)
+        if self.rotary_order is not None:
+            qkv = qkv.index_select(-1, self.rotary_order)
         return self.o_proj(self.attn(qkv, cos, sin, kv_cache, meta), residual=residual)
 
     def norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,8 @@ CONFIGS = {
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}}),
     "phi3": lambda: transformers.Phi3Config(**SMALL, vocab_size=300, pad_token_id=0, sliding_window=5,
                                             architectures=["Phi3ForCausalLM"]),
+    "phi4_partial_rotary": lambda: transformers.Phi3Config(**SMALL, vocab_size=300, pad_token_id=0,
+                                                           partial_rotary_factor=0.75, architectures=["Phi3ForCausalLM"]),
     "granite": lambda: transformers.GraniteConfig(
         **SMALL, vocab_size=300, architectures=["GraniteForCausalLM"], embedding_multiplier=6.0,
         attention_multiplier=0.1, residual_multiplier=0.3, logits_scaling=4.0, mlp_bias=True),
@@ -208,7 +210,7 @@ def test_phi3_longrope_decode_matches_transformers_with_a_kv_cache():
     ("llama", "hidden_act", "relu2", "hidden_act='relu2' is not supported; supported: silu"),
     ("llama", "rope_parameters", {"rope_type": "foo", "rope_theta": 1e4},
      "unsupported rope_type 'foo' .*; supported: default, linear, dynamic, yarn, longrope, llama3"),
-    ("phi3", "partial_rotary_factor", 0.5, "partial_rotary_factor=0.5"),
+    ("phi3", "partial_rotary_factor", 0.1, "partial_rotary_factor=0.1 .* gives 1 rotary dims of head_dim 16"),
     ("gemma2", "hidden_activation", "relu", "hidden_activation='relu' is not supported"),
     ("gemma3", "use_bidirectional_attention", True, "use_bidirectional_attention=True is not supported"),
 ])
