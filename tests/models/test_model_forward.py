@@ -127,7 +127,7 @@ def test_prefill_then_decode_matches_hf(name):
         nxt = {rid: [int(out[rid][0].argmax())] for rid in prompts}
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma2", "gemma3", "phi4_partial_rotary", "granite", "olmo2"])
 def test_bfloat16_close_to_hf(name):
     hf, ours = make_pair(name)
     hf, ours = hf.to(torch.bfloat16), ours.to(torch.bfloat16)
