@@ -112,16 +112,19 @@ def rotary_dim(params: dict, head_dim: int) -> int:
     return dim
 
 
-def rotary_order(head_dim: int, dim: int) -> torch.Tensor | None:
-    """With partial rotary, the order of a head's dims under which the half-rotation over the whole
-    head (pairs i, i + head_dim/2) rotates exactly transformers' pairs (i, i + dim/2) of the first
-    `dim` dims, and pairs the rest with each other at angle 0 (unchanged). q and k take the same
-    order, so q.k is unchanged; None when every dim rotates."""
+def rotary_order(head_dim: int, dim: int, num_heads: int, num_kv_heads: int) -> torch.Tensor | None:
+    """With partial rotary, an order of a fused qkv row's columns under which the half-rotation
+    over each whole head (pairs i, i + head_dim/2) rotates exactly transformers' pairs (i, i + dim/2)
+    of its first `dim` dims and pairs the rest with each other at angle 0 (unchanged). q and k heads
+    take the same order, so q.k is unchanged; v keeps its own. None when every dim rotates."""
     if dim == head_dim:
         return None
     half, rest = dim // 2, (head_dim - dim) // 2
-    return torch.cat([torch.arange(0, half), torch.arange(dim, dim + rest),
+    head = torch.cat([torch.arange(0, half), torch.arange(dim, dim + rest),
                       torch.arange(half, dim), torch.arange(dim + rest, head_dim)])
+    qk_heads = num_heads + num_kv_heads
+    qk = (torch.arange(qk_heads)[:, None] * head_dim + head).flatten()
+    return torch.cat((qk, torch.arange(qk_heads * head_dim, (qk_heads + num_kv_heads) * head_dim)))
 
 
 class RotaryEmbedding(nn.Module):

@@ -20,6 +20,7 @@ from sluice.layers.linear import GateUpLinear, Linear, MergedLinear, QKVLinear
 from sluice.layers.norm import RMSNorm
 from sluice.layers.rotary import get_rope, rope_parameters, rotary_dim, rotary_order
 
+
 @dataclass(frozen=True)
 class DecoderOptions:
     """What a Llama-shaped family changes inside a decoder layer."""
@@ -59,10 +60,7 @@ class LlamaAttention(nn.Module):
             per_head = options.qk_norm == "head"
             self.q_norm = options.norm(head_dim if per_head else H * head_dim, config.rms_norm_eps)
             self.k_norm = options.norm(head_dim if per_head else Hkv * head_dim, config.rms_norm_eps)
-        order = rotary_order(head_dim, rotary_dim(rope_parameters(config), head_dim))
-        if order is not None:  # every q and k head reordered, v kept
-            heads = torch.arange(H + Hkv)[:, None] * head_dim
-            order = torch.cat(((heads + order).flatten(), torch.arange((H + Hkv) * head_dim, (H + 2 * Hkv) * head_dim)))
+        order = rotary_order(head_dim, rotary_dim(rope_parameters(config), head_dim), H, Hkv)
         self.register_buffer("rotary_order", order, persistent=False)  # partial rotary only
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
