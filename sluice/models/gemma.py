@@ -23,7 +23,7 @@ from torch import nn
 from sluice.layers.attention import AttentionMetadata
 from sluice.layers.norm import GemmaRMSNorm
 from sluice.layers.rotary import get_rope
-from sluice.models.llama import (DecoderOptions, LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel,
+from sluice.models.llama import (DecoderOptions, LlamaAttention, LlamaForCausalLM, LlamaModel, feed_forward,
                                  refuse_unsupported)
 
 
@@ -54,10 +54,11 @@ class GemmaModel(LlamaModel):
 class Gemma2DecoderLayer(nn.Module):
     """Each sub-block normed on the way in and on the way out, then added to the residual."""
 
-    def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_window: int | None):
+    def __init__(self, config, head_dim: int, options: DecoderOptions, layer_idx: int,
+                 sliding_window: int | None):
         super().__init__()
         self.self_attn = LlamaAttention(config, head_dim, options, sliding_window)
-        self.mlp = LlamaMLP(config, options)
+        self.mlp = feed_forward(config, options, layer_idx)
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(hidden, eps)
         self.post_attention_layernorm = GemmaRMSNorm(hidden, eps)

@@ -10,8 +10,9 @@ from sluice.models.llama import DecoderOptions, LlamaDecoderLayer, LlamaForCausa
 
 
 class GraniteDecoderLayer(LlamaDecoderLayer):
-    def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_window: int | None):
-        super().__init__(config, head_dim, options, sliding_window)
+    def __init__(self, config, head_dim: int, options: DecoderOptions, layer_idx: int,
+                 sliding_window: int | None):
+        super().__init__(config, head_dim, options, layer_idx, sliding_window)
         self.residual_multiplier = config.residual_multiplier
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,

@@ -7,9 +7,9 @@ Module names mirror Hugging Face's, except that q/k/v and gate/up are fused into
 `qkv_proj` and `gate_up_proj`; `load_weights` does that mapping.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -35,6 +35,8 @@ class DecoderOptions:
     attn_scale: float | None = None  # None: head_dim ** -0.5
     attn_logits_soft_cap: float | None = None  # Gemma 2: tanh soft-capping of attention scores
     act_field: str = "hidden_act"  # the config field naming the MLP's activation
+    # another feed-forward block for some layers (mixture-of-experts models): make_mlp(config, layer_idx)
+    make_mlp: Callable[[Any, int], nn.Module] | None = None
 
 
 def refuse_unsupported(config, arch: str, field: str, supported: tuple) -> None:
@@ -82,9 +84,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, options: DecoderOptions):
+    def __init__(self, config, options: DecoderOptions, intermediate_size: int | None = None):
+        """intermediate_size defaults to the config's (a shared expert has its own)."""
         super().__init__()
-        hidden, inter, bias = config.hidden_size, config.intermediate_size, options.mlp_bias
+        hidden, inter, bias = config.hidden_size, intermediate_size or config.intermediate_size, options.mlp_bias
         self.act_and_mul = get_gated_activation(getattr(config, options.act_field), options.act_field)
         # silu runs fused into the packed gate_up kernel's epilogue; other activations after the matmul
         self.fused_silu = self.act_and_mul is silu_and_mul
@@ -98,11 +101,16 @@ class LlamaMLP(nn.Module):
         return self.down_proj(hidden, residual=residual)
 
 
+def feed_forward(config, options: DecoderOptions, layer_idx: int) -> nn.Module:
+    """A layer's feed-forward block: options.make_mlp's, else the dense gated MLP."""
+    return options.make_mlp(config, layer_idx) if options.make_mlp else LlamaMLP(config, options)
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_window: int | None):
+    def __init__(self, config, head_dim: int, options: DecoderOptions, layer_idx: int, sliding_window: int | None):
         super().__init__()
         self.self_attn = LlamaAttention(config, head_dim, options, sliding_window)
-        self.mlp = LlamaMLP(config, options)
+        self.mlp = feed_forward(config, options, layer_idx)
         self.input_layernorm = options.norm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = options.norm(config.hidden_size, config.rms_norm_eps)
 
@@ -118,7 +126,8 @@ class LlamaModel(nn.Module):
     def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_windows: list[int | None]):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(self.decoder_layer(config, head_dim, options, window) for window in sliding_windows)
+        self.layers = nn.ModuleList(self.decoder_layer(config, head_dim, options, i, window)
+                                    for i, window in enumerate(sliding_windows))
         self.norm = options.norm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = get_rope(config, head_dim)
 

@@ -7,14 +7,15 @@ from torch import nn
 
 from sluice.layers.attention import AttentionMetadata
 from sluice.layers.norm import Float32WeightRMSNorm
-from sluice.models.llama import DecoderOptions, LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel
+from sluice.models.llama import DecoderOptions, LlamaAttention, LlamaForCausalLM, LlamaModel, feed_forward
 
 
 class Olmo2DecoderLayer(nn.Module):
-    def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_window: int | None):
+    def __init__(self, config, head_dim: int, options: DecoderOptions, layer_idx: int,
+                 sliding_window: int | None):
         super().__init__()
         self.self_attn = LlamaAttention(config, head_dim, options, sliding_window)
-        self.mlp = LlamaMLP(config, options)
+        self.mlp = feed_forward(config, options, layer_idx)
         self.post_attention_layernorm = options.norm(config.hidden_size, config.rms_norm_eps)
         self.post_feedforward_layernorm = options.norm(config.hidden_size, config.rms_norm_eps)
 
