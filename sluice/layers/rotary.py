@@ -26,6 +26,9 @@ from torch import nn
 from sluice.layers import native
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+_REQUIRED = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+             "yarn": ("original_max_position_embeddings",),
+             "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}
 _ALIASES = {"su": "longrope"}
 
 
@@ -138,6 +141,9 @@ class RotaryEmbedding(nn.Module):
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope_type {rope_type!r} (config field rope_parameters / rope_scaling); "
                              f"supported: {', '.join(ROPE_TYPES)}")
+        missing = [key for key in _REQUIRED.get(rope_type, ()) if params.get(key) is None]
+        if missing:
+            raise ValueError(f"rope_type {rope_type!r} needs rope_parameters field(s) {', '.join(missing)}")
         dim = rotary_dim(params, head_dim)
         base = float(params["rope_theta"])
         exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
@@ -152,6 +158,10 @@ class RotaryEmbedding(nn.Module):
             inv_freq, scale = _yarn(dim, base, params, max_position)
         freqs = positions * inv_freq[None, :]
         if rope_type == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(params[key]) != dim // 2:
+                    raise ValueError(f"rope_parameters.{key} has {len(params[key])} entries; "
+                                     f"longrope needs one per rotary frequency ({dim // 2})")
             short, long = (1.0 / (torch.tensor(params[key], dtype=torch.float32) * base ** exponents)
                            for key in ("short_factor", "long_factor"))
             is_long = positions >= params["original_max_position_embeddings"]

@@ -210,6 +210,8 @@ def test_phi3_longrope_decode_matches_transformers_with_a_kv_cache():
     ("llama", "hidden_act", "relu2", "hidden_act='relu2' is not supported; supported: silu"),
     ("llama", "rope_parameters", {"rope_type": "foo", "rope_theta": 1e4},
      "unsupported rope_type 'foo' .*; supported: default, linear, dynamic, yarn, longrope, llama3"),
+    ("llama", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0},
+     "rope_type 'yarn' needs rope_parameters field.s. original_max_position_embeddings"),
     ("phi3", "partial_rotary_factor", 0.1, "partial_rotary_factor=0.1 .* gives 1 rotary dims of head_dim 16"),
     ("gemma2", "hidden_activation", "relu", "hidden_activation='relu' is not supported"),
     ("gemma3", "use_bidirectional_attention", True, "use_bidirectional_attention=True is not supported"),
