@@ -248,14 +248,16 @@ def _gguf_causal_lm(model_type: str, path: str) -> str:
 def _gguf_config_failure(path: str, error: Exception) -> str:
     """Why transformers could not read a GGUF's config: an architecture it has no GGUF config
     mapping for, or a damaged file."""
+    from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     from sluice.loader.gguf import gguf_architecture, open_gguf
 
     arch = gguf_architecture(open_gguf(path), path)
-    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+    readable = set(GGUF_SUPPORTED_ARCHITECTURES) | set(GGUF_CONFIG_ARCHS)
+    if arch not in readable:
         return (f"transformers cannot read a config from GGUF architecture '{arch}' (it reads: "
-                f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); load the safetensors checkpoint instead")
+                f"{', '.join(sorted(readable))}); load the safetensors checkpoint instead")
     return f"truncated or corrupt file? ({error})"
 
 
