@@ -80,8 +80,7 @@ class GemmaForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def decoder_options(cls, config) -> DecoderOptions:
-        bias = bool(getattr(config, "attention_bias", False))
-        return DecoderOptions(qkv_bias=bias, o_bias=bias, norm=GemmaRMSNorm)
+        return dataclasses.replace(super().decoder_options(config), norm=GemmaRMSNorm)
 
     @classmethod
     def check_config(cls, config) -> None:

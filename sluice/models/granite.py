@@ -3,6 +3,8 @@ embedding_multiplier, attention scaled by attention_multiplier (instead of head_
 each sub-block's output times residual_multiplier before the residual add, and logits divided
 by logits_scaling."""
 
+import dataclasses
+
 import torch
 
 from sluice.layers.attention import AttentionMetadata
@@ -41,9 +43,7 @@ class GraniteForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def decoder_options(cls, config) -> DecoderOptions:
-        bias = bool(getattr(config, "attention_bias", False))
-        return DecoderOptions(qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(config, "mlp_bias", False)),
-                              attn_scale=config.attention_multiplier)
+        return dataclasses.replace(super().decoder_options(config), attn_scale=config.attention_multiplier)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden) / self.logits_scaling

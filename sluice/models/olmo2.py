@@ -2,6 +2,8 @@
 each sub-block's output before the residual add, and RMSNorm on the whole q and k projections
 (not per head) before rotary. Its RMSNorm multiplies the weight in float32 before rounding."""
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -34,5 +36,4 @@ class Olmo2ForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def decoder_options(cls, config) -> DecoderOptions:
-        bias = bool(getattr(config, "attention_bias", False))
-        return DecoderOptions(qkv_bias=bias, o_bias=bias, qk_norm="full", norm=Float32WeightRMSNorm)
+        return dataclasses.replace(super().decoder_options(config), qk_norm="full", norm=Float32WeightRMSNorm)
