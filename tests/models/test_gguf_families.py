@@ -1,5 +1,5 @@
 """GGUF files of the architectures whose config transformers reads from GGUF metadata (gemma2,
-gemma3, phi3; llama is covered by the default model in tests/unit/test_loader.py), written
+gemma3, phi3, qwen2, qwen3; llama is covered by the default model in tests/unit/test_loader.py), written
 the way llama.cpp's converter lays them out (gguf.GGUFWriter, the gguf package's tensor-name
 map, Gemma's norm weights stored plus 1), then loaded by sluice and held to the same weights
 loaded from the Hugging Face state dict: same config, same tensors, same logits.
@@ -28,6 +28,9 @@ CONFIGS = {
     "gemma3": lambda: transformers.Gemma3TextConfig(**TINY, head_dim=16, sliding_window=256,
                                                     architectures=["Gemma3ForCausalLM"]),
     "phi3": lambda: transformers.Phi3Config(**TINY, pad_token_id=0, architectures=["Phi3ForCausalLM"]),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY, architectures=["Qwen2ForCausalLM"]),
+    # transformers reads no head_dim from a qwen3 GGUF: Qwen3Config's 128, what every Qwen3 uses
+    "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=128, architectures=["Qwen3ForCausalLM"]),
 }
 NORM_SHIFT = {"gemma2": 1.0, "gemma3": 1.0}  # llama.cpp's Gemma converters store 1 + w
 
