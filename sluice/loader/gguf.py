@@ -2,7 +2,7 @@
 
 Quantized tensors are dequantized with the `gguf` package. Tensor names are translated with
 the `gguf` package's own per-architecture name map (the one llama.cpp's converter writes
-with), applied to the checkpoint names transformers gives the architecture. What else the
+with), applied to the checkpoint names sluice's model of the architecture loads. What else the
 converter changed is undone as the registry (sluice/models/registry.py) records it: Q/K row
 order for llama-style rotary, norm weights stored with an offset (Gemma). The model code then
 sees exactly what a safetensors checkpoint would give.
@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from sluice.loader import ModelLoadError
-from sluice.models.registry import MODEL_REGISTRY, Architecture, get_architecture
+from sluice.models.registry import MODEL_REGISTRY, Architecture, get_architecture, get_model_class
 
 # llama.cpp's precomputed rope scaling factors: the HF config already carries them.
 _SKIPPED = {"rope_freqs"}
@@ -60,17 +60,15 @@ def registry_entry(config, arch: str, path: str) -> Architecture:
 
 
 def hf_names(config, arch: str) -> dict[str, str]:
-    """GGUF tensor name -> Hugging Face name, for every tensor transformers' model of this config has.
+    """GGUF tensor name -> Hugging Face name, for every tensor sluice's model of this config loads.
 
-    The checkpoint names come from transformers' model built on the meta device (no memory);
+    The checkpoint names come from the model built on the meta device (no memory, no weights);
     the `gguf` package maps each to the name llama.cpp's converter writes."""
-    import transformers
-
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = get_model_class(config)(config)
     name_map = gguf.get_tensor_name_map(_ARCH_BY_NAME[arch], config.num_hidden_layers)
     names = {}
-    for hf_name in model.state_dict():
+    for hf_name in model.checkpoint_names():
         base, _, suffix = hf_name.rpartition(".")
         gguf_base = name_map.get_name(base)
         if gguf_base is not None:

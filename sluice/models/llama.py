@@ -166,6 +166,7 @@ def windows_by_layer_type(config) -> list[int | None]:
 
 class LlamaForCausalLM(nn.Module):
     model_class: type[nn.Module] = LlamaModel
+    checkpoint_fuses_projections = False  # checkpoints store q/k/v and gate/up separately
 
     def __init__(self, config):
         super().__init__()
@@ -206,6 +207,23 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in the model dtype; the sampler upcasts only when it needs float32."""
         return self.lm_head(hidden)
+
+    def checkpoint_names(self) -> list[str]:
+        """The Hugging Face tensor names of this model's checkpoints (lm_head's even when tied; fused
+        modules under their projections' names unless the family's checkpoints fuse them too). The
+        GGUF reader matches a file's tensors against these."""
+        unfused = {v: k for k, v in _FUSED.items()}
+        modules = dict(self.named_modules())
+        names = []
+        for name, _ in self.named_parameters(remove_duplicate=False):
+            module_path, _, leaf = name.rpartition(".")
+            owner = modules[module_path]
+            if isinstance(owner, MergedLinear) and not self.checkpoint_fuses_projections:
+                parent, _, fused = module_path.rpartition(".")
+                names += [f"{parent}.{unfused[fused, shard]}.{leaf}" for shard in owner.shard_sizes]
+            else:
+                names.append(name)
+        return names
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

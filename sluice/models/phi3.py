@@ -7,6 +7,7 @@ from sluice.models.llama import DecoderOptions, LlamaForCausalLM, window_on_ever
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
+    checkpoint_fuses_projections = True
     @classmethod
     def decoder_options(cls, config) -> DecoderOptions:
         return DecoderOptions()
