@@ -45,21 +45,27 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, bias: bool):
+    def __init__(self, config, bias: bool, intermediate_size: int | None = None):
+        """intermediate_size defaults to the config's (a shared expert has its own)."""
         super().__init__()
-        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_up_proj = GateUpLinear(config.hidden_size, intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, config.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + mlp(x): the gated activation is fused into gate_up_proj, the add into down_proj."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(residual +) mlp(x): the gated activation is fused into gate_up_proj, the add into down_proj."""
         return self.down_proj(self.gate_up_proj.silu_and_mul(x), residual=residual)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, head_dim: int, options: dict):
+    def __init__(self, config, head_dim: int, options: dict, layer_idx: int):
+        """options may replace the attention class ("attention_class") and build another
+        feed-forward block per layer ("make_mlp"(config, layer_idx): mixture-of-experts models)."""
         super().__init__()
-        self.self_attn = LlamaAttention(config, head_dim, options["qkv_bias"], options["o_bias"], options["qk_norm"])
-        self.mlp = LlamaMLP(config, options["mlp_bias"])
+        attention_class = options.get("attention_class", LlamaAttention)
+        self.self_attn = attention_class(config, head_dim, options["qkv_bias"], options["o_bias"], options["qk_norm"])
+        make_mlp = options.get("make_mlp")
+        self.mlp = make_mlp(config, layer_idx) if make_mlp else LlamaMLP(config, options["mlp_bias"])
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -74,7 +80,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, head_dim, options) for _ in range(config.num_hidden_layers))
+            LlamaDecoderLayer(config, head_dim, options, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = get_rope(config, head_dim)
 

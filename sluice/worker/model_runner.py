@@ -22,6 +22,7 @@ from sluice.config import EngineConfig
 from sluice.core.sched_output import GrammarBitmask, RunnerOutput, SchedulerOutput
 from sluice.layers.attention import attention_layers, build_attention_metadata
 from sluice.platform import available_memory_bytes
+from sluice.layers.fused_moe import pack_experts
 from sluice.layers.linear import pack_linears
 from sluice.loader import ModelSource, iter_weights
 from sluice.models.registry import get_model_class
@@ -112,6 +113,7 @@ class ModelRunner:
         self.model.load_weights(iter_weights(source, hf_config, self.dtype))
         self.model.eval()
         pack_linears(self.model)  # a no-op where the native bf16 kernel can't run
+        pack_experts(self.model)
         self.vocab_size = hf_config.vocab_size
         self.sampler = Sampler()
         self.input_batch = InputBatch()

@@ -1,0 +1,188 @@
+"""Mixture-of-experts feed-forward: a router picks top-k experts per token, then the tokens are
+grouped by expert (sorted by expert id) so each expert's weights are read once per step, however
+many tokens chose it.
+
+Expert weights are stacked as in transformers >= 5: `gate_up_proj` [E, 2I, H] (gate rows, then
+up rows) and `down_proj` [E, H, I]. Each expert's two matmuls run either through F.linear on its
+slice, or through the packed native kernel (gemm.c: the same panels and fused SiLU x up epilogue
+as a dense MLP's), per expert; `pack_experts` chooses with the dense layers' measured choice for
+the same shapes (linear_path.py). A quantized method only has to replace `StackedExperts`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sluice.layers import native
+from sluice.layers.activation import silu_and_mul
+from sluice.layers.linear import GateUpLinear, Linear
+from sluice.layers.linear_path import choose_path
+
+logger = logging.getLogger(__name__)
+
+ScoringFunc = Literal["softmax", "sigmoid"]
+
+
+def route(router_logits: torch.Tensor, top_k: int, scoring_func: ScoringFunc,
+          renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k] float32, expert ids [T, k]), scored in float32
+    as transformers does."""
+    logits = router_logits.float()
+    scores = torch.softmax(logits, dim=-1) if scoring_func == "softmax" else torch.sigmoid(logits)
+    weights, ids = torch.topk(scores, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class StackedExperts(nn.Module):
+    """E gated-SiLU MLPs, silu(x Wg^T) * (x Wu^T) Wd^T, with their weights stacked."""
+
+    packed_gate_up: torch.Tensor | None = None  # [E, panels of 2I x H]
+    packed_down: torch.Tensor | None = None  # [E, panels of H x I]
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H] with routing weights/ids [T, k] -> sum over k of weight * expert(x), [T, H]."""
+        top_k = ids.shape[1]
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        tokens = order // top_k
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        grouped = x[tokens]
+        out = torch.empty_like(grouped)
+        start = 0
+        for expert, n in enumerate(counts):
+            if n:
+                out[start:start + n] = self.expert(expert, grouped[start:start + n])
+                start += n
+        out = (out.float() * weights.flatten()[order, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, tokens, out)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert's MLP over the rows routed to it."""
+        if self.packed_gate_up is not None:
+            h = native.linear(x, self.packed_gate_up[e], 2 * self.intermediate_size, epilogue=native.EPI_SILU_MUL)
+            return native.linear(h, self.packed_down[e], self.hidden_size)
+        return F.linear(silu_and_mul(F.linear(x, self.gate_up_proj[e])), self.down_proj[e])
+
+    def pack(self) -> bool:
+        """Repack every expert for the native kernel (freeing the stacked originals) when the
+        dense layers' measured choice for these shapes is the kernel."""
+        if self.packed_gate_up is not None:
+            return True
+        H, I = self.hidden_size, self.intermediate_size
+        with torch.device("meta"):  # dense layers of one expert's shapes: their path choice and packing
+            gate_up, down = GateUpLinear(H, I), Linear(I, H, bias=False)
+        panels = []
+        for e in range(self.num_experts):
+            gate_up.weight = nn.Parameter(self.gate_up_proj[e].detach(), requires_grad=False)
+            down.weight = nn.Parameter(self.down_proj[e].detach(), requires_grad=False)
+            if e == 0 and (choose_path(gate_up) != "native" or choose_path(down) != "native"):
+                return False
+            if not (gate_up.pack(drop_weight=False) and down.pack(drop_weight=False)):
+                return False
+            panels.append((gate_up.packed, down.packed))
+        self.packed_gate_up = torch.stack([p[0] for p in panels])
+        self.packed_down = torch.stack([p[1] for p in panels])
+        self.gate_up_proj.data = self.gate_up_proj.data.new_empty(0)
+        self.down_proj.data = self.down_proj.data.new_empty(0)
+        return True
+
+
+class FusedMoE(nn.Module):
+    """Router + routed experts (+ Qwen2-MoE's shared expert, scaled by sigmoid(its gate)).
+
+    `gate` is the router, named as in Hugging Face checkpoints (`mlp.gate.weight`)."""
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
+                 renormalize: bool, scoring_func: ScoringFunc = "softmax", activation: str = "silu",
+                 shared_expert: nn.Module | None = None, shared_expert_gate: bool = False):
+        super().__init__()
+        if not 0 < top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok={top_k} must be between 1 and the number of experts "
+                             f"({num_experts})")
+        if scoring_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid'; got {scoring_func!r}")
+        if activation != "silu":
+            raise ValueError(f"hidden_act={activation!r} is not supported for experts; supported: 'silu'")
+        self.top_k, self.renormalize, self.scoring_func = top_k, renormalize, scoring_func
+        self.gate = Linear(hidden_size, num_experts, bias=False)
+        self.experts = StackedExperts(num_experts, hidden_size, intermediate_size)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, H] -> (residual +) moe(x)."""
+        weights, ids = route(self.gate(x), self.top_k, self.scoring_func, self.renormalize)
+        out = self.experts(x, weights, ids)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out if residual is None else residual + out
+
+
+def pack_experts(model: nn.Module) -> int:
+    """Put every StackedExperts of the model on the packed native kernel where that is the
+    faster path for its shapes (a no-op where the kernel can't run); returns how many were packed."""
+    experts = [module for module in model.modules() if isinstance(module, StackedExperts)]
+    packed = sum(module.pack() for module in experts)
+    if experts:
+        logger.info("expert layers: %d on the packed native kernel, %d on F.linear", packed, len(experts) - packed)
+    return packed
+
+
+# Per-expert checkpoint tensors: Mixtral's w1/w3/w2, Qwen's and OLMoE's gate_proj/up_proj/down_proj.
+_EXPERT_TENSOR = re.compile(r"(?P<experts>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight")
+_EXPERT_PROJ = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
+def stack_expert_weights(weights: Iterable[tuple[str, torch.Tensor]],
+                         num_experts: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Turn per-expert checkpoint tensors into the stacked `experts.gate_up_proj` [E, 2I, H] and
+    `experts.down_proj` [E, H, I], each yielded as soon as all its experts have arrived (so at
+    most one layer's experts wait in memory); other tensors, stacked ones included, pass through."""
+    waiting: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    for name, tensor in weights:
+        match = _EXPERT_TENSOR.fullmatch(name)
+        if match is None or match["proj"] not in _EXPERT_PROJ:
+            yield name, tensor
+            continue
+        expert, proj = int(match["expert"]), _EXPERT_PROJ[match["proj"]]
+        if expert >= num_experts:
+            raise ValueError(f"unexpected parameter {name!r}: expert {expert} but the config has {num_experts} experts")
+        target = f"{match['experts']}.{'down_proj' if proj == 'down' else 'gate_up_proj'}"
+        parts = waiting.setdefault(target, {})
+        parts[expert, proj] = tensor
+        if len(parts) == num_experts * (1 if proj == "down" else 2):
+            del waiting[target]
+            yield target, _stack(parts, num_experts, target)
+    if waiting:
+        missing = sorted(f"{target} (expert {e} {p})" for target, parts in waiting.items()
+                         for e in range(num_experts) for p in ("gate", "up", "down")
+                         if (e, p) not in parts and (p == "down") == target.endswith("down_proj"))
+        raise ValueError(f"expert weights never loaded: {', '.join(missing[:10])}"
+                         + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+
+
+def _stack(parts: dict[tuple[int, str], torch.Tensor], num_experts: int, target: str) -> torch.Tensor:
+    try:
+        if target.endswith("down_proj"):
+            return torch.stack([parts[e, "down"] for e in range(num_experts)])
+        return torch.stack([torch.cat((parts[e, "gate"], parts[e, "up"])) for e in range(num_experts)])
+    except RuntimeError as e:
+        raise ValueError(f"{target}: the experts' tensors differ in shape ({e})") from None
