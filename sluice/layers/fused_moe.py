@@ -68,8 +68,9 @@ class StackedExperts(nn.Module):
             if n:
                 out[start:start + n] = self.expert(expert, grouped[start:start + n])
                 start += n
-        out = (out.float() * weights.flatten()[order, None]).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, tokens, out)
+        # back in (token, slot) order by a gather: a scatter-add of the rows is far slower on CPU
+        per_slot = out[order.argsort()].view(*ids.shape, -1)
+        return (per_slot.float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """One expert's MLP over the rows routed to it."""
