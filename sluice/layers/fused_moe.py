@@ -76,30 +76,34 @@ class StackedExperts(nn.Module):
         """One expert's MLP over the rows routed to it."""
         if self.packed_gate_up is not None:
             h = native.linear(x, self.packed_gate_up[e], 2 * self.intermediate_size, epilogue=native.EPI_SILU_MUL)
+        else:
+            h = silu_and_mul(F.linear(x, self.gate_up_proj[e]))
+        if self.packed_down is not None:
             return native.linear(h, self.packed_down[e], self.hidden_size)
-        return F.linear(silu_and_mul(F.linear(x, self.gate_up_proj[e])), self.down_proj[e])
+        return F.linear(h, self.down_proj[e])
 
-    def pack(self) -> bool:
-        """Repack every expert for the native kernel (freeing the stacked originals) when the
-        dense layers' measured choice for these shapes is the kernel."""
-        if self.packed_gate_up is not None:
-            return True
+    def pack(self) -> int:
+        """Repack each projection's experts for the native kernel (freeing the stacked originals)
+        where that is the dense layers' measured choice for its shape; returns how many were packed."""
         H, I = self.hidden_size, self.intermediate_size
-        with torch.device("meta"):  # dense layers of one expert's shapes: their path choice and packing
-            gate_up, down = GateUpLinear(H, I), Linear(I, H, bias=False)
+        with torch.device("meta"):  # a dense layer of one expert's shape: its path choice and packing
+            probes = {"gate_up": GateUpLinear(H, I), "down": Linear(I, H, bias=False)}
+        return sum(self._pack_projection(name, probe) for name, probe in probes.items())
+
+    def _pack_projection(self, name: str, probe: Linear) -> bool:
+        param: nn.Parameter = getattr(self, f"{name}_proj")
+        if getattr(self, f"packed_{name}") is not None:
+            return True
         panels = []
         for e in range(self.num_experts):
-            gate_up.weight = nn.Parameter(self.gate_up_proj[e].detach(), requires_grad=False)
-            down.weight = nn.Parameter(self.down_proj[e].detach(), requires_grad=False)
-            if e == 0 and (choose_path(gate_up) != "native" or choose_path(down) != "native"):
+            probe.weight = nn.Parameter(param[e].detach(), requires_grad=False)
+            if e == 0 and choose_path(probe) != "native":
                 return False
-            if not (gate_up.pack(drop_weight=False) and down.pack(drop_weight=False)):
+            if not probe.pack(drop_weight=False):
                 return False
-            panels.append((gate_up.packed, down.packed))
-        self.packed_gate_up = torch.stack([p[0] for p in panels])
-        self.packed_down = torch.stack([p[1] for p in panels])
-        self.gate_up_proj.data = self.gate_up_proj.data.new_empty(0)
-        self.down_proj.data = self.down_proj.data.new_empty(0)
+            panels.append(probe.packed)
+        setattr(self, f"packed_{name}", torch.stack(panels))
+        param.data = param.data.new_empty(0)
         return True
 
 
@@ -138,12 +142,13 @@ class FusedMoE(nn.Module):
 
 
 def pack_experts(model: nn.Module) -> int:
-    """Put every StackedExperts of the model on the packed native kernel where that is the
-    faster path for its shapes (a no-op where the kernel can't run); returns how many were packed."""
+    """Put the experts' projections (gate_up, down) on the packed native kernel where that is the
+    faster path for their shapes (a no-op where the kernel can't run); returns how many were packed."""
     experts = [module for module in model.modules() if isinstance(module, StackedExperts)]
     packed = sum(module.pack() for module in experts)
     if experts:
-        logger.info("expert layers: %d on the packed native kernel, %d on F.linear", packed, len(experts) - packed)
+        logger.info("expert projections: %d on the packed native kernel, %d on F.linear", packed,
+                    2 * len(experts) - packed)
     return packed
 
 
