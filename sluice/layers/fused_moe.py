@@ -152,43 +152,57 @@ def pack_experts(model: nn.Module) -> int:
     return packed
 
 
-# Per-expert checkpoint tensors: Mixtral's w1/w3/w2, Qwen's and OLMoE's gate_proj/up_proj/down_proj.
-_EXPERT_TENSOR = re.compile(r"(?P<experts>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight")
+# Expert tensors in checkpoints: one per expert (Mixtral's w1/w3/w2; Qwen's and OLMoE's
+# gate_proj/up_proj/down_proj), or one per projection holding every expert (GGUF's ffn_*_exps).
+_EXPERT_TENSOR = re.compile(r"(?P<experts>.*\.experts)(?:\.(?P<expert>\d+))?\.(?P<proj>\w+)\.weight")
 _EXPERT_PROJ = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 
 
 def stack_expert_weights(weights: Iterable[tuple[str, torch.Tensor]],
                          num_experts: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Turn per-expert checkpoint tensors into the stacked `experts.gate_up_proj` [E, 2I, H] and
-    `experts.down_proj` [E, H, I], each yielded as soon as all its experts have arrived (so at
-    most one layer's experts wait in memory); other tensors, stacked ones included, pass through."""
-    waiting: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    """Turn expert checkpoint tensors into the stacked `experts.gate_up_proj` [E, 2I, H] and
+    `experts.down_proj` [E, H, I], each yielded as soon as all its parts have arrived (so at most
+    one layer's experts wait in memory); other tensors, stacked ones included, pass through."""
+    waiting: dict[str, dict[tuple[int | None, str], torch.Tensor]] = {}
     for name, tensor in weights:
         match = _EXPERT_TENSOR.fullmatch(name)
         if match is None or match["proj"] not in _EXPERT_PROJ:
             yield name, tensor
             continue
-        expert, proj = int(match["expert"]), _EXPERT_PROJ[match["proj"]]
-        if expert >= num_experts:
+        expert, proj = match["expert"] and int(match["expert"]), _EXPERT_PROJ[match["proj"]]
+        if expert is not None and expert >= num_experts:
             raise ValueError(f"unexpected parameter {name!r}: expert {expert} but the config has {num_experts} experts")
         target = f"{match['experts']}.{'down_proj' if proj == 'down' else 'gate_up_proj'}"
         parts = waiting.setdefault(target, {})
         parts[expert, proj] = tensor
-        if len(parts) == num_experts * (1 if proj == "down" else 2):
+        if not _missing(target, parts, num_experts):
             del waiting[target]
             yield target, _stack(parts, num_experts, target)
     if waiting:
-        missing = sorted(f"{target} (expert {e} {p})" for target, parts in waiting.items()
-                         for e in range(num_experts) for p in ("gate", "up", "down")
-                         if (e, p) not in parts and (p == "down") == target.endswith("down_proj"))
+        missing = sorted(m for target, parts in waiting.items() for m in _missing(target, parts, num_experts))
         raise ValueError(f"expert weights never loaded: {', '.join(missing[:10])}"
                          + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
 
 
-def _stack(parts: dict[tuple[int, str], torch.Tensor], num_experts: int, target: str) -> torch.Tensor:
+def _projections(target: str) -> tuple[str, ...]:
+    return ("down",) if target.endswith("down_proj") else ("gate", "up")
+
+
+def _experts(parts: dict[tuple[int | None, str], torch.Tensor], num_experts: int) -> list[int | None]:
+    """The expert keys a stacked tensor needs: None alone when its parts hold every expert."""
+    return [None] if any(e is None for e, _ in parts) else list(range(num_experts))
+
+
+def _missing(target: str, parts: dict[tuple[int | None, str], torch.Tensor], num_experts: int) -> list[str]:
+    return [f"{target} ({'all experts' if e is None else f'expert {e}'} {p})"
+            for e in _experts(parts, num_experts) for p in _projections(target) if (e, p) not in parts]
+
+
+def _stack(parts: dict[tuple[int | None, str], torch.Tensor], num_experts: int, target: str) -> torch.Tensor:
+    """One [E, out, in] tensor from per-expert [out, in] parts, or from all-expert [E, out, in] ones."""
+    experts = _experts(parts, num_experts)
     try:
-        if target.endswith("down_proj"):
-            return torch.stack([parts[e, "down"] for e in range(num_experts)])
-        return torch.stack([torch.cat((parts[e, "gate"], parts[e, "up"])) for e in range(num_experts)])
+        rows = [torch.cat([parts[e, p] for p in _projections(target)], dim=-2) for e in experts]
+        return rows[0] if experts == [None] else torch.stack(rows)
     except RuntimeError as e:
         raise ValueError(f"{target}: the experts' tensors differ in shape ({e})") from None

@@ -20,7 +20,7 @@ from sluice.loader import ModelLoadError
 
 # Architectures whose Q/K rows llama.cpp permuted at conversion time.
 _PERMUTED_ARCHS = {"llama", "mistral"}
-_SUPPORTED_ARCHS = _PERMUTED_ARCHS | {"qwen2", "qwen3"}
+_SUPPORTED_ARCHS = _PERMUTED_ARCHS | {"qwen2", "qwen3", "qwen2moe", "qwen3moe"}
 
 _TOP_LEVEL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -39,7 +39,21 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    # mixture of experts: the router, every expert's projection in one tensor, the shared expert
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
+# llama.cpp stores the shared expert's gate [1, hidden] as a vector
+_VECTORS_OF_MATRICES = {"ffn_gate_inp_shexp"}
+# Expert sizes transformers' GGUF config reader leaves at its config class defaults.
+_MOE_CONFIG_FIELDS = {"expert_feed_forward_length": "moe_intermediate_size",
+                      "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
 # llama.cpp's precomputed rope scaling factors: the HF config already carries them.
 _SKIPPED = {"rope_freqs"}
 _PASS_THROUGH = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
@@ -60,6 +74,16 @@ def gguf_architecture(reader: gguf.GGUFReader, path: str) -> str:
     if field is None:
         raise ModelLoadError(f"{path}: GGUF metadata field 'general.architecture' is missing")
     return str(field.contents())
+
+
+def complete_moe_config(path: str, config) -> None:
+    """Set the expert sizes a GGUF's metadata holds but transformers' reader skips."""
+    reader = open_gguf(path)
+    arch = gguf_architecture(reader, path)
+    for key, attr in _MOE_CONFIG_FIELDS.items():
+        field = reader.get_field(f"{arch}.{key}")
+        if field is not None:
+            setattr(config, attr, int(field.contents()))
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -116,6 +140,8 @@ def iter_gguf_weights(path: str, config, dtype: torch.dtype) -> Iterator[tuple[s
         role = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None  # e.g. "attn_q"
         if role in qk_heads:
             array = unpermute_qk(array, qk_heads[role])
+        if role in _VECTORS_OF_MATRICES and array.ndim == 1:
+            array = array[None]
         if not array.flags.writeable:  # a view of the read-only memory map
             array = array.copy()
         yield name, torch.from_numpy(np.ascontiguousarray(array)).to(dtype)

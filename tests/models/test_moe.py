@@ -10,6 +10,7 @@ transformers loops over experts in Python.
 
 from __future__ import annotations
 
+import gguf
 import pytest
 import torch
 import transformers
@@ -42,9 +43,12 @@ CONFIGS = {
 }
 
 
-def hf_model(arch: str) -> transformers.PreTrainedModel:
+def hf_model(arch: str, **overrides) -> transformers.PreTrainedModel:
+    config = CONFIGS[arch]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(CONFIGS[arch](), dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # HF inits biases/norm weights to 0/1; make them non-trivial
         for name, param in hf.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -212,3 +216,85 @@ def test_config_errors_name_the_field():
         FusedMoE(4, 2, 8, 8, renormalize=True, activation="gelu")
     with pytest.raises(ValueError, match="num_experts_per_tok=5 must be between 1 and the number of experts"):
         FusedMoE(4, 5, 8, 8, renormalize=True)
+
+
+# Hugging Face module -> llama.cpp tensor, from the gguf package's own constants, so the loader's
+# mapping is checked against an independent table.
+_GGUF_NAMES = {
+    "model.embed_tokens": gguf.MODEL_TENSOR.TOKEN_EMBD, "model.norm": gguf.MODEL_TENSOR.OUTPUT_NORM,
+    "lm_head": gguf.MODEL_TENSOR.OUTPUT,
+    "input_layernorm": gguf.MODEL_TENSOR.ATTN_NORM, "post_attention_layernorm": gguf.MODEL_TENSOR.FFN_NORM,
+    "self_attn.q_proj": gguf.MODEL_TENSOR.ATTN_Q, "self_attn.k_proj": gguf.MODEL_TENSOR.ATTN_K,
+    "self_attn.v_proj": gguf.MODEL_TENSOR.ATTN_V, "self_attn.o_proj": gguf.MODEL_TENSOR.ATTN_OUT,
+    "self_attn.q_norm": gguf.MODEL_TENSOR.ATTN_Q_NORM, "self_attn.k_norm": gguf.MODEL_TENSOR.ATTN_K_NORM,
+    "mlp.gate": gguf.MODEL_TENSOR.FFN_GATE_INP, "mlp.shared_expert_gate": gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
+    "mlp.shared_expert.gate_proj": gguf.MODEL_TENSOR.FFN_GATE_SHEXP,
+    "mlp.shared_expert.up_proj": gguf.MODEL_TENSOR.FFN_UP_SHEXP,
+    "mlp.shared_expert.down_proj": gguf.MODEL_TENSOR.FFN_DOWN_SHEXP,
+}
+
+
+def gguf_tensors(hf: transformers.PreTrainedModel):
+    """(llama.cpp name, float32 array) for every weight of a transformers Qwen-MoE model."""
+    for name, tensor in hf.state_dict().items():
+        array = tensor.float().numpy()
+        module, _, leaf = name.rpartition(".")
+        layer = None
+        if module.startswith("model.layers."):
+            _, _, layer, module = module.split(".", 3)
+        if module == "mlp.experts":  # stacked: gate_up [E, 2I, H] (gate rows, then up rows), down [E, H, I]
+            half = array.shape[1] // 2
+            parts = ({gguf.MODEL_TENSOR.FFN_GATE_EXP: array[:, :half], gguf.MODEL_TENSOR.FFN_UP_EXP: array[:, half:]}
+                     if leaf == "gate_up_proj" else {gguf.MODEL_TENSOR.FFN_DOWN_EXP: array})
+            for kind, part in parts.items():
+                yield gguf.TENSOR_NAMES[kind].format(bid=layer) + ".weight", part.copy()
+            continue
+        if module == "mlp.shared_expert_gate":
+            array = array[0]  # llama.cpp keeps this [1, H] gate as a vector
+        yield gguf.TENSOR_NAMES[_GGUF_NAMES[module]].format(bid=layer) + "." + leaf, array
+
+
+def write_gguf(hf: transformers.PreTrainedModel, path: str, arch: str, smollm2_gguf: str) -> None:
+    """A float32 GGUF of a tiny Qwen-MoE model, with SmolLM2's tokenizer."""
+    from sluice.loader.gguf import open_gguf
+
+    config = hf.config
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if getattr(config, "shared_expert_intermediate_size", None):
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    if getattr(config, "head_dim", None):
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    for field in open_gguf(smollm2_gguf).fields.values():
+        if field.name.startswith("tokenizer."):
+            sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    for name, array in gguf_tensors(hf):
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch, gguf_arch", [("qwen2_moe", "qwen2moe"), ("qwen3_moe", "qwen3moe")])
+def test_gguf_matches_transformers(arch, gguf_arch, smollm2_gguf, tmp_path):
+    """A tiny model written to GGUF by the gguf package (experts stacked per projection) loads with
+    its expert sizes and gives transformers' greedy tokens for the same weights."""
+    hf = hf_model(arch, mlp_only_layers=[])  # llama.cpp's Qwen-MoE graphs make every layer sparse
+    path = str(tmp_path / f"tiny-{arch}.gguf")
+    write_gguf(hf, path, gguf_arch, smollm2_gguf)
+    for ids, out in zip(parity_prompts(), run_sluice(path, "float32", prompts=parity_prompts())):
+        theirs, logits = hf_greedy(hf, ids)
+        check_float32(out.token_ids, theirs, logits, f"{arch} gguf {ids[:4]}")
