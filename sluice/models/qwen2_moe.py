@@ -22,9 +22,9 @@ def is_sparse_layer(config, layer_idx: int) -> bool:
 def qwen2_moe_mlp(config, layer_idx: int) -> nn.Module:
     if not is_sparse_layer(config, layer_idx):
         return LlamaMLP(config, bias=False)
+    shared_expert = LlamaMLP(config, bias=False, intermediate_size=config.shared_expert_intermediate_size)
     return FusedMoE(config.num_experts, config.num_experts_per_tok, config.hidden_size, config.moe_intermediate_size,
-                    renormalize=config.norm_topk_prob, activation=config.hidden_act,
-                    shared_expert=LlamaMLP(config, bias=False, intermediate_size=config.shared_expert_intermediate_size),
+                    renormalize=config.norm_topk_prob, activation=config.hidden_act, shared_expert=shared_expert,
                     shared_expert_gate=True)
 
 
