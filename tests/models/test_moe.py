@@ -4,8 +4,8 @@ fused MoE layer's own rules: routing, grouping by expert, the packed native expe
 Tiny random models (2 layers, hidden 64, 4-8 experts): greedy tokens through the engine
 (float32 for each architecture, bfloat16 for one), logits through the paged cache, and the
 scheduler paths on the model with the most parts (Qwen2-MoE: shared expert, a dense layer among
-sparse ones, q/k/v bias); a GGUF file written with gguf.GGUFWriter (Qwen2-MoE). Two prompts, batched together, keep it fast:
-MoE generation in transformers loops over experts in Python.
+sparse ones, q/k/v bias); a GGUF file written with gguf.GGUFWriter (Qwen2-MoE). Two prompts,
+batched together, keep it fast: MoE generation in transformers loops over experts in Python.
 """
 
 from __future__ import annotations
