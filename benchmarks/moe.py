@@ -3,7 +3,8 @@ active parameters, both random-weight bf16 checkpoints, one engine after the oth
 
     .venv/bin/python benchmarks/moe.py                  # 8 experts, top-2, hidden 1024, 4 layers
     .venv/bin/python benchmarks/moe.py --layers 2 --iters 2 --output-len 16   # a smoke test
-    .venv/bin/python benchmarks/moe.py --keep DIR       # keep both checkpoints (e.g. to load them in vLLM)
+    .venv/bin/python benchmarks/moe.py --keep DIR       # keep both checkpoints, then W1 against vLLM's CPU build:
+    .venv/bin/python benchmarks/compare_vllm.py --workloads w1 --model-dir DIR/moe    # (and DIR/dense)
 
 The MoE has 8 experts of intermediate I, 2 routed per token; the dense model has one MLP of
 intermediate 2 I, so both read the same weights per token at batch 1. Everything else (attention,
