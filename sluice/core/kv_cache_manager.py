@@ -9,6 +9,18 @@ Layout of one request's blocks (block_size 4, 10 tokens computed, 3 scheduled no
 
 `allocate_slots` is the single admission / preemption signal: it returns the new blocks, or
 None when the pool cannot hold the request's next tokens.
+
+With a sliding window on every attention layer (`sliding_window`: the widest), a position p
+reads keys after p - sliding_window only, so blocks wholly before the next token's window
+go back to the pool, and the null block takes their place in the table (positions keep their
+block index; the attention backends never read there):
+
+    window 6, 13 computed: the next token (t13) reads t8..t13
+    blocks   |  null       |  null       |   block 9     | block 4
+              freed: t0..t3  freed: t4..t7  t8 ..t11        t12 t13
+A freed block keeps its hash and stays evictable, so prefix hits still find it.
+Prefix hits use the same rule as full attention, the longest run of cached blocks from the
+first; hit blocks already behind the window are never taken (the null block stands in).
 """
 
 from __future__ import annotations
@@ -22,9 +34,11 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool, track_block_times: bool = False) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool, track_block_times: bool = False,
+                 sliding_window: int | None = None) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks, enable_caching, track_block_times)
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
         self.num_hashed_blocks: dict[str, int] = {}  # leading blocks of a request already indexed
@@ -69,9 +83,12 @@ class KVCacheManager:
         known tokens' blocks are indexed in the prefix cache."""
         computed_blocks = computed_blocks or []
         held = self.req_blocks.setdefault(request.request_id, [])
-        num_tokens_after = (
-            request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
-        )
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        num_behind = self._num_blocks_behind_window(num_computed)
+        self._free_blocks_behind(held, num_behind)
+        null = self.pool.null_block
+        computed_blocks = [null] * min(num_behind, len(computed_blocks)) + computed_blocks[num_behind:]
+        num_tokens_after = num_computed + num_new_tokens
         num_slots = num_tokens_after + num_lookahead_tokens
         num_needed = cdiv(num_slots, self.block_size) - len(held) - len(computed_blocks)
         num_revived = sum(1 for b in computed_blocks if b.ref_cnt == 0)
@@ -79,7 +96,9 @@ class KVCacheManager:
             if not held:
                 del self.req_blocks[request.request_id]
             return None
-        self.pool.touch(computed_blocks)
+        if computed_blocks:  # a first allocation: its hits are indexed already
+            self.num_hashed_blocks[request.request_id] = len(computed_blocks)
+        self.pool.touch([b for b in computed_blocks if b is not null])
         held.extend(computed_blocks)
         new_blocks = self.pool.allocate(max(num_needed, 0))
         held.extend(new_blocks)
@@ -97,7 +116,27 @@ class KVCacheManager:
         for block in blocks[request.num_computed_tokens // self.block_size :]:
             if block.ref_cnt == 1:
                 self.pool.uncache(block)
-        self.pool.free(list(reversed(blocks)))
+        self.pool.free([b for b in reversed(blocks) if b is not self.pool.null_block])
+
+    def num_held_blocks(self, request_id: str) -> int:
+        """Blocks a request holds, not counting the null block standing in for freed ones."""
+        return sum(1 for b in self.req_blocks.get(request_id, ()) if b is not self.pool.null_block)
+
+    def _num_blocks_behind_window(self, num_computed: int) -> int:
+        """Leading blocks no future token reads: the next one, at position num_computed, reads
+        keys from num_computed - sliding_window + 1 on."""
+        if self.sliding_window is None:
+            return 0
+        return max(num_computed - self.sliding_window + 1, 0) // self.block_size
+
+    def _free_blocks_behind(self, held: list[KVCacheBlock], num_behind: int) -> None:
+        """Return the held blocks before index num_behind to the pool (cached ones stay
+        evictable), the null block taking their place."""
+        null = self.pool.null_block
+        behind = [b for b in held[:num_behind] if b is not null]
+        if behind:
+            held[:num_behind] = [null] * min(num_behind, len(held))
+            self.pool.free(behind)
 
     def _update_block_hashes(self, request: Request) -> None:
         bs = self.block_size

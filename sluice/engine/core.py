@@ -25,12 +25,8 @@ from sluice.structured_output.manager import StructuredOutputManager
 logger = logging.getLogger("sluice")
 
 
-def resolve_max_model_len(requested: int | None, hf_config, window: int | None) -> int:
+def resolve_max_model_len(requested: int | None, hf_config) -> int:
     model_len = getattr(hf_config, "max_position_embeddings", None) or 2048
-    if window and window < model_len:
-        # Attention here spans the full context, exact only while it stays inside the window.
-        logger.warning("capping the context at the model's sliding window of %d tokens", window)
-        model_len = window
     if requested is None:
         return model_len
     if requested > model_len:
@@ -48,13 +44,14 @@ class EngineCore:
         self.executor = Executor.create(config, hf_config, source)
         self.sleeping = False  # weights on disk, KV cache dropped (sleep mode)
         model = self.executor.describe()
-        self.max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config, model["sliding_window"])
+        self.max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config)
         block_size = config.cache.block_size
         max_useful = cdiv(self.max_model_len, block_size) * config.scheduler.max_num_seqs + 1
         num_blocks = self.executor.choose_num_blocks(max_useful)
         self.executor.initialize_cache(num_blocks)
         obs = config.observability
-        self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, obs.kv_cache_metrics)
+        self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, obs.kv_cache_metrics,
+                                 sliding_window=model["sliding_window"])
         grammars = StructuredOutputManager(config.structured_outputs, functools.partial(get_tokenizer, config),
                                            hf_config.vocab_size)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, grammars)

@@ -64,7 +64,7 @@ def load_library() -> ctypes.CDLL | None:
         return None
     fn = lib.paged_attention
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2 + [ctypes.c_int] * 2
     lib.write_kv.restype = None
     lib.write_kv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
     lib.silu_mul_bf16.restype = ctypes.c_int
@@ -200,10 +200,12 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
+                    block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                    sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor | None:
     """q [B, H, D] -> [B, H, D], attending each row to its sequence's first seq_lens[b] cached keys
-    (a decode row, or one row of a prompt). None when the kernel can't serve this call (no
-    library, non-CPU tensors, odd dtype or sizes)."""
+    (a decode row, or one row of a prompt), the last sliding_window of them where set, scores
+    soft-capped where set. None when the kernel can't serve this call (no library, non-CPU
+    tensors, odd dtype or sizes)."""
     lib = load_library()
     if lib is None or q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float32):
         return None
@@ -217,6 +219,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     status = lib.paged_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(), seq_lens.data_ptr(),
         out.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, block_size, block_table.shape[1],
-        scale, int(q.dtype == torch.bfloat16), torch.get_num_threads(),
+        sliding_window or 0, scale, soft_cap or 0.0, int(q.dtype == torch.bfloat16), torch.get_num_threads(),
     )
     return out if status == 0 else None

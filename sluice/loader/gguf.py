@@ -1,9 +1,11 @@
 """Read GGUF (llama.cpp) weights as dense tensors under Hugging Face names.
 
-Quantized tensors are dequantized with the `gguf` package. llama.cpp's converter
-reorders the rows of Q and K for llama-style models (its rotary layout pairs
-adjacent dims, Hugging Face's pairs the two halves); that is undone here so the
-model code sees exactly what a safetensors checkpoint would give.
+Quantized tensors are dequantized with the `gguf` package. Tensor names are translated with
+the `gguf` package's own per-architecture name map (the one llama.cpp's converter writes
+with), applied to the checkpoint names sluice's model of the architecture loads. What else the
+converter changed is undone as the registry (sluice/models/registry.py) records it: Q/K row
+order for llama-style rotary, norm weights stored with an offset (Gemma). The model code then
+sees exactly what a safetensors checkpoint would give.
 """
 
 from __future__ import annotations
@@ -17,46 +19,12 @@ import torch
 from tqdm import tqdm
 
 from sluice.loader import ModelLoadError
+from sluice.models.registry import MODEL_REGISTRY, Architecture, get_architecture, get_model_class
 
-# Architectures whose Q/K rows llama.cpp permuted at conversion time.
-_PERMUTED_ARCHS = {"llama", "mistral"}
-_SUPPORTED_ARCHS = _PERMUTED_ARCHS | {"qwen2", "qwen3", "qwen2moe", "qwen3moe"}
-
-_TOP_LEVEL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    # mixture of experts: the router, every expert's projection in one tensor, the shared expert
-    "ffn_gate_inp": "mlp.gate",
-    "ffn_gate_exps": "mlp.experts.gate_proj",
-    "ffn_up_exps": "mlp.experts.up_proj",
-    "ffn_down_exps": "mlp.experts.down_proj",
-    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
-    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
-    "ffn_up_shexp": "mlp.shared_expert.up_proj",
-    "ffn_down_shexp": "mlp.shared_expert.down_proj",
-}
-# llama.cpp stores the shared expert's gate [1, hidden] as a vector
-_VECTORS_OF_MATRICES = {"ffn_gate_inp_shexp"}
-# Expert sizes transformers' GGUF config reader leaves at its config class defaults.
-_MOE_CONFIG_FIELDS = {"expert_feed_forward_length": "moe_intermediate_size",
-                      "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
 # llama.cpp's precomputed rope scaling factors: the HF config already carries them.
 _SKIPPED = {"rope_freqs"}
 _PASS_THROUGH = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
+_ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 
 
 def open_gguf(path: str) -> gguf.GGUFReader:
@@ -76,27 +44,36 @@ def gguf_architecture(reader: gguf.GGUFReader, path: str) -> str:
     return str(field.contents())
 
 
-def complete_moe_config(path: str, config) -> None:
-    """Set the expert sizes a GGUF's metadata holds but transformers' reader skips."""
-    reader = open_gguf(path)
-    arch = gguf_architecture(reader, path)
-    for key, attr in _MOE_CONFIG_FIELDS.items():
-        field = reader.get_field(f"{arch}.{key}")
-        if field is not None:
-            setattr(config, attr, int(field.contents()))
+def supported_gguf_architectures() -> list[str]:
+    return sorted({entry.gguf for entry in MODEL_REGISTRY.values() if entry.gguf})
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """Hugging Face name for a GGUF tensor name; None for tensors with no HF counterpart."""
-    base, _, suffix = gguf_name.rpartition(".")
-    if base in _SKIPPED:
-        return None
-    if base in _TOP_LEVEL_NAMES:
-        return f"{_TOP_LEVEL_NAMES[base]}.{suffix}"
-    parts = base.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{suffix}"
-    raise KeyError(gguf_name)
+def registry_entry(config, arch: str, path: str) -> Architecture:
+    """The registry's entry for the config's architecture, checked against the file's."""
+    name, entry = get_architecture(config)
+    if entry.gguf != arch:
+        raise ModelLoadError(
+            f"{path}: GGUF architecture '{arch}' is not supported for {name}; "
+            f"supported GGUF architectures: {', '.join(supported_gguf_architectures())}"
+        )
+    return entry
+
+
+def hf_names(config, arch: str) -> dict[str, str]:
+    """GGUF tensor name -> Hugging Face name, for every tensor sluice's model of this config loads.
+
+    The checkpoint names come from the model built on the meta device (no memory, no weights);
+    the `gguf` package maps each to the name llama.cpp's converter writes."""
+    with torch.device("meta"):
+        model = get_model_class(config)(config)
+    name_map = gguf.get_tensor_name_map(_ARCH_BY_NAME[arch], config.num_hidden_layers)
+    names = {}
+    for hf_name in model.checkpoint_names():
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_base = name_map.get_name(base)
+        if gguf_base is not None:
+            names[f"{gguf_base}.{suffix}"] = hf_name
+    return names
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -111,37 +88,38 @@ def _to_numpy(tensor: gguf.ReaderTensor) -> np.ndarray:
     return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
 
 
+def _undo_conversion(array: np.ndarray, gguf_name: str, entry: Architecture, config) -> np.ndarray:
+    """Reverse what llama.cpp's converter did to this tensor beyond renaming it."""
+    role = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else None  # e.g. "attn_q"
+    if entry.gguf_permuted_qk and role in ("attn_q", "attn_k"):
+        n_head = config.num_attention_heads
+        if role == "attn_k":
+            n_head = getattr(config, "num_key_value_heads", None) or n_head
+        array = unpermute_qk(array, n_head)
+    if entry.gguf_norm_offset and gguf_name.endswith("norm.weight"):
+        array = array - np.asarray(entry.gguf_norm_offset, dtype=array.dtype)
+    return array
+
+
 def iter_gguf_weights(path: str, config, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield every weight of a GGUF file as (HF name, dense tensor in `dtype`)."""
     reader = open_gguf(path)
     arch = gguf_architecture(reader, path)
-    if arch not in _SUPPORTED_ARCHS:
-        raise ModelLoadError(
-            f"{path}: GGUF architecture '{arch}' is not supported; supported: {', '.join(sorted(_SUPPORTED_ARCHS))}"
-        )
-    n_head = config.num_attention_heads
-    n_kv_head = getattr(config, "num_key_value_heads", None) or n_head
-    qk_heads = {"attn_q": n_head, "attn_k": n_kv_head} if arch in _PERMUTED_ARCHS else {}
-
+    entry = registry_entry(config, arch, path)
+    names = hf_names(config, arch)
     desc = f"Loading {os.path.basename(path)}"
     for tensor in tqdm(reader.tensors, desc=desc, unit="tensor", disable=None, leave=False):
-        try:
-            name = hf_name(tensor.name)
-        except KeyError:
-            raise ModelLoadError(f"{path}: unexpected tensor '{tensor.name}' for architecture '{arch}'") from None
-        if name is None:
+        if tensor.name.rpartition(".")[0] in _SKIPPED:
             continue
+        if tensor.name not in names:
+            raise ModelLoadError(f"{path}: unexpected tensor '{tensor.name}' for architecture '{arch}'")
         try:
             array = _to_numpy(tensor)
         except Exception as e:
             raise ModelLoadError(
                 f"{path}: could not dequantize tensor '{tensor.name}' ({tensor.tensor_type.name}): {e}"
             ) from e
-        role = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None  # e.g. "attn_q"
-        if role in qk_heads:
-            array = unpermute_qk(array, qk_heads[role])
-        if role in _VECTORS_OF_MATRICES and array.ndim == 1:
-            array = array[None]
+        array = _undo_conversion(array, tensor.name, entry, config)
         if not array.flags.writeable:  # a view of the read-only memory map
             array = array.copy()
-        yield name, torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        yield names[tensor.name], torch.from_numpy(np.ascontiguousarray(array)).to(dtype)

@@ -1,92 +1,142 @@
-"""Llama, written to be read top to bottom. Mistral, Qwen2 and Qwen3 reuse it: they
-differ only in the switches returned by `LlamaForCausalLM.layer_options`.
+"""Llama, written to be read top to bottom. Mistral, Qwen2, Qwen3 and Phi-3 reuse it whole: they
+differ only in the switches `decoder_options` returns and each layer's attention window
+(`sliding_windows`). Gemma, Granite and OLMo2 reuse its attention, MLP and weight loading with
+decoder layers of their own.
 
 Module names mirror Hugging Face's, except that q/k/v and gate/up are fused into
 `qkv_proj` and `gate_up_proj`; `load_weights` does that mapping.
 """
 
-import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from sluice.layers.activation import get_gated_activation, silu_and_mul
 from sluice.layers.attention import Attention, AttentionMetadata
 from sluice.layers.linear import GateUpLinear, Linear, MergedLinear, QKVLinear
 from sluice.layers.norm import RMSNorm
-from sluice.layers.rotary import get_rope
+from sluice.layers.rotary import get_rope, rope_parameters, rotary_dim, rotary_order
 
-logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    """What a Llama-shaped family changes inside a decoder layer."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    # RMSNorm on q and k before rotary: over each head's head_dim (Qwen3, Gemma 3), or over the
+    # whole q and k projections (OLMo2)
+    qk_norm: Literal["head", "full"] | None = None
+    norm: type[nn.Module] = RMSNorm
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_logits_soft_cap: float | None = None  # Gemma 2: tanh soft-capping of attention scores
+    act_field: str = "hidden_act"  # the config field naming the MLP's activation
+    # another feed-forward block for some layers (mixture-of-experts models): make_mlp(config, layer_idx)
+    make_mlp: Callable[[Any, int], nn.Module] | None = None
+
+
+def refuse_unsupported(config, arch: str, field: str, supported: tuple) -> None:
+    """Refuse a config value this implementation would compute wrongly, naming the field
+    (a field the config lacks counts as its first supported value)."""
+    value = getattr(config, field, supported[0])
+    if value not in supported:
+        raise ValueError(f"{arch}: config field {field}={value!r} is not supported; "
+                         f"supported: {', '.join(map(repr, supported))}")
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, head_dim: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_window: int | None):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = head_dim
-        self.qkv_proj = QKVLinear(config.hidden_size, self.num_heads, self.num_kv_heads, head_dim, bias=qkv_bias)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim)
-        self.o_proj = Linear(self.num_heads * head_dim, config.hidden_size, bias=o_bias)
-        # Qwen3: RMSNorm over head_dim of every q and k head, before rotary
-        self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
+        H, Hkv = config.num_attention_heads, config.num_key_value_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, head_dim
+        self.qkv_proj = QKVLinear(config.hidden_size, H, Hkv, head_dim, bias=options.qkv_bias)
+        self.attn = Attention(H, Hkv, head_dim, scale=options.attn_scale, sliding_window=sliding_window,
+                              logits_soft_cap=options.attn_logits_soft_cap)
+        self.o_proj = Linear(H * head_dim, config.hidden_size, bias=options.o_bias)
+        self.q_norm = self.k_norm = None
+        if options.qk_norm is not None:
+            per_head = options.qk_norm == "head"
+            self.q_norm = options.norm(head_dim if per_head else H * head_dim, config.rms_norm_eps)
+            self.k_norm = options.norm(head_dim if per_head else Hkv * head_dim, config.rms_norm_eps)
+        order = rotary_order(head_dim, rotary_dim(rope_parameters(config), head_dim), H, Hkv)
+        self.register_buffer("rotary_order", order, persistent=False)  # partial rotary only
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """residual + attention(x): the add is fused into o_proj."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(residual +) attention(x): the add is fused into o_proj."""
         qkv = self.qkv_proj(x)
         if self.q_norm is not None:
-            T, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-            qkv = torch.cat((self.q_norm(q.reshape(T, H, D)).view(T, H * D),
-                             self.k_norm(k.reshape(T, Hkv, D)).view(T, Hkv * D), v), dim=-1)
+            qkv = self.norm_qk(qkv)
+        if self.rotary_order is not None:
+            qkv = qkv.index_select(-1, self.rotary_order)
         return self.o_proj(self.attn(qkv, cos, sin, kv_cache, meta), residual=residual)
+
+    def norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        T, H, Hkv, D = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = self.q_norm(q.reshape(T, -1, self.q_norm.weight.shape[0])).view(T, H * D)
+        k = self.k_norm(k.reshape(T, -1, self.k_norm.weight.shape[0])).view(T, Hkv * D)
+        return torch.cat((q, k, v), dim=-1)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, bias: bool, intermediate_size: int | None = None):
+    def __init__(self, config, options: DecoderOptions, intermediate_size: int | None = None):
         """intermediate_size defaults to the config's (a shared expert has its own)."""
         super().__init__()
-        intermediate_size = intermediate_size or config.intermediate_size
-        self.gate_up_proj = GateUpLinear(config.hidden_size, intermediate_size, bias=bias)
-        self.down_proj = Linear(intermediate_size, config.hidden_size, bias=bias)
+        hidden, inter, bias = config.hidden_size, intermediate_size or config.intermediate_size, options.mlp_bias
+        self.act_and_mul = get_gated_activation(getattr(config, options.act_field), options.act_field)
+        # silu runs fused into the packed gate_up kernel's epilogue; other activations after the matmul
+        self.fused_silu = self.act_and_mul is silu_and_mul
+        self.gate_up_proj = (GateUpLinear(hidden, inter, bias=bias) if self.fused_silu
+                             else MergedLinear(hidden, {"gate": inter, "up": inter}, bias=bias))
+        self.down_proj = Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """(residual +) mlp(x): the gated activation is fused into gate_up_proj, the add into down_proj."""
-        return self.down_proj(self.gate_up_proj.silu_and_mul(x), residual=residual)
+        """(residual +) mlp(x): the add is fused into down_proj."""
+        hidden = self.gate_up_proj.silu_and_mul(x) if self.fused_silu else self.act_and_mul(self.gate_up_proj(x))
+        return self.down_proj(hidden, residual=residual)
+
+
+def feed_forward(config, options: DecoderOptions, layer_idx: int) -> nn.Module:
+    """A layer's feed-forward block: options.make_mlp's, else the dense gated MLP."""
+    return options.make_mlp(config, layer_idx) if options.make_mlp else LlamaMLP(config, options)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, head_dim: int, options: dict, layer_idx: int):
-        """options may replace the attention class ("attention_class") and build another
-        feed-forward block per layer ("make_mlp"(config, layer_idx): mixture-of-experts models)."""
+    def __init__(self, config, head_dim: int, options: DecoderOptions, layer_idx: int, sliding_window: int | None):
         super().__init__()
-        attention_class = options.get("attention_class", LlamaAttention)
-        self.self_attn = attention_class(config, head_dim, options["qkv_bias"], options["o_bias"], options["qk_norm"])
-        make_mlp = options.get("make_mlp")
-        self.mlp = make_mlp(config, layer_idx) if make_mlp else LlamaMLP(config, options["mlp_bias"])
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, head_dim, options, sliding_window)
+        self.mlp = feed_forward(config, options, layer_idx)
+        self.input_layernorm = options.norm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = options.norm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = self.self_attn(self.input_layernorm(x), x, cos, sin, kv_cache, meta)
-        return self.mlp(self.post_attention_layernorm(x), x)
+        x = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, residual=x)
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, head_dim: int, options: dict):
+    decoder_layer: type[nn.Module] = LlamaDecoderLayer
+
+    def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_windows: list[int | None]):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, head_dim, options, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(self.decoder_layer(config, head_dim, options, i, window)
+                                    for i, window in enumerate(sliding_windows))
+        self.norm = options.norm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = get_rope(config, head_dim)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         cos, sin = self.rotary_emb(positions)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # no-op once the model is cast
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -101,45 +151,53 @@ _FUSED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
-def sliding_window(config) -> int | None:
-    """The config's attention window if any layer uses one (Mistral v0.1, Qwen with
-    use_sliding_window), else None."""
-    window = getattr(config, "sliding_window", None)
-    if getattr(config, "use_sliding_window", True) is False:
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    return window
+def window_on_every_layer(config) -> list[int | None]:
+    """transformers' Mistral / Phi-3 rule: config.sliding_window (None: off) on every layer."""
+    return [getattr(config, "sliding_window", None)] * config.num_hidden_layers
+
+
+def windows_by_layer_type(config) -> list[int | None]:
+    """transformers' Qwen2/Qwen3 rule: layers whose layer_types entry is "sliding_attention" use
+    config.sliding_window (which their configs clear unless use_sliding_window), others none."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", False) else None
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
 
 
 class LlamaForCausalLM(nn.Module):
+    model_class: type[nn.Module] = LlamaModel
+    checkpoint_fuses_projections = False  # checkpoints store q/k/v and gate/up separately
+
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.check_config(config)
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.model = LlamaModel(config, self.head_dim, self.layer_options(config))
+        self.model = self.model_class(config, self.head_dim, self.decoder_options(config),
+                                      self.sliding_windows(config))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Not implemented: every layer attends to its full context. That equals the
-        # windowed model only while sequences stay within the window, so the engine
-        # should cap max_model_len at this value when it is set.
-        self.sliding_window = sliding_window(config)
-        if self.sliding_window is not None and self.sliding_window < config.max_position_embeddings:
-            logger.warning("%s: sliding_window=%d is not implemented; attention covers the full context, "
-                           "which matches the model only for sequences up to %d tokens",
-                           type(self).__name__, self.sliding_window, self.sliding_window)
 
     @classmethod
-    def layer_options(cls, config) -> dict:
+    def decoder_options(cls, config) -> DecoderOptions:
         """Per-family switches; subclasses override."""
         bias = bool(getattr(config, "attention_bias", False))
-        return {"qkv_bias": bias, "o_bias": bias, "mlp_bias": bool(getattr(config, "mlp_bias", False)),
-                "qk_norm": False}
+        return DecoderOptions(qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(config, "mlp_bias", False)))
+
+    @classmethod
+    def sliding_windows(cls, config) -> list[int | None]:
+        """Each layer's attention window (None: full attention). transformers' Llama has none,
+        whatever the config says; subclasses override."""
+        return [None] * config.num_hidden_layers
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Refuse config values that change the arithmetic in ways this file does not implement.
+        (hidden_act, rope_type and partial_rotary_factor are checked where they are used.)"""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -150,9 +208,27 @@ class LlamaForCausalLM(nn.Module):
         """Logits in the model dtype; the sampler upcasts only when it needs float32."""
         return self.lm_head(hidden)
 
+    def checkpoint_names(self) -> list[str]:
+        """The Hugging Face tensor names of this model's checkpoints (lm_head's even when tied; fused
+        modules under their projections' names unless the family's checkpoints fuse them too). The
+        GGUF reader matches a file's tensors against these."""
+        unfused = {v: k for k, v in _FUSED.items()}
+        modules = dict(self.named_modules())
+        names = []
+        for name, _ in self.named_parameters(remove_duplicate=False):
+            module_path, _, leaf = name.rpartition(".")
+            owner = modules[module_path]
+            if isinstance(owner, MergedLinear) and not self.checkpoint_fuses_projections:
+                parent, _, fused = module_path.rpartition(".")
+                names += [f"{parent}.{unfused[fused, shard]}.{leaf}" for shard in owner.shard_sizes]
+            else:
+                names.append(name)
+        return names
+
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load Hugging Face-named tensors, fusing q/k/v and gate/up into their slices."""
+        """Load Hugging Face-named tensors, fusing q/k/v and gate/up into their slices (a checkpoint
+        that already fuses them, as Phi-3's does, fills the whole module at once)."""
         modules = dict(self.named_modules())
         params = dict(self.named_parameters())  # a tied lm_head.weight appears once, as embed_tokens
         pending: set[tuple[str, str | None]] = set()
@@ -183,12 +259,14 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"shape mismatch for {hf_name!r}: expected {tuple(params[name].shape)}, "
                                      f"got {tuple(tensor.shape)}")
                 params[name].copy_(tensor)
+                owner = modules[name.rpartition(".")[0]]
+                pending.difference_update((name, s) for s in getattr(owner, "shard_sizes", (None,)))
             else:
                 try:
                     modules[name.rpartition(".")[0]].load_shard(shard, leaf, tensor)
                 except ValueError as e:
                     raise ValueError(f"{hf_name!r}: {e}") from None
-            pending.discard((name, shard))
+                pending.discard((name, shard))
 
         if pending:
             unfused = {v: k for k, v in _FUSED.items()}

@@ -2,12 +2,14 @@
 softmax router and renormalized to sum to one. Checkpoints call the block `block_sparse_moe` and
 the experts' projections w1 (gate), w3 (up) and w2 (down)."""
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
 
 from sluice.layers.fused_moe import FusedMoE, stack_expert_weights
-from sluice.models.llama import LlamaForCausalLM
+from sluice.models.llama import DecoderOptions
+from sluice.models.mistral import MistralForCausalLM
 
 
 def mixtral_moe(config, layer_idx: int) -> FusedMoE:
@@ -15,10 +17,10 @@ def mixtral_moe(config, layer_idx: int) -> FusedMoE:
                     config.intermediate_size, renormalize=True, activation=config.hidden_act)
 
 
-class MixtralForCausalLM(LlamaForCausalLM):
+class MixtralForCausalLM(MistralForCausalLM):
     @classmethod
-    def layer_options(cls, config) -> dict:
-        return {**super().layer_options(config), "make_mlp": mixtral_moe}
+    def decoder_options(cls, config) -> DecoderOptions:
+        return dataclasses.replace(super().decoder_options(config), make_mlp=mixtral_moe)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         renamed = ((name.replace(".block_sparse_moe.", ".mlp."), tensor) for name, tensor in weights)

@@ -1,31 +1,14 @@
 """OLMoE is Llama with routed experts in every layer (softmax top-k, renormalized only when
 norm_topk_prob) and an RMSNorm over all of q's heads at once and all of k's (not per head, as
-Qwen3's), after which q, k and v may be clipped to +-clip_qkv."""
+Qwen3's; as OLMo2's). clip_qkv (clamping q, k and v) is refused: released OLMoE configs leave it null."""
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
 
-from sluice.layers.attention import AttentionMetadata
 from sluice.layers.fused_moe import FusedMoE, stack_expert_weights
-from sluice.layers.norm import RMSNorm
-from sluice.models.llama import LlamaAttention, LlamaForCausalLM
-
-
-class OlmoeAttention(LlamaAttention):
-    def __init__(self, config, head_dim: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
-        super().__init__(config, head_dim, qkv_bias, o_bias, qk_norm=False)
-        self.q_norm = RMSNorm(self.num_heads * head_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(self.num_kv_heads * head_dim, config.rms_norm_eps)
-        self.clip_qkv = getattr(config, "clip_qkv", None)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=-1)
-        if self.clip_qkv is not None:
-            qkv = qkv.clamp_(-self.clip_qkv, self.clip_qkv)
-        return self.o_proj(self.attn(qkv, cos, sin, kv_cache, meta), residual=residual)
+from sluice.models.llama import DecoderOptions, LlamaForCausalLM, refuse_unsupported
 
 
 def olmoe_moe(config, layer_idx: int) -> FusedMoE:
@@ -35,8 +18,12 @@ def olmoe_moe(config, layer_idx: int) -> FusedMoE:
 
 class OlmoeForCausalLM(LlamaForCausalLM):
     @classmethod
-    def layer_options(cls, config) -> dict:
-        return {**super().layer_options(config), "attention_class": OlmoeAttention, "make_mlp": olmoe_moe}
+    def decoder_options(cls, config) -> DecoderOptions:
+        return dataclasses.replace(super().decoder_options(config), qk_norm="full", make_mlp=olmoe_moe)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        refuse_unsupported(config, "OLMoE", "clip_qkv", (None,))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(stack_expert_weights(weights, self.config.num_experts))

@@ -3,13 +3,14 @@ experts (softmax, renormalized only when norm_topk_prob) and add a shared expert
 sigmoid(shared_expert_gate(x)). Layers listed in mlp_only_layers, or off the decoder_sparse_step
 grid, keep a dense MLP of intermediate_size."""
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from sluice.layers.fused_moe import FusedMoE, stack_expert_weights
-from sluice.models.llama import LlamaMLP
+from sluice.models.llama import DecoderOptions, LlamaMLP
 from sluice.models.qwen2 import Qwen2ForCausalLM
 
 
@@ -21,8 +22,8 @@ def is_sparse_layer(config, layer_idx: int) -> bool:
 
 def qwen2_moe_mlp(config, layer_idx: int) -> nn.Module:
     if not is_sparse_layer(config, layer_idx):
-        return LlamaMLP(config, bias=False)
-    shared_expert = LlamaMLP(config, bias=False, intermediate_size=config.shared_expert_intermediate_size)
+        return LlamaMLP(config, DecoderOptions())
+    shared_expert = LlamaMLP(config, DecoderOptions(), intermediate_size=config.shared_expert_intermediate_size)
     return FusedMoE(config.num_experts, config.num_experts_per_tok, config.hidden_size, config.moe_intermediate_size,
                     renormalize=config.norm_topk_prob, activation=config.hidden_act, shared_expert=shared_expert,
                     shared_expert_gate=True)
@@ -30,9 +31,9 @@ def qwen2_moe_mlp(config, layer_idx: int) -> nn.Module:
 
 class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
     @classmethod
-    def layer_options(cls, config) -> dict:
-        return {**super().layer_options(config), "qkv_bias": getattr(config, "qkv_bias", True),
-                "make_mlp": qwen2_moe_mlp}
+    def decoder_options(cls, config) -> DecoderOptions:
+        return dataclasses.replace(super().decoder_options(config), qkv_bias=getattr(config, "qkv_bias", True),
+                                   make_mlp=qwen2_moe_mlp)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(stack_expert_weights(weights, self.config.num_experts))

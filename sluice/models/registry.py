@@ -1,32 +1,59 @@
-"""Architecture name (config.architectures) -> model class."""
+"""The one list of architectures: config.architectures name -> where its model class lives and
+how llama.cpp's converter lays it out in a GGUF file. The model runner, the config loader and
+the GGUF weight reader all read it; nothing else lists architectures.
+
+Adding an architecture (see README, "Adding an architecture"): write sluice/models/<family>.py
+with a class that takes the transformers config (forward, compute_logits, load_weights: reuse
+llama.py's pieces where the arithmetic is the same), then add one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
 
 from torch import nn
 
-from sluice.models.llama import LlamaForCausalLM
-from sluice.models.mistral import MistralForCausalLM
-from sluice.models.mixtral import MixtralForCausalLM
-from sluice.models.olmoe import OlmoeForCausalLM
-from sluice.models.qwen2 import Qwen2ForCausalLM
-from sluice.models.qwen2_moe import Qwen2MoeForCausalLM
-from sluice.models.qwen3 import Qwen3ForCausalLM
-from sluice.models.qwen3_moe import Qwen3MoeForCausalLM
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": MistralForCausalLM,
-    "Qwen2ForCausalLM": Qwen2ForCausalLM,
-    "Qwen3ForCausalLM": Qwen3ForCausalLM,
-    "MixtralForCausalLM": MixtralForCausalLM,
-    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
-    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
-    "OlmoeForCausalLM": OlmoeForCausalLM,
+@dataclass(frozen=True)
+class Architecture:
+    module: str  # under sluice.models; imported on first use
+    class_name: str
+    gguf: str | None = None  # llama.cpp's general.architecture; None: no GGUF support
+    gguf_permuted_qk: bool = False  # the converter reordered Q/K rows for its rotary layout
+    gguf_norm_offset: float = 0.0  # the converter stored every norm weight plus this (Gemma's 1 + w)
+
+    def model_class(self) -> type[nn.Module]:
+        return getattr(importlib.import_module(f"sluice.models.{self.module}"), self.class_name)
+
+
+MODEL_REGISTRY: dict[str, Architecture] = {
+    "LlamaForCausalLM": Architecture("llama", "LlamaForCausalLM", gguf="llama", gguf_permuted_qk=True),
+    "MistralForCausalLM": Architecture("mistral", "MistralForCausalLM", gguf="llama", gguf_permuted_qk=True),
+    "Qwen2ForCausalLM": Architecture("qwen2", "Qwen2ForCausalLM", gguf="qwen2"),
+    "Qwen3ForCausalLM": Architecture("qwen3", "Qwen3ForCausalLM", gguf="qwen3"),
+    "GemmaForCausalLM": Architecture("gemma", "GemmaForCausalLM", gguf="gemma", gguf_norm_offset=1.0),
+    "Gemma2ForCausalLM": Architecture("gemma", "Gemma2ForCausalLM", gguf="gemma2", gguf_norm_offset=1.0),
+    "Gemma3ForCausalLM": Architecture("gemma", "Gemma3ForCausalLM", gguf="gemma3", gguf_norm_offset=1.0),
+    "Phi3ForCausalLM": Architecture("phi3", "Phi3ForCausalLM", gguf="phi3"),
+    "GraniteForCausalLM": Architecture("granite", "GraniteForCausalLM", gguf="granite", gguf_permuted_qk=True),
+    "Olmo2ForCausalLM": Architecture("olmo2", "Olmo2ForCausalLM", gguf="olmo2"),
+    "MixtralForCausalLM": Architecture("mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": Architecture("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": Architecture("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "OlmoeForCausalLM": Architecture("olmoe", "OlmoeForCausalLM"),
 }
 
 
-def get_model_class(config) -> type[nn.Module]:
+def get_architecture(config) -> tuple[str, Architecture]:
+    """The first of config.architectures that sluice implements; the error lists the supported ones."""
     architectures = list(getattr(config, "architectures", None) or [])
     for arch in architectures:
         if arch in MODEL_REGISTRY:
-            return MODEL_REGISTRY[arch]
+            return arch, MODEL_REGISTRY[arch]
     name = ", ".join(architectures) if architectures else "<none: config.architectures is empty>"
     raise ValueError(f"unsupported architecture {name}; supported: {', '.join(MODEL_REGISTRY)}")
+
+
+def get_model_class(config) -> type[nn.Module]:
+    return get_architecture(config)[1].model_class()

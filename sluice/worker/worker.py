@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sluice.config import EngineConfig
 from sluice.core.sched_output import RunnerOutput, SchedulerOutput
+from sluice.layers.attention import kv_sliding_window
 from sluice.loader import ModelSource
 from sluice.worker.model_runner import ModelRunner
 from sluice.worker.sleep import SleepingWeights, drop_kv_cache, resident_bytes
@@ -22,7 +23,7 @@ class Worker:
 
     def describe(self) -> dict:
         """What the engine core needs from the model before it sizes anything."""
-        return {"sliding_window": getattr(self.runner.model, "sliding_window", None),
+        return {"sliding_window": kv_sliding_window(self.runner.model),
                 "bytes_per_block": self.runner.bytes_per_block()}
 
     def choose_num_blocks(self, max_useful_blocks: int) -> int:

@@ -44,8 +44,9 @@ def hf_greedy(model, ids: list[int]) -> tuple[list[int], list[torch.Tensor]]:
     return tokens, [step[0].float() for step in out.logits]
 
 
-def check_float32(ours: list[int], theirs: list[int], logits: list[torch.Tensor], label: str) -> None:
-    assert len(ours) == len(theirs) == NUM_TOKENS, label
+def check_float32(ours: list[int], theirs: list[int], logits: list[torch.Tensor], label: str,
+                  num_tokens: int = NUM_TOKENS) -> None:
+    assert len(ours) == len(theirs) == num_tokens, label
     for step, (a, b) in enumerate(zip(ours, theirs)):
         if a != b:
             gap = abs(logits[step][a] - logits[step][b]).item()

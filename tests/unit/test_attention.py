@@ -1,32 +1,40 @@
 """Both attention backends (write + attend over paged blocks) against a naive per-request
-causal softmax attention."""
+causal softmax attention, with and without a sliding window and a logit soft cap."""
 
 import math
 
 import pytest
 import torch
 
-from sluice.layers.attention import BACKENDS, Attention, build_attention_metadata
+from sluice.layers import native
+from sluice.layers.attention import BACKENDS, Attention, AttentionParams, build_attention_metadata, kv_sliding_window
 from sluice.layers.rotary import apply_rotary
 from sluice.platform import current_platform
 
 NATIVE_BF16 = current_platform("cpu").attention_backend_name(torch.bfloat16, 8, 64) == "native"
 needs_native = pytest.mark.skipif(not NATIVE_BF16, reason="needs the native bf16 kernels (AVX-512 BF16)")
+needs_library = pytest.mark.skipif(native.load_library() is None, reason="needs the native kernel library")
 
 
-def reference(q, k_full, v_full, ctx, scale):
+def reference(q, k_full, v_full, ctx, scale, window=None, soft_cap=None):
     """q [Q, H, D] at positions ctx..ctx+Q-1; k/v_full [ctx+Q, Hkv, D]. fp32 math."""
     H, Hkv = q.shape[1], k_full.shape[1]
     k = k_full.float().repeat_interleave(H // Hkv, dim=1)
     v = v_full.float().repeat_interleave(H // Hkv, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    if soft_cap is not None:
+        scores = soft_cap * torch.tanh(scores / soft_cap)
     qpos = ctx + torch.arange(q.shape[0])
-    allowed = torch.arange(k.shape[0])[None, :] <= qpos[:, None]
+    kpos = torch.arange(k.shape[0])[None, :]
+    allowed = (kpos <= qpos[:, None]) & (kpos > qpos[:, None] - (window or k.shape[0] + 1))
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     return torch.einsum("hqk,khd->qhd", probs, v).reshape(q.shape[0], -1)
 
 
-def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.float32, seed=0, backend="torch"):
+def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.float32, seed=0, backend="torch",
+             window=None, soft_cap=None):
+    """With a window, blocks wholly behind a request's first row's window are swapped for a block
+    of NaNs, as a freed block reused by another request would be: they must never be read."""
     backend = BACKENDS[backend]()
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
@@ -41,6 +49,8 @@ def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.f
     # stale random data everywhere (finite), null block zeroed as the runner does
     kv_cache = torch.randn(backend.kv_cache_shape(num_blocks, block_size, Hkv, D), generator=gen).to(dtype)
     kv_cache[:, 0] = 0
+    poisoned = ids[-2]  # one of the spare blocks
+    kv_cache[:, poisoned] = float("nan")
     k_full = [torch.randn(s, Hkv, D, generator=gen).to(dtype) for s in seq_lens]
     v_full = [torch.randn(s, Hkv, D, generator=gen).to(dtype) for s in seq_lens]
     # earlier steps already cached each request's context
@@ -53,12 +63,17 @@ def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.f
     k = torch.cat([kf[c:] for kf, c in zip(k_full, context_lens)])
     v = torch.cat([vf[c:] for vf, c in zip(v_full, context_lens)])
 
-    meta = build_attention_metadata(query_lens, context_lens, tables, block_size, "cpu")
+    attended = tables
+    if window is not None:
+        attended = [[poisoned if (b + 1) * block_size <= c - window + 1 else block for b, block in enumerate(t)]
+                    for t, c in zip(tables, context_lens)]
+    meta = build_attention_metadata(query_lens, context_lens, attended, block_size, "cpu")
     scale = D ** -0.5
     backend.write_kv(kv_cache, k, v, meta.slot_mapping)
-    out = backend.attend(q, k, v, kv_cache, meta, scale)
+    out = backend.attend(q, k, v, kv_cache, meta, AttentionParams(scale, window, soft_cap))
     assert out.shape == (sum(query_lens), H * D) and out.dtype == dtype
-    ref = torch.cat([reference(qi, kf, vf, c, scale) for qi, kf, vf, c in zip(qs, k_full, v_full, context_lens)])
+    ref = torch.cat([reference(qi, kf, vf, c, scale, window, soft_cap)
+                     for qi, kf, vf, c in zip(qs, k_full, v_full, context_lens)])
     # new K/V landed in the cache at their slots
     for t, c, kf, vf, n in zip(tables, context_lens, k_full, v_full, query_lens):
         table = torch.tensor([t])
@@ -90,13 +105,24 @@ def test_paged_attention_bf16(case):
     torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
 
 
+# (window, soft cap): a window shorter than a block, one spanning blocks, a cap alone, and both
+WINDOW_CAP = [(1, None), (5, None), (None, 1.5), (3, 2.0)]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("window,soft_cap", WINDOW_CAP)
+def test_window_and_soft_cap_fp32(case, window, soft_cap):
+    out, ref, _ = run_case(*CASES[case], H=4, Hkv=2, window=window, soft_cap=soft_cap)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_metadata_layout():
     block_size = 4
     meta = build_attention_metadata([1, 3, 1], [5, 2, 0], [[7, 3], [2, 9], [4]], block_size, "cpu")
     assert meta.num_tokens == 5
     # token 0: req0 pos 5 -> block 3 off 1; tokens 1..3: req1 pos 2,3,4 -> 2*4+2, 2*4+3, 9*4+0; token 4: req2 pos 0
     assert meta.slot_mapping.tolist() == [13, 10, 11, 36, 16]
-    d, p = meta.decode, meta.prefill
+    d, p = meta.groups()
     assert d.token_index.tolist() == [[0], [4]] and d.query_valid.all()
     assert d.block_table.tolist() == [[7, 3], [4, 0]]
     assert d.mask.shape == (2, 1, 1, 8)
@@ -106,16 +132,33 @@ def test_metadata_layout():
     assert p.mask[0, 0].sum(-1).tolist() == [3, 4, 5]
 
 
+def test_windowed_groups_gather_only_the_window():
+    """A window of 3: decode at position 9 reads keys 7..9 (blocks 1, 2 of 4 tokens); the prompt
+    rows at positions 2..4 read from block 0 on; padding rows see one key."""
+    meta = build_attention_metadata([1, 3, 1], [9, 2, 0], [[7, 3, 5], [2, 9], [4]], 4, "cpu")
+    d, p = meta.groups(3)
+    assert d.block_table.tolist() == [[3, 5], [4, 0]]
+    assert d.mask[0, 0, 0].tolist() == [False] * 3 + [True] * 3 + [False] * 2  # keys 4..11 -> 7, 8, 9
+    assert d.mask[1, 0, 0].tolist() == [True] + [False] * 7
+    assert p.block_table.tolist() == [[2, 9]]
+    assert p.mask[0, 0].int().tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0, 0]]
+    assert meta.groups(3) is meta.groups(3) and meta.groups() is not meta.groups(3)  # built once per window
+    meta = build_attention_metadata([1, 4], [20, 10], [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]], 4, "cpu")
+    _, p = meta.groups(2)  # prompt rows 10..13 reach back to key 9: blocks 2 and 3
+    assert p.block_table.tolist() == [[9, 10]] and p.mask[0, 0, 0].nonzero().squeeze(1).tolist() == [1, 2]
+
+
 def test_padded_rows_and_no_groups():
     meta = build_attention_metadata([2, 5], [0, 3], [[1], [2, 3]], 4, "cpu")
-    p = meta.prefill
-    assert meta.decode is None and p.token_index.shape == (2, 5)
+    d, p = meta.groups()
+    assert d is None and p.token_index.shape == (2, 5)
     assert p.query_valid[0].tolist() == [True, True, False, False, False]
     assert p.token_index[0].tolist() == [0, 1, 1, 1, 1]  # padding points at a valid token
     assert p.mask[0, 0, 2:].sum(-1).tolist() == [1, 1, 1] and p.mask[0, 0, 2:, 0].all()
     assert p.mask.any(-1).all()  # never an all-masked row
     meta = build_attention_metadata([1, 1], [3, 4], [[1], [2, 3]], 4, "cpu")
-    assert meta.prefill is None and meta.decode.block_table.tolist() == [[1, 0], [2, 3]]
+    d, p = meta.groups()
+    assert p is None and d.block_table.tolist() == [[1, 0], [2, 3]]
 
 
 def test_short_block_table_rejected():
@@ -158,6 +201,31 @@ def test_native_kernel_long_rows(query_lens, context_lens, block_size):
     torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
 
 
+@needs_library
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("window,soft_cap", WINDOW_CAP)
+def test_native_portable_path_window_and_soft_cap(case, window, soft_cap):
+    """The kernel's any-dtype path (float32 here): each row from its window's first key."""
+    out, ref, _ = run_case(*CASES[case], H=4, Hkv=2, backend="native", window=window, soft_cap=soft_cap)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("query_lens,context_lens,block_size", [
+    CASES["mixed_prefix_hit"] + (16,),
+    ([1] * 5, [300, 1100, 40, 700, 150], 16),
+    ([1, 200, 1, 1], [900, 0, 1300, 400], 16),  # a prompt's rows each start their own window
+    ([1, 1, 1, 1, 1], [0, 5, 16, 37, 70], 4),
+])
+@pytest.mark.parametrize("window,soft_cap", [(37, None), (100, 2.0), (16, 50.0)])
+def test_native_window_and_soft_cap(query_lens, context_lens, block_size, window, soft_cap):
+    """The bf16 kernel: windows that start mid-block and span many blocks (never reading the
+    poisoned ones behind them), caps that bite (1.5) and ones that barely do (50)."""
+    out, ref, _ = run_case(query_lens, context_lens, H=9, Hkv=3, D=64, block_size=block_size,
+                           dtype=torch.bfloat16, backend="native", window=window, soft_cap=soft_cap)
+    torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("case", ["mixed_prefix_hit", "pure_prefill"])
 def test_backends_agree(case):
     """The torch backend on bf16 gives what the native one gives (and both the reference)."""
@@ -189,3 +257,18 @@ def test_attention_layer_rotary_and_write(backend):
     ref = reference(q, k, v.reshape(T, Hkv, D), 0, D ** -0.5)
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
     assert attn.bytes_per_block(block_size, torch.bfloat16) == 2 * block_size * Hkv * D * 2
+
+
+def test_window_and_soft_cap_checked_and_kv_window():
+    torch_backend = BACKENDS["torch"]()
+    with pytest.raises(ValueError, match="sliding_window must be a positive number of tokens, got 0"):
+        Attention(4, 2, 16, sliding_window=0, backend=torch_backend)
+    with pytest.raises(ValueError, match="logits_soft_cap must be positive, got -1.0"):
+        Attention(4, 2, 16, logits_soft_cap=-1.0, backend=torch_backend)
+
+    def model(*windows):
+        return torch.nn.ModuleList(Attention(4, 2, 16, sliding_window=w, backend=torch_backend) for w in windows)
+
+    # blocks can be freed behind the widest window only when every layer has one
+    assert kv_sliding_window(model(8, 32)) == 32
+    assert kv_sliding_window(model(8, None)) is None and kv_sliding_window(model()) is None

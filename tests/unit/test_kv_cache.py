@@ -132,3 +132,53 @@ def test_blocks_freed_before_their_tokens_were_computed_are_not_served():
     again = make_request("b", list(range(1, 13)) + [99])
     hits, num_hit = kv.get_computed_blocks(again)
     assert num_hit == 8
+
+
+def run_chunks(kv: KVCacheManager, request: Request, chunk: int) -> list[int]:
+    """Prefill in chunks as the scheduler does; the blocks held after each step."""
+    held = []
+    while request.num_computed_tokens < request.num_tokens:
+        n = min(chunk, request.num_tokens - request.num_computed_tokens)
+        assert kv.allocate_slots(request, n) is not None
+        request.num_computed_tokens += n
+        held.append(kv.num_held_blocks(request.request_id))
+    return held
+
+
+def test_window_frees_the_blocks_behind_it():
+    """Window 6, blocks of 4: the next token at position p reads p-5..p, so blocks wholly
+    before that go back to the pool and the null block stands in for them."""
+    kv = KVCacheManager(num_blocks=8, block_size=BS, enable_caching=True, sliding_window=6)  # 7 usable
+    request = make_request("a", list(range(1, 31)))  # 30 tokens: 8 blocks, more than the pool has
+    assert run_chunks(kv, request, 8) == [2, 4, 4, 4]
+    for token in (70, 71, 72):  # decodes at positions 30, 31, 32
+        request.append_output_token(token)
+        assert kv.allocate_slots(request, 1) is not None
+        request.num_computed_tokens += 1
+    # position 32 reads 27..32: blocks 6 (t24..t27), 7 (t28..t31) and 8 (t32)
+    ids = kv.block_ids("a")
+    assert ids[:6] == [0] * 6 and 0 not in ids[6:] and kv.num_held_blocks("a") == 3
+    assert kv.pool.null_block.ref_cnt == 1
+    kv.free(request)
+    assert kv.pool.num_free_blocks() == kv.pool.num_usable_blocks
+    assert all(b.ref_cnt == 0 for b in kv.pool.blocks[1:])
+
+
+def test_window_prefix_hit_takes_only_the_blocks_the_window_needs():
+    """The hit is the usual longest run of cached blocks; those already behind the next token's
+    window stay in the pool (free, still cached) and the null block stands in."""
+    kv = KVCacheManager(num_blocks=16, block_size=BS, enable_caching=True, sliding_window=6)
+    prompt = list(range(1, 31))
+    first = make_request("a", prompt)
+    run_chunks(kv, first, 8)
+    kv.free(first)
+    second = make_request("b", prompt)
+    hits, num_hit = kv.get_computed_blocks(second)
+    assert num_hit == 28  # blocks 0..6: those the window freed kept their hashes
+    assert kv.allocate_slots(second, 2, hits) is not None
+    # position 28 reads 23..28: blocks 5 and 6 revived, one new block for t28, t29
+    ids = kv.block_ids("b")
+    assert ids[:5] == [0] * 5 and ids[5:7] == [b.block_id for b in hits[5:7]] and len(ids) == 8
+    assert [b.ref_cnt for b in hits] == [0] * 5 + [1, 1]
+    kv.free(second)
+    assert kv.pool.num_free_blocks() == kv.pool.num_usable_blocks

@@ -10,12 +10,30 @@ block, masked or not, and NaN garbage would leak into real rows.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from sluice.layers.attention.metadata import AttentionMetadata
 from sluice.layers.rotary import apply_rotary
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """How one layer turns scores into weights. Layers of a model may differ (Gemma alternates
+    windowed and global layers); the step's metadata is the same for all of them."""
+    scale: float
+    # transformers' rule: a row at position p sees keys j with p - sliding_window < j <= p
+    sliding_window: int | None = None
+    # Gemma 2: scores become cap * tanh(score / cap) after scaling, before the mask
+    logits_soft_cap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive number of tokens, got {self.sliding_window}")
+        if self.logits_soft_cap is not None and not self.logits_soft_cap > 0:
+            raise ValueError(f"logits_soft_cap must be positive, got {self.logits_soft_cap}")
 
 
 class AttentionBackend(ABC):
@@ -58,6 +76,6 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+               meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
         """q [T, H, D] -> [T, H*D], once this step's k/v [T, Hkv, D] are in the cache: every row
-        attends causally to its request's keys up to its own position."""
+        attends causally to its request's keys up to its own position (within its window)."""

@@ -9,7 +9,7 @@ import logging
 import torch
 from torch import nn
 
-from sluice.layers.attention.backend import AttentionBackend
+from sluice.layers.attention.backend import AttentionBackend, AttentionParams
 from sluice.layers.attention.metadata import AttentionMetadata
 from sluice.layers.attention.native_backend import NativeBackend
 from sluice.layers.attention.torch_backend import TorchBackend
@@ -30,14 +30,16 @@ def get_attn_backend(num_heads: int, head_dim: int, dtype: torch.dtype, device: 
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None,
                  backend: AttentionBackend | None = None):
-        """The backend defaults to the platform's choice for torch's default dtype and device,
-        which the model runner sets while it builds the model."""
+        """sliding_window and logits_soft_cap as in AttentionParams (None: off). The backend
+        defaults to the platform's choice for torch's default dtype and device, which the model
+        runner sets while it builds the model."""
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.params = AttentionParams(head_dim ** -0.5 if scale is None else scale, sliding_window, logits_soft_cap)
         self.backend = backend or get_attn_backend(num_heads, head_dim, torch.get_default_dtype(),
                                                    torch.get_default_device())
 
@@ -52,9 +54,18 @@ class Attention(nn.Module):
         """Fused projection qkv [T, (H + 2 Hkv) * D] (q and k not yet rotated) -> [T, H * D]."""
         q, k, v = self.backend.rope_and_write(qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads,
                                               self.num_kv_heads, self.head_dim)
-        return self.backend.attend(q, k, v, kv_cache, meta, self.scale)
+        return self.backend.attend(q, k, v, kv_cache, meta, self.params)
 
 
 def attention_layers(model: nn.Module) -> list[Attention]:
     """The model's attention layers in order: one KV cache each."""
     return [module for module in model.modules() if isinstance(module, Attention)]
+
+
+def kv_sliding_window(model: nn.Module) -> int | None:
+    """How far back the KV cache must keep a request's keys: the widest window when every
+    attention layer has one (blocks behind it can be freed), else None (a global layer reads all)."""
+    windows = [layer.params.sliding_window for layer in attention_layers(model)]
+    if not windows or None in windows:
+        return None
+    return max(windows)

@@ -7,7 +7,6 @@ each) or prefills (a chunk of prompt each, possibly after tokens already cached)
 the null block used for padding block tables.
 """
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,18 +15,20 @@ import torch
 
 @dataclass
 class AttentionGroup:
-    """Requests attended together as one padded batch."""
+    """Requests attended together as one padded batch, for layers with one window (or none).
+    Its keys start at the block holding its first row's first key: a windowed layer gathers
+    only the blocks its window reaches."""
     token_index: torch.Tensor  # [B, Q] int64 index into the flat T dimension (padding points at a valid token)
     query_valid: torch.Tensor  # [B, Q] bool
-    block_table: torch.Tensor  # [B, NB] int64 block ids, padded with 0 (null block)
-    mask: torch.Tensor  # [B, 1, Q, NB*block_size] bool, True = may attend; padded rows attend key 0 only
+    block_table: torch.Tensor  # [B, NB] int64 block ids from that first block on, padded with 0 (null block)
+    mask: torch.Tensor  # [B, 1, Q, NB*block_size] bool, True = may attend; padded rows attend their first key only
     seq_lens: torch.Tensor  # [B] int64 keys of each request once this step's tokens are written
     fresh: bool = False  # every request starts at position 0: its keys are exactly its new tokens
 
 
 class AttentionMetadata:
     """One step's attention inputs. The padded decode/prefill groups only the PyTorch backend
-    reads are built on first use, so the native backend never pays for their masks."""
+    reads are built on first use, once per window, so the native backend never pays for their masks."""
 
     def __init__(self, slot_mapping: torch.Tensor, num_tokens: int, token_block_table: torch.Tensor,
                  token_seq_lens: torch.Tensor, group_inputs: tuple, device) -> None:
@@ -38,18 +39,16 @@ class AttentionMetadata:
         self.token_seq_lens = token_seq_lens  # [T] int64 keys it may see: its position + 1
         self._group_inputs = group_inputs  # (qlens, ctx, starts, seq_lens, num_blocks, table, block_size)
         self._device = device
+        self._groups: dict[int | None, tuple[AttentionGroup | None, AttentionGroup | None]] = {}
 
-    @functools.cached_property
-    def decode(self) -> AttentionGroup | None:
-        """Requests with exactly one query token this step."""
-        qlens = self._group_inputs[0]
-        return _group(np.flatnonzero(qlens == 1), *self._group_inputs, self._device)
-
-    @functools.cached_property
-    def prefill(self) -> AttentionGroup | None:
-        """Requests with more than one query token this step."""
-        qlens = self._group_inputs[0]
-        return _group(np.flatnonzero(qlens > 1), *self._group_inputs, self._device)
+    def groups(self, window: int | None = None) -> tuple[AttentionGroup | None, AttentionGroup | None]:
+        """(decodes, prefills) for layers with this sliding window (None: full attention):
+        requests with exactly one query token this step, and those with more; None where empty."""
+        if window not in self._groups:
+            qlens = self._group_inputs[0]
+            self._groups[window] = tuple(_group(np.flatnonzero(ids), *self._group_inputs, window, self._device)
+                                         for ids in (qlens == 1, qlens > 1))
+        return self._groups[window]
 
 
 def build_attention_metadata(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
@@ -91,22 +90,31 @@ def build_attention_metadata(query_lens: list[int], context_lens: list[int], blo
 
 
 def _group(ids: np.ndarray, qlens: np.ndarray, ctx: np.ndarray, starts: np.ndarray, seq_lens: np.ndarray,
-           num_blocks: np.ndarray, table: np.ndarray, block_size: int, device) -> AttentionGroup | None:
+           num_blocks: np.ndarray, table: np.ndarray, block_size: int, window: int | None,
+           device) -> AttentionGroup | None:
     """The requests `ids` as one padded batch, with the bool mask SDPA takes."""
     if len(ids) == 0:
         return None
     q, c = qlens[ids], ctx[ids]
-    nb = int(num_blocks[ids].max())
+    # the first block any row of a request reaches: its first row's window starts earliest
+    first = np.zeros_like(c) if window is None else np.maximum(c - window + 1, 0) // block_size
+    nb = int((num_blocks[ids] - first).max())
+    columns = first[:, None] + np.arange(nb)
+    in_table = columns < num_blocks[ids][:, None]
+    blocks = np.where(in_table, table[ids[:, None], np.minimum(columns, table.shape[1] - 1)], 0)
     qi = np.arange(int(q.max()))
     valid = qi[None, :] < q[:, None]
     token_index = starts[ids][:, None] + np.minimum(qi[None, :], q[:, None] - 1)
-    # position of each query row; padding rows get 0 so they see exactly key 0
-    qpos = torch.from_numpy(np.where(valid, c[:, None] + qi[None, :], 0)).to(device)
-    mask = torch.arange(nb * block_size, device=device) <= qpos[:, :, None]
+    # position of each query row; a padding row sits at its request's first gathered key and sees only it
+    qpos = torch.from_numpy(np.where(valid, c[:, None] + qi[None, :], first[:, None] * block_size)).to(device)
+    kpos = torch.from_numpy(first * block_size).to(device)[:, None] + torch.arange(nb * block_size, device=device)
+    mask = kpos[:, None, :] <= qpos[:, :, None]
+    if window is not None:
+        mask &= kpos[:, None, :] > qpos[:, :, None] - window
     return AttentionGroup(
         token_index=torch.from_numpy(token_index).to(device),
         query_valid=torch.from_numpy(valid).to(device),
-        block_table=torch.from_numpy(np.ascontiguousarray(table[ids, :nb])).to(device),
+        block_table=torch.from_numpy(blocks).to(device),
         mask=mask.unsqueeze(1),
         seq_lens=torch.from_numpy(np.ascontiguousarray(seq_lens[ids])).to(device),
         fresh=bool(c.max() == 0),

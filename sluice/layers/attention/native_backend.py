@@ -4,8 +4,8 @@ Blocks are laid out for the bf16 dot-product instruction, which multiplies pairs
 block as [num_kv_heads, head_dim/2, block_size, 2] (pairs of dims, tokens along the row: 16 keys
 scored per instruction), V as [num_kv_heads, block_size/2, head_dim, 2] (pairs of tokens, dims
 along the row); block_size must be even. Every scheduled token is one query row that reads its
-request's blocks straight from the cache up to its own position: decodes and prompt chunks in
-one call, no padding, no gather.
+request's blocks straight from the cache up to its own position (from its window's start, in a
+windowed layer): decodes and prompt chunks in one call, no padding, no gather.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from sluice.layers import native
-from sluice.layers.attention.backend import AttentionBackend
+from sluice.layers.attention.backend import AttentionBackend, AttentionParams
 from sluice.layers.attention.metadata import AttentionMetadata
 
 MAX_HEAD_DIM, MAX_HEADS = 256, 64  # attention.c's compiled limits
@@ -60,10 +60,11 @@ class NativeBackend(AttentionBackend):
         return q, None, None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, kv_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+               meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
         T, H, D = q.shape
         out = native.paged_attention(q.contiguous(), kv_cache[0], kv_cache[1], meta.token_block_table,
-                                     meta.token_seq_lens, scale)
+                                     meta.token_seq_lens, params.scale, params.sliding_window,
+                                     params.logits_soft_cap)
         if out is None:
             raise RuntimeError(f"the native attention kernel rejected q {tuple(q.shape)} {q.dtype}")
         return out.view(T, H * D)

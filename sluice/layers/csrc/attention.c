@@ -1,6 +1,8 @@
 /*
  * Paged attention on CPU (the native backend, sluice/layers/attention/native.py), one query row at a time: a decode token, or one token of a prompt
- * (its row then sees the keys up to its own position: seq_lens is per row).
+ * (its row then sees the keys up to its own position: seq_lens is per row). A windowed layer's row
+ * sees only its last `window` keys, and reads only the blocks that hold them; a soft cap turns
+ * each scaled score s into cap * tanh(s / cap) before the softmax (Gemma 2).
  *
  * Reads each sequence's K/V straight out of the paged cache, block by block, with an
  * online softmax, so nothing is gathered or copied. Work is split across threads by
@@ -39,7 +41,8 @@ typedef struct {
     const int64_t *seq_lens;    /* keys per sequence, including the new token */
     void *out;                  /* [num_seqs, num_heads, head_dim] */
     int64_t num_heads, num_kv_heads, head_dim, block_size, table_width;
-    float scale;
+    int64_t window;             /* keys a row sees, counting its own; 0: all */
+    float scale, soft_cap;      /* soft_cap 0: none */
     int is_bf16;
     int64_t seq_begin, seq_end;
 } Job;
@@ -72,6 +75,18 @@ static inline int64_t v_offset(int64_t hkv, int64_t d, int64_t off, int64_t D, i
     return ((hkv * (bs / 2) + off / 2) * D + d) * 2 + (off & 1);
 }
 
+/* The first key a row sees: the start of its window (0 without one). */
+static inline int64_t first_key(const Job *job, int64_t seq) {
+    const int64_t len = job->seq_lens[seq];
+    return job->window > 0 && len > job->window ? len - job->window : 0;
+}
+
+/* Keys from the start of the block holding the first key to the row's own: the span a row's
+ * scratch covers, so scratch positions keep the blocks' pairing of keys. */
+static inline int64_t row_span(const Job *job, int64_t seq) {
+    return job->seq_lens[seq] - first_key(job, seq) / job->block_size * job->block_size;
+}
+
 /* Portable path: any dtype/head_dim, one key at a time. */
 static void attend_seq_generic(const Job *job, int64_t seq) {
     const int64_t H = job->num_heads, hkv_count = job->num_kv_heads, D = job->head_dim, bs = job->block_size;
@@ -88,7 +103,7 @@ static void attend_seq_generic(const Job *job, int64_t seq) {
         m[h] = -INFINITY;
         l[h] = 0.0f;
     }
-    for (int64_t pos = 0; pos < len; pos++) {
+    for (int64_t pos = first_key(job, seq); pos < len; pos++) {
         const int64_t block = table[pos / bs], off = pos % bs;
         const int64_t base = block * block_elems;
         for (int64_t h = 0; h < H; h++) {
@@ -96,6 +111,7 @@ static void attend_seq_generic(const Job *job, int64_t seq) {
             float score = 0.0f;
             for (int64_t d = 0; d < D; d++)
                 score += q[h][d] * load_elem(job->k_cache, base + k_offset(hkv, d, off, D, bs), job->is_bf16);
+            if (job->soft_cap > 0.0f) score = job->soft_cap * tanhf(score / job->soft_cap);
             const float new_max = score > m[h] ? score : m[h];
             const float correction = expf(m[h] - new_max), p = expf(score - new_max);
             l[h] = l[h] * correction + p;
@@ -121,7 +137,8 @@ static void attend_seq_generic(const Job *job, int64_t seq) {
 #include "bf16_simd.h"
 #define HAVE_BF16_FAST_PATH 1
 
-/* Scratch of one thread: scores [H][padded] floats, then probabilities [H][padded] bf16. */
+/* Scratch of one thread: scores [H][padded] floats, then probabilities [H][padded] bf16, for the
+ * keys of a row's span (see row_span): position i is key i of the span's first block on. */
 typedef struct {
     float *scores;
     uint16_t *probs;
@@ -143,13 +160,13 @@ static void plan_prefetch(Prefetcher *pf, const Job *job, int64_t seq, int64_t n
     const int64_t bs = job->block_size, block_bytes = bs * job->num_kv_heads * job->head_dim * 2;
     const int64_t *table = job->block_table + (seq < 0 ? 0 : seq) * job->table_width;
     const int64_t *next_table = job->block_table + next * job->table_width;
-    const int64_t blocks = seq < 0 ? 0 : (job->seq_lens[seq] + bs - 1) / bs;
+    const int64_t lo = seq < 0 ? 0 : first_key(job, seq) / bs, hi = seq < 0 ? 0 : (job->seq_lens[seq] + bs - 1) / bs;
     const int64_t next_blocks = (job->seq_lens[next] + bs - 1) / bs;
     pf->caches[0] = (const char *)job->k_cache;
     pf->caches[1] = (const char *)job->v_cache;
     pf->count = 0;
-    for (int64_t b = 0; b < next_blocks && pf->count < MAX_BLOCKS_AHEAD; b++)
-        if (b >= blocks || next_table[b] != table[b]) pf->offsets[pf->count++] = next_table[b] * block_bytes;
+    for (int64_t b = first_key(job, next) / bs; b < next_blocks && pf->count < MAX_BLOCKS_AHEAD; b++)
+        if (b < lo || b >= hi || next_table[b] != table[b]) pf->offsets[pf->count++] = next_table[b] * block_bytes;
     pf->block_lines = block_bytes / 64;
     pf->per_call = (2 * pf->count * pf->block_lines + calls - 1) / calls;
     pf->cache = pf->block = pf->line = 0;
@@ -170,21 +187,30 @@ static inline void prefetch_some(Prefetcher *pf) {
     }
 }
 
-/* Pass 1: scaled scores of every key for the G heads of one kv head; returns their maxima.
- * Two accumulators per head (even and odd dim pairs) keep 2G dot-product chains in flight. */
+/* tanh(x) = 1 - 2 / (exp(2x) + 1), x clamped where tanh is +-1 in float */
+static inline __m512 tanh512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-10.0f)), _mm512_set1_ps(10.0f));
+    const __m512 e = exp512(_mm512_add_ps(x, x)), one = _mm512_set1_ps(1.0f);
+    return _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
+}
+
+/* Pass 1: scaled (and capped) scores of the row's keys for the G heads of one kv head; returns
+ * their maxima. Two accumulators per head (even and odd dim pairs) keep 2G dot-product chains
+ * in flight. */
 static inline __attribute__((always_inline)) void score_keys(const Job *job, int64_t seq, int64_t hkv,
                                                             const Scratch *sc, Prefetcher *pf, float *max_out,
                                                             const int64_t G, const int64_t D) {
     const int64_t H = job->num_heads, bs = job->block_size;
-    const int64_t len = job->seq_lens[seq];
+    const int64_t len = job->seq_lens[seq], first = first_key(job, seq), base = first / bs * bs;
     const int64_t block_elems = bs * job->num_kv_heads * D;
     const uint16_t *kc = (const uint16_t *)job->k_cache;
     const uint32_t *qpairs = (const uint32_t *)((const uint16_t *)job->q + seq * H * D) + hkv * G * (D / 2);
     const int64_t *table = job->block_table + seq * job->table_width;
-    const __m512 scale = _mm512_set1_ps(job->scale);
+    const __m512 scale = _mm512_set1_ps(job->scale), cap = _mm512_set1_ps(job->soft_cap);
+    const __m512 inv_cap = _mm512_set1_ps(job->soft_cap > 0.0f ? 1.0f / job->soft_cap : 0.0f);
     __m512 maxv[MAX_HEADS];
     for (int64_t g = 0; g < G; g++) maxv[g] = _mm512_set1_ps(-INFINITY);
-    for (int64_t start = 0, n = 0; start < len; start += n) {
+    for (int64_t start = first, n = 0; start < len; start += n) {
         const int64_t in_block = start % bs;
         n = len - start < 16 ? len - start : 16;
         if (n > bs - in_block) n = bs - in_block;
@@ -204,22 +230,26 @@ static inline __attribute__((always_inline)) void score_keys(const Job *job, int
             }
         }
         for (int64_t g = 0; g < G; g++) {
-            const __m512 s = _mm512_mul_ps(_mm512_add_ps(even[g], odd[g]), scale);
-            _mm512_mask_storeu_ps(sc->scores + (hkv * G + g) * sc->padded + start, live, s);
+            __m512 s = _mm512_mul_ps(_mm512_add_ps(even[g], odd[g]), scale);
+            if (job->soft_cap > 0.0f) s = _mm512_mul_ps(tanh512(_mm512_mul_ps(s, inv_cap)), cap);
+            _mm512_mask_storeu_ps(sc->scores + (hkv * G + g) * sc->padded + start - base, live, s);
             maxv[g] = _mm512_mask_max_ps(maxv[g], live, maxv[g], s);
         }
     }
     for (int64_t g = 0; g < G; g++) max_out[g] = _mm512_reduce_max_ps(maxv[g]);
 }
 
-/* Pass 2: unnormalised probabilities exp(s - max) as bf16 (zero past len); returns their sum. */
-static float softmax_head(const Scratch *sc, int64_t h, int64_t len, float max) {
+/* Pass 2: unnormalised probabilities exp(s - max) of scratch positions lo..hi-1 as bf16 (zero
+ * before lo and past hi); returns their sum. */
+static float softmax_head(const Scratch *sc, int64_t h, int64_t lo, int64_t hi, float max) {
     const float *s = sc->scores + h * sc->padded;
     uint16_t *p = sc->probs + h * sc->padded;
     const __m512 m = _mm512_set1_ps(max);
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t pos = 0; pos < len; pos += 16) {
-        const __mmask16 live = (__mmask16)(len - pos >= 16 ? 0xFFFF : ((1u << (len - pos)) - 1u));
+    for (int64_t pos = 0; pos < hi; pos += 16) {
+        const uint32_t upto = hi - pos >= 16 ? 0xFFFFu : (1u << (hi - pos)) - 1u;
+        const uint32_t before = lo <= pos ? 0u : lo - pos >= 16 ? 0xFFFFu : (1u << (lo - pos)) - 1u;
+        const __mmask16 live = (__mmask16)(upto & ~before);
         const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + pos), m)));
         sum = _mm512_add_ps(sum, e);
         _mm256_storeu_si256((__m256i *)(p + pos), (__m256i)_mm512_cvtneps_pbh(e));
@@ -233,14 +263,14 @@ static inline __attribute__((always_inline)) void weigh_values(const Job *job, i
                                                               const Scratch *sc, Prefetcher *pf, const float *sums,
                                                               const int64_t G, const int64_t D) {
     const int64_t H = job->num_heads, bs = job->block_size;
-    const int64_t len = job->seq_lens[seq], DV = D / 16;
+    const int64_t len = job->seq_lens[seq], DV = D / 16, first_block = first_key(job, seq) / bs;
     const int64_t block_elems = bs * job->num_kv_heads * D;
     const uint16_t *vc = (const uint16_t *)job->v_cache;
     const int64_t *table = job->block_table + seq * job->table_width;
     __m512 acc[MAX_HEADS][MAX_HEAD_DIM / 16];
     for (int64_t g = 0; g < G; g++)
         for (int64_t v = 0; v < DV; v++) acc[g][v] = _mm512_setzero_ps();
-    for (int64_t b = 0; b * bs < len; b++) {
+    for (int64_t b = first_block; b * bs < len; b++) {
         const int64_t keys = len - b * bs < bs ? len - b * bs : bs;
         const uint16_t *vpairs = vc + table[b] * block_elems + hkv * (bs / 2) * D * 2;
         for (int64_t j = 0; j < (keys + 1) / 2; j++) {
@@ -249,7 +279,7 @@ static inline __attribute__((always_inline)) void weigh_values(const Job *job, i
             for (int64_t v = 0; v < DV; v++) vals[v] = (__m512bh)_mm512_loadu_si512(vpairs + (j * D + 16 * v) * 2);
             for (int64_t g = 0; g < G; g++) {
                 const uint32_t *probs = (const uint32_t *)(sc->probs + (hkv * G + g) * sc->padded);
-                const __m512bh pp = (__m512bh)_mm512_set1_epi32((int)probs[b * (bs / 2) + j]);
+                const __m512bh pp = (__m512bh)_mm512_set1_epi32((int)probs[(b - first_block) * (bs / 2) + j]);
                 for (int64_t v = 0; v < DV; v++) acc[g][v] = _mm512_dpbf16_ps(acc[g][v], pp, vals[v]);
             }
         }
@@ -269,10 +299,10 @@ static inline __attribute__((always_inline)) void weigh_values(const Job *job, i
 static inline __attribute__((always_inline)) void attend_seq_shape(const Job *job, int64_t seq, const Scratch *sc,
                                                                   Prefetcher *pf, const int64_t G, const int64_t D) {
     const int64_t H = job->num_heads, hkv_count = H / G;
-    const int64_t len = job->seq_lens[seq];
+    const int64_t span = row_span(job, seq), skipped = span - (job->seq_lens[seq] - first_key(job, seq));
     float maxima[MAX_HEADS], sums[MAX_HEADS];
     for (int64_t hkv = 0; hkv < hkv_count; hkv++) score_keys(job, seq, hkv, sc, pf, maxima + hkv * G, G, D);
-    for (int64_t h = 0; h < H; h++) sums[h] = softmax_head(sc, h, len, maxima[h]);
+    for (int64_t h = 0; h < H; h++) sums[h] = softmax_head(sc, h, skipped, span, maxima[h]);
     for (int64_t hkv = 0; hkv < hkv_count; hkv++) weigh_values(job, seq, hkv, sc, pf, sums, G, D);
 }
 
@@ -297,7 +327,7 @@ static void *run_job(void *arg) {
     if (job->is_bf16 && job->head_dim % 32 == 0) {
         int64_t longest = 0;
         for (int64_t seq = job->seq_begin; seq < job->seq_end; seq++)
-            if (job->seq_lens[seq] > longest) longest = job->seq_lens[seq];
+            if (row_span(job, seq) > longest) longest = row_span(job, seq);
         Scratch sc = {NULL, NULL, (longest + 31) / 32 * 32};
         const size_t count = (size_t)(job->num_heads * sc.padded);
         sc.scores = (float *)aligned_alloc(64, count * sizeof(float));
@@ -308,7 +338,7 @@ static void *run_job(void *arg) {
             prefetch_some(&pf);                              /* fetch all of it now */
             for (int64_t seq = job->seq_begin; seq < job->seq_end; seq++) {
                 /* one prefetch_some per 16 keys per kv head, in the score pass and the value pass */
-                const int64_t calls = 2 * job->num_kv_heads * ((job->seq_lens[seq] + 15) / 16);
+                const int64_t calls = 2 * job->num_kv_heads * ((row_span(job, seq) + 15) / 16);
                 if (seq + 1 < job->seq_end) plan_prefetch(&pf, job, seq, seq + 1, calls);
                 else pf.per_call = 0; /* the last row: nothing after it to fetch */
                 attend_seq_bf16(job, seq, &sc, &pf);
@@ -329,8 +359,8 @@ static void *run_job(void *arg) {
 int paged_attention(const void *q, const void *k_cache, const void *v_cache,
                            const int64_t *block_table, const int64_t *seq_lens, void *out,
                            int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
-                           int64_t head_dim, int64_t block_size, int64_t table_width,
-                           float scale, int is_bf16, int num_threads) {
+                           int64_t head_dim, int64_t block_size, int64_t table_width, int64_t window,
+                           float scale, float soft_cap, int is_bf16, int num_threads) {
     if (head_dim > MAX_HEAD_DIM || head_dim % 2 != 0 || block_size > MAX_BLOCK || num_heads > MAX_HEADS ||
         num_heads % num_kv_heads != 0)
         return -1;
@@ -338,17 +368,20 @@ int paged_attention(const void *q, const void *k_cache, const void *v_cache,
     if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
     if (num_threads > num_seqs) num_threads = (int)(num_seqs > 0 ? num_seqs : 1);
     Job jobs[MAX_THREADS];
+    Job job = {q, k_cache, v_cache, block_table, seq_lens, out, num_heads, num_kv_heads, head_dim,
+               block_size, table_width, window > 0 ? window : 0, scale, soft_cap > 0.0f ? soft_cap : 0.0f,
+               is_bf16, 0, 0};
     /* Work grows with each row's keys (prefill rows see 1..n keys): split by key count. */
     int64_t total = 0;
-    for (int64_t seq = 0; seq < num_seqs; seq++) total += seq_lens[seq] + 1;
+    for (int64_t seq = 0; seq < num_seqs; seq++) total += row_span(&job, seq) + 1;
     int64_t seq = 0, done = 0;
     for (int t = 0; t < num_threads; t++) {
         const int64_t begin = seq, target = total * (t + 1) / num_threads;
-        while (seq < num_seqs && (t == num_threads - 1 || done + seq_lens[seq] + 1 <= target || seq == begin))
-            done += seq_lens[seq++] + 1;
-        Job job = {q, k_cache, v_cache, block_table, seq_lens, out, num_heads, num_kv_heads,
-                   head_dim, block_size, table_width, scale, is_bf16, begin, seq};
+        while (seq < num_seqs && (t == num_threads - 1 || done + row_span(&job, seq) + 1 <= target || seq == begin))
+            done += row_span(&job, seq++) + 1;
         jobs[t] = job;
+        jobs[t].seq_begin = begin;
+        jobs[t].seq_end = seq;
     }
 #pragma omp parallel for schedule(static, 1) num_threads(num_threads)
     for (int t = 0; t < num_threads; t++) run_job(&jobs[t]);

@@ -1,0 +1,113 @@
+"""Sliding-window attention end to end: tiny random Mistral (a window on every layer) and Qwen2
+(use_sliding_window: a window on layer 1 only) whose prompts run several windows long, against
+transformers: logits through the paged cache, then greedy tokens through the engine (float32
+token for token; bfloat16, the native kernel where the CPU has it, by vLLM's top-5 rule)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from sluice import LLM, SamplingParams
+from sluice.layers.attention import kv_sliding_window
+from sluice.models.registry import get_model_class
+
+from tests.models.test_model_forward import MiniRunner, hf_logits
+from tests.models.test_parity import NUM_TOKENS, check_bfloat16, check_float32, hf_greedy
+from tests.utils import smollm2_tokenizer
+
+WINDOW = 16
+PROMPT_LENS = (101, 23, 70)  # six windows, under two, four
+# head_dim 32: the native kernel's smallest shape
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=32, vocab_size=49152, max_position_embeddings=512,
+              bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+CONFIGS = {
+    "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=WINDOW,
+                                                  architectures=["MistralForCausalLM"]),
+    "qwen2": lambda: transformers.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=WINDOW,
+                                              max_window_layers=1, architectures=["Qwen2ForCausalLM"]),
+}
+
+
+def windowed_config(arch: str):
+    return CONFIGS[arch]()
+
+
+@pytest.fixture(scope="session")
+def windowed_model_dir(tmp_path_factory):
+    """Factory: arch -> folder with a tiny random windowed model and the SmolLM2 tokenizer."""
+    cache: dict[str, str] = {}
+
+    def build(arch: str) -> str:
+        if arch not in cache:
+            folder = tmp_path_factory.mktemp(f"windowed-{arch}")
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(windowed_config(arch), dtype=torch.float32)
+            model.save_pretrained(folder)
+            smollm2_tokenizer().save_pretrained(folder)
+            cache[arch] = str(folder)
+        return cache[arch]
+
+    return build
+
+
+def long_prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(5)
+    return [torch.randint(3, 49152, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+
+
+def test_layer_windows_follow_transformers():
+    mistral, qwen2 = (get_model_class(windowed_config(a))(windowed_config(a)) for a in ("mistral", "qwen2"))
+    assert [layer.self_attn.attn.params.sliding_window for layer in mistral.model.layers] == [WINDOW, WINDOW]
+    assert [layer.self_attn.attn.params.sliding_window for layer in qwen2.model.layers] == [None, WINDOW]
+    # the KV cache may free blocks behind the window only where no layer is global
+    assert kv_sliding_window(mistral) == WINDOW and kv_sliding_window(qwen2) is None
+    plain = transformers.Qwen2Config(**COMMON, sliding_window=WINDOW, max_window_layers=1,  # use_sliding_window off
+                                     architectures=["Qwen2ForCausalLM"])
+    assert kv_sliding_window(get_model_class(plain)(plain)) is None
+
+
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_chunked_prefill_and_decode_logits_match_hf(arch, windowed_model_dir):
+    """Chunks that start inside, at and past a window, beside another request, in blocks of 4."""
+    folder = windowed_model_dir(arch)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = get_model_class(hf.config)(hf.config).eval()
+    ours.load_weights(hf.state_dict().items())
+    prompt, other = long_prompts()[0][:60], long_prompts()[1]
+    runner = MiniRunner(ours, num_blocks=64, block_size=4)
+    chunks = [runner.step({0: prompt[:13], 1: other})[0], runner.step({0: prompt[13:18]})[0],
+              runner.step({1: [5], 0: prompt[18:60]})[0]]
+    torch.testing.assert_close(torch.cat(chunks), hf_logits(hf, prompt), atol=1e-4, rtol=1e-4)
+    seq = list(prompt)
+    for _ in range(3):
+        seq.append(int(chunks[-1][-1].argmax()))
+        chunks.append(runner.step({0: seq[-1:]})[0])
+        torch.testing.assert_close(chunks[-1][0], hf_logits(hf, seq)[-1], atol=1e-4, rtol=1e-4)
+
+
+def run_sluice(folder: str, dtype: str, logprobs: int | None = None):
+    llm = LLM(folder, dtype=dtype, max_model_len=512, kv_cache_memory_bytes=64 << 20)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=logprobs)
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in long_prompts()], params, use_tqdm=False)
+    return [o.outputs[0] for o in outs]
+
+
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_greedy_float32_matches_hf(arch, windowed_model_dir):
+    folder = windowed_model_dir(arch)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for ids, out in zip(long_prompts(), run_sluice(folder, "float32")):
+        theirs, logits = hf_greedy(hf, ids)
+        check_float32(out.token_ids, theirs, logits, f"{arch} {len(ids)}-token prompt")
+
+
+def test_greedy_bfloat16_matches_hf(windowed_model_dir):
+    arch = "mistral"
+    folder = windowed_model_dir(arch)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    for ids, out in zip(long_prompts(), run_sluice(folder, "bfloat16", logprobs=5)):
+        theirs, logits = hf_greedy(hf, ids)
+        check_bfloat16(out.token_ids, [set(d) for d in out.logprobs], theirs, logits, f"{arch} bf16 {len(ids)}")
