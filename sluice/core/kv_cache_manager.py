@@ -85,7 +85,7 @@ class KVCacheManager:
         held = self.req_blocks.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         num_behind = self._num_blocks_behind_window(num_computed)
-        self._free_blocks_behind(held, num_behind)
+        self._free_blocks_behind(held, num_behind)  # dead whether or not this allocation succeeds
         null = self.pool.null_block
         computed_blocks = [null] * min(num_behind, len(computed_blocks)) + computed_blocks[num_behind:]
         num_tokens_after = num_computed + num_new_tokens

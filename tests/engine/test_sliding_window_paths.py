@@ -25,17 +25,23 @@ def mistral(windowed_model_dir) -> str:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def lone_reference(mistral) -> list[list[int]]:
-    llm = LLM(mistral, **COMMON, enable_prefix_caching=False, kv_cache_memory_bytes=16 << 20)
-    return [tokens(llm, [p])[0] for p in prompts()]
+def plain_llm(mistral) -> LLM:
+    return LLM(mistral, **COMMON, enable_prefix_caching=False, kv_cache_memory_bytes=4 << 20)
 
 
-def test_batched_and_chunked_equal_lone(mistral, lone_reference):
-    llm = LLM(mistral, **COMMON, enable_prefix_caching=False, kv_cache_memory_bytes=16 << 20)
-    assert tokens(llm, prompts()) == lone_reference
-    chunked = LLM(mistral, **COMMON, enable_prefix_caching=False, max_num_batched_tokens=24,
-                  kv_cache_memory_bytes=16 << 20)
-    assert tokens(chunked, prompts()) == lone_reference
+@pytest.fixture(scope="module")
+def chunked_llm(mistral) -> LLM:
+    return LLM(mistral, **COMMON, enable_prefix_caching=False, max_num_batched_tokens=24, kv_cache_memory_bytes=4 << 20)
+
+
+@pytest.fixture(scope="module")
+def lone_reference(plain_llm) -> list[list[int]]:
+    return [tokens(plain_llm, [p])[0] for p in prompts()]
+
+
+def test_batched_and_chunked_equal_lone(plain_llm, chunked_llm, lone_reference):
+    assert tokens(plain_llm, prompts()) == lone_reference
+    assert tokens(chunked_llm, prompts()) == lone_reference
 
 
 def test_preemption_equals_lone(mistral, lone_reference):
@@ -50,21 +56,19 @@ def test_preemption_equals_lone(mistral, lone_reference):
 
 
 def test_prefix_warm_equals_lone(mistral, lone_reference):
-    llm = LLM(mistral, **COMMON, enable_prefix_caching=True, kv_cache_memory_bytes=16 << 20)
+    llm = LLM(mistral, **COMMON, enable_prefix_caching=True, kv_cache_memory_bytes=4 << 20)
     assert tokens(llm, prompts()) == lone_reference
     # the blocks the window left behind stayed cached: the same prompts hit them again
     assert tokens(llm, prompts()) == lone_reference
     assert llm.get_metrics()["vllm:prefix_cache_hits"] >= sum(len(p) // BLOCK - 1 for p in long_prompts()) * BLOCK
 
 
-def test_long_request_holds_only_its_window(mistral):
+def test_long_request_holds_only_its_window(chunked_llm):
     """A 101-token prompt in 24-token chunks, then 48 tokens: the blocks held after each step
     never exceed what a chunk beside its window needs, and while decoding stay at the window."""
-    llm = LLM(mistral, **COMMON, enable_prefix_caching=False, max_num_batched_tokens=24,
-              kv_cache_memory_bytes=16 << 20)
-    core = llm.engine_core
+    core = chunked_llm.engine_core
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
-    (request,) = llm.input_processor.make_requests("long", long_prompts()[0], params)
+    (request,) = chunked_llm.input_processor.make_requests("long", long_prompts()[0], params)
     core.add_request(request)
     held = []
     while core.has_unfinished_requests():

@@ -89,7 +89,7 @@ def test_chunked_prefill_and_decode_logits_match_hf(arch, windowed_model_dir):
 
 
 def run_sluice(folder: str, dtype: str, logprobs: int | None = None):
-    llm = LLM(folder, dtype=dtype, max_model_len=512, kv_cache_memory_bytes=64 << 20)
+    llm = LLM(folder, dtype=dtype, max_model_len=512, kv_cache_memory_bytes=8 << 20)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=logprobs)
     outs = llm.generate([{"prompt_token_ids": ids} for ids in long_prompts()], params, use_tqdm=False)
     return [o.outputs[0] for o in outs]
