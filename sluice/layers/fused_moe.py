@@ -206,3 +206,17 @@ def _stack(parts: dict[tuple[int | None, str], torch.Tensor], num_experts: int, 
         return rows[0] if experts == [None] else torch.stack(rows)
     except RuntimeError as e:
         raise ValueError(f"{target}: the experts' tensors differ in shape ({e})") from None
+
+
+def expert_checkpoint_names(names: list[str]) -> list[str]:
+    """A model's checkpoint names with each stacked expert tensor under the per-projection names
+    that hold every expert (`experts.gate_proj.weight` [E, I, H], ..., GGUF's ffn_*_exps)."""
+    split = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+    out = []
+    for name in names:
+        experts, _, leaf = name.rpartition(".")
+        if experts.endswith(".experts") and leaf in split:
+            out += [f"{experts}.{proj}.weight" for proj in split[leaf]]
+        else:
+            out.append(name)
+    return out

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from sluice.layers.fused_moe import FusedMoE, stack_expert_weights
+from sluice.layers.fused_moe import FusedMoE, expert_checkpoint_names, stack_expert_weights
 from sluice.models.llama import DecoderOptions, LlamaMLP
 from sluice.models.qwen2 import Qwen2ForCausalLM
 
@@ -37,3 +37,6 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(stack_expert_weights(weights, self.config.num_experts))
+
+    def checkpoint_names(self) -> list[str]:
+        return expert_checkpoint_names(super().checkpoint_names())

@@ -4,17 +4,21 @@ fused MoE layer's own rules: routing, grouping by expert, the packed native expe
 Tiny random models (2 layers, hidden 64, 4-8 experts): greedy tokens through the engine
 (float32 for each architecture, bfloat16 for one), logits through the paged cache, and the
 scheduler paths on the model with the most parts (Qwen2-MoE: shared expert, a dense layer among
-sparse ones, q/k/v bias). Two prompts, batched together, keep it fast: MoE generation in
-transformers loops over experts in Python.
+sparse ones, q/k/v bias); a GGUF file written with gguf.GGUFWriter (Qwen2-MoE). Two prompts,
+batched together, keep it fast: MoE generation in transformers loops over experts in Python.
 """
 
 from __future__ import annotations
 
+import functools
+
+import gguf
 import pytest
 import torch
 import transformers
 
 from sluice import LLM
+from sluice.loader import iter_weights, load_hf_config, resolve_model
 from sluice.layers.fused_moe import FusedMoE, StackedExperts, route, stack_expert_weights
 from sluice.models.registry import get_model_class
 from sluice.platform import current_platform
@@ -215,3 +219,102 @@ def test_config_errors_name_the_field():
         FusedMoE(4, 2, 8, 8, renormalize=True, activation="gelu")
     with pytest.raises(ValueError, match="num_experts_per_tok=5 must be between 1 and the number of experts"):
         FusedMoE(4, 5, 8, 8, renormalize=True)
+
+
+# Hugging Face module -> llama.cpp tensor, from the gguf package's own constants, so the loader's
+# mapping is checked against an independent table.
+_GGUF_NAMES = {
+    "model.embed_tokens": gguf.MODEL_TENSOR.TOKEN_EMBD, "model.norm": gguf.MODEL_TENSOR.OUTPUT_NORM,
+    "lm_head": gguf.MODEL_TENSOR.OUTPUT,
+    "input_layernorm": gguf.MODEL_TENSOR.ATTN_NORM, "post_attention_layernorm": gguf.MODEL_TENSOR.FFN_NORM,
+    "self_attn.q_proj": gguf.MODEL_TENSOR.ATTN_Q, "self_attn.k_proj": gguf.MODEL_TENSOR.ATTN_K,
+    "self_attn.v_proj": gguf.MODEL_TENSOR.ATTN_V, "self_attn.o_proj": gguf.MODEL_TENSOR.ATTN_OUT,
+    "self_attn.q_norm": gguf.MODEL_TENSOR.ATTN_Q_NORM, "self_attn.k_norm": gguf.MODEL_TENSOR.ATTN_K_NORM,
+    "mlp.gate": gguf.MODEL_TENSOR.FFN_GATE_INP, "mlp.shared_expert_gate": gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
+    "mlp.shared_expert.gate_proj": gguf.MODEL_TENSOR.FFN_GATE_SHEXP,
+    "mlp.shared_expert.up_proj": gguf.MODEL_TENSOR.FFN_UP_SHEXP,
+    "mlp.shared_expert.down_proj": gguf.MODEL_TENSOR.FFN_DOWN_SHEXP,
+}
+
+
+def gguf_tensors(hf: transformers.PreTrainedModel):
+    """(llama.cpp name, float32 array) for every weight of a transformers Qwen-MoE model."""
+    for name, tensor in hf.state_dict().items():
+        array = tensor.float().numpy()
+        module, _, leaf = name.rpartition(".")
+        layer = None
+        if module.startswith("model.layers."):
+            _, _, layer, module = module.split(".", 3)
+        if module == "mlp.experts":  # stacked: gate_up [E, 2I, H] (gate rows, then up rows), down [E, H, I]
+            half = array.shape[1] // 2
+            parts = ({gguf.MODEL_TENSOR.FFN_GATE_EXP: array[:, :half], gguf.MODEL_TENSOR.FFN_UP_EXP: array[:, half:]}
+                     if leaf == "gate_up_proj" else {gguf.MODEL_TENSOR.FFN_DOWN_EXP: array})
+            for kind, part in parts.items():
+                yield gguf.TENSOR_NAMES[kind].format(bid=layer) + ".weight", part.copy()
+            continue
+        if module == "mlp.shared_expert_gate":
+            array = array[0]  # llama.cpp keeps this [1, H] gate as a vector
+        yield gguf.TENSOR_NAMES[_GGUF_NAMES[module]].format(bid=layer) + "." + leaf, array
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer_fields(smollm2_gguf: str) -> list[tuple]:
+    """SmolLM2's tokenizer metadata, as GGUFWriter.add_key_value takes it."""
+    from sluice.loader.gguf import open_gguf
+
+    fields = [f for f in open_gguf(smollm2_gguf).fields.values() if f.name.startswith("tokenizer.")]
+    return [(f.name, f.contents(), f.types[0], f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+            for f in fields]
+
+
+def write_gguf(hf: transformers.PreTrainedModel, path: str, arch: str, smollm2_gguf: str) -> None:
+    """A float32 GGUF of a tiny Qwen-MoE model, with SmolLM2's tokenizer."""
+    config = hf.config
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if getattr(config, "shared_expert_intermediate_size", None):
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    if getattr(config, "head_dim", None):
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    for name, value, vtype, sub_type in tokenizer_fields(smollm2_gguf):
+        writer.add_key_value(name, value, vtype, sub_type=sub_type)
+    for name, array in gguf_tensors(hf):
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# qwen3moe passes too; it is left out because each GGUF costs seconds of metadata parsing (the
+# 49k-token vocabulary, four times), and qwen2moe maps more tensors (the shared expert).
+@pytest.mark.parametrize("arch, gguf_arch", [("qwen2_moe", "qwen2moe")])
+def test_gguf_loads_the_same_model(arch, gguf_arch, smollm2_gguf, tmp_path):
+    """A tiny model written to GGUF by the gguf package (experts stacked per projection) loads with
+    its expert sizes, the same weights as from transformers, and the same logits."""
+    hf = hf_model(arch, mlp_only_layers=[])  # llama.cpp's Qwen-MoE graphs make every layer sparse
+    path = str(tmp_path / f"tiny-{arch}.gguf")
+    write_gguf(hf, path, gguf_arch, smollm2_gguf)
+    src = resolve_model(path)
+    config = load_hf_config(src)
+    assert config.architectures == [type(hf).__name__]
+    assert (config.moe_intermediate_size, config.num_experts) == (hf.config.moe_intermediate_size, 8)
+    from_gguf = get_model_class(config)(config).eval()
+    from_gguf.load_weights(iter_weights(src, config, torch.float32))
+    from_hf = ours_from(hf, hf.state_dict().items())
+    theirs = dict(from_hf.named_parameters())
+    for name, param in from_gguf.named_parameters():
+        assert torch.equal(param, theirs[name]), name
+    batch = {0: prompt_ids()[1]}
+    torch.testing.assert_close(MiniRunner(from_gguf).step(batch)[0], MiniRunner(from_hf).step(batch)[0])
