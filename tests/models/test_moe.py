@@ -10,8 +10,6 @@ batched together, keep it fast: MoE generation in transformers loops over expert
 
 from __future__ import annotations
 
-import functools
-
 import gguf
 import pytest
 import torch
@@ -24,6 +22,7 @@ from sluice.models.registry import get_model_class
 from sluice.platform import current_platform
 
 from tests.engine.test_scheduler_paths import COMMON, prompts, tokens
+from tests.models.test_gguf_families import add_byte_tokenizer
 from tests.models.test_model_forward import MiniRunner, hf_logits
 from tests.models.test_parity import check_bfloat16, check_float32, hf_greedy, prompt_ids, run_sluice
 from tests.utils import smollm2_tokenizer
@@ -257,18 +256,8 @@ def gguf_tensors(hf: transformers.PreTrainedModel):
         yield gguf.TENSOR_NAMES[_GGUF_NAMES[module]].format(bid=layer) + "." + leaf, array
 
 
-@functools.lru_cache(maxsize=1)
-def tokenizer_fields(smollm2_gguf: str) -> list[tuple]:
-    """SmolLM2's tokenizer metadata, as GGUFWriter.add_key_value takes it."""
-    from sluice.loader.gguf import open_gguf
-
-    fields = [f for f in open_gguf(smollm2_gguf).fields.values() if f.name.startswith("tokenizer.")]
-    return [(f.name, f.contents(), f.types[0], f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-            for f in fields]
-
-
-def write_gguf(hf: transformers.PreTrainedModel, path: str, arch: str, smollm2_gguf: str) -> None:
-    """A float32 GGUF of a tiny Qwen-MoE model, with SmolLM2's tokenizer."""
+def write_gguf(hf: transformers.PreTrainedModel, path: str, arch: str) -> None:
+    """A float32 GGUF of a tiny Qwen-MoE model, with a byte-level tokenizer."""
     config = hf.config
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(config.num_hidden_layers)
@@ -287,8 +276,8 @@ def write_gguf(hf: transformers.PreTrainedModel, path: str, arch: str, smollm2_g
     if getattr(config, "head_dim", None):
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
-    for name, value, vtype, sub_type in tokenizer_fields(smollm2_gguf):
-        writer.add_key_value(name, value, vtype, sub_type=sub_type)
+    writer.add_vocab_size(config.vocab_size)
+    add_byte_tokenizer(writer)
     for name, array in gguf_tensors(hf):
         writer.add_tensor(name, array)
     writer.write_header_to_file()
@@ -297,15 +286,14 @@ def write_gguf(hf: transformers.PreTrainedModel, path: str, arch: str, smollm2_g
     writer.close()
 
 
-# qwen3moe passes too; it is left out because each GGUF costs seconds of metadata parsing (the
-# 49k-token vocabulary, four times), and qwen2moe maps more tensors (the shared expert).
-@pytest.mark.parametrize("arch, gguf_arch", [("qwen2_moe", "qwen2moe")])
-def test_gguf_loads_the_same_model(arch, gguf_arch, smollm2_gguf, tmp_path):
+@pytest.mark.parametrize("arch, gguf_arch", [("qwen2_moe", "qwen2moe"), ("qwen3_moe", "qwen3moe")])
+def test_gguf_loads_the_same_model(arch, gguf_arch, tmp_path):
     """A tiny model written to GGUF by the gguf package (experts stacked per projection) loads with
     its expert sizes, the same weights as from transformers, and the same logits."""
-    hf = hf_model(arch, mlp_only_layers=[])  # llama.cpp's Qwen-MoE graphs make every layer sparse
+    # llama.cpp's Qwen-MoE graphs make every layer sparse; the byte tokenizer's vocabulary is small
+    hf = hf_model(arch, mlp_only_layers=[], vocab_size=300)
     path = str(tmp_path / f"tiny-{arch}.gguf")
-    write_gguf(hf, path, gguf_arch, smollm2_gguf)
+    write_gguf(hf, path, gguf_arch)
     src = resolve_model(path)
     config = load_hf_config(src)
     assert config.architectures == [type(hf).__name__]
@@ -316,5 +304,5 @@ def test_gguf_loads_the_same_model(arch, gguf_arch, smollm2_gguf, tmp_path):
     theirs = dict(from_hf.named_parameters())
     for name, param in from_gguf.named_parameters():
         assert torch.equal(param, theirs[name]), name
-    batch = {0: prompt_ids()[1]}
+    batch = {0: [1, 50, 200, 42, 299, 9]}
     torch.testing.assert_close(MiniRunner(from_gguf).step(batch)[0], MiniRunner(from_hf).step(batch)[0])
