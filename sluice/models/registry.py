@@ -38,6 +38,10 @@ MODEL_REGISTRY: dict[str, Architecture] = {
     "Phi3ForCausalLM": Architecture("phi3", "Phi3ForCausalLM", gguf="phi3"),
     "GraniteForCausalLM": Architecture("granite", "GraniteForCausalLM", gguf="granite", gguf_permuted_qk=True),
     "Olmo2ForCausalLM": Architecture("olmo2", "Olmo2ForCausalLM", gguf="olmo2"),
+    "MixtralForCausalLM": Architecture("mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": Architecture("qwen2_moe", "Qwen2MoeForCausalLM", gguf="qwen2moe"),
+    "Qwen3MoeForCausalLM": Architecture("qwen3_moe", "Qwen3MoeForCausalLM", gguf="qwen3moe"),
+    "OlmoeForCausalLM": Architecture("olmoe", "OlmoeForCausalLM"),
 }
 
 

@@ -21,13 +21,14 @@ import torch
 from sluice.config import EngineConfig
 from sluice.core.sched_output import GrammarBitmask, RunnerOutput, SchedulerOutput
 from sluice.layers.attention import attention_layers, build_attention_metadata
-from sluice.platform import available_memory_bytes
+from sluice.layers.fused_moe import pack_experts
 from sluice.layers.linear import pack_linears
 from sluice.loader import ModelLoadError, ModelSource, iter_weights, load_hf_config, resolve_model
 from sluice.models.registry import get_model_class
-from sluice.worker.input_batch import CachedRequestState, InputBatch
+from sluice.platform import available_memory_bytes
 from sluice.spec_decode.draft_model import DraftModel
 from sluice.spec_decode.ngram import NgramProposer
+from sluice.worker.input_batch import CachedRequestState, InputBatch
 from sluice.worker.rejection_sampler import RejectionSampler
 from sluice.worker.sampler import RowBitmask, Sampler, SamplingMetadata, compute_prompt_logprobs
 
@@ -112,6 +113,7 @@ def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch
     model.load_weights(iter_weights(source, hf_config, dtype))
     model.eval()
     pack_linears(model)  # a no-op where the native bf16 kernel can't run
+    pack_experts(model)
     return model
 
 
