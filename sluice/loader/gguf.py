@@ -1,6 +1,7 @@
-"""Read GGUF (llama.cpp) weights as dense tensors under Hugging Face names.
+"""Read GGUF (llama.cpp) weights under Hugging Face names.
 
-Quantized tensors are dequantized with the `gguf` package. llama.cpp's converter
+Quantized tensors are dequantized with the `gguf` package, except those the quantization config
+keeps as stored (uint8 rows of GGML blocks, sluice/quantization/gguf.py). llama.cpp's converter
 reorders the rows of Q and K for llama-style models (its rotary layout pairs
 adjacent dims, Hugging Face's pairs the two halves); that is undone here so the
 model code sees exactly what a safetensors checkpoint would give.
@@ -9,7 +10,7 @@ model code sees exactly what a safetensors checkpoint would give.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import gguf
 import numpy as np
@@ -87,8 +88,15 @@ def _to_numpy(tensor: gguf.ReaderTensor) -> np.ndarray:
     return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
 
 
-def iter_gguf_weights(path: str, config, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every weight of a GGUF file as (HF name, dense tensor in `dtype`)."""
+def _read_tensor(tensor: gguf.ReaderTensor, keep_blocks: bool) -> np.ndarray:
+    """The tensor as stored (its GGML blocks, uint8 [rows, row bytes]) or dequantized."""
+    return tensor.data if keep_blocks else _to_numpy(tensor)
+
+
+def iter_gguf_weights(path: str, config, dtype: torch.dtype,
+                      keep_blocks: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every weight of a GGUF file as (HF name, dense tensor in `dtype`); those named in
+    keep_blocks come as stored."""
     reader = open_gguf(path)
     arch = gguf_architecture(reader, path)
     if arch not in _SUPPORTED_ARCHS:
@@ -108,7 +116,7 @@ def iter_gguf_weights(path: str, config, dtype: torch.dtype) -> Iterator[tuple[s
         if name is None:
             continue
         try:
-            array = _to_numpy(tensor)
+            array = _read_tensor(tensor, name in keep_blocks)
         except Exception as e:
             raise ModelLoadError(
                 f"{path}: could not dequantize tensor '{tensor.name}' ({tensor.tensor_type.name}): {e}"
@@ -118,4 +126,5 @@ def iter_gguf_weights(path: str, config, dtype: torch.dtype) -> Iterator[tuple[s
             array = unpermute_qk(array, qk_heads[role])
         if not array.flags.writeable:  # a view of the read-only memory map
             array = array.copy()
-        yield name, torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        weight = torch.from_numpy(np.ascontiguousarray(array))
+        yield name, weight if name in keep_blocks else weight.to(dtype)

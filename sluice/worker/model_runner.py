@@ -22,9 +22,10 @@ from sluice.config import EngineConfig
 from sluice.core.sched_output import GrammarBitmask, RunnerOutput, SchedulerOutput
 from sluice.layers.attention import attention_layers, build_attention_metadata
 from sluice.platform import available_memory_bytes
-from sluice.layers.linear import pack_linears
+from sluice.layers.linear import pack_linears, process_weights_after_loading, set_linear_methods
 from sluice.loader import ModelSource, iter_weights
 from sluice.models.registry import get_model_class
+from sluice.quantization import get_quantization_config
 from sluice.worker.input_batch import CachedRequestState, InputBatch
 from sluice.worker.sampler import RowBitmask, Sampler, SamplingMetadata, compute_prompt_logprobs
 
@@ -107,10 +108,17 @@ class ModelRunner:
         self.device = torch.device(config.model.device)
         self.block_size = config.cache.block_size
         model_class = get_model_class(hf_config)
+        quant_config = get_quantization_config(config.model.quantization, source, hf_config)
+        self.quantization = quant_config.name
         with _default_dtype(self.dtype), self.device:
             self.model = model_class(hf_config)
-        self.model.load_weights(iter_weights(source, hf_config, self.dtype))
+        methods = set_linear_methods(self.model, quant_config)
+        self.model.load_weights(iter_weights(source, hf_config, self.dtype, quant_config.raw_weight_names()))
+        process_weights_after_loading(self.model)
         self.model.eval()
+        quant_config.log_summary()
+        logger.info("quantization %s; linear layers: %s", self.quantization,
+                    ", ".join(f"{n} {label}" for label, n in methods.items()))
         pack_linears(self.model)  # a no-op where the native bf16 kernel can't run
         self.vocab_size = hf_config.vocab_size
         self.sampler = Sampler()

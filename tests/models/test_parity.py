@@ -63,7 +63,8 @@ def check_bfloat16(ours: list[int], our_top: list[dict], theirs: list[int], logi
 
 
 def run_sluice(model: str, dtype: str, logprobs: int | None = None):
-    llm = LLM(model, dtype=dtype, max_model_len=512, kv_cache_memory_bytes=64 << 20)
+    # quantization none: the GGUF dequantized at load, as transformers reads it
+    llm = LLM(model, dtype=dtype, quantization="none", max_model_len=512, kv_cache_memory_bytes=64 << 20)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=logprobs)
     outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids()], params, use_tqdm=False)
     return [o.outputs[0] for o in outs]

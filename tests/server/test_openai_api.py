@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from sluice import LLM, SamplingParams
+from sluice.quantization.gguf import kernel_available as gguf_kernel_available
 from tests.server.conftest import MODEL_NAME
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
@@ -29,6 +30,10 @@ def test_models_health_version(server, client):
     with server.http() as http:
         assert http.get("/health").status_code == 200
         assert http.get("/version").json()["version"]
+        # the default GGUF runs on its blocks where the VNNI kernel does (quantization auto)
+        quantization = "gguf" if gguf_kernel_available() else "none"
+        assert client.models.retrieve(MODEL_NAME).to_dict()["quantization"] == quantization
+        assert f'quantization="{quantization}"' in http.get("/metrics").text.split("sluice:quantization_info{")[-1]
 
 
 def test_chat_matches_offline_llm_streamed_and_not(client, offline_llm):
