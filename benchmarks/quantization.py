@@ -60,14 +60,14 @@ def copy_bandwidth() -> float:
 def vnni_peak() -> float | None:
     """Integer ops/s (2 per multiply-add) of the W8A8 kernel on a large matmul; None without it."""
     from sluice.layers.linear import Linear
-    from sluice.quantization.int8 import Int8LinearMethod, kernel_available
+    from sluice.quantization.int8 import ChannelInt8Method, kernel_available, quantize_per_channel
 
     if not kernel_available():
         return None
     m, n, k = 256, 4096, 4096
     layer = Linear(k, n, bias=False).to(torch.bfloat16)
-    layer.quant_method = Int8LinearMethod()
-    layer.quant_method.process_weights_after_loading(layer)
+    layer.quant_method = ChannelInt8Method()
+    layer.quant_method.set_weights(layer, *quantize_per_channel(layer.weight.detach()))
     x = torch.randn(m, k, dtype=torch.bfloat16)
     with torch.inference_mode():
         return 2 * m * n * k / best_of(lambda: layer(x), 5)

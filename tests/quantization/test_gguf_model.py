@@ -14,9 +14,9 @@ import pytest
 from sluice import LLM, SamplingParams
 from sluice.loader import ModelLoadError
 from sluice.quantization import gguf as gguf_method
-from sluice.quantization.gguf import MANY_ROWS, requantize_file
+from sluice.quantization.gguf import requantize_file
 
-from tests.quantization.utils import ENGINE, perplexity
+from tests.quantization.utils import ENGINE, INTEGER_PATH, perplexity
 from tests.utils import smollm2_tokenizer
 
 CHATS = ["Name three rivers in Europe.", "What is the boiling point of water?", "Write a haiku about the sea.",
@@ -32,13 +32,6 @@ def greedy(llm: LLM):
     prompts = [{"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)} for text in texts]
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=5)
     return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
-
-
-# Steps of fewer than MANY_ROWS tokens, so prompts too take the integer kernel; no prefix cache, so
-# the same prompts can be run again with every call on the weights dequantized into bf16 panels
-# (MANY_ROWS = 1), which is quantization "none"'s arithmetic on the same weights.
-INTEGER_PATH = dict(max_num_batched_tokens=MANY_ROWS - 1, long_prefill_token_threshold=MANY_ROWS - 1,
-                    enable_prefix_caching=False)
 
 
 def both_ways(llm: LLM, measure, monkeypatch):
