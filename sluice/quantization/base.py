@@ -45,6 +45,9 @@ class QuantizationConfig(ABC):
         """The method for a linear layer whose weight the checkpoint stores under these names
         (several for a fused q/k/v or gate/up); None keeps the unquantized path."""
 
+    def prepare_model(self, model: nn.Module) -> None:
+        """Change modules other than linear layers before loading (default: none)."""
+
     def raw_weight_names(self) -> Collection[str]:
         """Checkpoint weights the loader must hand over as stored (not dequantized)."""
         return ()

@@ -107,21 +107,22 @@ class GGUFLinearMethod(LinearMethod):
 
 
 class TiedHeadMethod(GGUFLinearMethod):
-    """An lm_head tied to the embedding, which the file stores once (token_embd): the head reads
-    that tensor's blocks from the file, the embedding keeps its dense copy for lookups."""
-
-    def __init__(self, qtype: Q, path: str) -> None:
-        super().__init__(qtype)
-        self.path = path
+    """An lm_head tied to the embedding, which the file stores once (token_embd): its weight is
+    the embedding's blocks already."""
 
     def create_weights(self, layer: nn.Module) -> None:
-        pass  # layer.weight stays the embedding's
+        pass
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        layer.tied_blocks = read_blocks(self.path, EMBEDDING)
 
-    def blocks(self, layer: nn.Module) -> torch.Tensor:
-        return layer.tied_blocks
+class GGUFEmbedding(nn.Embedding):
+    """An embedding whose table stays in GGML blocks: the rows looked up are dequantized."""
+
+    qtype: Q
+    out_dtype: torch.dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return dequantize(self.weight[input_ids.reshape(-1)], self.qtype, self.out_dtype).view(
+            *input_ids.shape, self.embedding_dim)
 
 
 class GGUFConfig(QuantizationConfig):
@@ -131,18 +132,33 @@ class GGUFConfig(QuantizationConfig):
     name = "gguf"
 
     def __init__(self, path: str) -> None:
-        self.path = path
         self.tensor_types = read_tensor_types(path)  # Hugging Face weight name -> its GGML type in the file
         self.quantized: set[str] = set()
         self.dequantized: Counter[str] = Counter()
 
+    def prepare_model(self, model: nn.Module) -> None:
+        """The embedding keeps its blocks too (and so does an lm_head tied to it)."""
+        qtype = self.tensor_types.get(EMBEDDING)
+        embedding = model.get_submodule(EMBEDDING.rpartition(".")[0])
+        if qtype not in KERNEL_TYPES or type(embedding) is not nn.Embedding:
+            return
+        dense = embedding.weight
+        blocks = nn.Parameter(torch.empty(dense.shape[0], row_bytes(qtype, dense.shape[1]), dtype=torch.uint8),
+                              requires_grad=False)
+        for module in model.modules():
+            if module._parameters.get("weight") is dense:  # the embedding, and a tied lm_head
+                module.weight = blocks
+        embedding.__class__ = GGUFEmbedding
+        embedding.qtype, embedding.out_dtype = qtype, dense.dtype
+        self.quantized.add(EMBEDDING)
+
     def get_linear_method(self, layer: nn.Module, checkpoint_names: list[str]) -> LinearMethod | None:
         if checkpoint_names == [HEAD] and HEAD not in self.tensor_types:
-            qtype = self.tensor_types.get(EMBEDDING)
-            return TiedHeadMethod(qtype, self.path) if qtype in KERNEL_TYPES else None
+            tied = EMBEDDING in self.quantized and layer.weight.dtype == torch.uint8
+            return TiedHeadMethod(self.tensor_types[EMBEDDING]) if tied else None
         types = {self.tensor_types.get(name) for name in checkpoint_names}
         if None in types or types <= _DENSE_TYPES:
-            return None  # not in the file (a tied lm_head) or stored dense
+            return None  # not in the file or stored dense
         qtype = types.pop()
         if types or qtype not in KERNEL_TYPES or layer.in_features % gguf.GGML_QUANT_SIZES[qtype][0]:
             self.dequantized[" + ".join(sorted(t.name for t in types | {qtype}))] += 1
@@ -157,14 +173,6 @@ class GGUFConfig(QuantizationConfig):
         if self.dequantized:
             logger.info("GGUF: linear layers loaded dequantized (types no kernel reads, or mixed types in one "
                         "fused layer): %s", ", ".join(f"{n} x {t}" for t, n in sorted(self.dequantized.items())))
-
-
-def read_blocks(path: str, name: str) -> torch.Tensor:
-    """One tensor of a GGUF file as stored, by its Hugging Face name (a copy: the file may go)."""
-    from sluice.loader.gguf import hf_name, open_gguf
-
-    tensor = next(t for t in open_gguf(path).tensors if hf_name(t.name) == name)
-    return torch.from_numpy(tensor.data.copy())
 
 
 def read_tensor_types(path: str) -> dict[str, Q]:

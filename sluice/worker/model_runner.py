@@ -112,6 +112,7 @@ class ModelRunner:
         self.quantization = quant_config.name
         with _default_dtype(self.dtype), self.device:
             self.model = model_class(hf_config)
+        quant_config.prepare_model(self.model)
         methods = set_linear_methods(self.model, quant_config)
         self.model.load_weights(iter_weights(source, hf_config, self.dtype, quant_config.raw_weight_names()))
         process_weights_after_loading(self.model)

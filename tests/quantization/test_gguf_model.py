@@ -100,3 +100,14 @@ def test_checkpoint_in_an_unsupported_format_is_refused(tiny_model_dir, tmp_path
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="quantized with 'awq'.*supported: "):
         LLM(str(tmp_path), **ENGINE)
+
+
+def test_weights_in_memory_are_the_size_of_the_file(q4_1_llm, smollm2_gguf):
+    """Blocks as stored, the embedding and the lm_head tied to it included."""
+    import os
+
+    from sluice.worker.sleep import model_tensors
+
+    model = q4_1_llm.engine_core.executor.worker.runner.model
+    resident = sum(t.numel() * t.element_size() for _, _, t in model_tensors(model))
+    assert resident < 1.1 * os.path.getsize(smollm2_gguf), (resident, os.path.getsize(smollm2_gguf))
