@@ -98,8 +98,8 @@ class ModelConfig:
     quantization: str = arg(
         "auto", "weight quantization: auto (gguf for a .gguf where the CPU has AVX-512 VNNI, else none), none "
                 "(dense weights; a .gguf is dequantized at load), gguf (a .gguf's linear layers run on its blocks), "
-                "int8 (weights quantized to int8 blocks at load), compressed-tensors (an int8 checkpoint as stored)", choices=QUANTIZATION_CHOICES,
-        available=("auto", "none", "gguf", "int8", "compressed-tensors"), aliases=("-q",))
+                "int8 (weights quantized to int8 blocks at load), compressed-tensors (an int8 checkpoint as stored)",
+        choices=QUANTIZATION_CHOICES, available=("auto", "none", "gguf", "int8", "compressed-tensors"), aliases=("-q",))
     enforce_eager: bool = arg(False, "accepted: sluice runs eagerly (no CUDA graphs to disable)")
     max_logprobs: int = arg(20, "largest logprobs / prompt_logprobs a request may ask for; -1: no limit")
     hf_overrides: dict | None = arg(None, "JSON object of values set on the model's Hugging Face config")

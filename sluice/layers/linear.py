@@ -6,8 +6,9 @@ loading needs today and what LoRA wrappers / tensor-parallel shards will hook in
 
 Each layer holds its LinearMethod (sluice/quantization): quantized methods are set at load by
 `set_linear_methods`; the unquantized one runs one of two paths, chosen per layer shape at load
-(`pack_linears`): the native packed kernel (sluice/layers/csrc/gemm.c, CPUs with AVX-512 BF16: the weight repacked once into
-panels, the residual add and the gated activation fused into the matmul's output pass), or
+(`pack_linears`): the native packed kernel (sluice/layers/csrc/gemm.c, CPUs with AVX-512 BF16:
+the weight repacked once into panels, the residual add and the gated activation fused into the
+matmul's output pass), or
 F.linear, which is oneDNN on CPU (AMX where the CPU has it) and cuBLAS on CUDA. See
 linear_path.py for how the choice is made.
 """
