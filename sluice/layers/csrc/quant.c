@@ -64,6 +64,10 @@ static inline uint16_t float_to_bf16(float f) { /* nearest even, as torch rounds
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
+/* a * b rounded once, in an instruction -ffast-math can't reassociate with its neighbours: every
+ * output must be computed in the same order whatever tile it falls in (batch invariance) */
+static inline float mul(float a, float b) { return _mm_cvtss_f32(_mm_mul_ss(_mm_set_ss(a), _mm_set_ss(b))); }
+
 static inline float half_at(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
@@ -130,7 +134,7 @@ static inline __attribute__((always_inline)) __m256i unpack(const uint8_t *row, 
             const int half = j / 4, k = j % 4;
             const int8_t *scales = (const int8_t *)(blk + 192);
             const float d = half_at(blk + 208);
-            *d_lo = d * scales[2 * j], *d_hi = d * scales[2 * j + 1], *c = 0.0f;
+            *d_lo = mul(d, scales[2 * j]), *d_hi = mul(d, scales[2 * j + 1]), *c = 0.0f;
             const __m256i low = nibbles32(blk + half * 64 + (k % 2) * 32, k / 2);
             const __m256i high = _mm256_and_si256(
                 _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(blk + 128 + half * 32)), _mm_cvtsi32_si128(2 * k)),
@@ -139,8 +143,8 @@ static inline __attribute__((always_inline)) __m256i unpack(const uint8_t *row, 
         }
         int sc, m;
         k4_scale_min(blk + 4, j, &sc, &m);
-        *d_lo = *d_hi = half_at(blk) * (float)sc;
-        *c = -half_at(blk + 2) * (float)m;
+        *d_lo = *d_hi = mul(half_at(blk), (float)sc);
+        *c = -mul(half_at(blk + 2), (float)m);
         __m256i q = nibbles32(blk + (qtype == Q4_K ? 16 : 48) + 32 * (j / 2), j & 1);
         if (qtype == Q5_K) {
             const __mmask32 bit = _mm256_test_epi8_mask(_mm256_loadu_si256((const __m256i *)(blk + 16)),
@@ -185,9 +189,9 @@ static inline __attribute__((always_inline)) void dot_tile(const QGemm *g, int64
                                                            const int cols, const int qtype) {
     const int64_t blocks = g->K / QK;
     __m256 acc[MR][NR];
-    float off[MR][NR];
+    __m128 off[MR][NR]; /* in lane 0; an explicit FMA chain the compiler can't reorder per tile shape */
     for (int r = 0; r < rows; r++)
-        for (int c = 0; c < cols; c++) acc[r][c] = _mm256_setzero_ps(), off[r][c] = 0.0f;
+        for (int c = 0; c < cols; c++) acc[r][c] = _mm256_setzero_ps(), off[r][c] = _mm_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
         __m256i q[NR];
         float d_lo[NR], d_hi[NR], coef[NR];
@@ -202,16 +206,16 @@ static inline __attribute__((always_inline)) void dot_tile(const QGemm *g, int64
                     ? _mm256_dpbusd_epi32(_mm256_setzero_si256(), xabs, _mm256_sign_epi8(q[c], xv))
                     : _mm256_dpbusd_epi32(_mm256_setzero_si256(), q[c], xv);
                 const __m256 scale = qtype == Q6_K
-                    ? _mm256_set_m128(_mm_set1_ps(d_hi[c] * dx), _mm_set1_ps(d_lo[c] * dx))
-                    : _mm256_set1_ps(d_lo[c] * dx);
+                    ? _mm256_set_m128(_mm_set1_ps(mul(d_hi[c], dx)), _mm_set1_ps(mul(d_lo[c], dx)))
+                    : _mm256_set1_ps(mul(d_lo[c], dx));
                 acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r][c]);
-                off[r][c] += coef[c] * sx;
+                off[r][c] = _mm_fmadd_ss(_mm_set_ss(coef[c]), _mm_set_ss(sx), off[r][c]);
             }
         }
     }
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < cols; c++) {
-            const float y = hsum(acc[r][c]) + off[r][c];
+            const float y = hsum(acc[r][c]) + _mm_cvtss_f32(off[r][c]);
             const int64_t at = (row0 + r) * g->ldo + n0 + c;
             if (g->bf16) ((uint16_t *)g->out)[at] = float_to_bf16(y);
             else ((float *)g->out)[at] = y;
