@@ -108,7 +108,7 @@ class ModelRunner:
         self.device = torch.device(config.model.device)
         self.block_size = config.cache.block_size
         model_class = get_model_class(hf_config)
-        quant_config = get_quantization_config(config.model.quantization, source, hf_config)
+        quant_config = get_quantization_config(config.model.quantization, source, hf_config, self.dtype)
         self.quantization = quant_config.name
         with _default_dtype(self.dtype), self.device:
             self.model = model_class(hf_config)
