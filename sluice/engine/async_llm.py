@@ -32,6 +32,7 @@ class AsyncLLM:
         self.client = client
         self.tokenizer = tokenizer
         self.max_model_len: int = info["max_model_len"]
+        self.quantization: str = info["quantization"]  # the weight quantization the core runs
         self.input_processor = InputProcessor(tokenizer, self.max_model_len, info["vocab_size"], eos_token_ids,
                                               info["scheduling_policy"], info["num_blocks"] * info["block_size"],
                                               max_logprobs=config.model.max_logprobs)

@@ -44,6 +44,7 @@ class EngineCore:
         self.executor = Executor.create(config, hf_config, source)
         self.sleeping = False  # weights on disk, KV cache dropped (sleep mode)
         model = self.executor.describe()
+        self.quantization: str = model["quantization"]
         self.max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config)
         block_size = config.cache.block_size
         max_useful = cdiv(self.max_model_len, block_size) * config.scheduler.max_num_seqs + 1
@@ -55,7 +56,8 @@ class EngineCore:
         grammars = StructuredOutputManager(config.structured_outputs, functools.partial(get_tokenizer, config),
                                            hf_config.vocab_size)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, grammars, config.speculative)
-        self.metrics = PrometheusStatLogger(config, self.max_model_len, self.kv.pool.num_usable_blocks)
+        self.metrics = PrometheusStatLogger(config, self.max_model_len, self.kv.pool.num_usable_blocks,
+                                            self.quantization)
         self.stat_loggers: list = [self.metrics]
         if not obs.disable_log_stats:
             self.stat_loggers.append(LoggingStatLogger())
@@ -67,9 +69,9 @@ class EngineCore:
             self.stat_loggers.append(self.tracer)
         cache_gib = num_blocks * model["bytes_per_block"] / 2**30
         logger.info(
-            "model %s loaded in %.1f s (%s); KV cache: %d blocks of %d tokens (%.2f GiB), "
+            "model %s loaded in %.1f s (%s, quantization %s); KV cache: %d blocks of %d tokens (%.2f GiB), "
             "max concurrency %.1fx for %d-token requests",
-            source.name, time.monotonic() - started, config.model.torch_dtype, num_blocks,
+            source.name, time.monotonic() - started, config.model.torch_dtype, self.quantization, num_blocks,
             block_size, cache_gib, (num_blocks - 1) * block_size / self.max_model_len, self.max_model_len,
         )
 

@@ -4,9 +4,11 @@ q/k/v become one `qkv_proj`, gate/up one `gate_up_proj`. They stay nn.Linear sub
 (weight [sum(out), in]) and know where each checkpoint shard lives, which is what weight
 loading needs today and what LoRA wrappers / tensor-parallel shards will hook into later.
 
-Each layer runs one of two paths, chosen per layer shape at load (`pack_linears`): the native
-packed kernel (sluice/layers/csrc/gemm.c, CPUs with AVX-512 BF16: the weight repacked once into
-panels, the residual add and the gated activation fused into the matmul's output pass), or
+Each layer holds its LinearMethod (sluice/quantization): quantized methods are set at load by
+`set_linear_methods`; the unquantized one runs one of two paths, chosen per layer shape at load
+(`pack_linears`): the native packed kernel (sluice/layers/csrc/gemm.c, CPUs with AVX-512 BF16:
+the weight repacked once into panels, the residual add and the gated activation fused into the
+matmul's output pass), or
 F.linear, which is oneDNN on CPU (AMX where the CPU has it) and cuBLAS on CUDA. See
 linear_path.py for how the choice is made.
 """
@@ -20,15 +22,37 @@ from torch import nn
 from sluice.layers import native
 from sluice.layers.activation import silu_and_mul
 from sluice.layers.linear_path import choose_path
+from sluice.quantization.base import LinearMethod, QuantizationConfig
 
 logger = logging.getLogger(__name__)
 
 
-class Linear(nn.Linear):
-    """nn.Linear that can run from a packed weight and fuse `residual + self(x)`."""
+class UnquantizedLinearMethod(LinearMethod):
+    """The dense weight: the packed native kernel once `pack` ran, else F.linear."""
 
+    def describe(self) -> str:
+        return "unquantized"
+
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        if layer.packed is not None:
+            return native.linear(x, layer.packed, layer.out_features, layer.packed_bias)
+        return F.linear(x, layer.weight, layer.bias)
+
+
+UNQUANTIZED = UnquantizedLinearMethod()
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs through its LinearMethod, can run from a packed weight and fuses
+    `residual + self(x)`."""
+
+    quant_method: LinearMethod = UNQUANTIZED
     packed: torch.Tensor | None = None
     packed_bias: torch.Tensor | None = None  # float32: the kernel adds bias before rounding
+
+    def checkpoint_names(self, prefix: str) -> list[str]:
+        """Where a checkpoint stores this layer's weight (prefix: the layer's module path)."""
+        return [f"{prefix}.weight"]
 
     def pack(self, drop_weight: bool) -> bool:
         """Repack the weight for the native kernel; drop_weight frees the original
@@ -53,20 +77,52 @@ class Linear(nn.Linear):
         return self(x)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.packed is not None:
-            epilogue = native.EPI_STORE if residual is None else native.EPI_RESIDUAL
-            return native.linear(x, self.packed, self.out_features, self.packed_bias, residual, epilogue)
-        out = F.linear(x, self.weight, self.bias)
+        if self.packed is not None and residual is not None:
+            return native.linear(x, self.packed, self.out_features, self.packed_bias, residual, native.EPI_RESIDUAL)
+        out = self.quant_method.apply(self, x)
         return out if residual is None else residual + out
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Give every Linear of the model the faster of the packed native kernel and F.linear for its
-    shape (a no-op where the native kernel can't run); returns how many were packed."""
+def set_linear_methods(model: nn.Module, quant_config: QuantizationConfig) -> dict[str, int]:
+    """Give every Linear the method the quantization config picks for it (shaping its weight for
+    the checkpoint); how many layers run each method, for the load log."""
+    counts: dict[str, int] = {}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        method = quant_config.get_linear_method(module, module.checkpoint_names(prefix))
+        if method is not None:
+            module.quant_method = method
+            method.create_weights(module)
+        label = module.quant_method.describe()
+        counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Each method turns its loaded weights into its kernel's form; dense copies no one needs go."""
+    owners = _owners(model)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.quant_method.process_weights_after_loading(module)
+            if not module.quant_method.keeps_dense_weight and owners[id(module.weight)] == 1:
+                module.weight.data = module.weight.data.new_empty(0)
+
+
+def _owners(model: nn.Module) -> dict[int, int]:
+    """How many modules hold each parameter (a tied lm_head shares the embedding's)."""
     owners: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         owners[id(param)] = owners.get(id(param), 0) + 1
-    linears = [module for module in model.modules() if isinstance(module, Linear)]
+    return owners
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Give every unquantized Linear of the model the faster of the packed native kernel and
+    F.linear for its shape (a no-op where the native kernel can't run); returns how many were packed."""
+    owners = _owners(model)
+    linears = [module for module in model.modules()
+               if isinstance(module, Linear) and module.quant_method is UNQUANTIZED]
     packed = sum(module.pack(drop_weight=owners[id(module.weight)] == 1)
                  for module in linears if choose_path(module) == "native")
     logger.info("linear layers: %d on the packed native kernel, %d on F.linear", packed, len(linears) - packed)
@@ -84,6 +140,11 @@ class MergedLinear(Linear):
         for name, size in self.shard_sizes.items():
             self.shard_offsets[name] = offset
             offset += size
+
+    def checkpoint_names(self, prefix: str) -> list[str]:
+        """One per shard: a fused `qkv_proj` is stored as q_proj, k_proj and v_proj beside it."""
+        parent = prefix.rpartition(".")[0]
+        return [f"{parent}.{shard}_proj.weight" for shard in self.shard_sizes]
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Split a forward output back into its shards (views, no copy)."""

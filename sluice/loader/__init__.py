@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -332,13 +332,14 @@ def _read_generation_config(folder: str, required: bool) -> dict:
 
 
 def iter_weights(
-    src: ModelSource, config: transformers.PretrainedConfig, dtype: torch.dtype
+    src: ModelSource, config: transformers.PretrainedConfig, dtype: torch.dtype, keep_blocks: Collection[str] = ()
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (Hugging Face parameter name, tensor in `dtype`) for every weight, one at a time."""
+    """Yield (Hugging Face parameter name, tensor in `dtype`) for every weight, one at a time; those
+    named in keep_blocks come as stored (GGUF blocks, int8 weights: the quantization config's choice)."""
     if src.kind == "gguf":
         from sluice.loader.gguf import iter_gguf_weights
 
-        return iter_gguf_weights(src.path, config, dtype)
+        return iter_gguf_weights(src.path, config, dtype, keep_blocks)
     from sluice.loader.safetensors import iter_safetensors_weights
 
-    return iter_safetensors_weights(src.path, dtype)
+    return iter_safetensors_weights(src.path, dtype, keep_blocks)

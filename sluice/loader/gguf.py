@@ -1,6 +1,7 @@
-"""Read GGUF (llama.cpp) weights as dense tensors under Hugging Face names.
+"""Read GGUF (llama.cpp) weights under Hugging Face names.
 
-Quantized tensors are dequantized with the `gguf` package. Tensor names are translated with
+Quantized tensors are dequantized with the `gguf` package, except those the quantization config
+keeps as stored (uint8 rows of GGML blocks, sluice/quantization/gguf.py). Tensor names are translated with
 the `gguf` package's own per-architecture name map (the one llama.cpp's converter writes
 with), applied to the checkpoint names sluice's model of the architecture loads. What else the
 converter changed is undone as the registry (sluice/models/registry.py) records it: Q/K row
@@ -11,7 +12,7 @@ sees exactly what a safetensors checkpoint would give.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import gguf
 import numpy as np
@@ -118,8 +119,15 @@ def _undo_conversion(array: np.ndarray, gguf_name: str, entry: Architecture, con
     return array
 
 
-def iter_gguf_weights(path: str, config, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every weight of a GGUF file as (HF name, dense tensor in `dtype`)."""
+def _read_tensor(tensor: gguf.ReaderTensor, keep_blocks: bool) -> np.ndarray:
+    """The tensor as stored (its GGML blocks, uint8 [rows, row bytes]) or dequantized."""
+    return tensor.data if keep_blocks else _to_numpy(tensor)
+
+
+def iter_gguf_weights(path: str, config, dtype: torch.dtype,
+                      keep_blocks: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every weight of a GGUF file as (HF name, dense tensor in `dtype`); those named in
+    keep_blocks come as stored."""
     reader = open_gguf(path)
     arch = gguf_architecture(reader, path)
     entry = registry_entry(config, arch, path)
@@ -130,8 +138,9 @@ def iter_gguf_weights(path: str, config, dtype: torch.dtype) -> Iterator[tuple[s
             continue
         if tensor.name not in names:
             raise ModelLoadError(f"{path}: unexpected tensor '{tensor.name}' for architecture '{arch}'")
+        name = names[tensor.name]
         try:
-            array = _to_numpy(tensor)
+            array = _read_tensor(tensor, name in keep_blocks)
         except Exception as e:
             raise ModelLoadError(
                 f"{path}: could not dequantize tensor '{tensor.name}' ({tensor.tensor_type.name}): {e}"
@@ -139,4 +148,5 @@ def iter_gguf_weights(path: str, config, dtype: torch.dtype) -> Iterator[tuple[s
         array = _undo_conversion(array, tensor.name, entry, config)
         if not array.flags.writeable:  # a view of the read-only memory map
             array = array.copy()
-        yield names[tensor.name], torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        weight = torch.from_numpy(np.ascontiguousarray(array))
+        yield name, weight if name in keep_blocks else weight.to(dtype)

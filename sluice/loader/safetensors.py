@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 from safetensors import safe_open
@@ -47,8 +47,10 @@ def _tensor_names(path: str) -> list[str]:
         raise ModelLoadError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def iter_safetensors_weights(folder: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every tensor of every shard as (name, tensor in `dtype`); names are already HF names."""
+def iter_safetensors_weights(folder: str, dtype: torch.dtype,
+                             keep_stored: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every tensor of every shard as (name, tensor in `dtype`, or as stored for the names in
+    keep_stored: an int8 checkpoint's weights and scales); names are already HF names."""
     files = weight_files(folder)
     names = {path: _tensor_names(path) for path in files}  # headers only: cheap, and gives the bar a total
     total = sum(len(n) for n in names.values())
@@ -57,7 +59,8 @@ def iter_safetensors_weights(folder: str, dtype: torch.dtype) -> Iterator[tuple[
             try:
                 with safe_open(path, framework="pt") as f:
                     for name in names[path]:
-                        yield name, f.get_tensor(name).to(dtype)
+                        tensor = f.get_tensor(name)
+                        yield name, tensor if name in keep_stored else tensor.to(dtype)
                         bar.update()
             except Exception as e:
                 raise ModelLoadError(f"{path}: could not read tensor data ({e})") from e

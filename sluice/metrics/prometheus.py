@@ -42,7 +42,7 @@ def buckets_1_2_5(limit: int) -> list[int]:
 
 
 class PrometheusStatLogger:
-    def __init__(self, config: EngineConfig, max_model_len: int, num_blocks: int) -> None:
+    def __init__(self, config: EngineConfig, max_model_len: int, num_blocks: int, quantization: str = "none") -> None:
         self.registry = CollectorRegistry()
         self.model_name = config.model_name
         labels = ["model_name", "engine"]
@@ -68,9 +68,12 @@ class PrometheusStatLogger:
         self.free_blocks = gauge("sluice:num_free_blocks", "KV blocks no request holds (prefix-cached ones included).").labels(*m)
         self.total_blocks = gauge("sluice:num_total_blocks", "Usable KV blocks.").labels(*m)
         cache_info = gauge("vllm:cache_config_info", "KV cache configuration.",
-                           ("block_size", "num_gpu_blocks", "enable_prefix_caching"))
+                           ("block_size", "num_gpu_blocks", "enable_prefix_caching", "cache_dtype"))
         cache_info.labels(*m, str(config.cache.block_size), str(num_blocks),
-                          str(config.cache.enable_prefix_caching)).set(1)
+                          str(config.cache.enable_prefix_caching), config.cache.kv_cache_dtype).set(1)
+        quant_info = gauge("sluice:quantization_info", "Weight quantization the model runs (1 on its label).",
+                           ("quantization",))
+        quant_info.labels(*m, quantization).set(1)
 
         self.preemptions = counter("vllm:num_preemptions", "Preemptions (a request's KV freed; it recomputes).").labels(*m)
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed.").labels(*m)
@@ -189,7 +192,7 @@ class PrometheusStatLogger:
         """Counters and gauges as {family name: value}, labels summed (for tests and `LLM.get_metrics`)."""
         out: dict[str, float] = {}
         for family in self.registry.collect():
-            if family.type not in ("counter", "gauge") or family.name == "vllm:cache_config_info":
+            if family.type not in ("counter", "gauge") or family.name.endswith("_info"):
                 continue
             out[family.name] = sum(s.value for s in family.samples if not s.name.endswith("_created"))
         return out

@@ -22,10 +22,11 @@ from sluice.config import EngineConfig
 from sluice.core.sched_output import GrammarBitmask, RunnerOutput, SchedulerOutput
 from sluice.layers.attention import attention_layers, build_attention_metadata
 from sluice.layers.fused_moe import pack_experts
-from sluice.layers.linear import pack_linears
+from sluice.layers.linear import pack_linears, process_weights_after_loading, set_linear_methods
 from sluice.loader import ModelLoadError, ModelSource, iter_weights, load_hf_config, resolve_model
 from sluice.models.registry import get_model_class
 from sluice.platform import available_memory_bytes
+from sluice.quantization import get_quantization_config
 from sluice.spec_decode.draft_model import DraftModel
 from sluice.spec_decode.ngram import NgramProposer
 from sluice.worker.input_batch import CachedRequestState, InputBatch
@@ -105,16 +106,26 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """Build the registry's class for this config and load its weights, on the fastest linear path."""
+def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch.device,
+               quantization: str) -> tuple[torch.nn.Module, str]:
+    """Build the registry's class for this config, give every linear layer its quantization
+    method, load the weights, and put the unquantized layers on the fastest linear path.
+    Returns the model and the name of the quantization in use."""
     model_class = get_model_class(hf_config)
+    quant_config = get_quantization_config(quantization, source, hf_config, dtype)
     with _default_dtype(dtype), device:
         model = model_class(hf_config)
-    model.load_weights(iter_weights(source, hf_config, dtype))
+    quant_config.prepare_model(model)
+    methods = set_linear_methods(model, quant_config)
+    model.load_weights(iter_weights(source, hf_config, dtype, quant_config.raw_weight_names()))
+    process_weights_after_loading(model)
     model.eval()
+    quant_config.log_summary()
+    logger.info("quantization %s; linear layers: %s", quant_config.name,
+                ", ".join(f"{n} {label}" for label, n in methods.items()))
     pack_linears(model)  # a no-op where the native bf16 kernel can't run
     pack_experts(model)
-    return model
+    return model, quant_config.name
 
 
 class ModelRunner:
@@ -123,7 +134,8 @@ class ModelRunner:
         self.dtype = config.model.torch_dtype
         self.device = torch.device(config.model.device)
         self.block_size = config.cache.block_size
-        self.model = load_model(hf_config, source, self.dtype, self.device)
+        self.model, self.quantization = load_model(hf_config, source, self.dtype, self.device,
+                                                   config.model.quantization)
         self.vocab_size = hf_config.vocab_size
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler(self.sampler)
@@ -146,7 +158,7 @@ class ModelRunner:
             raise ModelLoadError(f"speculative_config model {spec.model!r}: vocab_size {draft_config.vocab_size} "
                                  f"differs from the target's {hf_config.vocab_size}; a draft model must share "
                                  "the target's tokenizer")
-        model = load_model(draft_config, source, self.dtype, self.device)
+        model, _ = load_model(draft_config, source, self.dtype, self.device, self.config.model.quantization)
         max_position = min(draft_config.max_position_embeddings, hf_config.max_position_embeddings)
         return DraftModel(model, spec.num_speculative_tokens, max_position, self.block_size, self.device)
 

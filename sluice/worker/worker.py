@@ -24,7 +24,7 @@ class Worker:
     def describe(self) -> dict:
         """What the engine core needs from the model before it sizes anything."""
         return {"sliding_window": kv_sliding_window(self.runner.model),
-                "bytes_per_block": self.runner.bytes_per_block()}
+                "bytes_per_block": self.runner.bytes_per_block(), "quantization": self.runner.quantization}
 
     def choose_num_blocks(self, max_useful_blocks: int) -> int:
         return self.runner.choose_num_blocks(max_useful_blocks)

@@ -64,8 +64,9 @@ def check_bfloat16(ours: list[int], our_top: list[dict], theirs: list[int], logi
 
 
 def run_sluice(model: str, dtype: str, logprobs: int | None = None, prompts: list[list[int]] | None = None):
-    """Greedy outputs of the prompts (default: all of PROMPTS), batched together."""
-    llm = LLM(model, dtype=dtype, max_model_len=512, kv_cache_memory_bytes=64 << 20)
+    """Greedy outputs of the prompts (default: all of PROMPTS), batched together. quantization none:
+    a GGUF dequantized at load, as transformers reads it."""
+    llm = LLM(model, dtype=dtype, quantization="none", max_model_len=512, kv_cache_memory_bytes=64 << 20)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=logprobs)
     outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts or prompt_ids()], params, use_tqdm=False)
     return [o.outputs[0] for o in outs]

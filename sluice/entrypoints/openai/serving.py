@@ -335,10 +335,12 @@ class OpenAIServing:
         return name
 
     def models(self) -> dict:
-        return model_list(self.served_model_names, self.served_model_names[0], self.engine.max_model_len, self.created)
+        return model_list(self.served_model_names, self.served_model_names[0], self.engine.max_model_len, self.created,
+                          self.engine.quantization)
 
     def model(self, name: str) -> dict:
-        return model_card(self.check_model(name), self.served_model_names[0], self.engine.max_model_len, self.created)
+        return model_card(self.check_model(name), self.served_model_names[0], self.engine.max_model_len, self.created,
+                          self.engine.quantization)
 
     # ---- chat completions ----
     async def chat(self, request: ChatCompletionRequest, trace_headers: dict[str, str] | None = None,

@@ -1,0 +1,523 @@
+/*
+ * Linear layers whose weights stay in GGML's block formats (GGUF files): out[M, N] = x[M, K] @ W[N, K]^T.
+ *
+ * As llama.cpp does, each row of x is first quantized to int8 in blocks of 32 (one float scale
+ * dx per block, and sx = dx * sum(q)), so a weight block meets its activations in one integer
+ * dot product (vpdpbusd: u8 x s8 -> int32, AVX-512 VNNI). With a weight block w = d * (q - z) + m:
+ *
+ *   sum_i w_i x_i  ~=  d * dx * sum_i q_i xq_i  +  (m - d * z) * sx
+ *
+ * Q4_0 (z 8), Q4_1 (m), Q5_0 (z 16), Q5_1 (m): q is 0..15 / 0..31, unsigned, as vpdpbusd wants.
+ * Q8_0: q is signed, so the product is taken as |xq| x sign(q, xq).
+ * K-quants hold 256 values per block in sub-blocks with their own 6- or 8-bit scales: Q4_K and
+ * Q5_K (8 sub-blocks of 32, d * sc and dmin * m per sub-block: one activation block each), Q6_K
+ * (16 sub-blocks of 16, q - 32 signed: an activation block spans two scales, one per half of the
+ * dot product's lanes).
+ *
+ * A weight block is unpacked once and used for up to MR rows of x; threads split the output
+ * columns (and, for many rows, chunks of rows). Weights are read as stored in the file.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* GGML type ids (ggml.h) */
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+#define QK 32 /* elements per block */
+#define MR 4  /* rows of x per tile */
+#define NR 4  /* weight rows (output columns) per tile */
+#define MC 64 /* rows of x per chunk */
+
+static inline int64_t gguf_block_bytes(int qtype) {
+    switch (qtype) {
+        case Q4_0: return 18;
+        case Q4_1: return 20;
+        case Q5_0: return 22;
+        case Q5_1: return 24;
+        case Q8_0: return 34;
+        case Q4_K: return 144;
+        case Q5_K: return 176;
+        case Q6_K: return 210;
+        default: return 0;
+    }
+}
+
+static inline int64_t block_values(int qtype) { return qtype >= Q4_K ? 256 : QK; }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
+#include <immintrin.h>
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* nearest even, as torch rounds */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays NaN */
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* a * b rounded once, in an instruction -ffast-math can't reassociate with its neighbours: every
+ * output must be computed in the same order whatever tile it falls in (batch invariance) */
+static inline float mul(float a, float b) { return _mm_cvtss_f32(_mm_mul_ss(_mm_set_ss(a), _mm_set_ss(b))); }
+
+static inline float half_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* One row of x (K values) -> int8 blocks with their scales dx and dx * sum(q). */
+static void quantize_row(const void *x, int bf16, int64_t K, int8_t *xq, float *dx, float *sx) {
+    float v[QK];
+    for (int64_t b = 0; b < K / QK; b++) {
+        float amax = 0.0f;
+        for (int i = 0; i < QK; i++) {
+            v[i] = bf16 ? bf16_to_float(((const uint16_t *)x)[b * QK + i]) : ((const float *)x)[b * QK + i];
+            amax = fmaxf(amax, fabsf(v[i]));
+        }
+        const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < QK; i++) {
+            const int q = (int)lrintf(v[i] * inv);
+            xq[b * QK + i] = (int8_t)q;
+            sum += q;
+        }
+        dx[b] = d;
+        sx[b] = d * (float)sum;
+    }
+}
+
+static inline __m256i nibbles(const uint8_t *qs) { /* 16 bytes -> 32 values: low nibbles, then high */
+    const __m128i b = _mm_loadu_si128((const __m128i *)qs), mask = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
+}
+
+static inline __m256i fifth_bits(const uint8_t *qh) { /* bit i of qh -> 16 in byte i */
+    uint32_t h;
+    memcpy(&h, qh, 4);
+    return _mm256_maskz_set1_epi8((__mmask32)h, 0x10);
+}
+
+static inline __m256i nibbles32(const uint8_t *p, int high) { /* 32 bytes -> their low or high nibbles */
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    if (high) v = _mm256_srli_epi16(v, 4);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+}
+
+/* Q4_K / Q5_K: the 6-bit scale and min of sub-block j, packed in 12 bytes */
+static inline void k4_scale_min(const uint8_t *s, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* The 32 quantized weights meeting activation block b of a row, their scale (d_lo for the first
+ * 16 values, d_hi for the rest) and the offset coefficient c: sum w x = d dx dot + c sx. */
+static inline __attribute__((always_inline)) __m256i unpack(const uint8_t *row, int64_t b, const int qtype,
+                                                            float *d_lo, float *d_hi, float *c) {
+    if (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K) {
+        const uint8_t *blk = row + (b / 8) * gguf_block_bytes(qtype);
+        const int j = (int)(b % 8);
+        if (qtype == Q6_K) {
+            const int half = j / 4, k = j % 4;
+            const int8_t *scales = (const int8_t *)(blk + 192);
+            const float d = half_at(blk + 208);
+            *d_lo = mul(d, scales[2 * j]), *d_hi = mul(d, scales[2 * j + 1]), *c = 0.0f;
+            const __m256i low = nibbles32(blk + half * 64 + (k % 2) * 32, k / 2);
+            const __m256i high = _mm256_and_si256(
+                _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(blk + 128 + half * 32)), _mm_cvtsi32_si128(2 * k)),
+                _mm256_set1_epi8(3));
+            return _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
+        }
+        int sc, m;
+        k4_scale_min(blk + 4, j, &sc, &m);
+        *d_lo = *d_hi = mul(half_at(blk), (float)sc);
+        *c = -mul(half_at(blk + 2), (float)m);
+        __m256i q = nibbles32(blk + (qtype == Q4_K ? 16 : 48) + 32 * (j / 2), j & 1);
+        if (qtype == Q5_K) {
+            const __mmask32 bit = _mm256_test_epi8_mask(_mm256_loadu_si256((const __m256i *)(blk + 16)),
+                                                        _mm256_set1_epi8((char)(1 << j)));
+            q = _mm256_or_si256(q, _mm256_maskz_set1_epi8(bit, 0x10));
+        }
+        return q;
+    }
+    const uint8_t *blk = row + b * gguf_block_bytes(qtype);
+    const float d = half_at(blk);
+    *d_lo = *d_hi = d;
+    switch (qtype) {
+        case Q4_0: *c = -8.0f * d; return nibbles(blk + 2);
+        case Q4_1: *c = half_at(blk + 2); return nibbles(blk + 4);
+        case Q5_0: *c = -16.0f * d; return _mm256_or_si256(nibbles(blk + 6), fifth_bits(blk + 2));
+        case Q5_1: *c = half_at(blk + 2); return _mm256_or_si256(nibbles(blk + 8), fifth_bits(blk + 4));
+        default: *c = 0.0f; return _mm256_loadu_si256((const __m256i *)(blk + 2)); /* Q8_0 */
+    }
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+typedef struct {
+    int64_t M, K, N;
+    const uint8_t *w;
+    int64_t row_bytes;
+    const int8_t *xq;
+    const float *dx, *sx;
+    void *out;
+    int64_t ldo;
+    int bf16;
+} QGemm;
+
+/* rows [row0, row0 + rows) of x against weight rows [n0, n0 + cols): every weight block is unpacked
+ * once per tile, and each output keeps its own accumulators, so its value never depends on the tile */
+static inline __attribute__((always_inline)) void dot_tile(const QGemm *g, int64_t row0, const int rows, int64_t n0,
+                                                           const int cols, const int qtype) {
+    const int64_t blocks = g->K / QK;
+    __m256 acc[MR][NR];
+    __m128 off[MR][NR]; /* in lane 0; an explicit FMA chain the compiler can't reorder per tile shape */
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) acc[r][c] = _mm256_setzero_ps(), off[r][c] = _mm_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256i q[NR];
+        float d_lo[NR], d_hi[NR], coef[NR];
+        for (int c = 0; c < cols; c++) q[c] = unpack(g->w + (n0 + c) * g->row_bytes, b, qtype, &d_lo[c], &d_hi[c], &coef[c]);
+        for (int r = 0; r < rows; r++) {
+            const int64_t row = row0 + r;
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(g->xq + row * g->K + b * QK));
+            const __m256i xabs = _mm256_abs_epi8(xv);
+            const float dx = g->dx[row * blocks + b], sx = g->sx[row * blocks + b];
+            for (int c = 0; c < cols; c++) {
+                const __m256i dot = qtype == Q8_0 || qtype == Q6_K
+                    ? _mm256_dpbusd_epi32(_mm256_setzero_si256(), xabs, _mm256_sign_epi8(q[c], xv))
+                    : _mm256_dpbusd_epi32(_mm256_setzero_si256(), q[c], xv);
+                const __m256 scale = qtype == Q6_K
+                    ? _mm256_set_m128(_mm_set1_ps(mul(d_hi[c], dx)), _mm_set1_ps(mul(d_lo[c], dx)))
+                    : _mm256_set1_ps(mul(d_lo[c], dx));
+                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r][c]);
+                off[r][c] = _mm_fmadd_ss(_mm_set_ss(coef[c]), _mm_set_ss(sx), off[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) {
+            const float y = hsum(acc[r][c]) + _mm_cvtss_f32(off[r][c]);
+            const int64_t at = (row0 + r) * g->ldo + n0 + c;
+            if (g->bf16) ((uint16_t *)g->out)[at] = float_to_bf16(y);
+            else ((float *)g->out)[at] = y;
+        }
+}
+
+static inline __attribute__((always_inline)) void run_rows(const QGemm *g, int64_t row, int64_t rows, int64_t n,
+                                                           const int cols, const int qtype) {
+    switch (rows) {
+        case 4: dot_tile(g, row, 4, n, cols, qtype); break;
+        case 3: dot_tile(g, row, 3, n, cols, qtype); break;
+        case 2: dot_tile(g, row, 2, n, cols, qtype); break;
+        default: dot_tile(g, row, 1, n, cols, qtype); break;
+    }
+}
+
+static inline __attribute__((always_inline)) void run_chunk(const QGemm *g, int64_t row_begin, int64_t row_end,
+                                                            int64_t n_begin, int64_t n_end, const int qtype) {
+    for (int64_t n = n_begin; n < n_end; n += NR) {
+        const int full = n + NR <= n_end;
+        for (int64_t row = row_begin; row < row_end; row += MR) {
+            const int64_t rows = row_end - row < MR ? row_end - row : MR;
+            if (full) {
+                run_rows(g, row, rows, n, NR, qtype);
+            } else {
+                for (int64_t c = n; c < n_end; c++) run_rows(g, row, rows, c, 1, qtype);
+            }
+        }
+    }
+}
+
+#define COLS_PER_ITEM 16
+
+static void run_qgemm(const QGemm *g, int qtype) {
+    const int64_t chunks = (g->M + MC - 1) / MC, col_items = (g->N + COLS_PER_ITEM - 1) / COLS_PER_ITEM;
+    const int64_t items = chunks * col_items;
+#pragma omp parallel for schedule(static) if (g->M * g->N * g->K >= (1 << 16))
+    for (int64_t item = 0; item < items; item++) {
+        const int64_t chunk = item / col_items, cols = item % col_items;
+        const int64_t r0 = chunk * MC, r1 = r0 + MC < g->M ? r0 + MC : g->M;
+        const int64_t n0 = cols * COLS_PER_ITEM, n1 = n0 + COLS_PER_ITEM < g->N ? n0 + COLS_PER_ITEM : g->N;
+        switch (qtype) { /* one copy of the loops per type, so the unpacking is inlined */
+            case Q4_0: run_chunk(g, r0, r1, n0, n1, Q4_0); break;
+            case Q4_1: run_chunk(g, r0, r1, n0, n1, Q4_1); break;
+            case Q5_0: run_chunk(g, r0, r1, n0, n1, Q5_0); break;
+            case Q5_1: run_chunk(g, r0, r1, n0, n1, Q5_1); break;
+            case Q4_K: run_chunk(g, r0, r1, n0, n1, Q4_K); break;
+            case Q5_K: run_chunk(g, r0, r1, n0, n1, Q5_K); break;
+            case Q6_K: run_chunk(g, r0, r1, n0, n1, Q6_K); break;
+            default: run_chunk(g, r0, r1, n0, n1, Q8_0); break;
+        }
+    }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
+static inline __m512i bf16_pairs(__m512 lo, __m512 hi) { /* 32 floats -> 32 bf16 (nearest even), in order */
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
+    const __m512i a = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(lo), _mm512_add_epi32(bias,
+                                        _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(lo), 16), one))), 16);
+    const __m512i b = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(hi), _mm512_add_epi32(bias,
+                                        _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(hi), 16), one))), 16);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(a)), _mm512_cvtepi32_epi16(b), 1);
+}
+
+/* weight row n's values as bf16 into gemm.c's panel layout: packed[n / 64][K / 2][64][2] */
+static inline __attribute__((always_inline)) void dequant_row(const uint8_t *row, int64_t n, int64_t K, uint16_t *packed,
+                                                              const int qtype) {
+    uint16_t *panel = packed + (n / 64) * K * 64 + (n % 64) * 2;
+    for (int64_t b = 0; b < K / QK; b++) {
+        float d_lo, d_hi, c;
+        const __m256i q = unpack(row, b, qtype, &d_lo, &d_hi, &c);
+        const int is_signed = qtype == Q8_0 || qtype == Q6_K;
+        const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
+        const __m512i i0 = is_signed ? _mm512_cvtepi8_epi32(q0) : _mm512_cvtepu8_epi32(q0);
+        const __m512i i1 = is_signed ? _mm512_cvtepi8_epi32(q1) : _mm512_cvtepu8_epi32(q1);
+        const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_set1_ps(d_lo), _mm512_set1_ps(c));
+        const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_set1_ps(d_hi), _mm512_set1_ps(c));
+        uint32_t pairs[16];
+        _mm512_storeu_si512(pairs, bf16_pairs(w0, w1));
+        uint16_t *dst = panel + (b * QK / 2) * 128;
+        for (int p = 0; p < 16; p++) memcpy(dst + p * 128, &pairs[p], 4);
+    }
+}
+#endif
+
+/* W [N, K] as GGML blocks -> bf16 in gemm.c's packed panels (pack_linear_bf16's layout; the
+ * padding columns of the last panel are left as they are: linear_bf16 never stores them), for
+ * matmuls with many rows, where the bf16 kernel's register tiles beat unpacking a block per row
+ * of x. -1: not served here. */
+int dequant_pack_gguf(const uint8_t *w, int qtype, int64_t N, int64_t K, uint16_t *packed) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
+    if (gguf_block_bytes(qtype) == 0 || K % block_values(qtype)) return -1;
+    const int64_t row_bytes = K / block_values(qtype) * gguf_block_bytes(qtype);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * row_bytes;
+        switch (qtype) {
+            case Q4_0: dequant_row(row, n, K, packed, Q4_0); break;
+            case Q4_1: dequant_row(row, n, K, packed, Q4_1); break;
+            case Q5_0: dequant_row(row, n, K, packed, Q5_0); break;
+            case Q5_1: dequant_row(row, n, K, packed, Q5_1); break;
+            case Q4_K: dequant_row(row, n, K, packed, Q4_K); break;
+            case Q5_K: dequant_row(row, n, K, packed, Q5_K); break;
+            case Q6_K: dequant_row(row, n, K, packed, Q6_K); break;
+            default: dequant_row(row, n, K, packed, Q8_0); break;
+        }
+    }
+    return 0;
+#else
+    (void)w; (void)qtype; (void)N; (void)K; (void)packed;
+    return -1;
+#endif
+}
+
+/* x [M, K] (rows ldx apart; bf16 when bf16, else float32) @ W^T, W [N, K] as GGML blocks of type
+ * qtype (rows of K / 32 blocks) -> out [M, N] (rows ldo apart, x's dtype). -1: not served here. */
+int linear_gguf(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, const uint8_t *w, int qtype, int64_t N,
+                void *out, int64_t ldo) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
+    if (gguf_block_bytes(qtype) == 0 || K % block_values(qtype)) return -1;
+    const int64_t blocks = K / QK;
+    int8_t *xq = malloc((size_t)(M * K));
+    float *scales = malloc((size_t)(2 * M * blocks) * sizeof(float));
+    if (!xq || !scales) {
+        free(xq);
+        free(scales);
+        return -2;
+    }
+    float *dx = scales, *sx = scales + M * blocks;
+    const size_t elem = bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if (M >= 16)
+    for (int64_t m = 0; m < M; m++)
+        quantize_row((const char *)x + m * ldx * elem, bf16, K, xq + m * K, dx + m * blocks, sx + m * blocks);
+    QGemm g = {M, K, N, w, K / block_values(qtype) * gguf_block_bytes(qtype), xq, dx, sx, out, ldo, bf16};
+    run_qgemm(&g, qtype);
+    free(xq);
+    free(scales);
+    return 0;
+#else
+    (void)x; (void)M; (void)K; (void)ldx; (void)bf16; (void)w; (void)qtype; (void)N; (void)out; (void)ldo;
+    return -1;
+#endif
+}
+
+/*
+ * int8 linear layers (W8A8): a weight quantized per output channel (w = sw[n] * q), activations
+ * per row (x = sx[m] * xq, dynamic). vpdpbusd wants one unsigned operand, so x is stored as
+ * xq + 128 and the 128 * sum_k q[n, k] this adds is taken off at the end:
+ *
+ *   out[m, n] = sx[m] * sw[n] * (sum_k (xq + 128) q  -  128 * qsum[n])
+ *
+ * The weight is packed once at load into panels of 64 columns, four k per column:
+ * packed[panel][K4 / 4][64][4], K4 = K rounded up to 4 (zero padded), so each step over k
+ * reads 256 contiguous bytes against a broadcast 4 bytes of x; a 6 x 64 tile keeps 24 int32
+ * accumulators in registers for the whole K.
+ */
+#define PANEL8 64
+#define MR8 6
+
+static inline int64_t round4(int64_t k) { return (k + 3) / 4 * 4; }
+
+/* w [N, K] int8 -> packed panels; qsum[n] = sum_k w[n, k] */
+int pack_int8(const int8_t *w, int8_t *packed, int32_t *qsum, int64_t N, int64_t K) {
+    const int64_t K4 = round4(K), panels = (N + PANEL8 - 1) / PANEL8;
+    memset(packed, 0, (size_t)(panels * K4 * PANEL8));
+    for (int64_t n = 0; n < N; n++) {
+        int8_t *dst = packed + (n / PANEL8) * K4 * PANEL8 + (n % PANEL8) * 4;
+        int32_t sum = 0;
+        for (int64_t k = 0; k < K; k++) {
+            dst[(k / 4) * PANEL8 * 4 + (k % 4)] = w[n * K + k];
+            sum += w[n * K + k];
+        }
+        qsum[n] = sum;
+    }
+    return 0;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+typedef struct {
+    const uint8_t *xu; /* [M, K4]: xq + 128 */
+    const float *sx;
+    int64_t M, K4, N;
+    const int8_t *packed;
+    const float *sw, *bias;
+    const int32_t *qsum;
+    void *out;
+    int64_t ldo;
+    int bf16;
+} I8Gemm;
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static inline __attribute__((always_inline)) void tile8(const I8Gemm *g, int64_t row0, int64_t panel, const int rows) {
+    const int64_t quads = g->K4 / 4;
+    const int8_t *b = g->packed + panel * g->K4 * PANEL8;
+    __m512i acc[MR8][4];
+    for (int i = 0; i < rows; i++)
+        for (int v = 0; v < 4; v++) acc[i][v] = _mm512_setzero_si512();
+    for (int64_t p = 0; p < quads; p++) {
+        const __m512i b0 = _mm512_loadu_si512(b + p * 256), b1 = _mm512_loadu_si512(b + p * 256 + 64);
+        const __m512i b2 = _mm512_loadu_si512(b + p * 256 + 128), b3 = _mm512_loadu_si512(b + p * 256 + 192);
+        for (int i = 0; i < rows; i++) {
+            int32_t quad;
+            memcpy(&quad, g->xu + (row0 + i) * g->K4 + p * 4, 4);
+            const __m512i a = _mm512_set1_epi32(quad);
+            acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], a, b0);
+            acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], a, b1);
+            acc[i][2] = _mm512_dpbusd_epi32(acc[i][2], a, b2);
+            acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], a, b3);
+        }
+    }
+    for (int v = 0; v < 4; v++) {
+        const int64_t col = panel * PANEL8 + 16 * v, left = g->N - col;
+        if (left <= 0) break;
+        const __mmask16 live = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+        const __m512i correction = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(live, g->qsum + col), 7);
+        const __m512 sw = _mm512_maskz_loadu_ps(live, g->sw + col);
+        const __m512 bias = g->bias ? _mm512_maskz_loadu_ps(live, g->bias + col) : _mm512_setzero_ps();
+        for (int i = 0; i < rows; i++) {
+            const int64_t row = row0 + i;
+            const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][v], correction));
+            const __m512 y = _mm512_fmadd_ps(dot, _mm512_mul_ps(sw, _mm512_set1_ps(g->sx[row])), bias);
+            if (g->bf16) {
+                uint16_t *dst = (uint16_t *)g->out + row * g->ldo + col;
+                _mm256_mask_storeu_epi16(dst, live, _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+                    _mm512_add_epi32(_mm512_castps_si512(y), _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                    _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(y), 16), _mm512_set1_epi32(1)))), 16)));
+            } else {
+                _mm512_mask_storeu_ps((float *)g->out + row * g->ldo + col, live, y);
+            }
+        }
+    }
+}
+
+static void run_i8gemm(const I8Gemm *g) {
+    const int64_t panels = (g->N + PANEL8 - 1) / PANEL8;
+    int64_t chunk_rows = 8 * MR8;
+    const int64_t chunks = (g->M + chunk_rows - 1) / chunk_rows, items = chunks * panels;
+#pragma omp parallel for schedule(static) if (g->M * g->N * g->K4 >= (1 << 16))
+    for (int64_t item = 0; item < items; item++) {
+        const int64_t chunk = item / panels, panel = item % panels;
+        const int64_t begin = chunk * chunk_rows, end = begin + chunk_rows < g->M ? begin + chunk_rows : g->M;
+        for (int64_t row = begin; row < end; row += MR8) {
+            switch (end - row < MR8 ? end - row : MR8) {
+                case 6: tile8(g, row, panel, 6); break;
+                case 5: tile8(g, row, panel, 5); break;
+                case 4: tile8(g, row, panel, 4); break;
+                case 3: tile8(g, row, panel, 3); break;
+                case 2: tile8(g, row, panel, 2); break;
+                default: tile8(g, row, panel, 1); break;
+            }
+        }
+    }
+}
+
+static float load_x(const void *x, int bf16, int64_t i) {
+    if (!bf16) return ((const float *)x)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)x)[i] << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+#endif
+
+/* x [M, K] (rows ldx apart; bf16 or float32) @ W^T (+ bias float32 [N] or NULL), W packed by
+ * pack_int8 with per-channel scales sw [N] -> out [M, N] in x's dtype. -1: not served here. */
+int linear_int8(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, const int8_t *packed, const float *sw,
+                const int32_t *qsum, int64_t N, const float *bias, void *out, int64_t ldo) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+    const int64_t K4 = round4(K);
+    uint8_t *xu = malloc((size_t)(M * K4));
+    float *sx = malloc((size_t)M * sizeof(float));
+    if (!xu || !sx) {
+        free(xu);
+        free(sx);
+        return -2;
+    }
+    const size_t elem = bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if (M >= 16)
+    for (int64_t m = 0; m < M; m++) {
+        const char *row = (const char *)x + m * ldx * elem;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(load_x(row, bf16, k)));
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        sx[m] = amax / 127.0f;
+        for (int64_t k = 0; k < K; k++) xu[m * K4 + k] = (uint8_t)(lrintf(load_x(row, bf16, k) * inv) + 128);
+        for (int64_t k = K; k < K4; k++) xu[m * K4 + k] = 128;
+    }
+    I8Gemm g = {xu, sx, M, K4, N, packed, sw, bias, qsum, out, ldo, bf16};
+    run_i8gemm(&g);
+    free(xu);
+    free(sx);
+    return 0;
+#else
+    (void)x; (void)M; (void)K; (void)ldx; (void)bf16; (void)packed; (void)sw; (void)qsum; (void)N; (void)bias;
+    (void)out; (void)ldo;
+    return -1;
+#endif
+}

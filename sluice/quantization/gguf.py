@@ -1,0 +1,207 @@
+"""GGUF weights run as they are stored: each linear layer keeps its GGML blocks in memory.
+
+The matmul is sluice/layers/csrc/quant.c where the CPU has AVX-512 VNNI (activations quantized
+per row to int8, as llama.cpp does); elsewhere the layer's blocks are dequantized on the fly, one
+layer at a time, and multiplied with F.linear (slow, but the memory stays that of the file).
+A fused layer (q/k/v, gate/up) runs quantized when its checkpoint shards share one type; layers
+in a type no kernel reads here load dequantized, and the load log names them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import gguf
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sluice.layers import native
+from sluice.platform import cpu_flags
+from sluice.quantization.base import LinearMethod, QuantizationConfig
+
+logger = logging.getLogger(__name__)
+
+Q = gguf.GGMLQuantizationType
+# The types quant.c reads; the portable path reads these too.
+KERNEL_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+_DENSE_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
+_KERNEL_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"}
+HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+# From this many rows of x, dequantizing the weight to bf16 panels beats the integer kernel
+# (which unpacks each block once per 4 rows); measured on an AMD EPYC (Zen 4).
+MANY_ROWS = 16
+
+
+def kernel_available() -> bool:
+    """Whether quant.c's VNNI kernel runs on this CPU."""
+    return _KERNEL_FLAGS <= cpu_flags() and native.load_library() is not None
+
+
+def row_bytes(qtype: Q, in_features: int) -> int:
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return in_features // block_size * type_size
+
+
+def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_features: int) -> torch.Tensor | None:
+    """x [..., K] @ W^T with W [N, K] as GGML blocks (uint8 [N, row bytes]), by quant.c; None where
+    the kernel can't serve the call (no kernel here, another device or dtype)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or not kernel_available():
+        return None
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = x.new_empty(x.shape[0], out_features)
+    status = native.load_library().linear_gguf(
+        x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), int(x.dtype == torch.bfloat16), blocks.data_ptr(),
+        int(qtype), out_features, out.data_ptr(), out.stride(0))
+    return out.view(*shape[:-1], out_features) if status == 0 else None
+
+
+def gguf_linear_many_rows(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_features: int,
+                          bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The same product for many rows of bf16 x: the weight dequantized into the bf16 kernel's
+    panels (one pass over the blocks), then gemm.c's register tiles; None where that can't run."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or "avx512_bf16" not in cpu_flags():
+        return None
+    lib = native.load_library()
+    in_features = x.shape[-1]
+    packed = torch.empty(-(-out_features // native.PANEL) * native.PANEL * in_features, dtype=torch.bfloat16)
+    if lib is None or lib.dequant_pack_gguf(blocks.data_ptr(), int(qtype), out_features, in_features,
+                                            packed.data_ptr()) != 0:
+        return None
+    return native.linear(x, packed, out_features, None if bias is None else bias.float())
+
+
+def dequantize(blocks: torch.Tensor, qtype: Q, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] of GGML blocks, by the gguf package (the reference)."""
+    return torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), qtype)).to(dtype)
+
+
+class GGUFLinearMethod(LinearMethod):
+    def __init__(self, qtype: Q) -> None:
+        self.qtype = qtype
+
+    def create_weights(self, layer: nn.Module) -> None:
+        shape = (layer.out_features, row_bytes(self.qtype, layer.in_features))
+        layer.weight = nn.Parameter(torch.empty(shape, dtype=torch.uint8), requires_grad=False)
+
+    def blocks(self, layer: nn.Module) -> torch.Tensor:
+        return layer.weight
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        blocks = self.blocks(layer)
+        if x.numel() >= MANY_ROWS * x.shape[-1]:
+            out = gguf_linear_many_rows(x, blocks, self.qtype, layer.out_features, layer.bias)
+            if out is not None:
+                return out
+        out = gguf_linear(x, blocks, self.qtype, layer.out_features)
+        if out is None:
+            return F.linear(x, dequantize(blocks, self.qtype, x.dtype), layer.bias)
+        return out if layer.bias is None else out + layer.bias
+
+    def describe(self) -> str:
+        return f"GGUF {self.qtype.name} ({'VNNI kernel' if kernel_available() else 'dequantized per call'})"
+
+
+class TiedHeadMethod(GGUFLinearMethod):
+    """An lm_head tied to the embedding, which the file stores once (token_embd): its weight is
+    the embedding's blocks already."""
+
+    def create_weights(self, layer: nn.Module) -> None:
+        pass
+
+
+class GGUFEmbedding(nn.Embedding):
+    """An embedding whose table stays in GGML blocks: the rows looked up are dequantized."""
+
+    qtype: Q
+    out_dtype: torch.dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return dequantize(self.weight[input_ids.reshape(-1)], self.qtype, self.out_dtype).view(
+            *input_ids.shape, self.embedding_dim)
+
+
+class GGUFConfig(QuantizationConfig):
+    """Linear layers of a GGUF file keep the file's blocks (`--quantization gguf`, the default
+    for .gguf models)."""
+
+    name = "gguf"
+
+    def __init__(self, path: str, hf_config) -> None:
+        self.tensor_types = read_tensor_types(path, hf_config)  # Hugging Face weight name -> its GGML type
+        self.quantized: set[str] = set()
+        self.dequantized: Counter[str] = Counter()
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """The embedding keeps its blocks too (and so does an lm_head tied to it)."""
+        qtype = self.tensor_types.get(EMBEDDING)
+        embedding = model.get_submodule(EMBEDDING.rpartition(".")[0])
+        if qtype not in KERNEL_TYPES or type(embedding) is not nn.Embedding:
+            return
+        dense = embedding.weight
+        blocks = nn.Parameter(torch.empty(dense.shape[0], row_bytes(qtype, dense.shape[1]), dtype=torch.uint8),
+                              requires_grad=False)
+        for module in model.modules():
+            if module._parameters.get("weight") is dense:  # the embedding, and a tied lm_head
+                module.weight = blocks
+        embedding.__class__ = GGUFEmbedding
+        embedding.qtype, embedding.out_dtype = qtype, dense.dtype
+        self.quantized.add(EMBEDDING)
+
+    def get_linear_method(self, layer: nn.Module, checkpoint_names: list[str]) -> LinearMethod | None:
+        if checkpoint_names == [HEAD] and HEAD not in self.tensor_types:
+            tied = EMBEDDING in self.quantized and layer.weight.dtype == torch.uint8
+            return TiedHeadMethod(self.tensor_types[EMBEDDING]) if tied else None
+        types = {self.tensor_types.get(name) for name in checkpoint_names}
+        if None in types or types <= _DENSE_TYPES:
+            return None  # not in the file or stored dense
+        qtype = types.pop()
+        if types or qtype not in KERNEL_TYPES or layer.in_features % gguf.GGML_QUANT_SIZES[qtype][0]:
+            self.dequantized[" + ".join(sorted(t.name for t in types | {qtype}))] += 1
+            return None
+        self.quantized.update(checkpoint_names)
+        return GGUFLinearMethod(qtype)
+
+    def raw_weight_names(self) -> set[str]:
+        return self.quantized
+
+    def log_summary(self) -> None:
+        if self.dequantized:
+            logger.info("GGUF: linear layers loaded dequantized (types no kernel reads, or mixed types in one "
+                        "fused layer): %s", ", ".join(f"{n} x {t}" for t, n in sorted(self.dequantized.items())))
+
+
+def read_tensor_types(path: str, hf_config) -> dict[str, Q]:
+    """Hugging Face weight name -> GGML type of every tensor of a GGUF file."""
+    from sluice.loader.gguf import gguf_architecture, hf_names, open_gguf
+
+    reader = open_gguf(path)
+    names = hf_names(hf_config, gguf_architecture(reader, path))
+    # tensors without a name here are reported by the weight loader
+    return {names[tensor.name]: Q(tensor.tensor_type) for tensor in reader.tensors if tensor.name in names}
+
+
+def requantize_file(source: str, target: str, qtype: Q) -> None:
+    """A copy of a GGUF file with every block-quantized tensor requantized to `qtype` (metadata and
+    dense tensors as they are): a Q8_0 twin of a Q4_1 model, for tests and benchmarks."""
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(target, str(reader.get_field("general.architecture").contents()))
+    for field in reader.fields.values():
+        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
+            kind = field.types[0]
+            writer.add_key_value(field.name, field.contents(), kind,
+                                 sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    for tensor in reader.tensors:
+        if tensor.tensor_type in _DENSE_TYPES:
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+        else:
+            dense = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            writer.add_tensor(tensor.name, gguf.quants.quantize(dense, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
