@@ -2,14 +2,13 @@
 the model runs (sluice.config's `quantization`, the checkpoint's own quantization_config), and
 sluice.layers.linear.set_linear_methods gives each linear layer its LinearMethod.
 
-Methods: gguf (gguf.py: a GGUF file's blocks as stored; what `auto` picks for a .gguf in bfloat16
-where the VNNI kernel runs), int8 (int8.py: int8 blocks quantized at load), compressed-tensors
+Methods: gguf (gguf.py: a GGUF file's blocks as stored; opt-in until its kernels beat bf16 at
+batch), int8 (int8.py: int8 blocks quantized at load), compressed-tensors
 (int8.py: an int8 checkpoint as stored; `auto` for such a checkpoint), none (dense weights).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from sluice.loader import ModelLoadError, ModelSource
@@ -37,16 +36,16 @@ def declared_quantization(hf_config) -> dict | None:
     return declared.to_dict() if hasattr(declared, "to_dict") else vars(declared)
 
 
-def get_quantization_config(method: str, source: ModelSource, hf_config, dtype: torch.dtype) -> QuantizationConfig:
-    """The method the model runs: `method` as the user gave it (auto: the checkpoint's own, or gguf
-    for a GGUF in bfloat16), checked against what the checkpoint holds."""
+def get_quantization_config(method: str, source: ModelSource, hf_config) -> QuantizationConfig:
+    """The method the model runs: `method` as the user gave it (auto: the checkpoint's own, else
+    none), checked against what the checkpoint holds."""
     declared = declared_quantization(hf_config) if source.kind == "hf_folder" else None
     if declared is not None:
         return _checkpoint_config(method, declared, source)
     if method == "auto":
-        # float32 is asked for exactness: there a GGUF stays dequantized unless gguf is asked for
-        fast = source.kind == "gguf" and dtype == torch.bfloat16 and _gguf_kernel_available()
-        method = "gguf" if fast else "none"
+        # A GGUF stays dequantized unless gguf is asked for: on this project's machines the block
+        # kernels match bf16 at one row but lose at batch (W1 0.73x, benchmarks/quantization.py).
+        method = "none"
     if method == "gguf":
         if source.kind != "gguf":
             raise ModelLoadError(f"quantization='gguf' (--quantization) needs a .gguf model; "
@@ -78,10 +77,3 @@ def _checkpoint_config(method: str, declared: dict, source: ModelSource) -> Quan
     from sluice.quantization.int8 import CompressedTensorsConfig
 
     return CompressedTensorsConfig(declared, source.path)
-
-
-def _gguf_kernel_available() -> bool:
-    """Without the VNNI kernel a GGUF runs faster dequantized at load than on its blocks."""
-    from sluice.quantization.gguf import kernel_available
-
-    return kernel_available()

@@ -112,7 +112,7 @@ def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch
     method, load the weights, and put the unquantized layers on the fastest linear path.
     Returns the model and the name of the quantization in use."""
     model_class = get_model_class(hf_config)
-    quant_config = get_quantization_config(quantization, source, hf_config, dtype)
+    quant_config = get_quantization_config(quantization, source, hf_config)
     with _default_dtype(dtype), device:
         model = model_class(hf_config)
     quant_config.prepare_model(model)
