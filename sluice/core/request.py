@@ -76,6 +76,8 @@ class Request:
         self.num_worker_tokens = 0
         self.num_worker_blocks = 0
         self.spec_token_ids: list[int] = []  # drafts to verify in the next step (speculative decoding)
+        self.max_spec_tokens: int | None = None  # drafts it may verify next; None: num_speculative_tokens
+        self.spec_rest_steps = 0  # steps without drafts since a lone draft failed
         self.grammar: RequestGrammar | None = None  # set by the scheduler for structured outputs
         self.trace_headers = req.trace_headers
         # Wall-clock timestamps for metrics and traces, comparable with arrival_time.
