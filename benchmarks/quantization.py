@@ -29,7 +29,6 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 
 import gguf
 import torch
@@ -38,23 +37,9 @@ from sluice.bench.datasets import random_token_ids
 from sluice.bench.offline import time_batch, time_generate
 from sluice.quantization.gguf import requantize_file
 
+from roofline import best_of, memory_bandwidth  # benchmarks/ is on sys.path when run as a script
+
 METHODS = ("none", "gguf", "int8", "gguf-q8_0")
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def copy_bandwidth() -> float:
-    src = torch.ones(1 << 29, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * src.element_size() / best_of(lambda: dst.copy_(src), 5)
 
 
 def vnni_peak() -> float | None:
@@ -151,7 +136,7 @@ def main() -> None:
     path = resolve_model(None).path
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {os.path.basename(path)} "
           f"({os.path.getsize(path) / 2**20:.1f} MiB)")
-    bandwidth, peak = copy_bandwidth(), vnni_peak()
+    bandwidth, peak = memory_bandwidth(), vnni_peak()
     print(f"machine: copy bandwidth {bandwidth / 1e9:.1f} GB/s; int8 VNNI peak "
           + (f"{peak / 1e12:.2f} TOPS" if peak else "n/a (no VNNI kernel here)"))
 

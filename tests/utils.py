@@ -18,6 +18,31 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 
+def model_folder_factory(tmp_path_factory, make_model, prefix: str):
+    """Factory: key -> a folder holding make_model(key) as transformers saves it, with the SmolLM2
+    tokenizer; each key built once."""
+    cache: dict[str, str] = {}
+
+    def build(key: str) -> str:
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{prefix}-{key}")
+            make_model(key).save_pretrained(folder)
+            smollm2_tokenizer().save_pretrained(folder)
+            cache[key] = str(folder)
+        return cache[key]
+
+    return build
+
+
+def random_model(config):
+    """A transformers model of this config with seeded random float32 weights."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
 def tiny_config(arch: str):
     """2 layers, hidden 64, GQA (4 heads, 2 KV heads), the real SmolLM2 vocabulary."""
     import transformers

@@ -25,7 +25,7 @@ from tests.engine.test_scheduler_paths import COMMON, prompts, tokens
 from tests.models.test_gguf_families import add_byte_tokenizer
 from tests.models.test_model_forward import MiniRunner, hf_logits
 from tests.models.test_parity import check_bfloat16, check_float32, hf_greedy, prompt_ids, run_sluice
-from tests.utils import smollm2_tokenizer
+from tests.utils import model_folder_factory
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
             max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
@@ -62,17 +62,7 @@ def hf_model(arch: str, **overrides) -> transformers.PreTrainedModel:
 @pytest.fixture(scope="module")
 def moe_model_dir(tmp_path_factory):
     """Factory: arch -> folder saved by transformers (per-expert tensors, as checkpoints ship)."""
-    cache: dict[str, str] = {}
-
-    def build(arch: str) -> str:
-        if arch not in cache:
-            folder = tmp_path_factory.mktemp(f"tiny-{arch}")
-            hf_model(arch).save_pretrained(folder)
-            smollm2_tokenizer().save_pretrained(folder)
-            cache[arch] = str(folder)
-        return cache[arch]
-
-    return build
+    return model_folder_factory(tmp_path_factory, hf_model, "tiny")
 
 
 def ours_from(hf: transformers.PreTrainedModel, weights) -> torch.nn.Module:

@@ -15,7 +15,7 @@ from sluice.models.registry import get_model_class
 
 from tests.models.test_model_forward import MiniRunner, hf_logits
 from tests.models.test_parity import NUM_TOKENS, check_bfloat16, check_float32, hf_greedy
-from tests.utils import smollm2_tokenizer
+from tests.utils import model_folder_factory, random_model
 
 WINDOW = 16
 PROMPT_LENS = (101, 23, 70)  # six windows, under two, four
@@ -38,19 +38,7 @@ def windowed_config(arch: str):
 @pytest.fixture(scope="session")
 def windowed_model_dir(tmp_path_factory):
     """Factory: arch -> folder with a tiny random windowed model and the SmolLM2 tokenizer."""
-    cache: dict[str, str] = {}
-
-    def build(arch: str) -> str:
-        if arch not in cache:
-            folder = tmp_path_factory.mktemp(f"windowed-{arch}")
-            torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(windowed_config(arch), dtype=torch.float32)
-            model.save_pretrained(folder)
-            smollm2_tokenizer().save_pretrained(folder)
-            cache[arch] = str(folder)
-        return cache[arch]
-
-    return build
+    return model_folder_factory(tmp_path_factory, lambda arch: random_model(windowed_config(arch)), "windowed")
 
 
 def long_prompts() -> list[list[int]]:
