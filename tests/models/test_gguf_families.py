@@ -48,9 +48,8 @@ def add_byte_tokenizer(writer: gguf.GGUFWriter) -> None:
     writer.add_pad_token_id(0)
 
 
-def write_gguf(path: str, arch: str, model) -> None:
-    config = model.config
-    writer = gguf.GGUFWriter(path, arch)
+def add_decoder_metadata(writer: gguf.GGUFWriter, config) -> None:
+    """The decoder's sizes, as llama.cpp's converter writes them for every architecture here."""
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -60,6 +59,12 @@ def write_gguf(path: str, arch: str, model) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters.get("full_attention", config.rope_parameters)["rope_theta"])
     writer.add_vocab_size(config.vocab_size)
+
+
+def write_gguf(path: str, arch: str, model) -> None:
+    config = model.config
+    writer = gguf.GGUFWriter(path, arch)
+    add_decoder_metadata(writer, config)
     if arch in ("gemma2", "gemma3"):
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)

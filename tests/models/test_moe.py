@@ -22,7 +22,7 @@ from sluice.models.registry import get_model_class
 from sluice.platform import current_platform
 
 from tests.engine.test_scheduler_paths import COMMON, prompts, tokens
-from tests.models.test_gguf_families import add_byte_tokenizer
+from tests.models.test_gguf_families import add_byte_tokenizer, add_decoder_metadata
 from tests.models.test_model_forward import MiniRunner, hf_logits
 from tests.models.test_parity import check_bfloat16, check_float32, hf_greedy, prompt_ids, run_sluice
 from tests.utils import model_folder_factory
@@ -250,14 +250,7 @@ def write_gguf(hf: transformers.PreTrainedModel, path: str, arch: str) -> None:
     """A float32 GGUF of a tiny Qwen-MoE model, with a byte-level tokenizer."""
     config = hf.config
     writer = gguf.GGUFWriter(path, arch)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    add_decoder_metadata(writer, config)
     writer.add_expert_count(config.num_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_expert_feed_forward_length(config.moe_intermediate_size)
@@ -266,7 +259,6 @@ def write_gguf(hf: transformers.PreTrainedModel, path: str, arch: str) -> None:
     if getattr(config, "head_dim", None):
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
-    writer.add_vocab_size(config.vocab_size)
     add_byte_tokenizer(writer)
     for name, array in gguf_tensors(hf):
         writer.add_tensor(name, array)
