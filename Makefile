@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: venv serve chat test bench
+.PHONY: venv serve chat test bench browser
 
 venv: $(STAMP)
 
@@ -27,7 +27,13 @@ chat: venv
 # this leg reruns only the bfloat16 ones, where the two paths differ.
 PORTABLE_TESTS := tests/models tests/unit/test_attention.py tests/engine
 
-test: venv
+# The /dashboard test drives the system's Chromium (Debian packages), installed here when missing
+# and root or sudo can; without them that one test is skipped.
+browser:
+	@command -v chromedriver >/dev/null || { S=$$(command -v sudo); $$S apt-get update -q && \
+		$$S apt-get install -y -q chromium chromium-driver; } || echo "no chromium: the /dashboard browser test is skipped"
+
+test: venv browser
 	$(VENV)/bin/python -m pytest -q tests
 	SLUICE_DISABLE_NATIVE=1 $(VENV)/bin/python -m pytest -q $(PORTABLE_TESTS) -k "bfloat16 or bf16"
 

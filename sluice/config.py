@@ -145,13 +145,31 @@ class LoadConfig:
 class ParallelConfig:
     tensor_parallel_size: int = arg(1, "tensor-parallel ranks", available=(1,), aliases=("-tp",))
     pipeline_parallel_size: int = arg(1, "pipeline stages", available=(1,), aliases=("-pp",))
-    data_parallel_size: int = arg(1, "data-parallel engine replicas", available=(1,), aliases=("-dp",))
+    data_parallel_size: int = arg(1, "data-parallel engine replicas: `sluice serve` runs this many engine cores, "
+                                     "each on its own CPUs, and sends each request to the least loaded",
+                                  aliases=("-dp",))
+    data_parallel_rank: int | None = arg(
+        None, "this server's rank among --data-parallel-size replicas started as separate servers (external "
+              "load balancing, e.g. behind vllm-router): it runs that one engine, labelled engine=RANK in metrics")
     distributed_executor_backend: str = arg(
         "uni", "where the model runner lives: uni (in the engine core process) or mp (a worker process)",
         choices=("uni", "mp", "ray"), available=("uni", "mp"))
 
     def __post_init__(self) -> None:
         _check_values(self)
+        size, rank = self.data_parallel_size, self.data_parallel_rank
+        _check(_is_int(size) and size >= 1, f"data_parallel_size must be an int >= 1; got {size!r}")
+        _check(rank is None or (_is_int(rank) and 0 <= rank < size),
+               f"data_parallel_rank must be an int in [0, data_parallel_size - 1 = {size - 1}]; got {rank!r}")
+
+    def local_ranks(self) -> list[int]:
+        """The data-parallel ranks whose engine cores this server runs."""
+        return list(range(self.data_parallel_size)) if self.data_parallel_rank is None else [self.data_parallel_rank]
+
+    @property
+    def engine_index(self) -> str:
+        """vLLM's `engine` metrics label: this engine's data-parallel rank."""
+        return str(self.data_parallel_rank or 0)
 
 
 @dataclass
@@ -163,8 +181,11 @@ class CacheConfig:
     kv_cache_memory_fraction: float | None = arg(None, "KV cache size as a fraction of available memory")
     gpu_memory_utilization: float | None = arg(None, "vLLM's GPU memory share; on CPU it sets "
                                                      "--kv-cache-memory-fraction")
-    kv_cache_dtype: str = arg("auto", "KV cache dtype; auto: the model's dtype",
-                              choices=("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"), available=("auto",))
+    kv_cache_dtype: str = arg("auto", "KV cache dtype: auto (the model's dtype), fp8 (= fp8_e4m3) or int8, "
+                                      "one byte an element with a scale per token and KV head (blocks take "
+                                      "about half the bytes of bf16, so twice as many fit)",
+                              choices=("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "int8"),
+                              available=("auto", "fp8", "fp8_e4m3", "int8"))
 
     def __post_init__(self) -> None:
         _check_values(self)
@@ -293,14 +314,71 @@ class StructuredOutputsConfig:
 
 @dataclass
 class LoRAConfig:
-    enable_lora: bool = arg(False, "serve LoRA adapters", available=(False,))
+    enable_lora: bool = arg(False, "serve LoRA adapters (PEFT folders) on top of the base model")
+    max_loras: int = arg(1, "adapters a step may use at once; requests for others wait")
+    max_lora_rank: int = arg(16, "largest LoRA rank an adapter may have (its slots are sized for it)")
+    max_cpu_loras: int | None = arg(None, "adapters kept loaded in memory, least recently used evicted "
+                                          "beyond (default: max_loras)")
+    lora_dtype: str = arg("auto", "dtype of the LoRA weights: auto (the model's), float32 or bfloat16",
+                          choices=("auto", "float32", "bfloat16"))
 
     def __post_init__(self) -> None:
         _check_values(self)
+        for name in ("max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+        _check(self.max_cpu_loras is None or (_is_int(self.max_cpu_loras) and self.max_cpu_loras >= self.max_loras),
+               f"max_cpu_loras must be an int >= max_loras ({self.max_loras}), got {self.max_cpu_loras!r}")
+
+    @property
+    def cpu_loras(self) -> int:
+        return self.max_cpu_loras or self.max_loras
+
+    def torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype if self.lora_dtype == "auto" else resolve_dtype(self.lora_dtype)
+
+
+RUNNERS = ("auto", "generate", "pooling")  # vLLM's --runner
+TASK_RUNNERS = {"generate": "generate", "embed": "pooling", "embedding": "pooling", "classify": "pooling",
+                "score": "pooling", "reward": "pooling", "encode": "pooling"}  # vLLM's old --task
+POOLER_CONFIG_KEYS = ("pooling_type", "normalize", "dimensions")
+POOLING_TYPES = ("LAST", "MEAN", "CLS")
+
+
+@dataclass
+class PoolingConfig:
+    runner: str = arg("auto", "what the model runs: generate (text), pooling (embeddings, scores); auto: "
+                              "pooling for encoder-only and *ForSequenceClassification checkpoints",
+                      choices=RUNNERS)
+    task: str | None = arg(None, "deprecated: use --runner (embed, classify, score, encode: pooling)",
+                           choices=(None, *TASK_RUNNERS))
+    pooler_config: dict | None = arg(
+        None, 'JSON object overriding the model folder\'s sentence-transformers pooling: {"pooling_type": '
+              '"LAST"|"MEAN"|"CLS", "normalize": bool, "dimensions": n (Matryoshka sizes allowed)}')
+
+    def __post_init__(self) -> None:
+        _check_values(self)
+        _check_json_object("pooler_config", self.pooler_config)
+        if self.task is not None:
+            runner = TASK_RUNNERS[self.task]
+            _check(self.runner in ("auto", runner),
+                   f"task={self.task!r} (deprecated) means runner={runner!r}, but runner={self.runner!r} was given")
+            self.runner = runner
+        unknown = sorted(set(self.pooler_config or {}) - set(POOLER_CONFIG_KEYS))
+        _check(not unknown, f"pooler_config: unknown key(s) {', '.join(map(repr, unknown))}; "
+                            f"known: {', '.join(POOLER_CONFIG_KEYS)}")
+        kind = (self.pooler_config or {}).get("pooling_type")
+        _check(kind is None or kind in POOLING_TYPES,
+               f"pooler_config: pooling_type must be one of {', '.join(POOLING_TYPES)}; got {kind!r}")
+
+    def notes(self) -> list[str]:
+        if self.task is None:
+            return []
+        return [f"task={self.task!r} is deprecated (as in vLLM): use runner={self.runner!r} (--runner {self.runner})"]
 
 
 SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3")  # vLLM's names
-SPECULATIVE_METHODS_AVAILABLE = ("ngram", "draft_model")
+SPECULATIVE_MODEL_METHODS = ("draft_model", "eagle", "eagle3")  # the ones that load a second model
 MAX_SPECULATIVE_TOKENS = 16
 # Speculation pays while a step is bound by reading the weights; on CPU a batch of this many decode
 # rows is already compute-bound, so verifying k more rows per request costs more than it saves.
@@ -317,6 +395,7 @@ class SpeculativeConfig:
               '"num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b, '
               '"disable_by_batch_size": n (no drafts in steps with more running requests; default '
               f'{DEFAULT_DISABLE_BY_BATCH_SIZE})}}, or {{"method": "draft_model", "model": PATH, '
+              '"num_speculative_tokens": k}, or {"method": "eagle" | "eagle3", "model": PATH (an EAGLE head), '
               '"num_speculative_tokens": k}')
 
     def __post_init__(self) -> None:
@@ -331,9 +410,6 @@ class SpeculativeConfig:
         method = spec.get("method")
         _check(method in SPECULATIVE_METHODS, f"{where}: method must be one of "
                                               f"{', '.join(SPECULATIVE_METHODS)}; got {method!r}")
-        _check(method in SPECULATIVE_METHODS_AVAILABLE,
-               f"{where}: method {method!r} is not available yet in sluice; accepted today: "
-               f"{', '.join(SPECULATIVE_METHODS_AVAILABLE)}")
         values = {**_SPECULATIVE_KEYS, **spec}
         k = values["num_speculative_tokens"]
         _check(_is_int(k) and 1 <= k <= MAX_SPECULATIVE_TOKENS,
@@ -346,8 +422,9 @@ class SpeculativeConfig:
                f"{where}: prompt_lookup_min and prompt_lookup_max must be ints with "
                f"1 <= prompt_lookup_min <= prompt_lookup_max; got {low!r}, {high!r}")
         model = values["model"]
-        _check((method == "draft_model") == (model is not None),
-               f"{where}: a model (a path or name) is needed for method 'draft_model' and only there; got {model!r}")
+        _check((method in SPECULATIVE_MODEL_METHODS) == (model is not None),
+               f"{where}: a model (a path or name) is needed for methods "
+               f"{', '.join(SPECULATIVE_MODEL_METHODS)} and only there; got {model!r}")
         _check(model is None or (isinstance(model, str) and model != ""),
                f"{where}: model must be a path or name; got {model!r}")
         limit = values["disable_by_batch_size"]
@@ -366,8 +443,8 @@ class SpeculativeConfig:
 
     @property
     def num_lookahead_tokens(self) -> int:
-        """KV slots past a step's tokens that a draft model writes while it proposes."""
-        return self.num_speculative_tokens if self.enabled and self.method == "draft_model" else 0
+        """KV slots past a step's tokens that a draft model or head writes while it proposes."""
+        return self.num_speculative_tokens if self.enabled and self.method in SPECULATIVE_MODEL_METHODS else 0
 
     def speculates(self, num_running: int) -> bool:
         """Whether a step with this many running requests proposes drafts (the one rule)."""
@@ -389,10 +466,12 @@ class EngineConfig:
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    pooling: PoolingConfig = field(default_factory=PoolingConfig)
 
     PARTS = {"model": ModelConfig, "load": LoadConfig, "parallel": ParallelConfig, "cache": CacheConfig,
              "scheduler": SchedulerConfig, "observability": ObservabilityConfig,
-             "structured_outputs": StructuredOutputsConfig, "lora": LoRAConfig, "speculative": SpeculativeConfig}
+             "structured_outputs": StructuredOutputsConfig, "lora": LoRAConfig, "speculative": SpeculativeConfig,
+             "pooling": PoolingConfig}
 
     @property
     def model_name(self) -> str:
@@ -423,4 +502,4 @@ class EngineConfig:
 
     def notes(self) -> list[str]:
         """What the accepted-but-inert vLLM arguments mean here, for the start-up log."""
-        return [note for part in (self.model, self.cache, self.scheduler) for note in part.notes()]
+        return [note for part in (self.model, self.cache, self.scheduler, self.pooling) for note in part.notes()]

@@ -100,19 +100,26 @@ class Platform:
 
     @functools.cached_property
     def _native_bf16(self) -> bool:
-        if self.device.type != "cpu" or "avx512_bf16" not in self.cpu_flags:
-            return False
+        return self.device.type == "cpu" and "avx512_bf16" in self.cpu_flags and self._native_library
+
+    @functools.cached_property
+    def _native_library(self) -> bool:
+        """Whether sluice's C kernels built and loaded here (any CPU with a compiler)."""
         from sluice.layers import native
 
         return native.load_library() is not None
 
-    def attention_backend_name(self, dtype: torch.dtype, num_heads: int, head_dim: int) -> str:
-        """"native" where the C kernels serve the shape, else "torch" (any CPU, CUDA)."""
+    def attention_backend_name(self, dtype: torch.dtype, num_heads: int, head_dim: int,
+                               kv_cache_dtype: str = "auto") -> str:
+        """"native" where the C kernels serve the shape, else "torch" (any CPU, CUDA). A compact KV
+        cache (int8 / fp8) the C kernel reads on any CPU that built it, in bf16 or float32."""
         from sluice.layers.attention.native_backend import NativeBackend
 
-        if self.native_kernels(dtype) and NativeBackend.supports(num_heads, head_dim):
-            return "native"
-        return "torch"
+        if kv_cache_dtype != "auto":
+            native_ok = self.device.type == "cpu" and self._native_library
+        else:
+            native_ok = self.native_kernels(dtype)
+        return "native" if native_ok and NativeBackend.supports(num_heads, head_dim) else "torch"
 
 
 @functools.lru_cache(maxsize=None)

@@ -43,6 +43,22 @@ def random_model(config):
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+def memoryless_llama(folder, vocab_size: int = 64) -> dict:
+    """Save a tiny random Llama over `vocab_size` tokens whose attention output is zeroed (its next
+    token depends on the current one only) with the SmolLM2 tokenizer; returns its state dict."""
+    import torch
+
+    config = tiny_config("llama")
+    config.vocab_size = vocab_size
+    model = random_model(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+    model.save_pretrained(folder)
+    smollm2_tokenizer().save_pretrained(folder)
+    return model.state_dict()
+
+
 def tiny_config(arch: str):
     """2 layers, hidden 64, GQA (4 heads, 2 KV heads), the real SmolLM2 vocabulary."""
     import transformers

@@ -3,7 +3,8 @@ nothing needs a display and no global backend setting changes.
 
 - latency_cdf.png: cumulative distributions of TTFT, TPOT, ITL and E2EL, one line per run;
 - sweep_throughput.png: request and output-token throughput against load;
-- sweep_latency.png: p95 (solid) and p99 (dashed) TTFT and ITL against load, with the targets.
+- sweep_latency.png: p95 (solid) and p99 (dashed) TTFT and ITL against load, with the targets;
+- engine_timeline.png (with --save-trace): the server's KV pool, queues and each step's batch over time.
 """
 
 from __future__ import annotations
@@ -70,6 +71,40 @@ def sweep_plots(mode: str, levels: list[dict], slos: dict[str, float], directory
         ax.legend(fontsize="small")
     paths.append(_save(fig, directory, "sweep_latency.png"))
     return paths
+
+
+def engine_timeline(trace: list[dict], directory: str) -> str:
+    """Three panels on one time axis (seconds from the trace's start): KV blocks in use and cached,
+    running and waiting requests with preemptions marked, and each step's decode and prefill tokens
+    against the step's token budget."""
+    fig = Figure(figsize=(11, 8))
+    pool, queues, batch = fig.subplots(3, 1, sharex=True)
+    if trace:
+        t0 = trace[0]["t"]
+        t = [s["t"] - t0 for s in trace]
+        pool.plot(t, [s["in_use"] for s in trace], label="in use")
+        pool.plot(t, [s["cached"] for s in trace], label="cached, reusable")
+        pool.axhline(trace[0]["num_blocks"], color="grey", linestyle=":", label="usable blocks")
+        queues.step(t, [s["running"] for s in trace], where="post", label="running")
+        queues.step(t, [s["waiting"] for s in trace], where="post", label="waiting")
+        preempted = [x for x, s in zip(t, trace) if s["preemptions"]]
+        if preempted:
+            queues.plot(preempted, [0] * len(preempted), "rx", label="preemption")
+        steps = [step for s in trace for step in s["steps"]]
+        x = [step[1] - t0 for step in steps]
+        decode = np.array([step[2] for step in steps])
+        prefill = np.array([step[3] for step in steps])
+        batch.vlines(x, 0, decode, color="tab:blue", label="decode tokens")
+        batch.vlines(x, decode, decode + prefill, color="tab:purple", label="prefill tokens")
+        batch.axhline(trace[0]["budget"], color="grey", linestyle=":", label="token budget")
+    for ax, title, unit in ((pool, "KV block pool", "blocks"), (queues, "Queues", "requests"),
+                            (batch, "Each step's batch", "tokens")):
+        ax.set_title(title)
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="upper right")
+    batch.set_xlabel("seconds")
+    return _save(fig, directory, "engine_timeline.png")
 
 
 def _nan(value: float | None) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from sluice.bench.metrics import (
 from sluice.bench.sweep import (
     choose_level, format_level, meets_slos, parse_slos, parse_sweep, slo_percentiles, sweep_table, verdict,
 )
+from sluice.bench.trace import TraceRecorder, load_trace
 
 DEFAULT_TIMEOUT_S = 6 * 3600  # a whole long run's request may legitimately wait this long in a queue
 
@@ -109,6 +111,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--result-filename", metavar="NAME", default=None,
                         help="file name for --save-result (default: derived from the run)")
     report.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots into DIR")
+    report.add_argument("--save-trace", default=None, metavar="FILE",
+                        help="record the server's engine over the run (its /dashboard stream: KV pool, queues, "
+                             "each step's batch) into FILE as JSON lines; with --plot, draws engine_timeline.png")
     report.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
 
 
@@ -426,23 +431,32 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         return 1
     warm_up(args, endpoint, tokenizer)
     config = run_config(args, endpoint, tokenizer_name)
-    if args.sweep_mode:
-        result, runs = run_sweep(args, endpoint, tokenizer, config)
-    else:
-        summary, records = run_level(args, endpoint, tokenizer, args.seed, args.request_rate, args.max_concurrency)
-        print(format_summary(summary, args.print_metrics, args.print_percentiles))
-        result = {**config, **summary, "requests": [r.to_json() for r in records]}
-        runs = [("run", records)]
+    with contextlib.ExitStack() as stack:
+        if args.save_trace:
+            stack.enter_context(TraceRecorder(root, request_headers(args.api_key, args.extra_headers), args.save_trace))
+        result, runs = run_levels(args, endpoint, tokenizer, config)
     if args.save_result:
         save_json(result_path(args, config), result)
     if args.plot:
-        from sluice.bench.plots import latency_cdfs, sweep_plots
+        from sluice.bench.plots import engine_timeline, latency_cdfs, sweep_plots
 
         paths = [latency_cdfs(runs, args.plot)]
         if args.sweep_mode:
             paths += sweep_plots(args.sweep_mode, result["sweep"]["levels"], args.slo_targets, args.plot)
+        if args.save_trace:
+            paths.append(engine_timeline(load_trace(args.save_trace), args.plot))
         print("plots: " + ", ".join(paths))
     return 0
+
+
+def run_levels(args: argparse.Namespace, endpoint: Endpoint, tokenizer,
+               config: dict) -> tuple[dict, list[tuple[str, list[RequestRecord]]]]:
+    """The sweep, or the one run: the result to save and the (label, records) runs to plot."""
+    if args.sweep_mode:
+        return run_sweep(args, endpoint, tokenizer, config)
+    summary, records = run_level(args, endpoint, tokenizer, args.seed, args.request_rate, args.max_concurrency)
+    print(format_summary(summary, args.print_metrics, args.print_percentiles))
+    return {**config, **summary, "requests": [r.to_json() for r in records]}, [("run", records)]
 
 
 def run_sweep(args: argparse.Namespace, endpoint: Endpoint, tokenizer,

@@ -25,12 +25,50 @@ first; hit blocks already behind the window are never taken (the null block stan
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sluice.core.block_pool import BlockPool, KVCacheBlock, hash_block
 from sluice.core.request import Request
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """The cache's shape, as the length checks (input processor, scheduler, startup log) need it."""
+
+    num_blocks: int  # usable blocks
+    block_size: int
+    sliding_window: int | None = None  # every layer windowed: the widest window
+
+    def blocks_behind_window(self, num_computed: int) -> int:
+        """Leading blocks no future token reads: the next one, at position num_computed, reads
+        keys from num_computed - sliding_window + 1 on."""
+        if self.sliding_window is None:
+            return 0
+        return max(num_computed - self.sliding_window + 1, 0) // self.block_size
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        """The most blocks a request holds on its way to num_tokens tokens: all of them, or with a
+        window on every layer those a window can straddle (the rest went back to the pool)."""
+        if self.sliding_window is None:
+            return cdiv(num_tokens, self.block_size)
+        return min(cdiv(num_tokens, self.block_size), cdiv(self.sliding_window - 1, self.block_size) + 1)
+
+    def max_new_tokens(self, num_computed: int) -> int:
+        """The most tokens one step can add after num_computed with the whole cache to itself."""
+        return (self.num_blocks + self.blocks_behind_window(num_computed)) * self.block_size - num_computed
+
+    def fits(self, num_tokens: int) -> bool:
+        return self.blocks_needed(num_tokens) <= self.num_blocks
+
+    def describe(self, num_tokens: int) -> str:
+        """Why a request of num_tokens tokens does not fit, for its error message."""
+        window = f" (sliding window {self.sliding_window})" if self.sliding_window else ""
+        return (f"a request of {num_tokens} tokens needs {self.blocks_needed(num_tokens)} KV blocks{window}; "
+                f"the whole cache holds {self.num_blocks} blocks of {self.block_size} tokens")
 
 
 class KVCacheManager:
@@ -44,8 +82,8 @@ class KVCacheManager:
         self.num_hashed_blocks: dict[str, int] = {}  # leading blocks of a request already indexed
 
     @property
-    def capacity_tokens(self) -> int:
-        return self.pool.num_usable_blocks * self.block_size
+    def spec(self) -> KVCacheSpec:
+        return KVCacheSpec(self.pool.num_usable_blocks, self.block_size, self.sliding_window)
 
     def usage(self) -> float:
         return self.pool.usage()
@@ -84,7 +122,7 @@ class KVCacheManager:
         computed_blocks = computed_blocks or []
         held = self.req_blocks.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
-        num_behind = self._num_blocks_behind_window(num_computed)
+        num_behind = self.spec.blocks_behind_window(num_computed)
         self._free_blocks_behind(held, num_behind)  # dead whether or not this allocation succeeds
         null = self.pool.null_block
         computed_blocks = [null] * min(num_behind, len(computed_blocks)) + computed_blocks[num_behind:]
@@ -122,13 +160,6 @@ class KVCacheManager:
         """Blocks a request holds, not counting the null block standing in for freed ones."""
         return sum(1 for b in self.req_blocks.get(request_id, ()) if b is not self.pool.null_block)
 
-    def _num_blocks_behind_window(self, num_computed: int) -> int:
-        """Leading blocks no future token reads: the next one, at position num_computed, reads
-        keys from num_computed - sliding_window + 1 on."""
-        if self.sliding_window is None:
-            return 0
-        return max(num_computed - self.sliding_window + 1, 0) // self.block_size
-
     def _free_blocks_behind(self, held: list[KVCacheBlock], num_behind: int) -> None:
         """Return the held blocks before index num_behind to the pool (cached ones stay
         evictable), the null block taking their place."""
@@ -144,7 +175,7 @@ class KVCacheManager:
         parent = hashes[-1][0] if hashes else None
         for start in range(len(hashes) * bs, request.num_tokens - bs + 1, bs):
             tokens = tuple(request.all_token_ids[start : start + bs])
-            parent, key = hash_block(parent, tokens, request.cache_salt)
+            parent, key = hash_block(parent, tokens, request.block_hash_extra)
             hashes.append((parent, key))
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:

@@ -57,6 +57,10 @@ class Request:
         self.arrival_seq = next(_arrival_counter)  # breaks ties between equal arrival times
         self.priority = req.priority
         self.cache_salt = req.cache_salt
+        self.lora_request = req.lora_request
+        # folded into every block hash: adapters never share KV (nor do salts)
+        self.block_hash_extra = req.cache_salt if req.lora_request is None else (req.lora_request.lora_int_id,
+                                                                                 req.cache_salt)
         self.max_tokens = max_tokens
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(req.prompt_token_ids)
@@ -80,6 +84,7 @@ class Request:
         self.spec_rest_steps = 0  # steps without drafts since a lone draft failed
         self.grammar: RequestGrammar | None = None  # set by the scheduler for structured outputs
         self.trace_headers = req.trace_headers
+        self.pooling_params = req.pooling_params
         # Wall-clock timestamps for metrics and traces, comparable with arrival_time.
         self.queued_time = self.arrival_time
         self.first_scheduled_time: float | None = None

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sluice.pooling.params import PoolingParams
+from sluice.lora.request import LoRARequest
 from sluice.sampling_params import SamplingParams
 
 
@@ -25,6 +27,8 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     stop_token_ids: list[int]  # EOS (unless ignore_eos) and stop ids: min_tokens bans them
+    pooling_params: PoolingParams | None = None  # pooled once its prompt has run, never sampled
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
@@ -54,6 +58,8 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)  # in batch order, drafts included
     # draft tokens scheduled after a request's known tokens: the worker verifies them
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # drafts the worker may propose per request after this step's sampling (absent: none, e.g. it rests)
+    max_drafts: dict[str, int] = field(default_factory=dict)
     total_num_scheduled_tokens: int = 0
     finished_req_ids: list[str] = field(default_factory=list)  # the worker drops their state
     preempted_req_ids: list[str] = field(default_factory=list)  # the worker drops their blocks
@@ -68,6 +74,7 @@ class RunnerOutput:
     logprobs: dict[str, list[tuple]] = field(default_factory=dict)  # per token: (top ids, top logprobs, rank)
     prompt_logprobs: dict[str, list] = field(default_factory=dict)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)  # drafts proposed for the next step
+    pooler_output: dict[str, list[float]] = field(default_factory=dict)  # pooling requests whose prompt ended
 
 
 def encode_hook(obj):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 
 from sluice.config import SchedulerConfig, SpeculativeConfig
-from sluice.core.kv_cache_manager import KVCacheManager, cdiv
+from sluice.core.kv_cache_manager import KVCacheManager
 from sluice.core.request import Request, RequestStatus
 from sluice.core.request_queue import create_request_queue
 from sluice.core.sched_output import GrammarBitmask, NewRequestData, RunnerOutput, SchedulerOutput
@@ -35,8 +35,9 @@ SPEC_REST_STEPS = 8
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
                  structured_output: StructuredOutputManager | None = None,
-                 speculative: SpeculativeConfig | None = None) -> None:
+                 speculative: SpeculativeConfig | None = None, max_loras: int | None = None) -> None:
         self.config = config
+        self.max_loras = max_loras  # distinct adapters running at once; None: LoRA is off
         self.speculative = speculative or SpeculativeConfig()
         self.kv = kv
         self.max_model_len = max_model_len
@@ -44,12 +45,14 @@ class Scheduler:
         self.waiting = create_request_queue(config.scheduling_policy)
         self.waiting_for_grammar: list[Request] = []  # out of the queue until their grammar compiles
         self.running: list[Request] = []
+        self.num_waiting_for_lora = 0  # waiting requests passed over last step: their adapter had no slot
         self.requests: dict[str, Request] = {}
         self.finished_outputs: list[EngineCoreOutput] = []  # finished outside a step (aborts, errors)
         # What the worker must still hear: requests it holds that finished, or lost their blocks.
         self.finished_for_worker: list[str] = []
         self.preempted_for_worker: list[str] = []
         self.stats = IterationStats()  # what happened since the stat loggers last took it
+        self.whole_prompts = False  # encoder-only models: a prompt runs in one step or waits
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -103,12 +106,15 @@ class Scheduler:
         pool = self.kv.pool
         return SchedulerStats(
             num_running=len(self.running),
-            num_waiting_capacity=len(self.waiting),
-            num_waiting_deferred=len(self.waiting_for_grammar),
+            num_waiting_capacity=len(self.waiting) - self.num_waiting_for_lora,
+            num_waiting_deferred=len(self.waiting_for_grammar) + self.num_waiting_for_lora,
             num_waiting_tokens=self.num_waiting_tokens(),
             kv_cache_usage=pool.usage(),
             num_free_blocks=pool.num_free_blocks(),
             num_total_blocks=pool.num_usable_blocks,
+            running_lora_adapters=_adapter_names(self.running),
+            waiting_lora_adapters=_adapter_names(self.waiting),
+            max_lora=self.max_loras or 0,
         )
 
     # ---- the step ---------------------------------------------------------------------
@@ -118,6 +124,7 @@ class Scheduler:
         scheduled: dict[Request, int] = {}  # request -> tokens this step, in batch order
         budget = self.config.max_num_batched_tokens
         budget, preempted = self._schedule_running(scheduled, budget)
+        self.num_waiting_for_lora = 0
         if not preempted:  # nothing new joins a step that had to preempt
             self._schedule_waiting(scheduled, budget)
         return self._output(scheduled)
@@ -136,10 +143,14 @@ class Scheduler:
                 self.waiting_for_grammar.remove(request)
                 self._enqueue(request)
 
-    def _chunk(self, remaining: int, budget: int) -> int:
-        """Tokens to schedule for a request with `remaining` uncomputed tokens."""
+    def _chunk(self, remaining: int, budget: int, num_computed: int) -> int:
+        """Tokens to schedule for a request with `remaining` uncomputed tokens after num_computed,
+        no more than the whole cache holds at once (a windowed prompt may be longer than that)."""
+        if self.whole_prompts:
+            return remaining if remaining <= budget else 0
         if remaining > 1:
-            remaining = min(remaining, self.config.long_prefill_token_threshold)
+            remaining = min(remaining, self.config.long_prefill_token_threshold,
+                            max(self.kv.spec.max_new_tokens(num_computed), 1))
         return min(remaining, budget)
 
     def _schedule_running(self, scheduled: dict[Request, int], budget: int) -> tuple[int, bool]:
@@ -151,7 +162,7 @@ class Scheduler:
             if request.spec_token_ids and not speculate:
                 request.spec_token_ids = []
             num_known = request.num_tokens - request.num_computed_tokens
-            num_new = self._chunk(num_known + len(request.spec_token_ids), budget)
+            num_new = self._chunk(num_known + len(request.spec_token_ids), budget, request.num_computed_tokens)
             if num_new <= 0:
                 index += 1
                 continue
@@ -183,16 +194,23 @@ class Scheduler:
         num_partial = sum(
             1 for r in self.running if r.num_tokens - r.num_computed_tokens > 1
         )
+        adapters = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
+        passed_over: list[Request] = []  # their adapter would be one too many this step
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
             if num_partial >= self.config.max_num_partial_prefills:
                 break
-            if cdiv(request.num_tokens, self.kv.block_size) > self.kv.pool.num_usable_blocks:
+            if not self._adapter_fits(request, adapters):
+                passed_over.append(self.waiting.pop())
+                continue
+            if not self.kv.spec.fits(request.num_tokens):
                 # preempted after its output outgrew the whole cache
                 self._finish_with_error(request, self._outgrown_message(request))
                 continue
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
-            num_new = self._chunk(request.num_tokens - num_hit_tokens, budget)
+            num_new = self._chunk(request.num_tokens - num_hit_tokens, budget, num_hit_tokens)
+            if num_new == 0:  # a whole prompt waits for a step with room
+                break
             lookahead = self.speculative.num_lookahead_tokens  # a draft model proposes after the prompt
             if self.kv.allocate_slots(request, num_new, hits, lookahead) is None and (
                     not lookahead or self.kv.allocate_slots(request, num_new, hits) is None):
@@ -208,14 +226,23 @@ class Scheduler:
                 request.first_scheduled_time = time.time()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if request.lora_request is not None:
+                adapters.add(request.lora_request.lora_int_id)
             scheduled[request] = num_new
             budget -= num_new
             if request.num_tokens - request.num_computed_tokens - num_new > 0:
                 num_partial += 1
+        for request in reversed(passed_over):  # back in front, in their order
+            self.waiting.add_preempted(request)
+        self.num_waiting_for_lora = len(passed_over)
+
+    def _adapter_fits(self, request: Request, adapters: set[int]) -> bool:
+        """At most max_loras distinct adapters run at once (each holds a slot in every layer)."""
+        lora = request.lora_request
+        return lora is None or lora.lora_int_id in adapters or len(adapters) < (self.max_loras or 0)
 
     def _outgrown_message(self, request: Request) -> str:
-        return (f"request needs {cdiv(request.num_tokens, self.kv.block_size)} KV blocks; "
-                f"the cache holds {self.kv.pool.num_usable_blocks} blocks of {self.kv.block_size} tokens")
+        return self.kv.spec.describe(request.num_tokens)
 
     def _preempt(self, request: Request, scheduled: dict[Request, int]) -> int:
         """Free a running request's blocks; it recomputes from scratch (prefix cache permitting).
@@ -252,7 +279,8 @@ class Scheduler:
             if request.num_worker_tokens == 0:
                 out.new_requests.append(NewRequestData(
                     rid, request.prompt_token_ids, request.sampling_params, [b.block_id for b in blocks],
-                    request.num_computed_tokens, sorted(request.stop_token_ids),
+                    request.num_computed_tokens, sorted(request.stop_token_ids), request.pooling_params,
+                    request.lora_request,
                 ))
             else:
                 cached.req_ids.append(rid)
@@ -265,6 +293,9 @@ class Scheduler:
             if request.spec_token_ids:
                 spec[rid] = request.spec_token_ids
                 self.stats.record_drafts(len(request.spec_token_ids))
+            budget = self._draft_budget(request) if self.speculative.enabled else 0
+            if budget:
+                out.max_drafts[rid] = budget
             if request.grammar is not None and request.num_computed_tokens >= num_tokens:
                 sampling_grammars.append(request)
         out.num_scheduled_tokens = {r.request_id: n for r, n in scheduled.items()}
@@ -285,6 +316,8 @@ class Scheduler:
         self.finished_outputs = []
         now = time.time()
         prompt_logprobs = result.prompt_logprobs
+        if result.pooler_output:
+            self._finish_pooled(result.pooler_output, outputs, now)
         for rid, tokens in result.sampled_token_ids.items():
             request = self.requests.get(rid)
             if request is None or request.status.finished:  # aborted since it was scheduled
@@ -324,24 +357,52 @@ class Scheduler:
                 output.finish_reason = status.finish_reason
                 output.stop_reason = request.stop_reason
                 output.error = request.error
-            elif rid in result.spec_token_ids:
-                request.spec_token_ids = self._usable_drafts(request, result.spec_token_ids[rid])
+            else:
+                self._count_rest(request)
+                if rid in result.spec_token_ids:
+                    request.spec_token_ids = self._usable_drafts(request, result.spec_token_ids[rid])
             outputs.append(output)
         for rid, plp in prompt_logprobs.items():  # prompt chunks that sampled nothing yet
             if rid not in result.sampled_token_ids and rid in self.requests:
                 outputs.append(EngineCoreOutput(rid, [], new_prompt_logprobs=plp))
         return outputs
 
+    def _finish_pooled(self, pooled: dict[str, list[float]], outputs: list[EngineCoreOutput], now: float) -> None:
+        """Pooling requests end with their prompt: one output carrying the vector, blocks freed."""
+        for rid, vector in pooled.items():
+            request = self.requests.get(rid)
+            if request is None or request.status.finished:  # aborted since it was scheduled
+                continue
+            request.first_token_time = request.last_token_time = now
+            self.stats.num_prompt_tokens += request.num_prompt_tokens
+            self.stats.time_to_first_tokens.append(now - request.arrival_time)
+            self._finish(request, RequestStatus.FINISHED_STOPPED, emit=False)
+            outputs.append(EngineCoreOutput(rid, [], finish_reason="stop", pooling_output=vector,
+                                            num_cached_tokens=max(request.num_cached_tokens, 0),
+                                            num_preemptions=request.num_preemptions))
+
+    @staticmethod
+    def _count_rest(request: Request) -> None:
+        """A request resting after its lone draft failed drafts one token again SPEC_REST_STEPS
+        steps later."""
+        if request.max_spec_tokens == 0:
+            request.spec_rest_steps += 1
+            if request.spec_rest_steps >= SPEC_REST_STEPS:
+                request.spec_rest_steps, request.max_spec_tokens = 0, 1
+
+    def _draft_budget(self, request: Request) -> int:
+        """Drafts the worker may propose for the request in this step, to verify in the next: none
+        while it rests, so a draft model or head costs nothing then (its drafts would be dropped)."""
+        if request.max_spec_tokens == 0:
+            return 1 if request.spec_rest_steps + 1 >= SPEC_REST_STEPS else 0
+        k = self.speculative.num_speculative_tokens
+        return k if request.max_spec_tokens is None else min(request.max_spec_tokens, k)
+
     def _usable_drafts(self, request: Request, drafts: list[int]) -> list[int]:
         """The proposed drafts the request can use: as many as its recent drafts earned, never past
         max_tokens or max_model_len (the token after the drafts is sampled too), and for a grammar,
         only the prefix it accepts."""
         room = min(request.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
-        if request.max_spec_tokens == 0:  # resting; then one draft tries again
-            request.spec_rest_steps += 1
-            if request.spec_rest_steps < SPEC_REST_STEPS:
-                return []
-            request.spec_rest_steps, request.max_spec_tokens = 0, 1
         if request.max_spec_tokens is not None:
             room = min(room, request.max_spec_tokens)
         drafts = drafts[: max(room, 0)]
@@ -409,6 +470,15 @@ class Scheduler:
     def _finish_with_error(self, request: Request, message: str) -> None:
         request.error = message
         self._finish(request, RequestStatus.FINISHED_ERROR)
+
+
+def _adapter_names(requests) -> dict[str, int]:
+    """Requests per adapter name."""
+    names: dict[str, int] = {}
+    for request in requests:
+        if request.lora_request is not None:
+            names[request.lora_request.lora_name] = names.get(request.lora_request.lora_name, 0) + 1
+    return names
 
 
 def finished_request_stats(request: Request) -> FinishedRequestStats:

@@ -18,15 +18,17 @@ from sluice.core.sched_output import RunnerOutput
 from sluice.engine.messages import EngineCoreOutput, EngineCoreRequest, QueueFullError
 from sluice.executor.abstract import Executor
 from sluice.loader import ModelSource, get_tokenizer
+from sluice.metrics.dashboard import DashboardRecorder
 from sluice.metrics.loggers import LoggingStatLogger
 from sluice.metrics.prometheus import PrometheusStatLogger
+from sluice.pooling.config import PoolerConfig, position_offset
 from sluice.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger("sluice")
 
 
 def resolve_max_model_len(requested: int | None, hf_config) -> int:
-    model_len = getattr(hf_config, "max_position_embeddings", None) or 2048
+    model_len = (getattr(hf_config, "max_position_embeddings", None) or 2048) - position_offset(hf_config)
     if requested is None:
         return model_len
     if requested > model_len:
@@ -51,14 +53,23 @@ class EngineCore:
         num_blocks = self.executor.choose_num_blocks(max_useful)
         self.executor.initialize_cache(num_blocks)
         obs = config.observability
-        self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, obs.kv_cache_metrics,
+        self.pooler = PoolerConfig(**model["pooler"]) if model["pooler"] else None  # None: a generating model
+        encoder_only = model["bytes_per_block"] == 0
+        self.kv = KVCacheManager(num_blocks, block_size, self._prefix_caching(encoder_only), obs.kv_cache_metrics,
                                  sliding_window=model["sliding_window"])
         grammars = StructuredOutputManager(config.structured_outputs, functools.partial(get_tokenizer, config),
                                            hf_config.vocab_size)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, grammars, config.speculative)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, grammars, config.speculative,
+                                   config.lora.max_loras if config.lora.enable_lora else None)
+        self.scheduler.whole_prompts = encoder_only
+        if encoder_only and config.scheduler.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens={config.scheduler.max_num_batched_tokens} is less than "
+                             f"max_model_len={self.max_model_len}: an encoder-only model runs each prompt whole "
+                             "in one step; raise --max-num-batched-tokens or lower --max-model-len")
         self.metrics = PrometheusStatLogger(config, self.max_model_len, self.kv.pool.num_usable_blocks,
                                             self.quantization)
-        self.stat_loggers: list = [self.metrics]
+        self.dashboard = DashboardRecorder(self.scheduler, config.scheduler.max_num_batched_tokens)  # /dashboard
+        self.stat_loggers: list = [self.metrics, self.dashboard]
         if not obs.disable_log_stats:
             self.stat_loggers.append(LoggingStatLogger())
         self.tracer = None
@@ -69,11 +80,22 @@ class EngineCore:
             self.stat_loggers.append(self.tracer)
         cache_gib = num_blocks * model["bytes_per_block"] / 2**30
         logger.info(
-            "model %s loaded in %.1f s (%s, quantization %s); KV cache: %d blocks of %d tokens (%.2f GiB), "
-            "max concurrency %.1fx for %d-token requests",
+            "model %s loaded in %.1f s (%s, quantization %s); KV cache: %d blocks of %d tokens (%.2f GiB, "
+            "kv_cache_dtype %s), max concurrency %.1fx for %d-token requests",
             source.name, time.monotonic() - started, config.model.torch_dtype, self.quantization, num_blocks,
-            block_size, cache_gib, (num_blocks - 1) * block_size / self.max_model_len, self.max_model_len,
+            block_size, cache_gib, config.cache.kv_cache_dtype,
+            self.kv.spec.num_blocks / self.kv.spec.blocks_needed(self.max_model_len),
+            self.max_model_len,
         )
+
+    def _prefix_caching(self, encoder_only: bool) -> bool:
+        """A pooled vector may skip cached tokens only where it reads the last one alone (LAST);
+        an encoder-only model keeps no KV at all."""
+        wanted = self.config.cache.enable_prefix_caching
+        if wanted and (encoder_only or (self.pooler and self.pooler.pooling_type != "LAST")):
+            logger.info("prefix caching off: this model's pooling reads every prompt token")
+            return False
+        return wanted
 
     def add_requests(self, core_requests: list[EngineCoreRequest]) -> None:
         """Admit the children of one user request together, or none of them (QueueFullError)."""
@@ -110,13 +132,10 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    @property
-    def kv_capacity_tokens(self) -> int:
-        return self.kv.capacity_tokens
-
     def step(self) -> list[EngineCoreOutput]:
         started = time.time()
         sched = self.scheduler.schedule()
+        self.dashboard.on_step(sched)
         if not sched.total_num_scheduled_tokens:
             outputs = self.scheduler.update_from_output(sched, RunnerOutput())
         else:
@@ -153,6 +172,14 @@ class EngineCore:
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix; False (nothing done) while a request holds blocks."""
         return self.kv.pool.reset_prefix_cache()
+
+    def add_lora(self, lora_request) -> bool:
+        """Load and check an adapter on every worker (a ValueError names what is wrong); False if
+        it was already added."""
+        return self.executor.collective_rpc("add_lora", lora_request)[0]
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.executor.collective_rpc("remove_lora", lora_int_id)[0]
 
     @property
     def is_sleeping(self) -> bool:

@@ -57,6 +57,7 @@ class EngineCoreClient:
         self._pending_adds: dict[str, asyncio.Future] = {}
         self._pending_replies: dict[bytes, collections.deque[asyncio.Future]] = {
             msg.STATS: collections.deque(), msg.READY: collections.deque(), msg.UTILITY: collections.deque(),
+            msg.DASHBOARD: collections.deque(),
         }
         self._tasks: list[asyncio.Task] = []
         # Set by the owner (AsyncLLM); called from the receive loop.
@@ -97,6 +98,10 @@ class EngineCoreClient:
     async def metrics_text(self) -> bytes:
         """The core's metrics in Prometheus text format."""
         return await self._request(msg.STATS, msg.STATS)
+
+    async def dashboard_snapshot(self, since_step: int) -> dict:
+        """The core's state for /dashboard, with the steps after `since_step` (metrics/dashboard.py)."""
+        return await self._request(msg.DASHBOARD, msg.DASHBOARD, since_step)
 
     async def call_utility(self, method: str, *args):
         """Call a control method of the core (messages.UTILITY_METHODS); its refusal is a ValueError."""

@@ -44,8 +44,11 @@ class EngineCoreProc:
             "vocab_size": hf_config.vocab_size,
             "num_blocks": self.core.kv.pool.num_usable_blocks,
             "block_size": config.cache.block_size,
+            "sliding_window": self.core.kv.sliding_window,
             "scheduling_policy": config.scheduler.scheduling_policy,
             "pid": os.getpid(),
+            "pooler": dataclasses.asdict(self.core.pooler) if self.core.pooler else None,  # None: generates
+            "id2label": getattr(hf_config, "id2label", None),
             "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),  # for /server_info
         }
         self.socket = zmq.Context.instance().socket(zmq.ROUTER)
@@ -78,6 +81,8 @@ class EngineCoreProc:
             self.core.abort_requests(body)
         elif kind == msg.STATS:
             self._send(client, msg.STATS, self.core.metrics_text())
+        elif kind == msg.DASHBOARD:
+            self._send(client, msg.DASHBOARD, self.core.dashboard.snapshot(body))
         elif kind == msg.HELLO:
             self._send(client, msg.READY, self.info)
         elif kind == msg.UTILITY:
@@ -132,10 +137,12 @@ class EngineCoreProc:
                 pass
 
 
-def run_engine_core(config: EngineConfig, address: str, log_level: int) -> None:
-    """Process entry point."""
+def run_engine_core(config: EngineConfig, address: str, log_level: int, cpus: list[int] | None = None) -> None:
+    """Process entry point; `cpus`: the CPUs this core keeps to (one data-parallel replica of several)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_process_name(PROCESS_NAME)
+    if cpus is not None:
+        bind_to_cpus(cpus)
     # Ctrl-C reaches the whole process group; the API process decides when the core stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -163,12 +170,43 @@ def set_process_name(name: str) -> None:
         pass
 
 
-def start_engine_core(config: EngineConfig) -> tuple[multiprocessing.Process, str]:
+def bind_to_cpus(cpus: list[int]) -> None:
+    """Keep this process (and the threads and workers it starts) on these CPUs, one torch thread
+    each, as vLLM's CPU backend binds each rank's OpenMP threads."""
+    import torch
+
+    os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(len(cpus))
+    logger.info("engine core bound to CPUs %s", ",".join(map(str, cpus)))
+
+
+def split_cpus(num_parts: int) -> list[list[int]]:
+    """This process's CPUs in `num_parts` contiguous, equal shares (the remainder unused)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if num_parts > len(cpus):
+        raise ValueError(f"data_parallel_size={num_parts} (--data-parallel-size) needs a CPU per engine core; "
+                         f"this process may use {len(cpus)} ({','.join(map(str, cpus))})")
+    share = len(cpus) // num_parts
+    return [cpus[i * share:(i + 1) * share] for i in range(num_parts)]
+
+
+def start_engine_cores(config: EngineConfig) -> list[tuple[multiprocessing.Process, str]]:
+    """One core per data-parallel rank this server runs; several share the CPUs out between them."""
+    ranks = config.parallel.local_ranks()
+    if len(ranks) == 1:
+        return [start_engine_core(config)]
+    cpu_shares = split_cpus(len(ranks)) if config.model.device == "cpu" else [None] * len(ranks)
+    return [start_engine_core(dataclasses.replace(config, parallel=dataclasses.replace(
+                config.parallel, data_parallel_rank=rank)), cpus)
+            for rank, cpus in zip(ranks, cpu_shares)]
+
+
+def start_engine_core(config: EngineConfig, cpus: list[int] | None = None) -> tuple[multiprocessing.Process, str]:
     """Spawn the core process; returns it and the address API processes connect to."""
     address = f"ipc://{tempfile.gettempdir()}/sluice-core-{uuid.uuid4().hex[:12]}.sock"
     process = multiprocessing.get_context("spawn").Process(
-        target=run_engine_core, args=(config, address, logging.getLogger("sluice").getEffectiveLevel()),
-        name="sluice-engine-core", daemon=True,
+        target=run_engine_core, args=(config, address, logging.getLogger("sluice").getEffectiveLevel(), cpus),
+        name=f"sluice-engine-core-{config.parallel.engine_index}", daemon=True,
     )
     # The core's metrics live in a registry of its own; prometheus_client's multiprocess files
     # are for the API processes only, or a scrape would count the core's metrics twice.

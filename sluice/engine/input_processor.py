@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Union
 
+from sluice.core.kv_cache_manager import KVCacheSpec
 from sluice.engine.messages import EngineCoreRequest
+from sluice.lora.request import LoRARequest
 from sluice.sampling_params import SamplingParams
 from sluice.structured_output.backend import check_spec
 
@@ -38,10 +40,10 @@ def bad_words_token_ids(tokenizer, bad_words: list[str]) -> list[list[int]]:
 
 class InputProcessor:
     def __init__(self, tokenizer, max_model_len: int, vocab_size: int, eos_token_ids: tuple[int, ...] = (),
-                 scheduling_policy: str = "fcfs", kv_capacity_tokens: int | None = None, *,
+                 scheduling_policy: str = "fcfs", kv_cache: KVCacheSpec | None = None, *,
                  max_logprobs: int) -> None:
         self.tokenizer = tokenizer
-        self.kv_capacity_tokens = kv_capacity_tokens  # tokens the whole KV cache holds; None: unchecked
+        self.kv_cache = kv_cache  # None: unchecked
         self.max_logprobs = max_logprobs  # -1: no limit
         self.scheduling_policy = scheduling_policy
         self.max_model_len = max_model_len
@@ -93,7 +95,7 @@ class InputProcessor:
 
     def make_requests(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                       priority: int = 0, trace_headers: dict[str, str] | None = None,
-                      cache_salt: str | None = None) -> list[EngineCoreRequest]:
+                      cache_salt: str | None = None, lora_request: LoRARequest | None = None) -> list[EngineCoreRequest]:
         """One user request -> its core requests: n > 1 runs as n children `{id}-{index}`;
         seeded children get seed + index so that they differ."""
         if not isinstance(params, SamplingParams):
@@ -104,14 +106,15 @@ class InputProcessor:
             raise ValueError("cache_salt must be a non-empty string")
         if params.n == 1:
             return [self.make_request(request_id, prompt_token_ids, params, priority, trace_headers=trace_headers,
-                                      cache_salt=cache_salt)]
+                                      cache_salt=cache_salt, lora_request=lora_request)]
         children = []
         for index in range(params.n):
             child = params.clone()
             if child.seed is not None:
                 child.seed += index
             children.append(self.make_request(f"{request_id}-{index}", prompt_token_ids, child, priority,
-                                              trace_headers=trace_headers, cache_salt=cache_salt))
+                                              trace_headers=trace_headers, cache_salt=cache_salt,
+                                              lora_request=lora_request))
         return children
 
     def _prepare_token_controls(self, params: SamplingParams) -> None:
@@ -139,15 +142,14 @@ class InputProcessor:
                 f"max_tokens={max_tokens} plus the prompt's {num_prompt_tokens} tokens exceeds "
                 f"max_model_len={self.max_model_len}; ask for at most {self.max_model_len - num_prompt_tokens}"
             )
-        if self.kv_capacity_tokens is not None and num_prompt_tokens >= self.kv_capacity_tokens:
-            raise ValueError(
-                f"prompt has {num_prompt_tokens} tokens; the whole KV cache holds {self.kv_capacity_tokens} "
-                "tokens, which must leave room for at least one generated token"
-            )
+        if self.kv_cache is not None and not self.kv_cache.fits(num_prompt_tokens + 1):
+            raise ValueError(f"prompt has {num_prompt_tokens} tokens plus one generated: "
+                             f"{self.kv_cache.describe(num_prompt_tokens + 1)}")
 
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                      priority: int = 0, arrival_time: float | None = None,
-                     trace_headers: dict[str, str] | None = None, cache_salt: str | None = None) -> EngineCoreRequest:
+                     trace_headers: dict[str, str] | None = None, cache_salt: str | None = None,
+                     lora_request: LoRARequest | None = None) -> EngineCoreRequest:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         self.check_fits(len(prompt_token_ids), params.max_tokens)
@@ -168,6 +170,7 @@ class InputProcessor:
             priority=priority,
             cache_salt=cache_salt,
             trace_headers=trace_headers,
+            lora_request=lora_request,
             **extra,
         )
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from sluice.pooling.params import PoolingParams
+from sluice.lora.request import LoRARequest
 from sluice.sampling_params import SamplingParams
 
 
@@ -27,6 +29,8 @@ class EngineCoreRequest:
     priority: int = 0
     cache_salt: str | None = None  # extra key folded into block hashes (LoRA id, tenant salt)
     trace_headers: dict[str, str] | None = None  # W3C trace context of the HTTP request, for its span
+    pooling_params: PoolingParams | None = None  # a pooling request: prefill only, no sampling
+    lora_request: LoRARequest | None = None  # the adapter it runs under (already added to the core)
 
 
 @dataclass
@@ -42,6 +46,7 @@ class EngineCoreOutput:
     new_prompt_logprobs: list | None = None
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    pooling_output: list[float] | None = None  # a finished pooling request's vector (or class logits)
 
 
 class QueueFullError(RuntimeError):
@@ -55,15 +60,16 @@ ABORT = b"abort"  # list[str] request ids
 STATS = b"stats"  # None; the core answers STATS with its metrics in Prometheus text format
 HELLO = b"hello"  # None; the core answers READY with what the API side needs to know
 UTILITY = b"utility"  # [method, args]: a control call (UTILITY_METHODS); the core answers UTILITY
+DASHBOARD = b"dashboard"  # int: the last step seen; the core answers DASHBOARD with a snapshot (/dashboard)
 # core -> API
 ADDED = b"added"  # [first request id, None or the reason it was refused]
 OUTPUTS = b"outputs"  # list[EngineCoreOutput]
-READY = b"ready"  # dict: max_model_len, vocab_size, num_blocks, block_size, pid, config
+READY = b"ready"  # dict: max_model_len, vocab_size, num_blocks, block_size, sliding_window, pid, config
 FATAL = b"fatal"  # str: the core is going down, every request it held is lost
 # UTILITY answer: [result, None] or [None, error message]
 
 # EngineCore methods an API process may call, with no request in hand.
-UTILITY_METHODS = ("reset_prefix_cache", "sleep", "wake_up", "is_sleeping")
+UTILITY_METHODS = ("reset_prefix_cache", "sleep", "wake_up", "is_sleeping", "add_lora", "remove_lora")
 
 encode = msgspec.msgpack.Encoder().encode
 _decoders = {

@@ -15,7 +15,13 @@ from sluice.engine.core import EngineCore
 from sluice.engine.input_processor import InputProcessor, PromptType
 from sluice.engine.output_processor import OutputProcessor
 from sluice.loader import generation_defaults, get_tokenizer, load_eos_token_ids, load_hf_config, model_source
+from sluice.lora.request import LoRARequest
 from sluice.outputs import RequestOutput
+from sluice.pooling.config import check_pooling_params, require_runner
+from sluice.pooling.inputs import make_pooling_request, pair_token_ids
+from sluice.pooling.outputs import (ClassificationOutput, EmbeddingOutput, PoolingOutput, PoolingRequestOutput,
+                                    ScoringOutput, class_probs)
+from sluice.pooling.params import PoolingParams
 from sluice.sampling_params import SamplingParams
 
 logger = logging.getLogger("sluice")
@@ -32,6 +38,10 @@ class LLM:
         there; offline runs change only OFFLINE_DEFAULTS."""
         given = {name: value for name, value in kwargs.items() if value is not None}
         self.config = EngineConfig.from_kwargs(model=model, **{**OFFLINE_DEFAULTS, **given})
+        if len(self.config.parallel.local_ranks()) > 1:
+            raise ValueError(f"data_parallel_size={self.config.parallel.data_parallel_size}: LLM(...) runs one engine "
+                             "in this process; serve replicas with `sluice serve --data-parallel-size N`, or run one "
+                             "LLM per rank with data_parallel_rank=R")
         for note in self.config.notes():
             logger.info(note)
         torch.manual_seed(self.config.model.seed)
@@ -46,7 +56,7 @@ class LLM:
         logger.info("KV cache resident in %.1f s", time.perf_counter() - started)
         self.input_processor = InputProcessor(
             self.tokenizer, self.engine_core.max_model_len, hf_config.vocab_size, load_eos_token_ids(source),
-            self.config.scheduler.scheduling_policy, self.engine_core.kv_capacity_tokens,
+            self.config.scheduler.scheduling_policy, self.engine_core.kv.spec,
             max_logprobs=self.config.model.max_logprobs,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -82,24 +92,25 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         priority: Sequence[int] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run prompts to completion; results come back in input order."""
-        if isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]
-        prompts = list(prompts)
+        """Run prompts to completion; results come back in input order. lora_request: one adapter
+        for every prompt, or one (or None: the base model) per prompt."""
+        require_runner(self.engine_core.pooler, "generate", "generate()")
+        prompts = self._as_list(prompts)
         params_list = self._per_prompt(sampling_params or self.get_default_sampling_params(), len(prompts),
                                        "sampling_params")
         priorities = self._per_prompt(priority if priority is not None else 0, len(prompts), "priority")
+        loras = self._per_prompt(lora_request, len(prompts), "lora_request")
+        self._add_loras(loras)
         # Validate everything before the first request reaches the engine.
         batch = []
-        for prompt, params, prio in zip(prompts, params_list, priorities):
+        for prompt, params, prio, lora in zip(prompts, params_list, priorities, loras):
             text, token_ids = self.input_processor.tokenize_prompt(prompt)
             request_id = str(next(self._request_counter))
             salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None  # vLLM's prompt-dict key
             batch.append((request_id, text, self.input_processor.make_requests(request_id, token_ids, params, prio,
-                                                                               cache_salt=salt)))
+                                                                               cache_salt=salt, lora_request=lora)))
         for request_id, text, core_requests in batch:
             self.output_processor.add_requests(request_id, text, core_requests)
             for core_req in core_requests:
@@ -108,6 +119,14 @@ class LLM:
         core_ids = [core_req.request_id for _, _, children in batch for core_req in children]
         results = self._run(len(order), use_tqdm, core_ids)
         return sorted(results, key=lambda r: order[r.request_id])
+
+    def _add_loras(self, loras: list[LoRARequest | None]) -> None:
+        """Load each adapter once (a bad one raises a ValueError naming what is wrong) before any
+        request reaches the engine."""
+        for lora in dict.fromkeys(lora for lora in loras if lora is not None):
+            if not isinstance(lora, LoRARequest):
+                raise ValueError(f"lora_request must be a LoRARequest, got {type(lora).__name__}")
+            self.engine_core.add_lora(lora)
 
     def chat(
         self,
@@ -133,6 +152,76 @@ class LLM:
             token_ids = self.tokenizer.encode(text, add_special_tokens=False)
             prompts.append({"prompt": text, "prompt_token_ids": token_ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    # ---- pooling (runner="pooling") -------------------------------------------------------
+    def encode(self, prompts: PromptType | Sequence[PromptType], pooling_params: PoolingParams | None = None,
+               truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
+        """The pooled hidden state of each prompt, as a tensor (vLLM's LLM.encode)."""
+        params = pooling_params or PoolingParams(task="encode")
+        results = self._pool(self._prompt_token_ids(prompts), params, truncate_prompt_tokens)
+        return [PoolingRequestOutput(rid, PoolingOutput(torch.tensor(vector)), ids) for rid, ids, vector in results]
+
+    def embed(self, prompts: PromptType | Sequence[PromptType], pooling_params: PoolingParams | None = None,
+              truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
+        """One embedding per prompt (EmbeddingRequestOutput: .outputs.embedding)."""
+        params = pooling_params or PoolingParams(task="embed")
+        results = self._pool(self._prompt_token_ids(prompts), params, truncate_prompt_tokens)
+        return [PoolingRequestOutput(rid, EmbeddingOutput(vector), ids) for rid, ids, vector in results]
+
+    def classify(self, prompts: PromptType | Sequence[PromptType],
+                 truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
+        """Class probabilities of a *ForSequenceClassification model (ClassificationRequestOutput)."""
+        results = self._pool(self._prompt_token_ids(prompts), PoolingParams(task="classify"), truncate_prompt_tokens)
+        return [PoolingRequestOutput(rid, ClassificationOutput(class_probs(logits)), ids)
+                for rid, ids, logits in results]
+
+    def score(self, data_1: str | Sequence[str], data_2: str | Sequence[str],
+              truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
+        """A cross-encoder's relevance of each (query, document) pair: one query against many
+        documents, or pairwise lists of equal length (ScoringRequestOutput: .outputs.score)."""
+        queries = [data_1] if isinstance(data_1, str) else list(data_1)
+        documents = [data_2] if isinstance(data_2, str) else list(data_2)
+        if len(queries) == 1:
+            queries = queries * len(documents)
+        if len(queries) != len(documents) or not documents:
+            raise ValueError(f"score needs one query or as many queries as documents; got {len(queries)} "
+                             f"and {len(documents)}")
+        token_ids = [pair_token_ids(self.input_processor, q, d) for q, d in zip(queries, documents)]
+        results = self._pool(token_ids, PoolingParams(task="classify"), truncate_prompt_tokens)
+        return [PoolingRequestOutput(rid, ScoringOutput(class_probs(logits[:1])[0]), ids)
+                for rid, ids, logits in results]
+
+    @staticmethod
+    def _as_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+        """One prompt (a string, a dict, a list of token ids) or a sequence of them -> a list."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            return [prompts]
+        return list(prompts)
+
+    def _prompt_token_ids(self, prompts: PromptType | Sequence[PromptType]) -> list[list[int]]:
+        return [self.input_processor.tokenize_prompt(prompt)[1] for prompt in self._as_list(prompts)]
+
+    def _pool(self, token_ids: list[list[int]], params: PoolingParams,
+              truncate_prompt_tokens: int | None) -> list[tuple[str, list[int], list[float]]]:
+        """Run pooling requests to their end: (request id, prompt ids, vector), in input order."""
+        require_runner(self.engine_core.pooler, "pooling", "encode/embed/classify/score()")
+        check_pooling_params(params, self.engine_core.pooler)
+        requests = [make_pooling_request(self.input_processor, str(next(self._request_counter)), ids, params,
+                                         truncate_prompt_tokens) for ids in token_ids]
+        vectors: dict[str, list[float]] = {}
+        for request in requests:
+            self.engine_core.add_request(request)
+        try:
+            while len(vectors) < len(requests):
+                for out in self.engine_core.step():
+                    if out.error is not None:
+                        raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+                    if out.pooling_output is not None:
+                        vectors[out.request_id] = out.pooling_output
+        except BaseException:
+            self.engine_core.abort_requests([r.request_id for r in requests])
+            raise
+        return [(r.request_id, r.prompt_token_ids, vectors[r.request_id]) for r in requests]
 
     # ---- internals ----------------------------------------------------------------------
     @staticmethod

@@ -37,6 +37,7 @@ EXECUTE = b"execute_model"
 SHUTDOWN = b"shutdown"
 OK = b"ok"
 ERROR = b"error"
+REFUSED = b"refused"
 
 _encode = msgspec.msgpack.Encoder(enc_hook=encode_hook).encode
 _decode_any = msgspec.msgpack.Decoder().decode
@@ -74,6 +75,8 @@ class MultiprocExecutor(Executor):
         while not self.socket.poll(POLL_MS):
             self._check_alive()
         status, payload = self.socket.recv_multipart()
+        if status == REFUSED:  # a control call's ValueError (a bad LoRA adapter): the caller's to answer
+            raise ValueError(payload.decode())
         if status == ERROR:
             raise RuntimeError(f"worker failed: {payload.decode()}")
         return payload
@@ -131,6 +134,9 @@ def run_worker(address: str) -> None:
             else:
                 reply = _encode(getattr(worker, method.decode())(*_decode_any(payload)))
         except Exception as exc:
+            if isinstance(exc, ValueError) and worker is not None and method != EXECUTE:
+                socket.send_multipart([REFUSED, str(exc).encode()])  # a refused control call (add_lora)
+                continue
             logger.exception("worker: %s failed", method.decode())
             socket.send_multipart([ERROR, f"{type(exc).__name__}: {exc}".encode()])
             if worker is None:  # it never started: nothing more to do

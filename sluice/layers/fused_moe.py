@@ -3,10 +3,12 @@ grouped by expert (sorted by expert id) so each expert's weights are read once p
 many tokens chose it.
 
 Expert weights are stacked as in transformers >= 5: `gate_up_proj` [E, 2I, H] (gate rows, then
-up rows) and `down_proj` [E, H, I]. Each expert's two matmuls run either through F.linear on its
-slice, or through the packed native kernel (gemm.c: the same panels and fused SiLU x up epilogue
-as a dense MLP's), per expert; `pack_experts` chooses with the dense layers' measured choice for
-the same shapes (linear_path.py). A quantized method only has to replace `StackedExperts`.
+up rows) and `down_proj` [E, H, I]. `pack_experts` puts each projection on the packed native
+kernel (gemm.c: the same panels and fused SiLU x up epilogue as a dense MLP's) where that is the
+dense layers' measured choice for the same shapes (linear_path.py). With both packed, one native
+call (moe.c) sorts, runs every touched expert and sums the slots, no Python between experts;
+otherwise each expert's two matmuls run in a loop here, on F.linear or the packed kernel. A
+quantized method only has to replace `StackedExperts`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class StackedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H] with routing weights/ids [T, k] -> sum over k of weight * expert(x), [T, H]."""
+        if self.packed_gate_up is not None and self.packed_down is not None:
+            return self.forward_native(x, weights, ids)
         top_k = ids.shape[1]
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
@@ -71,6 +75,20 @@ class StackedExperts(nn.Module):
         # back in (token, slot) order by a gather: a scatter-add of the rows is far slower on CPU
         per_slot = out[order.argsort()].view(*ids.shape, -1)
         return (per_slot.float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+    def forward_native(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """forward's arithmetic in one call of moe.c over both packed projections."""
+        x, ids, weights = x.contiguous(), ids.to(torch.int64).contiguous(), weights.float().contiguous()
+        (T, top_k), H, I = ids.shape, self.hidden_size, self.intermediate_size
+        scratch = x.new_empty(T * top_k * (2 * H + I))
+        out = torch.empty_like(x)
+        status = native.load_library().moe_experts_bf16(
+            x.data_ptr(), T, H, I, top_k, ids.data_ptr(), weights.data_ptr(), self.num_experts,
+            self.packed_gate_up.data_ptr(), self.packed_gate_up.stride(0), self.packed_down.data_ptr(),
+            self.packed_down.stride(0), scratch.data_ptr(), out.data_ptr())
+        if status != 0:
+            raise RuntimeError(f"moe_experts_bf16 rejected {T} tokens x {H} hidden ({self.num_experts} experts)")
+        return out
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """One expert's MLP over the rows routed to it."""

@@ -14,6 +14,7 @@ linear_path.py for how the choice is made.
 """
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ from sluice.layers import native
 from sluice.layers.activation import silu_and_mul
 from sluice.layers.linear_path import choose_path
 from sluice.quantization.base import LinearMethod, QuantizationConfig
+
+if TYPE_CHECKING:
+    from sluice.lora.layers import LoRALayer
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ class Linear(nn.Linear):
     `residual + self(x)`."""
 
     quant_method: LinearMethod = UNQUANTIZED
+    lora: "LoRALayer | None" = None  # set by the LoRA manager: a delta added after the base matmul
     packed: torch.Tensor | None = None
     packed_bias: torch.Tensor | None = None  # float32: the kernel adds bias before rounding
 
@@ -78,9 +83,14 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed is not None and residual is not None:
-            return native.linear(x, self.packed, self.out_features, self.packed_bias, residual, native.EPI_RESIDUAL)
-        out = self.quant_method.apply(self, x)
-        return out if residual is None else residual + out
+            out = native.linear(x, self.packed, self.out_features, self.packed_bias, residual, native.EPI_RESIDUAL)
+        elif residual is not None:
+            out = self.quant_method.apply_residual(self, x, residual)
+        else:
+            out = self.quant_method.apply(self, x)
+        if self.lora is not None and self.lora.active:
+            out = self.lora.apply(x, out)
+        return out
 
 
 def set_linear_methods(model: nn.Module, quant_config: QuantizationConfig) -> dict[str, int]:
@@ -188,6 +198,12 @@ class GateUpLinear(MergedLinear):
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate(x)) * up(x) -> [..., intermediate]."""
-        if self.packed is not None:
+        if self.packed is None:
+            return silu_and_mul(super().forward(x))
+        if self.lora is None or not self.lora.active:
             return native.linear(x, self.packed, self.out_features, epilogue=native.EPI_SILU_MUL)
-        return silu_and_mul(super().forward(x))
+        # the LoRA delta goes in before the activation: run the matmul alone, undo the panel order
+        out = native.linear(x, self.packed, self.out_features)
+        half = native.PANEL // 2
+        out = out.view(-1, self.out_features // native.PANEL, 2, half).transpose(1, 2).reshape(-1, self.out_features)
+        return silu_and_mul(self.lora.apply(x, out))

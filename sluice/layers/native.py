@@ -27,7 +27,8 @@ from sluice.platform import cache_dir, current_platform, native_disabled
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("attention.c", "elementwise.c", "gemm.c", "quant.c")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("attention.c", "elementwise.c", "gemm.c", "quant.c",
+                                                                   "moe.c")]
 HEADERS = [Path(__file__).parent / "csrc" / "bf16_simd.h"]
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-fopenmp"]
 # linear_bf16 epilogues (gemm.c)
@@ -52,10 +53,12 @@ def load_library() -> ctypes.CDLL | None:
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
+            logger.info("building the native kernels for this CPU (once; a minute or two on 2 cores)")
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
+                # generous: on a busy machine a timeout here would silently fall back to PyTorch
                 subprocess.run([compiler, *CFLAGS, "-o", str(built), *map(str, SOURCES), "-lm"],
-                               check=True, capture_output=True, timeout=120)
+                               check=True, capture_output=True, timeout=900)
                 os.replace(built, target)  # atomic: concurrent builders never see half a file
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as exc:
@@ -65,6 +68,8 @@ def load_library() -> ctypes.CDLL | None:
     fn = lib.paged_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2 + [ctypes.c_int] * 2
+    lib.paged_attention_kv8.restype = ctypes.c_int
+    lib.paged_attention_kv8.argtypes = fn.argtypes[:-1] + [ctypes.c_int] * 2
     lib.write_kv.restype = None
     lib.write_kv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
     lib.silu_mul_bf16.restype = ctypes.c_int
@@ -85,7 +90,7 @@ def load_library() -> ctypes.CDLL | None:
     # quantized linear layers (quant.c; called from sluice/quantization)
     lib.linear_gguf.restype = ctypes.c_int
     lib.linear_gguf.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                                ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64])
+                                ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64])
     lib.dequant_pack_gguf.restype = ctypes.c_int
     lib.dequant_pack_gguf.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.pack_int8.restype = ctypes.c_int
@@ -93,6 +98,11 @@ def load_library() -> ctypes.CDLL | None:
     lib.linear_int8.restype = ctypes.c_int
     lib.linear_int8.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3
                                 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64])
+    # routed experts in one call (moe.c; called from sluice/layers/fused_moe.py)
+    lib.moe_experts_bf16.restype = ctypes.c_int
+    lib.moe_experts_bf16.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2
+                                     + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                        ctypes.c_int64] + [ctypes.c_void_p] * 2)
     return lib
 
 
@@ -212,6 +222,29 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     lib.write_kv(k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), v.data_ptr(), slot_mapping.data_ptr(),
                  k.shape[0], num_kv_heads, head_dim, block_size, k.element_size())
     return True
+
+
+def paged_attention_kv8(q: torch.Tensor, kv_cache: torch.Tensor, kv_kind: int, block_table: torch.Tensor,
+                        seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
+                        soft_cap: float | None = None) -> torch.Tensor | None:
+    """paged_attention over a compact cache [2, num_blocks, block_size, Hkv, D + 2] uint8 (see
+    sluice/quantization/kv_cache.py) of kind kv_kind (attention.c's KV_INT8 / KV_FP8)."""
+    lib = load_library()
+    if lib is None or q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    if kv_cache.dtype != torch.uint8 or not (q.is_contiguous() and kv_cache.is_contiguous()):
+        return None
+    num_seqs, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    block_table = block_table.contiguous()
+    seq_lens = seq_lens.to(torch.int64).contiguous()
+    out = torch.empty_like(q)
+    status = lib.paged_attention_kv8(
+        q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_table.data_ptr(), seq_lens.data_ptr(),
+        out.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, block_size, block_table.shape[1],
+        sliding_window or 0, scale, soft_cap or 0.0, int(q.dtype == torch.bfloat16), kv_kind, torch.get_num_threads(),
+    )
+    return out if status == 0 else None
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -166,13 +166,7 @@ def _gguf_sidecar(path: str, stamp: tuple[int, int]) -> str:
     folder = cache_dir("gguf", f"{os.path.basename(path)}-{key}")
     if os.path.isfile(os.path.join(folder, _SIDECAR_DONE)):
         return folder
-    parent, filename = os.path.split(path)
-    config = transformers.AutoConfig.from_pretrained(parent, gguf_file=filename)
-    if getattr(config, "num_experts", None):
-        from sluice.loader.gguf import complete_moe_config
-
-        complete_moe_config(path, config)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(parent, gguf_file=filename)
+    config, tokenizer = _config_and_tokenizer_from_gguf(path)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     staging = tempfile.mkdtemp(dir=os.path.dirname(folder))
     config.save_pretrained(staging)
@@ -186,6 +180,24 @@ def _gguf_sidecar(path: str, stamp: tuple[int, int]) -> str:
 
 
 _SIDECAR_DONE = "sluice-complete"
+
+
+def _config_and_tokenizer_from_gguf(path: str):
+    """transformers reads both where it maps the architecture; otherwise (the registry's
+    gguf_own_config) sluice builds the config and transformers only the tokenizer, which needs none."""
+    import transformers
+
+    from sluice.loader.gguf import complete_moe_config, config_from_metadata, gguf_file_architecture, open_gguf
+    from sluice.models.registry import MODEL_REGISTRY
+
+    parent, filename = os.path.split(path)
+    if MODEL_REGISTRY[gguf_file_architecture(open_gguf(path), path)].gguf_own_config:
+        return (config_from_metadata(path),
+                transformers.PreTrainedTokenizerFast.from_pretrained(parent, gguf_file=filename))
+    config = transformers.AutoConfig.from_pretrained(parent, gguf_file=filename)
+    if getattr(config, "num_experts", None):
+        complete_moe_config(path, config)
+    return config, transformers.AutoTokenizer.from_pretrained(parent, gguf_file=filename)
 
 
 @functools.lru_cache(maxsize=4)
@@ -216,11 +228,13 @@ def _load_hf_config(src: ModelSource) -> transformers.PretrainedConfig:
     if src.kind == "gguf":
         try:
             config = copy.deepcopy(_read_gguf_config(src.path, _file_stamp(src.path)))
+        except ModelLoadError:
+            raise
         except Exception as e:
             raise ModelLoadError(f"{src.path}: could not read the GGUF metadata as a model config; "
-                                 f"{_gguf_config_failure(src.path, e)}") from e
+                                 f"truncated or corrupt file? ({e})") from e
         if not config.architectures:
-            config.architectures = [_gguf_causal_lm(config.model_type, src.path)]
+            config.architectures = [_gguf_causal_lm(config.model_type)]
         return config
     config_path = os.path.join(src.path, "config.json")
     if not os.path.isfile(config_path):
@@ -234,35 +248,12 @@ def _load_hf_config(src: ModelSource) -> transformers.PretrainedConfig:
     return config
 
 
-def _gguf_causal_lm(model_type: str, path: str) -> str:
-    """The architecture name for a GGUF's model type (transformers reads the metadata into a
-    config but leaves `architectures` empty), checked against the registry."""
+def _gguf_causal_lm(model_type: str) -> str:
+    """The architecture name for a GGUF's model type: transformers reads the metadata into a config
+    but leaves `architectures` empty (the sidecar already checked the file against the registry)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from sluice.loader.gguf import supported_gguf_architectures
-    from sluice.models.registry import MODEL_REGISTRY
-
-    arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if arch not in MODEL_REGISTRY or MODEL_REGISTRY[arch].gguf is None:
-        raise ModelLoadError(f"{path}: GGUF architecture '{model_type}' is not supported; "
-                             f"supported: {', '.join(supported_gguf_architectures())}")
-    return arch
-
-
-def _gguf_config_failure(path: str, error: Exception) -> str:
-    """Why transformers could not read a GGUF's config: an architecture it has no GGUF config
-    mapping for, or a damaged file."""
-    from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
-    from sluice.loader.gguf import gguf_architecture, open_gguf
-
-    arch = gguf_architecture(open_gguf(path), path)
-    readable = set(GGUF_SUPPORTED_ARCHITECTURES) | set(GGUF_CONFIG_ARCHS)
-    if arch not in readable:
-        return (f"transformers cannot read a config from GGUF architecture '{arch}' (it reads: "
-                f"{', '.join(sorted(readable))}); load the safetensors checkpoint instead")
-    return f"truncated or corrupt file? ({error})"
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, model_type)
 
 
 def load_tokenizer(src: ModelSource) -> transformers.PreTrainedTokenizerBase:

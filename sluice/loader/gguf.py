@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from sluice.loader import ModelLoadError
-from sluice.models.registry import MODEL_REGISTRY, Architecture, get_architecture, get_model_class
+from sluice.models.registry import (MODEL_REGISTRY, Architecture, get_architecture, get_model_class,
+                                    gguf_architecture_name)
 
 # llama.cpp's precomputed rope scaling factors: the HF config already carries them.
 _SKIPPED = {"rope_freqs"}
@@ -75,6 +76,68 @@ def hf_names(config, arch: str) -> dict[str, str]:
         if gguf_base is not None:
             names[f"{gguf_base}.{suffix}"] = hf_name
     return names
+
+
+def gguf_file_architecture(reader: gguf.GGUFReader, path: str) -> str:
+    """The registry's architecture name for this file; the error lists the supported GGUF architectures."""
+    arch = gguf_architecture(reader, path)
+    name = gguf_architecture_name(arch, reader.get_field(gguf.Keys.LLM.EXPERT_COUNT.format(arch=arch)) is not None)
+    if name is None:
+        raise ModelLoadError(f"{path}: GGUF architecture '{arch}' is not supported; "
+                             f"supported: {', '.join(supported_gguf_architectures())}")
+    return name
+
+
+# llama.cpp's metadata key ({arch} filled in) -> the transformers config field it holds. A key the
+# file lacks leaves the config class's default; Granite's scales exist only in Granite files.
+_CONFIG_FIELDS = {
+    gguf.Keys.LLM.CONTEXT_LENGTH: "max_position_embeddings",
+    gguf.Keys.LLM.BLOCK_COUNT: "num_hidden_layers",
+    gguf.Keys.LLM.EMBEDDING_LENGTH: "hidden_size",
+    gguf.Keys.LLM.FEED_FORWARD_LENGTH: "intermediate_size",
+    gguf.Keys.LLM.VOCAB_SIZE: "vocab_size",
+    gguf.Keys.Attention.HEAD_COUNT: "num_attention_heads",
+    gguf.Keys.Attention.HEAD_COUNT_KV: "num_key_value_heads",
+    gguf.Keys.Attention.KEY_LENGTH: "head_dim",
+    gguf.Keys.Attention.LAYERNORM_RMS_EPS: "rms_norm_eps",
+    gguf.Keys.Attention.SLIDING_WINDOW: "sliding_window",
+    gguf.Keys.LLM.EXPERT_COUNT: "num_experts",  # Mixtral's num_local_experts via its attribute_map
+    gguf.Keys.LLM.EXPERT_USED_COUNT: "num_experts_per_tok",
+    gguf.Keys.LLM.EXPERT_FEED_FORWARD_LENGTH: "moe_intermediate_size",
+    gguf.Keys.LLM.EXPERT_WEIGHTS_NORM: "norm_topk_prob",
+    gguf.Keys.LLM.EMBEDDING_SCALE: "embedding_multiplier",
+    gguf.Keys.LLM.RESIDUAL_SCALE: "residual_multiplier",
+    gguf.Keys.LLM.LOGIT_SCALE: "logits_scaling",
+    gguf.Keys.Attention.SCALE: "attention_multiplier",
+    gguf.Keys.Tokenizer.BOS_ID: "bos_token_id",
+    gguf.Keys.Tokenizer.EOS_ID: "eos_token_id",
+    gguf.Keys.Tokenizer.PAD_ID: "pad_token_id",
+}
+
+
+def config_from_metadata(path: str):
+    """The transformers config of a GGUF whose architecture transformers reads no config for
+    (the registry's gguf_own_config), built from llama.cpp's metadata keys."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    reader = open_gguf(path)
+    arch = gguf_architecture(reader, path)
+    name = gguf_file_architecture(reader, path)
+    scaling = reader.get_field(gguf.Keys.Rope.SCALING_TYPE.format(arch=arch))
+    if scaling is not None and scaling.contents() != "none":
+        raise ModelLoadError(f"{path}: GGUF metadata '{arch}.rope.scaling.type' = {scaling.contents()!r} is not "
+                             f"supported for {name}; load the safetensors checkpoint instead")
+    fields = {hf: reader.get_field(key.format(arch=arch)) for key, hf in _CONFIG_FIELDS.items()}
+    values = {hf: field.contents() for hf, field in fields.items() if field is not None}
+    values.setdefault("vocab_size", len(reader.get_field(gguf.Keys.Tokenizer.LIST).data))
+    theta = reader.get_field(gguf.Keys.Rope.FREQ_BASE.format(arch=arch))
+    if theta is not None:
+        values["rope_parameters"] = {"rope_type": "default", "rope_theta": theta.contents()}
+    # llama.cpp writes the output projection only when it is not the embedding matrix
+    values["tie_word_embeddings"] = all(t.name != "output.weight" for t in reader.tensors)
+    model_type = next(t for t, arch_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if arch_name == name)
+    return transformers.AutoConfig.for_model(model_type, architectures=[name], **values)
 
 
 # Expert sizes transformers' GGUF config reader leaves at its config class defaults.

@@ -1,6 +1,6 @@
 """The engine's Prometheus metrics, under vLLM's names, so dashboards and alerts carry over.
 
-Every engine metric carries vLLM's `engine` label (the engine index, "0" here) beside
+Every engine metric carries vLLM's `engine` label (the data-parallel rank, "0" without DP) beside
 `model_name`; the few gauges vLLM lacks use a `sluice:` prefix, so they never pose as vLLM's.
 They live in the engine core, on a registry of their own: the core sees every request whichever
 API process sent it, so the figures stay exact with `--api-server-count N`. API processes fetch
@@ -16,7 +16,6 @@ from sluice.metrics.stats import FinishedRequestStats, IterationStats, Scheduler
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 WAITING_REASONS = ("capacity", "deferred")
-ENGINE_INDEX = "0"  # vLLM's `engine` label; one engine core per server here
 
 # Bucket boundaries as vLLM's, so percentiles from either engine compare.
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -46,7 +45,7 @@ class PrometheusStatLogger:
         self.registry = CollectorRegistry()
         self.model_name = config.model_name
         labels = ["model_name", "engine"]
-        m = (self.model_name, ENGINE_INDEX)  # every metric's own label values come after these
+        m = (self.model_name, config.parallel.engine_index)  # every metric's own label values come after these
 
         def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
             return Gauge(name, doc, labels + list(extra), registry=self.registry)
@@ -74,6 +73,12 @@ class PrometheusStatLogger:
         quant_info = gauge("sluice:quantization_info", "Weight quantization the model runs (1 on its label).",
                            ("quantization",))
         quant_info.labels(*m, quantization).set(1)
+        self.lora_info = None
+        if config.lora.enable_lora:  # vLLM's labels only; the value is when they last changed
+            self.lora_info = Gauge("vllm:lora_requests_info", "Adapters of the running and waiting requests.",
+                                   ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+                                   registry=self.registry)
+            self.lora_labels: tuple[str, ...] | None = None
 
         self.preemptions = counter("vllm:num_preemptions", "Preemptions (a request's KV freed; it recomputes).").labels(*m)
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed.").labels(*m)
@@ -124,6 +129,16 @@ class PrometheusStatLogger:
             self.block_reuse = histogram("vllm:kv_block_reuse_gap_seconds",
                                          "Between consecutive uses of a cached block.", KV_BLOCK_BUCKETS)
 
+    def _record_lora(self, scheduler: SchedulerStats) -> None:
+        labels = (str(scheduler.max_lora), ",".join(sorted(scheduler.waiting_lora_adapters)),
+                  ",".join(sorted(scheduler.running_lora_adapters)))
+        if labels == self.lora_labels:
+            return
+        if self.lora_labels is not None:
+            self.lora_info.remove(*self.lora_labels)
+        self.lora_info.labels(*labels).set_to_current_time()
+        self.lora_labels = labels
+
     def record(self, scheduler: SchedulerStats, it: IterationStats) -> None:
         self.running.set(scheduler.num_running)
         self.waiting.set(scheduler.num_waiting)
@@ -133,6 +148,8 @@ class PrometheusStatLogger:
         self.kv_usage.set(scheduler.kv_cache_usage)
         self.free_blocks.set(scheduler.num_free_blocks)
         self.total_blocks.set(scheduler.num_total_blocks)
+        if self.lora_info is not None:
+            self._record_lora(scheduler)
 
         self.preemptions.inc(it.num_preemptions)
         self.prompt_tokens.inc(it.num_prompt_tokens)

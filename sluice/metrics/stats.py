@@ -22,6 +22,9 @@ class SchedulerStats:
     kv_cache_usage: float = 0.0
     num_free_blocks: int = 0
     num_total_blocks: int = 0
+    running_lora_adapters: dict[str, int] = field(default_factory=dict)  # adapter name -> requests
+    waiting_lora_adapters: dict[str, int] = field(default_factory=dict)
+    max_lora: int = 0  # max_loras; 0: LoRA is off
 
     @property
     def num_waiting(self) -> int:

@@ -226,9 +226,10 @@ class LlamaForCausalLM(nn.Module):
         return names
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], optional: tuple[str, ...] = ()) -> None:
         """Load Hugging Face-named tensors, fusing q/k/v and gate/up into their slices (a checkpoint
-        that already fuses them, as Phi-3's does, fills the whole module at once)."""
+        that already fuses them, as Phi-3's does, fills the whole module at once). Parameters named
+        in `optional` may be absent (they keep their initial values)."""
         modules = dict(self.named_modules())
         params = dict(self.named_parameters())  # a tied lm_head.weight appears once, as embed_tokens
         pending: set[tuple[str, str | None]] = set()
@@ -268,6 +269,7 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"{hf_name!r}: {e}") from None
                 pending.discard((name, shard))
 
+        pending = {(name, shard) for name, shard in pending if name not in optional}
         if pending:
             unfused = {v: k for k, v in _FUSED.items()}
             missing = sorted(n if s is None else n.replace(n.split(".")[-2], unfused[n.split(".")[-2], s])

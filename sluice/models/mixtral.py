@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-from sluice.layers.fused_moe import FusedMoE, stack_expert_weights
+from sluice.layers.fused_moe import FusedMoE, expert_checkpoint_names, stack_expert_weights
 from sluice.models.llama import DecoderOptions
 from sluice.models.mistral import MistralForCausalLM
 
@@ -25,3 +25,6 @@ class MixtralForCausalLM(MistralForCausalLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         renamed = ((name.replace(".block_sparse_moe.", ".mlp."), tensor) for name, tensor in weights)
         super().load_weights(stack_expert_weights(renamed, self.config.num_local_experts))
+
+    def checkpoint_names(self) -> list[str]:
+        return expert_checkpoint_names(super().checkpoint_names())

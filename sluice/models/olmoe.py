@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-from sluice.layers.fused_moe import FusedMoE, stack_expert_weights
+from sluice.layers.fused_moe import FusedMoE, expert_checkpoint_names, stack_expert_weights
 from sluice.models.llama import DecoderOptions, LlamaForCausalLM, refuse_unsupported
 
 
@@ -27,3 +27,6 @@ class OlmoeForCausalLM(LlamaForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(stack_expert_weights(weights, self.config.num_experts))
+
+    def checkpoint_names(self) -> list[str]:
+        return expert_checkpoint_names(super().checkpoint_names())

@@ -30,6 +30,10 @@ class LinearMethod(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] @ weight^T + bias -> [..., out] in x's dtype."""
 
+    def apply_residual(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + apply(x); a method whose kernel can add it in its output pass overrides this."""
+        return residual + self.apply(layer, x)
+
     def describe(self) -> str:
         """What the layer runs, for the load log ("Q4_1 blocks, VNNI kernel")."""
         return type(self).__name__

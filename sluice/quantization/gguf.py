@@ -9,6 +9,7 @@ in a type no kernel reads here load dequantized, and the load log names them.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 
@@ -34,6 +35,7 @@ HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 MANY_ROWS = 16
 
 
+@functools.cache
 def kernel_available() -> bool:
     """Whether quant.c's VNNI kernel runs on this CPU."""
     return _KERNEL_FLAGS <= cpu_flags() and native.load_library() is not None
@@ -44,20 +46,33 @@ def row_bytes(qtype: Q, in_features: int) -> int:
     return in_features // block_size * type_size
 
 
-def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_features: int) -> torch.Tensor | None:
-    """x [..., K] @ W^T with W [N, K] as GGML blocks (uint8 [N, row bytes]), by quant.c; None where
-    the kernel can't serve the call (no kernel here, another device or dtype)."""
+def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_features: int, bias: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [..., K] @ W^T (+ bias + residual) with W [N, K] as GGML blocks (uint8 [N, row bytes]), by
+    quant.c, rounded once; None where the kernel can't serve the call (no kernel here, another
+    device or dtype)."""
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or not kernel_available():
         return None
     shape = x.shape
-    x = x.reshape(-1, shape[-1])
+    if len(shape) != 2:
+        x = x.reshape(-1, shape[-1])
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    if residual is not None:
+        residual = residual.reshape(-1, out_features)
+        if residual.dtype != x.dtype or residual.stride(-1) != 1:
+            residual = residual.to(x.dtype).contiguous()
     out = x.new_empty(x.shape[0], out_features)
     status = native.load_library().linear_gguf(
         x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), int(x.dtype == torch.bfloat16), blocks.data_ptr(),
-        int(qtype), out_features, out.data_ptr(), out.stride(0))
-    return out.view(*shape[:-1], out_features) if status == 0 else None
+        int(qtype), out_features, None if bias is None else bias.data_ptr(),
+        None if residual is None else residual.data_ptr(), 0 if residual is None else residual.stride(0),
+        out.data_ptr(), out.stride(0))
+    if status != 0:
+        return None
+    return out if len(shape) == 2 else out.view(*shape[:-1], out_features)
 
 
 def gguf_linear_many_rows(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_features: int,
@@ -92,15 +107,19 @@ class GGUFLinearMethod(LinearMethod):
         return layer.weight
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.apply_residual(layer, x, None)
+
+    def apply_residual(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         blocks = self.blocks(layer)
+        out = None
         if x.numel() >= MANY_ROWS * x.shape[-1]:
             out = gguf_linear_many_rows(x, blocks, self.qtype, layer.out_features, layer.bias)
+        if out is None:
+            out = gguf_linear(x, blocks, self.qtype, layer.out_features, layer.bias, residual)
             if out is not None:
                 return out
-        out = gguf_linear(x, blocks, self.qtype, layer.out_features)
-        if out is None:
-            return F.linear(x, dequantize(blocks, self.qtype, x.dtype), layer.bias)
-        return out if layer.bias is None else out + layer.bias
+            out = F.linear(x, dequantize(blocks, self.qtype, x.dtype), layer.bias)
+        return out if residual is None else residual + out
 
     def describe(self) -> str:
         return f"GGUF {self.qtype.name} ({'VNNI kernel' if kernel_available() else 'dequantized per call'})"

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from sluice.core.sched_output import NewRequestData, SchedulerOutput
+from sluice.pooling.params import PoolingParams
+from sluice.lora.request import LoRARequest
 from sluice.worker.sampler import SamplingRow
 
 
@@ -25,6 +27,8 @@ class CachedRequestState:
     num_computed_tokens: int
     sampling: SamplingRow  # shares the token lists above, so it is built once per request
     num_prompt_logprobs_done: int = 0  # prompt positions whose logprobs went out
+    pooling_params: PoolingParams | None = None
+    lora_request: LoRARequest | None = None
 
     @classmethod
     def from_new(cls, new: NewRequestData) -> CachedRequestState:
@@ -32,7 +36,9 @@ class CachedRequestState:
         generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         prompt, output = list(new.prompt_token_ids), []
         return cls(new.req_id, prompt, output, list(new.block_ids), new.num_computed_tokens,
-                   SamplingRow(params, prompt, output, generator, set(new.stop_token_ids)))
+                   SamplingRow(params, prompt, output, generator, set(new.stop_token_ids)),
+                   pooling_params=new.pooling_params,
+                   lora_request=new.lora_request)
 
     @property
     def num_tokens(self) -> int:

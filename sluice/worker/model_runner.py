@@ -24,10 +24,14 @@ from sluice.layers.attention import attention_layers, build_attention_metadata
 from sluice.layers.fused_moe import pack_experts
 from sluice.layers.linear import pack_linears, process_weights_after_loading, set_linear_methods
 from sluice.loader import ModelLoadError, ModelSource, iter_weights, load_hf_config, resolve_model
-from sluice.models.registry import get_model_class
+from sluice.models.registry import EAGLE_HEADS, get_model_class
+from sluice.pooling.config import complete_encoder_config, load_pooler_config, resolve_runner
+from sluice.pooling.pooler import Pooler
+from sluice.lora.manager import LoRAManager
 from sluice.platform import available_memory_bytes
 from sluice.quantization import get_quantization_config
 from sluice.spec_decode.draft_model import DraftModel
+from sluice.spec_decode.eagle import EagleProposer, HeadBatch, aux_hidden_state_layers, check_draft_vocabulary
 from sluice.spec_decode.ngram import NgramProposer
 from sluice.worker.input_batch import CachedRequestState, InputBatch
 from sluice.worker.rejection_sampler import RejectionSampler
@@ -107,17 +111,19 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch.device,
-               quantization: str) -> tuple[torch.nn.Module, str]:
-    """Build the registry's class for this config, give every linear layer its quantization
-    method, load the weights, and put the unquantized layers on the fastest linear path.
-    Returns the model and the name of the quantization in use."""
-    model_class = get_model_class(hf_config)
+               quantization: str, model_class: type[torch.nn.Module] | None = None,
+               keep_stored: tuple[str, ...] = ()) -> tuple[torch.nn.Module, str]:
+    """Build the registry's class for this config (or model_class), give every linear layer its
+    quantization method, load the weights (those named in keep_stored in their stored dtype), and
+    put the unquantized layers on the fastest linear path. Returns the model and the name of the
+    quantization in use."""
+    model_class = model_class or get_model_class(hf_config)
     quant_config = get_quantization_config(quantization, source, hf_config)
     with _default_dtype(dtype), device:
         model = model_class(hf_config)
     quant_config.prepare_model(model)
     methods = set_linear_methods(model, quant_config)
-    model.load_weights(iter_weights(source, hf_config, dtype, quant_config.raw_weight_names()))
+    model.load_weights(iter_weights(source, hf_config, dtype, {*quant_config.raw_weight_names(), *keep_stored}))
     process_weights_after_loading(model)
     model.eval()
     quant_config.log_summary()
@@ -134,20 +140,33 @@ class ModelRunner:
         self.dtype = config.model.torch_dtype
         self.device = torch.device(config.model.device)
         self.block_size = config.cache.block_size
+        complete_encoder_config(config, hf_config)
         self.model, self.quantization = load_model(hf_config, source, self.dtype, self.device,
                                                    config.model.quantization)
         self.vocab_size = hf_config.vocab_size
+        self.lora_manager = LoRAManager(self.model, config.lora, config.lora.torch_dtype(self.dtype), self.device) \
+            if config.lora.enable_lora else None
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler(self.sampler)
         spec = config.speculative
         self.ngram = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max) \
             if spec.enabled and spec.method == "ngram" else None
-        self.draft = self._load_draft(hf_config) if spec.enabled and spec.method == "draft_model" else None
+        self.draft: DraftModel | EagleProposer | None = None
+        if spec.enabled and spec.method == "draft_model":
+            self.draft = self._load_draft(hf_config)
+        elif spec.enabled and spec.method in EAGLE_HEADS:
+            self.draft = self._load_eagle(hf_config)
         # every layer that holds KV, the draft's after the target's: a block id addresses all of them
         self.attention_layers = attention_layers(self.model) + (attention_layers(self.draft.model) if self.draft else [])
         self.num_target_layers = len(attention_layers(self.model))
+        for attn in self.attention_layers:
+            attn.set_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, self.device)
         self.input_batch = InputBatch()
         self.kv_caches: list[torch.Tensor] = []
+        self.pooler = None  # runner="pooling": requests are pooled once their prompt has run
+        if resolve_runner(config, hf_config) == "pooling":
+            folder = source.path if source.kind == "hf_folder" else None
+            self.pooler = Pooler(load_pooler_config(config, folder, hf_config), self.model)
 
     def _load_draft(self, hf_config) -> DraftModel:
         """The draft model of speculative_config; its vocabulary must be the target's."""
@@ -160,11 +179,39 @@ class ModelRunner:
                                  "the target's tokenizer")
         model, _ = load_model(draft_config, source, self.dtype, self.device, self.config.model.quantization)
         max_position = min(draft_config.max_position_embeddings, hf_config.max_position_embeddings)
-        return DraftModel(model, spec.num_speculative_tokens, max_position, self.block_size, self.device)
+        return DraftModel(model, max_position, self.block_size, self.device)
+
+    def _load_eagle(self, hf_config) -> EagleProposer:
+        """The EAGLE head of speculative_config, checked against the target it reads."""
+        spec = self.config.speculative
+        source = resolve_model(spec.model)
+        head_config = load_hf_config(source)
+        where = f"speculative_config model {spec.model!r} (an {spec.method} head)"
+        target_hidden = hf_config.hidden_size
+        head_target_hidden = getattr(head_config, "target_hidden_size", None) or head_config.hidden_size
+        if head_target_hidden != target_hidden or head_config.vocab_size != hf_config.vocab_size:
+            raise ModelLoadError(f"{where}: reads hidden states of size {head_target_hidden} over a vocabulary of "
+                                 f"{head_config.vocab_size}; the target has hidden_size {target_hidden} and "
+                                 f"vocab_size {hf_config.vocab_size}")
+        if getattr(head_config, "model_type", "llama") != "llama":
+            raise ModelLoadError(f"{where}: EAGLE heads are Llama layers (model_type 'llama'); "
+                                 f"got model_type {head_config.model_type!r}")
+        aux_layers = aux_hidden_state_layers(head_config, hf_config.num_hidden_layers) \
+            if spec.method == "eagle3" else ()
+        model, _ = load_model(head_config, source, self.dtype, self.device, "none",
+                              model_class=EAGLE_HEADS[spec.method].model_class(), keep_stored=("d2t",))
+        model.share_target_embeddings(self.model)
+        if spec.method == "eagle":
+            model.lm_head = self.model.lm_head
+        else:
+            check_draft_vocabulary(model, hf_config.vocab_size, where)
+        max_position = min(head_config.max_position_embeddings, hf_config.max_position_embeddings)
+        return EagleProposer(model, self.model, max_position, self.block_size, self.device, aux_layers)
 
     # ---- KV cache --------------------------------------------------------------------
     def bytes_per_block(self) -> int:
-        """K and V of one block in every layer, as each layer's attention backend lays them out."""
+        """K and V of one block in every layer, as each layer's attention backend lays them out (in
+        the KV cache dtype): every sizing of the cache asks this, nowhere else."""
         return sum(attn.bytes_per_block(self.block_size, self.dtype) for attn in self.attention_layers)
 
     def choose_num_blocks(self, max_useful_blocks: int) -> int:
@@ -174,6 +221,8 @@ class ModelRunner:
         cache = self.config.cache
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
+        if not self.attention_layers:  # encoder-only: blocks are bookkeeping, they hold no bytes
+            return max_useful_blocks
         free = available_memory_bytes()  # the weights are resident by now
         if cache.kv_cache_memory_bytes is not None:
             budget, source = cache.kv_cache_memory_bytes, "kv_cache_memory_bytes"
@@ -203,13 +252,18 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One zeroed tensor per layer: attention reads whole blocks, and masked-out garbage
         (NaN * 0) would poison real rows."""
+        if not self.attention_layers:
+            return
         shapes = [attn.kv_cache_shape(num_blocks, self.block_size) for attn in self.attention_layers]
+        dtypes = [attn.kv_cache_dtype(self.dtype) for attn in self.attention_layers]
         if self.device.type != "cpu":
-            self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for shape in shapes]
+            self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device)
+                              for shape, dtype in zip(shapes, dtypes)]
         else:
-            flat = _zeroed_host_memory(num_blocks * self.bytes_per_block()).view(self.dtype)
-            sizes = [math.prod(shape) for shape in shapes]
-            self.kv_caches = [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+            flat = _zeroed_host_memory(num_blocks * self.bytes_per_block())
+            sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in zip(shapes, dtypes)]
+            self.kv_caches = [part.view(dtype).view(shape)
+                              for part, shape, dtype in zip(flat.split(sizes), shapes, dtypes)]
         if self.draft is not None:
             self.draft.kv_caches = self.kv_caches[self.num_target_layers:]
         if self.device.type != "cpu":
@@ -251,8 +305,11 @@ class ModelRunner:
         # (request, first row whose logits it samples, its drafts: one more row each)
         sample_rows: list[tuple[CachedRequestState, int, list[int]]] = []
         spec = sched.scheduled_spec_decode_tokens
+        row_loras: list = []  # each row's LoRARequest (None: the base model), when LoRA is on
         for req_id, num_new in sched.num_scheduled_tokens.items():
             state = requests[req_id]
+            if self.lora_manager is not None:
+                row_loras.extend([state.lora_request] * num_new)
             drafts = spec.get(req_id, [])
             start, end = state.num_computed_tokens, state.num_computed_tokens + num_new - len(drafts)
             chunks.append((state, len(ids)))
@@ -261,7 +318,7 @@ class ModelRunner:
             positions.extend(range(start, end + len(drafts)))
             context_lens.append(start)
             block_tables.append(state.block_ids)
-            if end == state.num_tokens:  # past the known tokens: the model proposes the next one
+            if end == state.num_tokens and state.pooling_params is None:  # the model proposes the next one
                 sample_rows.append((state, len(ids) - 1 - len(drafts), drafts))
         meta = build_attention_metadata(
             query_lens=list(sched.num_scheduled_tokens.values()),
@@ -270,6 +327,8 @@ class ModelRunner:
             block_size=self.block_size,
             device=self.device,
         )
+        if self.lora_manager is not None:
+            self.lora_manager.prepare_step(row_loras)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         input_positions = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, input_positions, self.kv_caches[: self.num_target_layers], meta)
@@ -279,15 +338,36 @@ class ModelRunner:
         elif sample_rows:
             logits = self.compute_logits(hidden, [row for _, row, _ in sample_rows])
             self._sample(logits, [state for state, _, _ in sample_rows], out, sched.grammar_bitmask)
-        if self.draft is not None:
-            self.draft.ride_along(input_ids, input_positions, meta)
-        if self.config.speculative.speculates(len(sched.num_scheduled_tokens)):
-            self._propose(out, sched)
+        speculate = self.config.speculative.speculates(len(sched.num_scheduled_tokens))
+        if isinstance(self.draft, EagleProposer):
+            self._eagle_step(hidden, chunks, sched, out, speculate)
+        else:
+            if self.draft is not None:
+                self.draft.ride_along(input_ids, input_positions, meta)
+            if speculate:
+                self._propose(out, sched)
+        if self.pooler is not None:
+            self._pool(hidden, chunks, sched, out)
         for state, first_row in chunks:
             if state.sampling.params.prompt_logprobs is not None:
                 num_new = sched.num_scheduled_tokens[state.req_id]
                 self._prompt_logprobs(hidden[first_row : first_row + num_new], state, num_new, out)
         return out
+
+    def _pool(self, hidden: torch.Tensor, chunks: list[tuple[CachedRequestState, int]], sched: SchedulerOutput,
+              out: RunnerOutput) -> None:
+        """Fold each pooling request's chunk in; those whose prompt ended get their vector."""
+        for req_id in sched.finished_req_ids:
+            self.pooler.drop(req_id)
+        for state, first_row in chunks:
+            if state.pooling_params is None:
+                continue
+            num_new = sched.num_scheduled_tokens[state.req_id]
+            pooled = self.pooler.add_chunk(state.req_id, hidden[first_row : first_row + num_new],
+                                           state.num_computed_tokens, len(state.prompt_token_ids),
+                                           state.pooling_params)
+            if pooled is not None:
+                out.pooler_output[state.req_id] = self.pooler.finish(pooled, state.pooling_params)
 
     def compute_logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Logits at any rows of the step's hidden states (one per sample, in this order)."""
@@ -324,22 +404,43 @@ class ModelRunner:
                 out.logprobs[state.req_id] = logprobs
 
     def _propose(self, out: RunnerOutput, sched: SchedulerOutput) -> None:
-        """Drafts for the next step of every request that just sampled."""
+        """Drafts for the next step of every request that just sampled, as many as the scheduler
+        allows it (none while it rests)."""
         requests = self.input_batch.requests
+        wanted = [(req_id, tokens, sched.max_drafts[req_id]) for req_id, tokens in out.sampled_token_ids.items()
+                  if req_id in sched.max_drafts]
         if self.ngram is not None:  # from each request's own context
-            for req_id, tokens in out.sampled_token_ids.items():
+            for req_id, tokens, budget in wanted:
                 state = requests[req_id]
-                drafts = self.ngram.propose(state.prompt_token_ids + state.output_token_ids + tokens)
+                drafts = self.ngram.propose(state.prompt_token_ids + state.output_token_ids + tokens)[:budget]
                 if drafts:
                     out.spec_token_ids[req_id] = drafts
             return
         starts = []  # from the draft model, starting at each request's newest token
-        for req_id, tokens in out.sampled_token_ids.items():
+        for req_id, tokens, budget in wanted:
             state = requests[req_id]
             num_known = sched.num_scheduled_tokens[req_id] - len(sched.scheduled_spec_decode_tokens.get(req_id, ()))
             position = state.num_computed_tokens + num_known + len(tokens) - 1
-            starts.append((req_id, tokens[-1], position, state.block_ids))
+            starts.append((req_id, tokens[-1], position, state.block_ids, budget))
         out.spec_token_ids.update(self.draft.propose(starts))
+
+    def _eagle_step(self, hidden: torch.Tensor, chunks: list[tuple[CachedRequestState, int]],
+                    sched: SchedulerOutput, out: RunnerOutput, speculate: bool) -> None:
+        """The EAGLE head reads every position of the step whose next token is now known (rejected
+        drafts' positions are dropped), then drafts from each request that sampled."""
+        batch = HeadBatch()
+        spec = sched.scheduled_spec_decode_tokens
+        for state, first_row in chunks:
+            num_known = sched.num_scheduled_tokens[state.req_id] - len(spec.get(state.req_id, ()))
+            start = state.num_computed_tokens
+            sampled = out.sampled_token_ids.get(state.req_id)
+            # the token after each position: known ones, then (for the last known) what was sampled
+            following = (state.token_ids(start + 1, start + num_known) + sampled if sampled
+                         else state.token_ids(start + 1, start + num_known + 1))
+            budget = sched.max_drafts.get(state.req_id, 0) if speculate and sampled else 0
+            batch.add(state.req_id, start, first_row, following, state.block_ids, budget)
+        head_hidden = self.draft.ride_along(batch, self.draft.target_features(hidden))
+        out.spec_token_ids.update(self.draft.propose(batch, head_hidden))
 
     @staticmethod
     def _row_bitmask(rows: list[CachedRequestState], grammar: GrammarBitmask | None) -> RowBitmask | None:

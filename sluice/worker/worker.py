@@ -7,10 +7,14 @@ receive the same calls (`rank` tells them apart); today every engine runs one.
 
 from __future__ import annotations
 
+import dataclasses
+
 from sluice.config import EngineConfig
 from sluice.core.sched_output import RunnerOutput, SchedulerOutput
 from sluice.layers.attention import kv_sliding_window
 from sluice.loader import ModelSource
+from sluice.lora.manager import LoRAManager
+from sluice.lora.request import LoRARequest
 from sluice.worker.model_runner import ModelRunner
 from sluice.worker.sleep import SleepingWeights, drop_kv_cache, resident_bytes
 
@@ -24,7 +28,8 @@ class Worker:
     def describe(self) -> dict:
         """What the engine core needs from the model before it sizes anything."""
         return {"sliding_window": kv_sliding_window(self.runner.model),
-                "bytes_per_block": self.runner.bytes_per_block(), "quantization": self.runner.quantization}
+                "bytes_per_block": self.runner.bytes_per_block(), "quantization": self.runner.quantization,
+                "pooler": dataclasses.asdict(self.runner.pooler.config) if self.runner.pooler else None}
 
     def choose_num_blocks(self, max_useful_blocks: int) -> int:
         return self.runner.choose_num_blocks(max_useful_blocks)
@@ -37,6 +42,18 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute_model(scheduler_output)
+
+    def add_lora(self, request: LoRARequest | dict) -> bool:
+        """Load and check an adapter (a dict when it came over the wire)."""
+        return self._lora_manager().add_lora(LoRARequest(**request) if isinstance(request, dict) else request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self._lora_manager().remove_lora(lora_int_id)
+
+    def _lora_manager(self) -> LoRAManager:
+        if self.runner.lora_manager is None:
+            raise ValueError("LoRA is off: start the engine with enable_lora=True (--enable-lora)")
+        return self.runner.lora_manager
 
     def sleep(self) -> dict:
         """vLLM's level-1 sleep, on CPU: weights to a disk-backed file, the KV cache's pages dropped

@@ -88,7 +88,7 @@ def _alive(pid: int) -> bool:
 def test_a_prompt_that_fits_the_context_but_not_the_kv_cache_is_refused(tiny_model_dir):
     llm = LLM(tiny_model_dir("llama"), dtype="float32", max_model_len=256, block_size=16,
               num_gpu_blocks_override=4)  # 3 usable blocks: 48 tokens
-    with pytest.raises(ValueError, match="prompt has 60 tokens; the whole KV cache holds 48 tokens"):
+    with pytest.raises(ValueError, match="prompt has 60 tokens plus one generated: a request of 61 tokens needs 4 KV blocks; the whole cache holds 3 blocks of 16 tokens"):
         llm.generate([list(range(100, 160))], SamplingParams(max_tokens=4), use_tqdm=False)
     assert not llm.engine_core.has_unfinished_requests()
 

@@ -14,7 +14,7 @@ from sluice.structured_output.params import StructuredOutputsParams
 from sluice.worker.rejection_sampler import RejectionSampler
 from sluice.worker.sampler import Sampler, SamplingMetadata, SamplingRow, sampling_probs
 
-from tests.utils import smollm2_tokenizer
+from tests.utils import memoryless_llama, smollm2_tokenizer
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -182,22 +182,10 @@ def test_verified_tokens_follow_the_target_distribution(params):
 
 @pytest.fixture(scope="module")
 def memoryless_model(tmp_path_factory) -> str:
-    """A tiny random Llama over 64 tokens whose attention output is zeroed: its next token depends
-    on the current one only, so its samples revisit short n-grams and drafts are often right."""
-    import transformers
-
-    from tests.utils import tiny_config
-
-    config = tiny_config("llama")
-    config.vocab_size = 64
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
+    """Its next token depends on the current one only, so its samples revisit short n-grams and
+    drafts are often right."""
     folder = tmp_path_factory.mktemp("tiny-memoryless")
-    model.save_pretrained(folder)
-    smollm2_tokenizer().save_pretrained(folder)
+    memoryless_llama(folder)
     return str(folder)
 
 
@@ -232,7 +220,8 @@ def test_sampled_output_distribution_matches_plain_end_to_end(memoryless_model):
 
 @pytest.mark.parametrize("config, message", [
     ({"method": "medusa", "num_speculative_tokens": 2}, "method must be one of ngram, draft_model, eagle, eagle3"),
-    ({"method": "eagle", "model": "x", "num_speculative_tokens": 2}, "not available yet"),
+    ({"method": "eagle", "num_speculative_tokens": 2}, "needed for methods draft_model, eagle, eagle3"),
+    ({"method": "ngram", "model": "x", "num_speculative_tokens": 2}, "and only there"),
     ({"method": "draft_model", "num_speculative_tokens": 2}, "a model (a path or name) is needed"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an int in [1, 16]"),
     ({"method": "ngram", "num_speculative_tokens": 17}, "num_speculative_tokens must be an int in [1, 16]"),

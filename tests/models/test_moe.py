@@ -22,7 +22,7 @@ from sluice.models.registry import get_model_class
 from sluice.platform import current_platform
 
 from tests.engine.test_scheduler_paths import COMMON, prompts, tokens
-from tests.models.test_gguf_families import add_byte_tokenizer, add_decoder_metadata
+from tests.models.test_gguf_families import add_byte_tokenizer, add_decoder_metadata, converted
 from tests.models.test_model_forward import MiniRunner, hf_logits
 from tests.models.test_parity import check_bfloat16, check_float32, hf_greedy, prompt_ids, run_sluice
 from tests.utils import model_folder_factory
@@ -169,7 +169,7 @@ def test_grouped_experts_equal_naive(scoring_func, renormalize):
 @pytest.mark.skipif(not current_platform("cpu").native_kernels(torch.bfloat16),
                     reason="the native kernels need AVX-512 BF16")
 def test_packed_experts_match_torch_path(monkeypatch):
-    """bf16: the packed native kernel per expert gives F.linear's numbers, at decode and prompt sizes."""
+    """bf16: the packed experts in one native call (moe.c) give F.linear's numbers, at decode and prompt sizes."""
     monkeypatch.setenv("SLUICE_LINEAR_PATH", "native")
     torch.manual_seed(0)
     experts = StackedExperts(8, 128, 64).to(torch.bfloat16)
@@ -226,10 +226,10 @@ _GGUF_NAMES = {
 }
 
 
-def gguf_tensors(hf: transformers.PreTrainedModel):
-    """(llama.cpp name, float32 array) for every weight of a transformers Qwen-MoE model."""
+def gguf_tensors(hf: transformers.PreTrainedModel, arch: str):
+    """(llama.cpp name, float32 array) for every weight of a transformers MoE model."""
     for name, tensor in hf.state_dict().items():
-        array = tensor.float().numpy()
+        array = converted(name, tensor.float().numpy(), arch, hf.config)
         module, _, leaf = name.rpartition(".")
         layer = None
         if module.startswith("model.layers."):
@@ -247,20 +247,19 @@ def gguf_tensors(hf: transformers.PreTrainedModel):
 
 
 def write_gguf(hf: transformers.PreTrainedModel, path: str, arch: str) -> None:
-    """A float32 GGUF of a tiny Qwen-MoE model, with a byte-level tokenizer."""
+    """A float32 GGUF of a tiny MoE model, with a byte-level tokenizer. Mixtral and OLMoE state their
+    experts' size as feed_forward_length, as llama.cpp's converter writes them."""
     config = hf.config
     writer = gguf.GGUFWriter(path, arch)
     add_decoder_metadata(writer, config)
     writer.add_expert_count(config.num_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
-    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if getattr(config, "moe_intermediate_size", None):
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     if getattr(config, "shared_expert_intermediate_size", None):
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
-    if getattr(config, "head_dim", None):
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
     add_byte_tokenizer(writer)
-    for name, array in gguf_tensors(hf):
+    for name, array in gguf_tensors(hf, arch):
         writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -268,18 +267,21 @@ def write_gguf(hf: transformers.PreTrainedModel, path: str, arch: str) -> None:
     writer.close()
 
 
-@pytest.mark.parametrize("arch, gguf_arch", [("qwen2_moe", "qwen2moe"), ("qwen3_moe", "qwen3moe")])
+@pytest.mark.parametrize("arch, gguf_arch", [("qwen2_moe", "qwen2moe"), ("qwen3_moe", "qwen3moe"),
+                                             ("mixtral", "llama"), ("olmoe", "olmoe")])
 def test_gguf_loads_the_same_model(arch, gguf_arch, tmp_path):
     """A tiny model written to GGUF by the gguf package (experts stacked per projection) loads with
-    its expert sizes, the same weights as from transformers, and the same logits."""
+    its expert sizes, the same weights as from transformers, and the same logits. transformers
+    reads the Qwen-MoE configs; sluice builds Mixtral's (a llama file with experts) and OLMoE's."""
     # llama.cpp's Qwen-MoE graphs make every layer sparse; the byte tokenizer's vocabulary is small
-    hf = hf_model(arch, mlp_only_layers=[], vocab_size=300)
+    hf = hf_model(arch, vocab_size=300, **({"mlp_only_layers": []} if arch == "qwen2_moe" else {}))
     path = str(tmp_path / f"tiny-{arch}.gguf")
     write_gguf(hf, path, gguf_arch)
     src = resolve_model(path)
     config = load_hf_config(src)
     assert config.architectures == [type(hf).__name__]
-    assert (config.moe_intermediate_size, config.num_experts) == (hf.config.moe_intermediate_size, 8)
+    sizes = ("num_experts", "num_experts_per_tok", "intermediate_size", "moe_intermediate_size")
+    assert [getattr(config, k, None) for k in sizes] == [getattr(hf.config, k, None) for k in sizes]
     from_gguf = get_model_class(config)(config).eval()
     from_gguf.load_weights(iter_weights(src, config, torch.float32))
     from_hf = ours_from(hf, hf.state_dict().items())

@@ -10,11 +10,13 @@ import torch
 import transformers
 
 from sluice import LLM, SamplingParams
+from sluice.core.kv_cache_manager import KVCacheManager, KVCacheSpec
 from sluice.layers.attention import kv_sliding_window
 from sluice.models.registry import get_model_class
 
 from tests.models.test_model_forward import MiniRunner, hf_logits
 from tests.models.test_parity import NUM_TOKENS, check_bfloat16, check_float32, hf_greedy
+from tests.unit.test_kv_cache import make_request
 from tests.utils import model_folder_factory, random_model
 
 WINDOW = 16
@@ -99,3 +101,44 @@ def test_greedy_bfloat16_matches_hf(windowed_model_dir):
     for ids, out in zip(long_prompts(), run_sluice(folder, "bfloat16", logprobs=5)):
         theirs, logits = hf_greedy(hf, ids)
         check_bfloat16(out.token_ids, [set(d) for d in out.logprobs], theirs, logits, f"{arch} bf16 {len(ids)}")
+
+
+def test_a_request_longer_than_the_whole_cache_runs_when_every_layer_is_windowed(windowed_model_dir):
+    """4 usable blocks of 16 hold 64 tokens: Mistral's 101-token prompt plus 32 generated still
+    fits (its prefill in chunks the cache holds, its blocks behind the window back to the pool),
+    matching transformers; Qwen2 with a global layer keeps every block, so the same prompt is refused."""
+    small = dict(dtype="float32", max_model_len=512, block_size=16, num_gpu_blocks_override=5)
+    ids = long_prompts()[0]
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
+    folder = windowed_model_dir("mistral")
+    out = LLM(folder, **small).generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    theirs, logits = hf_greedy(hf, ids)
+    check_float32(out.token_ids, theirs, logits, "mistral, 101-token prompt in a 64-token cache")
+    with pytest.raises(ValueError, match="a request of 102 tokens needs 7 KV blocks; the whole cache holds 4 blocks"):
+        LLM(windowed_model_dir("qwen2"), **small).generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("window, block_size", [(16, 16), (20, 8), (5, 4)])
+def test_blocks_needed_is_what_a_lone_request_holds(window, block_size):
+    """A cache of exactly blocks_needed(n) blocks (+ the null block) runs a lone windowed request
+    to n tokens, in chunks as large as max_new_tokens allows, one token at a time, or any mix;
+    one block fewer does not, at some step."""
+    num_tokens = 150
+    needed = KVCacheSpec(10**6, block_size, window).blocks_needed(num_tokens)
+
+    def run(num_blocks: int, max_chunk: int) -> bool:
+        kv = KVCacheManager(num_blocks + 1, block_size, enable_caching=False, sliding_window=window)
+        request = make_request("long", list(range(num_tokens)))
+        while request.num_computed_tokens < num_tokens:
+            num_new = min(num_tokens - request.num_computed_tokens, max_chunk,
+                          kv.spec.max_new_tokens(request.num_computed_tokens))
+            if num_new < 1 or kv.allocate_slots(request, num_new) is None:
+                return False
+            request.num_computed_tokens += num_new
+        return True
+
+    assert all(run(needed, max_chunk) for max_chunk in (1, 3, 64, num_tokens))
+    assert not run(needed - 1, 1)
+    full, windowed = KVCacheSpec(4, 16), KVCacheSpec(4, 16, sliding_window=16)
+    assert (full.blocks_needed(102), windowed.blocks_needed(102)) == (7, 2) and not full.fits(102)

@@ -321,10 +321,12 @@ def test_tool_round_trip_with_langchain(server):
 
 
 # ---- strict mode and the response role: a second server ---------------------------------------------
-def test_strict_request_fields_and_response_role():
-    strict = RemoteServer("--strict-request-fields", "--response-role", "narrator")
+def test_strict_request_fields_response_role_and_no_dashboard():
+    strict = RemoteServer("--strict-request-fields", "--response-role", "narrator", "--disable-dashboard")
     try:
         http = strict.http()
+        assert http.get("/dashboard").status_code == 404
+        assert http.get("/dashboard/events").status_code == 404
         message = refused(http, "/v1/completions", {"prompt": PROMPT, "temprature": 0}, "temprature")
         assert message == "temprature: unknown field"
         reply = http.post("/v1/chat/completions", json={"model": MODEL_NAME, **chat_body(max_tokens=2)}).json()

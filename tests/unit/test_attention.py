@@ -10,6 +10,7 @@ from sluice.layers import native
 from sluice.layers.attention import BACKENDS, Attention, AttentionParams, build_attention_metadata, kv_sliding_window
 from sluice.layers.rotary import apply_rotary
 from sluice.platform import current_platform
+from sluice.quantization.kv_cache import get_kv_cache_quant
 
 NATIVE_BF16 = current_platform("cpu").attention_backend_name(torch.bfloat16, 8, 64) == "native"
 needs_native = pytest.mark.skipif(not NATIVE_BF16, reason="needs the native bf16 kernels (AVX-512 BF16)")
@@ -32,10 +33,12 @@ def reference(q, k_full, v_full, ctx, scale, window=None, soft_cap=None):
 
 
 def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.float32, seed=0, backend="torch",
-             window=None, soft_cap=None):
+             window=None, soft_cap=None, kv_cache_dtype="auto"):
     """With a window, blocks wholly behind a request's first row's window are swapped for a block
-    of NaNs, as a freed block reused by another request would be: they must never be read."""
-    backend = BACKENDS[backend]()
+    of NaNs, as a freed block reused by another request would be: they must never be read. A
+    compact cache (kv_cache_dtype) is checked against the reference on its own stored values."""
+    kv_quant = get_kv_cache_quant(kv_cache_dtype)
+    backend = BACKENDS[backend](kv_quant)
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
     need = [math.ceil(s / block_size) for s in seq_lens]
@@ -47,12 +50,21 @@ def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.f
         tables.append(ids[at:at + n] + [ids[-1]] * 2)  # extra trailing entries must be ignored
         at += n
     # stale random data everywhere (finite), null block zeroed as the runner does
-    kv_cache = torch.randn(backend.kv_cache_shape(num_blocks, block_size, Hkv, D), generator=gen).to(dtype)
+    shape = backend.kv_cache_shape(num_blocks, block_size, Hkv, D)
+    if kv_quant is None:
+        kv_cache = torch.randn(shape, generator=gen).to(dtype)
+    else:  # bytes below 0x70 are finite as fp8 elements and as the high bytes of bf16 scales
+        kv_cache = torch.randint(0, 0x70, shape, generator=gen, dtype=torch.uint8)
     kv_cache[:, 0] = 0
     poisoned = ids[-2]  # one of the spare blocks
-    kv_cache[:, poisoned] = float("nan")
+    kv_cache[:, poisoned] = float("nan") if kv_quant is None else 0xFF
     k_full = [torch.randn(s, Hkv, D, generator=gen).to(dtype) for s in seq_lens]
     v_full = [torch.randn(s, Hkv, D, generator=gen).to(dtype) for s in seq_lens]
+    # what the cache will hold: the reference attends over that
+    stored_k, stored_v = k_full, v_full
+    if kv_quant is not None:
+        stored_k, stored_v = ([kv_quant.dequantize(*kv_quant.quantize(x), dtype) for x in xs]
+                              for xs in (k_full, v_full))
     # earlier steps already cached each request's context
     for t, c, kf, vf in zip(tables, context_lens, k_full, v_full):
         if c:
@@ -69,15 +81,15 @@ def run_case(query_lens, context_lens, H, Hkv, D=16, block_size=4, dtype=torch.f
                     for t, c in zip(tables, context_lens)]
     meta = build_attention_metadata(query_lens, context_lens, attended, block_size, "cpu")
     scale = D ** -0.5
-    backend.write_kv(kv_cache, k, v, meta.slot_mapping)
+    k, v = backend.write_kv(kv_cache, k, v, meta.slot_mapping)  # as they read back
     out = backend.attend(q, k, v, kv_cache, meta, AttentionParams(scale, window, soft_cap))
     assert out.shape == (sum(query_lens), H * D) and out.dtype == dtype
     ref = torch.cat([reference(qi, kf, vf, c, scale, window, soft_cap)
-                     for qi, kf, vf, c in zip(qs, k_full, v_full, context_lens)])
+                     for qi, kf, vf, c in zip(qs, stored_k, stored_v, context_lens)])
     # new K/V landed in the cache at their slots
-    for t, c, kf, vf, n in zip(tables, context_lens, k_full, v_full, query_lens):
+    for t, c, kf, vf, n in zip(tables, context_lens, stored_k, stored_v, query_lens):
         table = torch.tensor([t])
-        k_read, v_read = backend.read_kv(kv_cache, table)
+        k_read, v_read = backend.read_kv(kv_cache, table, dtype)
         assert torch.equal(k_read[0, :c + n], kf) and torch.equal(v_read[0, :c + n], vf)
     return out.float(), ref, meta
 
@@ -272,3 +284,45 @@ def test_window_and_soft_cap_checked_and_kv_window():
     # blocks can be freed behind the widest window only when every layer has one
     assert kv_sliding_window(model(8, 32)) == 32
     assert kv_sliding_window(model(8, None)) is None and kv_sliding_window(model()) is None
+
+
+KV_BACKENDS = ["torch", pytest.param("native", marks=needs_library)]
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+@pytest.mark.parametrize("backend", KV_BACKENDS)
+@pytest.mark.parametrize("case", ["mixed_prefix_hit", "chunks_at_block_edges", "pure_prefill"])
+def test_paged_attention_compact_kv_cache(kv_cache_dtype, backend, case):
+    """A compact cache, bf16 model: written quantized, attended as stored. head_dim 64 takes the
+    kernel's AVX-512 dequantization where compiled for it, 24 its portable path."""
+    for D, dtype in ((64, torch.bfloat16), (24, torch.float32)):
+        out, ref, _ = run_case(*CASES[case], H=6, Hkv=2, D=D, block_size=16, dtype=dtype, backend=backend,
+                               kv_cache_dtype=kv_cache_dtype)
+        torch.testing.assert_close(out, ref, atol=3e-2 if dtype == torch.bfloat16 else 1e-5, rtol=3e-2)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+@pytest.mark.parametrize("backend", KV_BACKENDS)
+@pytest.mark.parametrize("window,soft_cap", WINDOW_CAP)
+def test_compact_kv_cache_window_and_soft_cap(kv_cache_dtype, backend, window, soft_cap):
+    out, ref, _ = run_case(*CASES["mixed_prefix_hit"], H=4, Hkv=2, D=32, block_size=4, backend=backend,
+                           window=window, soft_cap=soft_cap, kv_cache_dtype=kv_cache_dtype)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_cache_dtype,bound", [("int8", 0.5 / 127), ("fp8", 2.0 ** -4)])
+def test_kv_quantization_error_and_bytes(kv_cache_dtype, bound):
+    """A row comes back within half a step of its absmax / qmax (int8) or within fp8 e4m3's relative
+    precision (fp8), and a block takes (head_dim + 2) / (2 head_dim) of a bf16 block's bytes."""
+    kv_quant = get_kv_cache_quant(kv_cache_dtype)
+    x = torch.randn(64, 4, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 64)[:, None, None]
+    restored = kv_quant.dequantize(*kv_quant.quantize(x), torch.float32)
+    absmax = x.abs().amax(-1, keepdim=True)
+    error = (restored - x).abs()
+    if kv_cache_dtype == "int8":
+        assert bool((error <= absmax * bound * 1.01).all())
+    else:  # relative to each value, or to the format's smallest normal step at this row's scale
+        assert bool((error <= torch.maximum(x.abs() * bound, absmax / 448 * 2.0 ** -6) * 1.01).all())
+    assert torch.equal(kv_quant.quantize(torch.zeros(2, 64))[0], torch.zeros(2, 64, dtype=torch.uint8))
+    bf16 = BACKENDS["torch"]().bytes_per_block(16, 4, 64, torch.bfloat16)
+    assert BACKENDS["torch"](kv_quant).bytes_per_block(16, 4, 64, torch.bfloat16) * 2 * 64 == bf16 * (64 + 2)

@@ -148,6 +148,12 @@ LAUNCH_LINES = [
     ("vllm serve meta-llama/Llama-3.1-8B-Instruct --speculative-config '{\"method\": \"ngram\", "
      "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}'",
      {"speculative_config": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}}),
+    ("vllm serve meta-llama/Llama-3.2-1B-Instruct --data-parallel-size 4 --tensor-parallel-size 1",
+     {"data_parallel_size": 4, "data_parallel_rank": None}),
+    ("vllm serve meta-llama/Llama-3.1-8B-Instruct --speculative-config '{\"method\": \"eagle3\", "
+     "\"model\": \"yuhuili/EAGLE3-LLaMA3.1-Instruct-8B\", \"num_speculative_tokens\": 3}'",
+     {"speculative_config": {"method": "eagle3", "model": "yuhuili/EAGLE3-LLaMA3.1-Instruct-8B",
+                             "num_speculative_tokens": 3}}),
 ]
 
 
@@ -169,18 +175,12 @@ def test_vllm_launch_lines_parse(line, expected):
 
 REFUSED = [
     ("vllm serve meta-llama/Llama-2-70b-hf --tensor-parallel-size 4", "--tensor-parallel-size"),
-    ("vllm serve meta-llama/Llama-3.2-1B-Instruct --data-parallel-size 4 --tensor-parallel-size 1",
-     "--data-parallel-size"),
     ("vllm serve meta-llama/Llama-3.3-70B-Instruct -pp 2", "--pipeline-parallel-size"),
     ("vllm serve TheBloke/Llama-2-13B-AWQ --quantization awq", "--quantization"),
     ("vllm serve Qwen/Qwen2.5-14B-Instruct-AWQ -q awq --port 8012", "--quantization"),
-    ("vllm serve amd/Llama-3.1-70B-Instruct-FP8-KV --kv-cache-dtype=fp8", "--kv-cache-dtype"),
-    ("vllm serve meta-llama/Llama-2-7b-hf --enable-lora", "--enable-lora"),
-    ("vllm serve meta-llama/Llama-3.1-8B-Instruct --speculative-config '{\"method\": \"eagle3\", "
-     "\"model\": \"yuhuili/EAGLE3-LLaMA3.1-Instruct-8B\", \"num_speculative_tokens\": 3}'", "--speculative-config"),
+    ("vllm serve amd/Llama-3.1-70B-Instruct-FP8-KV --kv-cache-dtype=fp8_e5m2", "--kv-cache-dtype"),
     ("vllm serve facebook/opt-125m --distributed-executor-backend ray", "--distributed-executor-backend"),
     ("vllm serve mistralai/Mistral-7B-Instruct-v0.3 --tokenizer-mode mistral", "--tokenizer-mode"),
-    ("vllm serve meta-llama/Llama-2-7b-hf --lora-modules sql-lora=yard1/llama-2-7b-sql-lora-test", "--lora-modules"),
 ]
 
 
@@ -198,6 +198,8 @@ def test_features_not_there_yet_are_refused_naming_the_flag(line, flag):
     (["--load-format", "pt"], "--load-format: invalid choice: 'pt'"),
     (["--max-logprobs", "many"], "--max-logprobs: invalid int value"),
     (["--max-model-len", "1.5K"], "--max-model-len: not a whole number (or 32k / 32K form): '1.5K'"),
+    (["--kv-cache-dtype", "fp16x"], "--kv-cache-dtype: invalid choice: 'fp16x' (choose from 'auto', 'bfloat16', "
+                                    "'fp8', 'fp8_e4m3', 'fp8_e5m2', 'int8')"),
 ])
 def test_bad_flag_values_name_the_flag(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -210,6 +212,8 @@ def test_bad_flag_values_name_the_flag(flags, message, capsys):
     ({"gpu_memory_utilization": 0.99}, "kv_cache_memory_fraction (or gpu_memory_utilization) must be in (0, 0.95]"),
     ({"gpu_memory_utilization": 0.5, "kv_cache_memory_fraction": 0.3}, "disagree"),
     ({"hf_overrides": "x"}, "hf_overrides must be a JSON object"),
+    ({"kv_cache_dtype": "fp16x"}, "kv_cache_dtype must be one of 'auto', 'bfloat16', 'fp8', 'fp8_e4m3', 'fp8_e5m2', "
+                                  "'int8'; got 'fp16x'"),
 ])
 def test_bad_engine_values_name_the_field(kwargs, message):
     with pytest.raises(ValueError) as error:

@@ -37,9 +37,17 @@ import sluice
 from sluice.config import DEFAULT_MODEL, EngineConfig
 from sluice.engine.arg_utils import engine_config, json_object
 from sluice.engine.async_llm import AsyncLLM
-from sluice.engine.core_proc import remove_address, start_engine_core
+from sluice.engine.core_proc import remove_address, start_engine_cores
 from sluice.entrypoints.openai.anthropic import add_messages_routes
+from sluice.entrypoints.openai.dashboard import add_dashboard_routes
 from sluice.entrypoints.openai.engine_routes import add_engine_routes
+from sluice.entrypoints.openai.lora_routes import (
+    LoRARegistry,
+    add_lora_args,
+    add_lora_routes,
+    check_lora_args,
+    runtime_update_enabled,
+)
 from sluice.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -59,6 +67,7 @@ from sluice.entrypoints.openai.serving import (
     api_error_from_exception,
 )
 from sluice.entrypoints.openai.reasoning import REASONING_PARSERS
+from sluice.entrypoints.openai.pooling_routes import add_pooling_routes
 from sluice.entrypoints.openai.responses import add_responses_routes
 from sluice.entrypoints.openai.tool_calls import TOOL_PARSERS
 from sluice.metrics.http import MULTIPROC_ENV, HttpMetrics, HttpMetricsMiddleware
@@ -328,6 +337,11 @@ def build_app(state: ServerState, args: argparse.Namespace | None = None) -> Fas
     add_engine_routes(app, state, respond, trace_headers, bool(args and args.enable_sleep_mode))
     add_responses_routes(app, serving, respond, trace_headers)
     add_messages_routes(app, serving, respond, trace_headers)
+    add_pooling_routes(app, serving, respond)
+    if not (args and args.disable_dashboard):
+        add_dashboard_routes(app, state)
+    if serving.lora is not None and args is not None and runtime_update_enabled(args):
+        add_lora_routes(app, serving.lora)
     return app
 
 
@@ -414,9 +428,9 @@ class AccessLogFilter(logging.Filter):
         return str(path).split("?", 1)[0] not in self.paths
 
 
-async def serve_http(args: argparse.Namespace, address: str, core_pid: int, sock: socket.socket) -> int:
-    """Run one API process until shutdown; returns its exit code."""
-    engine = await AsyncLLM.connect(engine_config(args), address, core_pid)
+async def serve_http(args: argparse.Namespace, cores: list[tuple[str, int]], sock: socket.socket) -> int:
+    """Run one API process until shutdown; returns its exit code. cores: (address, pid) of each engine core."""
+    engine = await AsyncLLM.connect(engine_config(args), cores)
     chat = ChatOptions(
         chat_template=read_chat_template(args), content_format=args.chat_template_content_format,
         response_role=args.response_role, default_template_kwargs=args.default_chat_template_kwargs or {},
@@ -430,6 +444,9 @@ async def serve_http(args: argparse.Namespace, address: str, core_pid: int, sock
         max_num_seqs_per_request=args.max_num_seqs_per_request, max_num_queued_reqs=args.max_num_queued_reqs,
         max_num_queued_tokens=args.max_num_queued_tokens,
     )
+    if args.enable_lora:
+        serving.lora = LoRARegistry(engine, serving.served_model_names[0], args.lora_allowed_dirs)
+        await serving.lora.add_modules(args.lora_modules or [])
     OpenAIModel.strict_fields = args.strict_request_fields
     public = set(ALWAYS_PUBLIC) | set(split_list(args.public_endpoints))
     state = ServerState(engine, serving, api_keys(args), public, args.enable_request_id_headers, args.root_path)
@@ -468,49 +485,52 @@ def default_max_request_body_bytes(max_prompt_chars: int) -> int:
     return 6 * max_prompt_chars + (1 << 20)
 
 
-def run_api_process(args: argparse.Namespace, address: str, core_pid: int, sock: socket.socket) -> None:
+def run_api_process(args: argparse.Namespace, cores: list[tuple[str, int]], sock: socket.socket) -> None:
     """Entry point of each of the --api-server-count processes."""
     configure_logging()
-    raise SystemExit(asyncio.run(serve_http(args, address, core_pid, sock)))
+    raise SystemExit(asyncio.run(serve_http(args, cores, sock)))
 
 
 # ---- the launcher ---------------------------------------------------------------------------
 def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
     """Bind, start the core, serve; returns the exit code (non-zero if the core died)."""
     sock = bind_unix_socket(args.uds) if args.uds else bind_socket(args.host, args.port)
-    core, address = start_engine_core(config)
+    started = start_engine_cores(config)
+    cores = [(address, process.pid) for process, address in started]
     try:
         if args.api_server_count == 1:
-            return asyncio.run(serve_http(args, address, core.pid, sock))
-        return run_api_processes(args, address, core.pid, sock)
+            return asyncio.run(serve_http(args, cores, sock))
+        return run_api_processes(args, cores, sock)
     finally:
-        core.terminate()
-        core.join(10)
-        if core.is_alive():
-            core.kill()
-        remove_address(address)
+        for process, address in started:
+            process.terminate()
+        for process, address in started:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+            remove_address(address)
         if args.uds:
             with contextlib.suppress(OSError):
                 os.unlink(args.uds)
 
 
-def run_api_processes(args: argparse.Namespace, address: str, core_pid: int, sock: socket.socket) -> int:
+def run_api_processes(args: argparse.Namespace, cores: list[tuple[str, int]], sock: socket.socket) -> int:
     """Spawn the API processes, sharing one folder for their HTTP metrics (the core's are its own)."""
     if os.environ.get(MULTIPROC_ENV):
-        return _run_api_processes(args, address, core_pid, sock)
+        return _run_api_processes(args, cores, sock)
     folder = tempfile.mkdtemp(prefix="sluice-metrics-")
     os.environ[MULTIPROC_ENV] = folder
     try:
-        return _run_api_processes(args, address, core_pid, sock)
+        return _run_api_processes(args, cores, sock)
     finally:
         del os.environ[MULTIPROC_ENV]
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _run_api_processes(args: argparse.Namespace, address: str, core_pid: int, sock: socket.socket) -> int:
+def _run_api_processes(args: argparse.Namespace, cores: list[tuple[str, int]], sock: socket.socket) -> int:
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=run_api_process, args=(args, address, core_pid, sock), name=f"sluice-api-{i}")
+        context.Process(target=run_api_process, args=(args, cores, sock), name=f"sluice-api-{i}")
         for i in range(args.api_server_count)
     ]
     for worker in workers:
@@ -638,6 +658,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="characters of prompt logged with --enable-log-requests (default: all)")
     group.add_argument("--disable-access-log-for-endpoints", action="append", default=None, metavar="PATHS",
                        help="comma-separated paths left out of the access log, e.g. /health,/metrics")
+    group.add_argument("--disable-dashboard", action="store_true",
+                       help="leave out /dashboard, the live engine page (behind the API key like other routes)")
     group.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests may run after SIGTERM/SIGINT before they are aborted")
     group.add_argument("--api-server-count", type=int, default=1, help="API processes sharing the port and one engine core")
@@ -653,8 +675,6 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     # vLLM launch flags with nothing (yet) behind them, so that copied launch lines start or fail clearly.
     group.add_argument("--disable-log-requests", action="store_true",
                        help="accepted (vLLM's older spelling): requests are logged only with --enable-log-requests")
-    group.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
-                       help="LoRA adapters to serve: not available yet")
     # limits: no client, with or without a key, can stall or exhaust the server
     group.add_argument("--timeout-keep-alive", type=float, default=5.0,
                        help="seconds an idle keep-alive connection stays open between requests")
@@ -670,6 +690,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-seqs-per-request", type=int, default=DEFAULT_MAX_NUM_SEQS_PER_REQUEST,
                        help="most sequences (prompts x n) one request may ask for (400 beyond it)")
     add_request_args(parser)
+    add_lora_args(parser)
 
 
 def add_request_args(parser: argparse.ArgumentParser) -> None:
@@ -719,8 +740,7 @@ def add_request_args(parser: argparse.ArgumentParser) -> None:
 
 
 def check_server_args(args: argparse.Namespace) -> None:
-    if args.lora_modules:
-        raise SystemExit("--lora-modules: LoRA adapters are not available yet in sluice")
+    check_lora_args(args)
     if args.disable_log_requests and args.enable_log_requests:
         raise SystemExit("--disable-log-requests and --enable-log-requests contradict each other; give one")
     if args.api_server_count < 1:

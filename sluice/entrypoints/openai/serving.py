@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sluice.engine.input_processor import truncate_prompt
 from sluice.entrypoints.openai.chat_template import fim_prompt, resolve_content_format
@@ -36,8 +36,12 @@ from sluice.entrypoints.openai.protocol import (
 )
 from sluice.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningParser, ReasoningStream
 from sluice.entrypoints.openai.tool_calls import TOOL_PARSERS, ForcedToolCalls, ToolCallExtractor, ToolCallStream
+from sluice.lora.request import LoRARequest
 from sluice.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
 from sluice.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from sluice.entrypoints.openai.lora_routes import LoRARegistry
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_NUM_SEQS_PER_REQUEST = 64  # prompts x n of one request (vLLM has no such cap)
@@ -208,6 +212,7 @@ class _Job:
     params: SamplingParams
     trace_headers: dict[str, str] | None = None  # the HTTP request's trace context, for its span
     cache_salt: str | None = None
+    lora_request: LoRARequest | None = None  # the adapter its `model` names
 
 
 @dataclass
@@ -324,23 +329,30 @@ class OpenAIServing:
         # does not stall every other request and /health.
         self.tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="sluice-tokenize")
         self.created = int(time.time())
+        self.lora: LoRARegistry | None = None  # the adapters a request's model may name (--enable-lora)
 
     # ---- models ----
     def check_model(self, name: str | None) -> str:
         """The served name a request addresses (None: the first one)."""
         if name is None:
             return self.served_model_names[0]
-        if name not in self.served_model_names:
+        if name not in self.served_model_names and (self.lora is None or self.lora.get(name) is None):
             raise APIError(f"The model `{name}` does not exist.", 404, param="model", code="model_not_found")
         return name
 
     def models(self) -> dict:
-        return model_list(self.served_model_names, self.served_model_names[0], self.engine.max_model_len, self.created,
+        body = model_list(self.served_model_names, self.served_model_names[0], self.engine.max_model_len, self.created,
                           self.engine.quantization)
+        body["data"] += [self.model(name) for name in (self.lora.adapters if self.lora else ())]
+        return body
 
     def model(self, name: str) -> dict:
-        return model_card(self.check_model(name), self.served_model_names[0], self.engine.max_model_len, self.created,
+        card = model_card(self.check_model(name), self.served_model_names[0], self.engine.max_model_len, self.created,
                           self.engine.quantization)
+        lora = self.lora.get(name) if self.lora else None
+        if lora is not None:  # vLLM's adapter card: its files as root, the base model as parent
+            card.update(root=lora.lora_path, parent=self.lora.parents[name])
+        return card
 
     # ---- chat completions ----
     async def chat(self, request: ChatCompletionRequest, trace_headers: dict[str, str] | None = None,
@@ -357,7 +369,7 @@ class OpenAIServing:
         params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n,
                                             self.engine.default_sampling_params)
         job = _Job(_request_id("chatcmpl", request_id or request.request_id), text, token_ids, params, trace_headers,
-                   request.cache_salt)
+                   request.cache_salt, self._lora_request(model))
         role = self.chat_options.response_role if request.add_generation_prompt else request.messages[-1].role
         if request.stream:
             streams = await self._start_streams([job], request)
@@ -496,7 +508,8 @@ class OpenAIServing:
             params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n,
                                                 self.engine.default_sampling_params)
             job_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            jobs.append(_Job(job_id, text, token_ids, params, trace_headers, request.cache_salt))
+            jobs.append(_Job(job_id, text, token_ids, params, trace_headers, request.cache_salt,
+                             self._lora_request(model)))
         echo_texts = None
         if request.echo:  # the prompt as sent (not its FIM form), or the ids' text when truncated or ids
             echo_texts = [prompt if isinstance(prompt, str) and job.prompt is not None
@@ -672,7 +685,10 @@ class OpenAIServing:
         self._log(job, priority)
         return self.engine.generate(job.prompt, job.prompt_token_ids, job.params, job.request_id,
                                     priority=priority, stream=stream, trace_headers=job.trace_headers,
-                                    cache_salt=job.cache_salt)
+                                    cache_salt=job.cache_salt, lora_request=job.lora_request)
+
+    def _lora_request(self, model: str) -> LoRARequest | None:
+        return self.lora.get(model) if self.lora is not None else None
 
     async def _start_streams(self, jobs: list[_Job], request: GenerationRequest) -> list[AsyncIterator[RequestOutput]]:
         """Starts every job and awaits its first output, so the engine's own checks (prompt

@@ -3,12 +3,15 @@ blocks for prompt and decode rows, and the bytes a block takes.
 
 Every backend keeps a layer's cache as one tensor whose leading dims are [2 (K, V), num_blocks]
 (the runner allocates it zeroed and faults it in region by region); what a block holds inside
-is the backend's own business. The runner zeroes the cache: backends may read every slot of a
-block, masked or not, and NaN garbage would leak into real rows.
+is the backend's own business. A backend owns the cache's dtype too: the model's, or a compact
+format (--kv-cache-dtype fp8/int8, sluice/quantization/kv_cache.py) both backends lay out alike,
+bytes in token order with their scales. The runner zeroes the cache: backends may read every
+slot of a block, masked or not, and NaN garbage would leak into real rows.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -17,6 +20,7 @@ import torch
 
 from sluice.layers.attention.metadata import AttentionMetadata
 from sluice.layers.rotary import apply_rotary
+from sluice.quantization.kv_cache import KVCacheQuant
 
 
 @dataclass(frozen=True)
@@ -39,27 +43,50 @@ class AttentionParams:
 class AttentionBackend(ABC):
     name: ClassVar[str]
 
-    @staticmethod
-    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
-        """One layer's cache; both backends give [2, num_blocks, block_size, num_kv_heads, head_dim]
-        elements and differ in how a block's elements are ordered."""
-        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+    def __init__(self, kv_quant: KVCacheQuant | None = None) -> None:
+        self.kv_quant = kv_quant  # None: the cache holds the model's dtype
 
-    @classmethod
-    def bytes_per_block(cls, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        """One layer's K and V bytes for one block."""
-        elements = 1
-        for size in cls.kv_cache_shape(1, block_size, num_kv_heads, head_dim):
-            elements *= size
-        return elements * torch.empty((), dtype=dtype).element_size()
+    def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the cache tensor: bytes for a compact cache."""
+        return model_dtype if self.kv_quant is None else torch.uint8
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """One layer's cache. With the model's dtype both backends give [2, num_blocks, block_size,
+        num_kv_heads, head_dim] elements and differ in how a block's elements are ordered; a
+        compact cache is [2, num_blocks, block_size, num_kv_heads, head_dim + 2] bytes (a scale
+        after each row)."""
+        row = head_dim if self.kv_quant is None else self.kv_quant.row_bytes(head_dim)
+        return (2, num_blocks, block_size, num_kv_heads, row)
+
+    def bytes_per_block(self, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """One layer's K and V bytes for one block, for a model of this dtype."""
+        elements = math.prod(self.kv_cache_shape(1, block_size, num_kv_heads, head_dim))
+        return elements * self.kv_cache_dtype(dtype).itemsize
+
+    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' k/v [T, Hkv, D] at their flat slots; returns them as they read
+        back (quantized and restored, for a compact cache)."""
+        if self.kv_quant is not None:
+            return self.kv_quant.write(kv_cache, k, v, slot_mapping)
+        self._write_kv(kv_cache, k, v, slot_mapping)
+        return k, v
+
+    def read_kv(self, kv_cache: torch.Tensor, block_table: torch.Tensor, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole blocks in token order: [B, NB] block ids -> k, v [B, NB*block_size, Hkv, D], a compact
+        cache's dequantized to dtype (the model's; default float32)."""
+        if self.kv_quant is not None:
+            return self.kv_quant.read(kv_cache, block_table, dtype or torch.float32)
+        return self._read_kv(kv_cache, block_table)
 
     @abstractmethod
-    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Store the new tokens' k/v [T, Hkv, D] at their flat slots."""
+    def _write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """write_kv into a cache of the model's dtype, in this backend's block layout."""
 
     @abstractmethod
-    def read_kv(self, kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whole blocks in token order: [B, NB] block ids -> k, v [B, NB*block_size, Hkv, D]."""
+    def _read_kv(self, kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """read_kv from a cache of the model's dtype."""
 
     def rope_and_write(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                        slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
@@ -71,7 +98,7 @@ class AttentionBackend(ABC):
         qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
         q, k = apply_rotary(qk.view(T, H + Hkv, D), cos, sin).split([H, Hkv], dim=1)
         v = v.view(T, Hkv, D)
-        self.write_kv(kv_cache, k, v, slot_mapping)
+        k, v = self.write_kv(kv_cache, k, v, slot_mapping)
         return q, k, v
 
     @abstractmethod

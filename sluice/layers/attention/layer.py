@@ -14,6 +14,7 @@ from sluice.layers.attention.metadata import AttentionMetadata
 from sluice.layers.attention.native_backend import NativeBackend
 from sluice.layers.attention.torch_backend import TorchBackend
 from sluice.platform import current_platform
+from sluice.quantization.kv_cache import get_kv_cache_quant
 
 logger = logging.getLogger(__name__)
 
@@ -21,11 +22,14 @@ BACKENDS: dict[str, type[AttentionBackend]] = {"native": NativeBackend, "torch":
 
 
 @functools.lru_cache(maxsize=None)
-def get_attn_backend(num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> AttentionBackend:
-    """The platform's backend for this shape, one instance per choice, logged once."""
-    name = current_platform(device).attention_backend_name(dtype, num_heads, head_dim)
-    logger.info("attention backend: %s (%s, %d heads of %d, on %s)", name, dtype, num_heads, head_dim, device)
-    return BACKENDS[name]()
+def get_attn_backend(num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                     kv_cache_dtype: str = "auto") -> AttentionBackend:
+    """The platform's backend for this shape and KV cache dtype (config.py's kv_cache_dtype), one
+    instance per choice, logged once."""
+    name = current_platform(device).attention_backend_name(dtype, num_heads, head_dim, kv_cache_dtype)
+    logger.info("attention backend: %s (%s, %d heads of %d, on %s; KV cache %s)", name, dtype, num_heads, head_dim,
+                device, kv_cache_dtype)
+    return BACKENDS[name](get_kv_cache_quant(kv_cache_dtype))
 
 
 class Attention(nn.Module):
@@ -43,8 +47,15 @@ class Attention(nn.Module):
         self.backend = backend or get_attn_backend(num_heads, head_dim, torch.get_default_dtype(),
                                                    torch.get_default_device())
 
+    def set_kv_cache_dtype(self, kv_cache_dtype: str, dtype: torch.dtype, device: torch.device) -> None:
+        """Serve a KV cache of this dtype (config.py's kv_cache_dtype): the platform's backend for it."""
+        self.backend = get_attn_backend(self.num_heads, self.head_dim, dtype, device, kv_cache_dtype)
+
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return self.backend.kv_cache_shape(num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    def kv_cache_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return self.backend.kv_cache_dtype(dtype)
 
     def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         return self.backend.bytes_per_block(block_size, self.num_kv_heads, self.head_dim, dtype)

@@ -5,7 +5,9 @@ block as [num_kv_heads, head_dim/2, block_size, 2] (pairs of dims, tokens along 
 scored per instruction), V as [num_kv_heads, block_size/2, head_dim, 2] (pairs of tokens, dims
 along the row); block_size must be even. Every scheduled token is one query row that reads its
 request's blocks straight from the cache up to its own position (from its window's start, in a
-windowed layer): decodes and prompt chunks in one call, no padding, no gather.
+windowed layer): decodes and prompt chunks in one call, no padding, no gather. A compact
+cache (int8 / fp8 bytes with a scale per token and head, sluice/quantization/kv_cache.py) keeps
+token order; the kernel dequantizes each row in registers as it reads it.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ class NativeBackend(AttentionBackend):
         """Shapes the vectorised kernel serves (the platform checks the CPU and the dtype)."""
         return head_dim % 32 == 0 and head_dim <= MAX_HEAD_DIM and num_heads <= MAX_HEADS
 
-    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def _write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if not native.write_kv(kv_cache[0], kv_cache[1], k, v, slot_mapping):
             raise RuntimeError("the native attention backend needs the native kernel library")
 
-    def read_kv(self, kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_kv(self, kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, num_blocks, block_size, Hkv, D = kv_cache.shape
         B, NB = block_table.shape
         out = []
@@ -53,8 +55,11 @@ class NativeBackend(AttentionBackend):
     def rope_and_write(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                        slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """One pass over qkv: rotated q out, rotated k and v straight into the cache (k, v: None)."""
-        q = native.rope_qkv_cache(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
+        """One pass over qkv: rotated q out, rotated k and v straight into the cache (k, v: None).
+        A compact cache is written by the shared quantizing path."""
+        q = None
+        if self.kv_quant is None:
+            q = native.rope_qkv_cache(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
         if q is None:
             return super().rope_and_write(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
         return q, None, None
@@ -62,9 +67,14 @@ class NativeBackend(AttentionBackend):
     def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, kv_cache: torch.Tensor,
                meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
         T, H, D = q.shape
-        out = native.paged_attention(q.contiguous(), kv_cache[0], kv_cache[1], meta.token_block_table,
-                                     meta.token_seq_lens, params.scale, params.sliding_window,
-                                     params.logits_soft_cap)
+        if self.kv_quant is not None:
+            out = native.paged_attention_kv8(q.contiguous(), kv_cache, self.kv_quant.kernel_kind,
+                                             meta.token_block_table, meta.token_seq_lens, params.scale,
+                                             params.sliding_window, params.logits_soft_cap)
+        else:
+            out = native.paged_attention(q.contiguous(), kv_cache[0], kv_cache[1], meta.token_block_table,
+                                         meta.token_seq_lens, params.scale, params.sliding_window,
+                                         params.logits_soft_cap)
         if out is None:
             raise RuntimeError(f"the native attention kernel rejected q {tuple(q.shape)} {q.dtype}")
         return out.view(T, H * D)

@@ -1,11 +1,12 @@
 """The portable backend: PyTorch ops only, so it runs on any CPU and on CUDA unchanged.
 
 A block is kept in token order, [block_size, num_kv_heads, head_dim] for K and for V, so
-gathering a request's blocks is one index_select with no permute. Decodes and prefills are
-attended as two padded batches (see AttentionGroup): their K/V gathered a whole block at a time,
-and a bool mask encodes causality, each request's context length and padding, so one SDPA call
-covers each group. A windowed layer narrows the mask and gathers only the blocks its window
-reaches; a soft-capped layer computes transformers' eager formula, which SDPA has no option for.
+gathering a request's blocks is one index_select with no permute (a compact cache is gathered
+the same way, then dequantized). Decodes and prefills are attended as two padded batches (see
+AttentionGroup): their K/V gathered a whole block at a time, and a bool mask encodes causality,
+each request's context length and padding, so one SDPA call covers each group. A windowed layer
+narrows the mask and gathers only the blocks its window reaches; a soft-capped layer computes
+transformers' eager formula, which SDPA has no option for.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from sluice.layers.attention.metadata import AttentionGroup, AttentionMetadata
 class TorchBackend(AttentionBackend):
     name = "torch"
 
-    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def _write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         _, _, _, Hkv, D = kv_cache.shape
         kv_cache[0].view(-1, Hkv, D).index_copy_(0, slot_mapping, k)
         kv_cache[1].view(-1, Hkv, D).index_copy_(0, slot_mapping, v)
 
-    def read_kv(self, kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_kv(self, kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # index_select copies whole rows; advanced indexing goes element by element (~5x slower on CPU)
         _, _, block_size, Hkv, D = kv_cache.shape
         B, NB = block_table.shape
@@ -59,7 +60,7 @@ class TorchBackend(AttentionBackend):
         H, D = q.shape[1], q.shape[2]
         Hkv = kv_cache.shape[3]
         G = H // Hkv
-        k, v = (t.transpose(1, 2) for t in self.read_kv(kv_cache, g.block_table))
+        k, v = (t.transpose(1, 2) for t in self.read_kv(kv_cache, g.block_table, q.dtype))
         L = k.shape[2]
         if gather:
             q = q.index_select(0, g.token_index.view(-1))

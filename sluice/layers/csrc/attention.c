@@ -15,13 +15,18 @@
  *   V: [num_kv_heads, block_size / 2, head_dim, 2]  pairs of keys, dims along the row,
  *      so one load holds 16 dims x 2 keys for the same instruction with (p_j, p_j+1).
  * Also the KV write in that layout, and the fused rotary + KV write of a step's q/k/v.
- * bf16 or f32. Built by sluice/layers/native.py with the system C compiler and called
- * through ctypes, which releases the GIL. Threads come from OpenMP: the libgomp PyTorch loaded.
+ * bf16 or f32. A compact cache (int8 or fp8 e4m3 bytes, sluice/quantization/kv_cache.py) keeps
+ * token order instead, each (token, kv head) row followed by its bf16 scale: see attend_seq_kv8.
+ * Built by sluice/layers/native.py with the system C compiler and called through ctypes, which
+ * releases the GIL. Threads come from OpenMP: the libgomp PyTorch loaded.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define MAX_HEAD_DIM 256
 #define MAX_HEADS 64
@@ -43,9 +48,14 @@ typedef struct {
     int64_t num_heads, num_kv_heads, head_dim, block_size, table_width;
     int64_t window;             /* keys a row sees, counting its own; 0: all */
     float scale, soft_cap;      /* soft_cap 0: none */
-    int is_bf16;
+    int is_bf16;                /* q and out; the cache too unless kv_kind says otherwise */
+    int kv_kind;                /* KV_MODEL_DTYPE, KV_INT8 or KV_FP8 */
     int64_t seq_begin, seq_end;
 } Job;
+
+#define KV_MODEL_DTYPE 0
+#define KV_INT8 1
+#define KV_FP8 2
 
 static inline float bf16_to_f32(uint16_t x) {
     uint32_t u = (uint32_t)x << 16;
@@ -321,8 +331,111 @@ static void attend_seq_bf16(const Job *job, int64_t seq, const Scratch *sc, Pref
 #define HAVE_BF16_FAST_PATH 0
 #endif
 
+/* ---- A compact cache: per block, [block_size][num_kv_heads] rows of head_dim bytes (int8, or
+ * fp8 e4m3) each followed by its bf16 scale; an element is its byte's value times the scale. */
+
+static float fp8_values[256]; /* every fp8 e4m3 byte's value, for the portable path */
+
+static void fill_fp8_values(void) {
+    for (int b = 0; b < 256; b++) {
+        const int e = (b >> 3) & 15, m = b & 7;
+        const float magnitude = e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf((float)m, -9);
+        fp8_values[b] = b & 0x80 ? -magnitude : magnitude;
+    }
+}
+
+/* One row of bytes -> D floats (without its scale). */
+static inline void dequant_row(const uint8_t *src, int kind, int64_t D, float *dst) {
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {
+        for (int64_t d = 0; d < D; d += 16) {
+            const __m128i bytes = _mm_loadu_si128((const __m128i *)(src + d));
+            if (kind == KV_INT8) {
+                _mm512_storeu_ps(dst + d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)));
+            } else {
+                /* e4m3's sign, exponent and mantissa moved into a half's fields give value / 2^8,
+                 * exactly (subnormals too): widen, shift, convert, scale */
+                const __m256i b = _mm256_cvtepu8_epi16(bytes);
+                const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8);
+                const __m256i rest = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7);
+                const __m512 half = _mm512_cvtph_ps(_mm256_or_si256(sign, rest));
+                _mm512_storeu_ps(dst + d, _mm512_mul_ps(half, _mm512_set1_ps(256.0f)));
+            }
+        }
+        return;
+    }
+#endif
+    if (kind == KV_INT8)
+        for (int64_t d = 0; d < D; d++) dst[d] = (float)(int8_t)src[d];
+    else
+        for (int64_t d = 0; d < D; d++) dst[d] = fp8_values[src[d]];
+}
+
+static inline float row_scale(const uint8_t *row, int64_t D) {
+    uint16_t bits;
+    memcpy(&bits, row + D, sizeof bits);
+    return bf16_to_f32(bits);
+}
+
+/* One query row over a compact cache: each key's K and V rows dequantized into registers (AVX-512
+ * where compiled for it) and folded into an online softmax, one pass serving the G query heads of
+ * a kv head. */
+static void attend_seq_kv8(const Job *job, int64_t seq) {
+    const int64_t H = job->num_heads, Hkv = job->num_kv_heads, D = job->head_dim, bs = job->block_size;
+    const int64_t G = H / Hkv, len = job->seq_lens[seq], row = D + 2, block_bytes = bs * Hkv * row;
+    const int64_t *table = job->block_table + seq * job->table_width;
+    const uint8_t *kc = (const uint8_t *)job->k_cache, *vc = (const uint8_t *)job->v_cache;
+    static __thread float q[MAX_HEADS][MAX_HEAD_DIM], acc[MAX_HEADS][MAX_HEAD_DIM];
+    float m[MAX_HEADS], l[MAX_HEADS], kf[MAX_HEAD_DIM], vf[MAX_HEAD_DIM];
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t d = 0; d < D; d++) {
+            q[h][d] = load_elem(job->q, (seq * H + h) * D + d, job->is_bf16) * job->scale;
+            acc[h][d] = 0.0f;
+        }
+        m[h] = -1e30f; /* not -INFINITY: -ffast-math assumes none */
+        l[h] = 0.0f;
+    }
+    for (int64_t pos = first_key(job, seq); pos < len; pos++) {
+        const int64_t base = table[pos / bs] * block_bytes + (pos % bs) * Hkv * row;
+        for (int64_t hkv = 0; hkv < Hkv; hkv++) {
+            const uint8_t *krow = kc + base + hkv * row, *vrow = vc + base + hkv * row;
+            dequant_row(krow, job->kv_kind, D, kf);
+            dequant_row(vrow, job->kv_kind, D, vf);
+            const float k_scale = row_scale(krow, D), v_scale = row_scale(vrow, D);
+            for (int64_t h = hkv * G; h < (hkv + 1) * G; h++) {
+                float dot = 0.0f;
+                for (int64_t d = 0; d < D; d++) dot += q[h][d] * kf[d];
+                float score = dot * k_scale;
+                if (job->soft_cap > 0.0f) score = job->soft_cap * tanhf(score / job->soft_cap);
+                float correction = 1.0f;
+                if (score > m[h]) {
+                    correction = expf(m[h] - score);
+                    m[h] = score;
+                }
+                const float p = expf(score - m[h]), pv = p * v_scale;
+                l[h] = l[h] * correction + p;
+                for (int64_t d = 0; d < D; d++) acc[h][d] = acc[h][d] * correction + pv * vf[d];
+            }
+        }
+    }
+    for (int64_t h = 0; h < H; h++) {
+        const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+        for (int64_t d = 0; d < D; d++) {
+            const int64_t index = (seq * H + h) * D + d;
+            if (job->is_bf16)
+                ((uint16_t *)job->out)[index] = f32_to_bf16(acc[h][d] * inv);
+            else
+                ((float *)job->out)[index] = acc[h][d] * inv;
+        }
+    }
+}
+
 static void *run_job(void *arg) {
     Job *job = (Job *)arg;
+    if (job->kv_kind != KV_MODEL_DTYPE) {
+        for (int64_t seq = job->seq_begin; seq < job->seq_end; seq++) attend_seq_kv8(job, seq);
+        return NULL;
+    }
 #if HAVE_BF16_FAST_PATH
     if (job->is_bf16 && job->head_dim % 32 == 0) {
         int64_t longest = 0;
@@ -355,36 +468,60 @@ static void *run_job(void *arg) {
     return NULL;
 }
 
+/* Splits the rows over threads and runs them: work grows with each row's keys (prefill rows see
+ * 1..n keys), so by key count. */
+static void run_jobs(const Job *job, int64_t num_seqs, int num_threads) {
+    if (num_threads < 1) num_threads = 1;
+    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
+    if (num_threads > num_seqs) num_threads = (int)(num_seqs > 0 ? num_seqs : 1);
+    Job jobs[MAX_THREADS];
+    int64_t total = 0;
+    for (int64_t seq = 0; seq < num_seqs; seq++) total += row_span(job, seq) + 1;
+    int64_t seq = 0, done = 0;
+    for (int t = 0; t < num_threads; t++) {
+        const int64_t begin = seq, target = total * (t + 1) / num_threads;
+        while (seq < num_seqs && (t == num_threads - 1 || done + row_span(job, seq) + 1 <= target || seq == begin))
+            done += row_span(job, seq++) + 1;
+        jobs[t] = *job;
+        jobs[t].seq_begin = begin;
+        jobs[t].seq_end = seq;
+    }
+#pragma omp parallel for schedule(static, 1) num_threads(num_threads)
+    for (int t = 0; t < num_threads; t++) run_job(&jobs[t]);
+}
+
+static int shape_ok(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size) {
+    return head_dim <= MAX_HEAD_DIM && head_dim % 2 == 0 && block_size <= MAX_BLOCK && num_heads <= MAX_HEADS &&
+           num_heads % num_kv_heads == 0;
+}
+
 /* Returns 0 on success, -1 when a size exceeds the compiled limits (caller falls back). */
 int paged_attention(const void *q, const void *k_cache, const void *v_cache,
                            const int64_t *block_table, const int64_t *seq_lens, void *out,
                            int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                            int64_t head_dim, int64_t block_size, int64_t table_width, int64_t window,
                            float scale, float soft_cap, int is_bf16, int num_threads) {
-    if (head_dim > MAX_HEAD_DIM || head_dim % 2 != 0 || block_size > MAX_BLOCK || num_heads > MAX_HEADS ||
-        num_heads % num_kv_heads != 0)
+    if (!shape_ok(num_heads, num_kv_heads, head_dim, block_size)) return -1;
+    const Job job = {q, k_cache, v_cache, block_table, seq_lens, out, num_heads, num_kv_heads, head_dim,
+                     block_size, table_width, window > 0 ? window : 0, scale, soft_cap > 0.0f ? soft_cap : 0.0f,
+                     is_bf16, KV_MODEL_DTYPE, 0, 0};
+    run_jobs(&job, num_seqs, num_threads);
+    return 0;
+}
+
+/* paged_attention over a compact cache (kv_kind KV_INT8 or KV_FP8); q and out bf16 or f32. */
+int paged_attention_kv8(const void *q, const void *k_cache, const void *v_cache,
+                        const int64_t *block_table, const int64_t *seq_lens, void *out,
+                        int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t head_dim, int64_t block_size, int64_t table_width, int64_t window,
+                        float scale, float soft_cap, int is_bf16, int kv_kind, int num_threads) {
+    if (!shape_ok(num_heads, num_kv_heads, head_dim, block_size) || (kv_kind != KV_INT8 && kv_kind != KV_FP8))
         return -1;
-    if (num_threads < 1) num_threads = 1;
-    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
-    if (num_threads > num_seqs) num_threads = (int)(num_seqs > 0 ? num_seqs : 1);
-    Job jobs[MAX_THREADS];
-    Job job = {q, k_cache, v_cache, block_table, seq_lens, out, num_heads, num_kv_heads, head_dim,
-               block_size, table_width, window > 0 ? window : 0, scale, soft_cap > 0.0f ? soft_cap : 0.0f,
-               is_bf16, 0, 0};
-    /* Work grows with each row's keys (prefill rows see 1..n keys): split by key count. */
-    int64_t total = 0;
-    for (int64_t seq = 0; seq < num_seqs; seq++) total += row_span(&job, seq) + 1;
-    int64_t seq = 0, done = 0;
-    for (int t = 0; t < num_threads; t++) {
-        const int64_t begin = seq, target = total * (t + 1) / num_threads;
-        while (seq < num_seqs && (t == num_threads - 1 || done + row_span(&job, seq) + 1 <= target || seq == begin))
-            done += row_span(&job, seq++) + 1;
-        jobs[t] = job;
-        jobs[t].seq_begin = begin;
-        jobs[t].seq_end = seq;
-    }
-#pragma omp parallel for schedule(static, 1) num_threads(num_threads)
-    for (int t = 0; t < num_threads; t++) run_job(&jobs[t]);
+    if (kv_kind == KV_FP8 && fp8_values[0x38] == 0.0f) fill_fp8_values(); /* 0x38 is 1.0 */
+    const Job job = {q, k_cache, v_cache, block_table, seq_lens, out, num_heads, num_kv_heads, head_dim,
+                     block_size, table_width, window > 0 ? window : 0, scale, soft_cap > 0.0f ? soft_cap : 0.0f,
+                     is_bf16, kv_kind, 0, 0};
+    run_jobs(&job, num_seqs, num_threads);
     return 0;
 }
 

@@ -14,8 +14,9 @@
  * (16 sub-blocks of 16, q - 32 signed: an activation block spans two scales, one per half of the
  * dot product's lanes).
  *
- * A weight block is unpacked once and used for up to MR rows of x; threads split the output
- * columns (and, for many rows, chunks of rows). Weights are read as stored in the file.
+ * A weight block is unpacked once and used for up to MR rows of x (PR for the types read two blocks
+ * at a time, below); threads split the output columns (and, for many rows, chunks of rows).
+ * Weights are read as stored in the file.
  */
 #include <math.h>
 #include <omp.h>
@@ -30,6 +31,10 @@ enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q
 #define MR 4  /* rows of x per tile */
 #define NR 4  /* weight rows (output columns) per tile */
 #define MC 64 /* rows of x per chunk */
+/* Weight rows a tile prefetches ahead, into L2: its NR rows are short streams read side by side,
+ * which the hardware prefetcher doesn't follow (weights beyond the L3 were read at 2-4 GB/s) */
+#define PREFETCH_ROWS (8 * NR)
+#define PREFETCH_HINT _MM_HINT_T1
 
 static inline int64_t gguf_block_bytes(int qtype) {
     switch (qtype) {
@@ -74,24 +79,25 @@ static inline float half_at(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 
-/* One row of x (K values) -> int8 blocks with their scales dx and dx * sum(q). */
+static inline __m512 load16(const void *x, int bf16, int64_t i) { /* 16 values of x as floats */
+    if (!bf16) return _mm512_loadu_ps((const float *)x + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* One row of x (K values) -> int8 blocks with their scales dx and dx * sum(q): q = round(x * 127 / amax),
+ * to nearest even (the rounding mode), as lrintf would. */
 static void quantize_row(const void *x, int bf16, int64_t K, int8_t *xq, float *dx, float *sx) {
-    float v[QK];
     for (int64_t b = 0; b < K / QK; b++) {
-        float amax = 0.0f;
-        for (int i = 0; i < QK; i++) {
-            v[i] = bf16 ? bf16_to_float(((const uint16_t *)x)[b * QK + i]) : ((const float *)x)[b * QK + i];
-            amax = fmaxf(amax, fabsf(v[i]));
-        }
+        const __m512 v0 = load16(x, bf16, b * QK), v1 = load16(x, bf16, b * QK + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum = 0;
-        for (int i = 0; i < QK; i++) {
-            const int q = (int)lrintf(v[i] * inv);
-            xq[b * QK + i] = (int8_t)q;
-            sum += q;
-        }
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+        _mm_storeu_si128((__m128i *)(xq + b * QK), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(xq + b * QK + 16), _mm512_cvtsepi32_epi8(q1));
         dx[b] = d;
-        sx[b] = d * (float)sum;
+        sx[b] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
     }
 }
 
@@ -176,12 +182,132 @@ typedef struct {
     int64_t M, K, N;
     const uint8_t *w;
     int64_t row_bytes;
-    const int8_t *xq;
-    const float *dx, *sx;
+    const int8_t *xq; /* [M, ldq]: K rounded up to 64, zero padded */
+    int64_t ldq;
+    const float *dx, *sx;     /* [M, K / 32] */
+    const float *dxv, *sxv;   /* [M, ldq / 64, 16]: dx and sx / 8 of a pair of blocks, 8 lanes each */
+    const float *bias;        /* [N] or NULL */
+    const void *residual;     /* [M, N] rows ldr apart, x's dtype, or NULL */
+    int64_t ldr;
     void *out;
     int64_t ldo;
     int bf16;
 } QGemm;
+
+/* out[row, col] = y (+ bias + residual), rounded once to the output dtype */
+static inline void store_out(const QGemm *g, int64_t row, int64_t col, float y) {
+    if (g->bias) y += g->bias[col];
+    const int64_t at = row * g->ldo + col;
+    if (g->bf16) {
+        if (g->residual) y += bf16_to_float(((const uint16_t *)g->residual)[row * g->ldr + col]);
+        ((uint16_t *)g->out)[at] = float_to_bf16(y);
+    } else {
+        if (g->residual) y += ((const float *)g->residual)[row * g->ldr + col];
+        ((float *)g->out)[at] = y;
+    }
+}
+
+/*
+ * Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: two blocks (64 values) per 512-bit register. One masked load
+ * brings a pair of blocks; byte and word permutes spread their nibbles into x's order and their
+ * float16 scales over the 8 lanes of each block, so a pair costs one vpdpbusd, a convert and two
+ * FMAs per row of x, and the horizontal sum is taken once per output. The weight is made
+ * unsigned for vpdpbusd (Q8_0: q + 128) and the offset folded into c: w = d * q + c per block.
+ */
+typedef struct {
+    __m512i q;
+    __m512 d, c;
+} Pair;
+
+typedef struct {
+    __m512i bytes, shifts, words; /* permute of the quant bytes, nibble shifts, permute of d and m */
+} PairLayout;
+
+static inline int64_t quant_offset(int qtype) { /* where a block's 16 bytes of nibbles (Q8_0: 32 bytes) start */
+    return qtype == Q4_0 ? 2 : qtype == Q4_1 ? 4 : qtype == Q5_0 ? 6 : 8;
+}
+
+static inline __attribute__((always_inline)) PairLayout pair_layout(const int qtype) {
+    const int64_t bb = gguf_block_bytes(qtype), o = quant_offset(qtype);
+    uint8_t bytes[64];
+    uint16_t shifts[32], words[32];
+    for (int j = 0; j < 64; j++) bytes[j] = (uint8_t)(o + (j % 16) + (j / 32) * bb);
+    if (qtype == Q8_0) /* from the pair's first 64 bytes (indices < 64), then from the 64 bytes at + 4 */
+        for (int j = 0; j < 64; j++) bytes[j] = (uint8_t)(j < 32 ? 2 + j : j + 4 < 64 ? j + 4 : 64 + j);
+    for (int j = 0; j < 32; j++) {
+        shifts[j] = (uint16_t)((j / 8) % 2 * 4);
+        words[j] = (uint16_t)((j / 16) + (j / 8) % 2 * (bb / 2)); /* d0 x 8, d1 x 8, m0 x 8, m1 x 8 */
+    }
+    PairLayout l = {_mm512_loadu_si512(bytes), _mm512_loadu_si512(shifts), _mm512_loadu_si512(words)};
+    return l;
+}
+
+static inline __attribute__((always_inline)) Pair unpack_pair(const uint8_t *blk, const int two, const int qtype,
+                                                              const PairLayout *l) {
+    const int64_t bb = gguf_block_bytes(qtype);
+    Pair p;
+    if (qtype == Q8_0) { /* 68 bytes: d0, q0 and d1 from the first 64, the rest of q1 from 4 bytes on */
+        const __m512i v = _mm512_maskz_loadu_epi8(two ? ~(__mmask64)0 : ((__mmask64)1 << bb) - 1, blk);
+        const __m512i tail = _mm512_maskz_loadu_epi8(two ? (__mmask64)0xFFFFFFFFull << 32 : 0, blk + 4);
+        p.q = _mm512_xor_si512(_mm512_permutex2var_epi8(v, l->bytes, tail), _mm512_set1_epi8((char)0x80));
+        p.d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(l->words, v)));
+        p.c = _mm512_mul_ps(p.d, _mm512_set1_ps(-128.0f));
+        return p;
+    }
+    const __mmask64 live = ((__mmask64)1 << ((two ? 2 : 1) * bb)) - 1;
+    const __m512i v = _mm512_maskz_loadu_epi8(live, blk);
+    p.q = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi8(l->bytes, v), l->shifts), _mm512_set1_epi8(0x0F));
+    if (qtype == Q5_0 || qtype == Q5_1) {
+        uint32_t h[2] = {0, 0};
+        memcpy(&h[0], blk + quant_offset(qtype) - 4, 4);
+        if (two) memcpy(&h[1], blk + bb + quant_offset(qtype) - 4, 4);
+        p.q = _mm512_or_si512(p.q, _mm512_maskz_set1_epi8((__mmask64)h[0] | (__mmask64)h[1] << 32, 0x10));
+    }
+    const __m512i dm = _mm512_permutexvar_epi16(l->words, v);
+    p.d = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
+    if (qtype == Q4_1 || qtype == Q5_1) p.c = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(dm, 1));
+    else p.c = _mm512_mul_ps(p.d, _mm512_set1_ps(qtype == Q4_0 ? -8.0f : -16.0f));
+    return p;
+}
+
+#define PR 2 /* rows of x per pair tile */
+
+static inline __attribute__((always_inline)) void pair_step(const QGemm *g, int64_t row0, const int rows, int64_t n0,
+                                                            const int cols, const int qtype, const PairLayout *l,
+                                                            int64_t p, const int two, __m512 acc[PR][NR]) {
+    const int64_t pairs = g->ldq / 64, bb = gguf_block_bytes(qtype);
+    Pair w[NR];
+    for (int c = 0; c < cols; c++) {
+        const uint8_t *blk = g->w + (n0 + c) * g->row_bytes + 2 * p * bb;
+        _mm_prefetch((const char *)blk + PREFETCH_ROWS * g->row_bytes, PREFETCH_HINT);
+        if (2 * bb > 64) _mm_prefetch((const char *)blk + PREFETCH_ROWS * g->row_bytes + 64, PREFETCH_HINT);
+        w[c] = unpack_pair(blk, two, qtype, l);
+    }
+    for (int r = 0; r < rows; r++) {
+        const int64_t row = row0 + r;
+        const __m512i xv = _mm512_loadu_si512(g->xq + row * g->ldq + 64 * p);
+        const __m512 dxv = _mm512_loadu_ps(g->dxv + (row * pairs + p) * 16);
+        const __m512 sxv = _mm512_loadu_ps(g->sxv + (row * pairs + p) * 16);
+        for (int c = 0; c < cols; c++) {
+            const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[c].q, xv);
+            acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(w[c].d, dxv), acc[r][c]);
+            acc[r][c] = _mm512_fmadd_ps(w[c].c, sxv, acc[r][c]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void pair_tile(const QGemm *g, int64_t row0, const int rows, int64_t n0,
+                                                            const int cols, const int qtype) {
+    const PairLayout l = pair_layout(qtype);
+    const int64_t blocks = g->K / QK;
+    __m512 acc[PR][NR];
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < blocks / 2; p++) pair_step(g, row0, rows, n0, cols, qtype, &l, p, 1, acc);
+    if (blocks % 2) pair_step(g, row0, rows, n0, cols, qtype, &l, blocks / 2, 0, acc);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) store_out(g, row0 + r, n0 + c, _mm512_reduce_add_ps(acc[r][c]));
+}
 
 /* rows [row0, row0 + rows) of x against weight rows [n0, n0 + cols): every weight block is unpacked
  * once per tile, and each output keeps its own accumulators, so its value never depends on the tile */
@@ -195,10 +321,14 @@ static inline __attribute__((always_inline)) void dot_tile(const QGemm *g, int64
     for (int64_t b = 0; b < blocks; b++) {
         __m256i q[NR];
         float d_lo[NR], d_hi[NR], coef[NR];
-        for (int c = 0; c < cols; c++) q[c] = unpack(g->w + (n0 + c) * g->row_bytes, b, qtype, &d_lo[c], &d_hi[c], &coef[c]);
+        for (int c = 0; c < cols; c++) {
+            _mm_prefetch((const char *)g->w + (n0 + c + PREFETCH_ROWS) * g->row_bytes + b * g->row_bytes / blocks,
+                         PREFETCH_HINT); /* as pair_step does */
+            q[c] = unpack(g->w + (n0 + c) * g->row_bytes, b, qtype, &d_lo[c], &d_hi[c], &coef[c]);
+        }
         for (int r = 0; r < rows; r++) {
             const int64_t row = row0 + r;
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(g->xq + row * g->K + b * QK));
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(g->xq + row * g->ldq + b * QK));
             const __m256i xabs = _mm256_abs_epi8(xv);
             const float dx = g->dx[row * blocks + b], sx = g->sx[row * blocks + b];
             for (int c = 0; c < cols; c++) {
@@ -214,16 +344,16 @@ static inline __attribute__((always_inline)) void dot_tile(const QGemm *g, int64
         }
     }
     for (int r = 0; r < rows; r++)
-        for (int c = 0; c < cols; c++) {
-            const float y = hsum(acc[r][c]) + _mm_cvtss_f32(off[r][c]);
-            const int64_t at = (row0 + r) * g->ldo + n0 + c;
-            if (g->bf16) ((uint16_t *)g->out)[at] = float_to_bf16(y);
-            else ((float *)g->out)[at] = y;
-        }
+        for (int c = 0; c < cols; c++) store_out(g, row0 + r, n0 + c, hsum(acc[r][c]) + _mm_cvtss_f32(off[r][c]));
 }
 
 static inline __attribute__((always_inline)) void run_rows(const QGemm *g, int64_t row, int64_t rows, int64_t n,
                                                            const int cols, const int qtype) {
+    if (qtype < Q4_K) {
+        if (rows == 1) pair_tile(g, row, 1, n, cols, qtype);
+        else pair_tile(g, row, 2, n, cols, qtype);
+        return;
+    }
     switch (rows) {
         case 4: dot_tile(g, row, 4, n, cols, qtype); break;
         case 3: dot_tile(g, row, 3, n, cols, qtype); break;
@@ -236,8 +366,9 @@ static inline __attribute__((always_inline)) void run_chunk(const QGemm *g, int6
                                                             int64_t n_begin, int64_t n_end, const int qtype) {
     for (int64_t n = n_begin; n < n_end; n += NR) {
         const int full = n + NR <= n_end;
-        for (int64_t row = row_begin; row < row_end; row += MR) {
-            const int64_t rows = row_end - row < MR ? row_end - row : MR;
+        const int64_t mr = qtype < Q4_K ? PR : MR;
+        for (int64_t row = row_begin; row < row_end; row += mr) {
+            const int64_t rows = row_end - row < mr ? row_end - row : mr;
             if (full) {
                 run_rows(g, row, rows, n, NR, qtype);
             } else {
@@ -332,31 +463,40 @@ int dequant_pack_gguf(const uint8_t *w, int qtype, int64_t N, int64_t K, uint16_
 }
 
 /* x [M, K] (rows ldx apart; bf16 when bf16, else float32) @ W^T, W [N, K] as GGML blocks of type
- * qtype (rows of K / 32 blocks) -> out [M, N] (rows ldo apart, x's dtype). -1: not served here. */
+ * qtype (rows of K / 32 blocks), + bias (float32 [N] or NULL) + residual ([M, N] rows ldr apart, x's
+ * dtype, or NULL) -> out [M, N] (rows ldo apart, x's dtype). -1: not served here. */
 int linear_gguf(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, const uint8_t *w, int qtype, int64_t N,
-                void *out, int64_t ldo) {
+                const float *bias, const void *residual, int64_t ldr, void *out, int64_t ldo) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
     if (gguf_block_bytes(qtype) == 0 || K % block_values(qtype)) return -1;
-    const int64_t blocks = K / QK;
-    int8_t *xq = malloc((size_t)(M * K));
-    float *scales = malloc((size_t)(2 * M * blocks) * sizeof(float));
+    const int64_t blocks = K / QK, ldq = (K + 63) / 64 * 64, pairs = ldq / 64;
+    int8_t *xq = calloc((size_t)(M * ldq), 1);
+    float *scales = malloc((size_t)(M * (2 * blocks + 32 * pairs)) * sizeof(float));
     if (!xq || !scales) {
         free(xq);
         free(scales);
         return -2;
     }
-    float *dx = scales, *sx = scales + M * blocks;
+    float *dx = scales, *sx = dx + M * blocks, *dxv = sx + M * blocks, *sxv = dxv + M * pairs * 16;
     const size_t elem = bf16 ? 2 : 4;
 #pragma omp parallel for schedule(static) if (M >= 16)
-    for (int64_t m = 0; m < M; m++)
-        quantize_row((const char *)x + m * ldx * elem, bf16, K, xq + m * K, dx + m * blocks, sx + m * blocks);
-    QGemm g = {M, K, N, w, K / block_values(qtype) * gguf_block_bytes(qtype), xq, dx, sx, out, ldo, bf16};
+    for (int64_t m = 0; m < M; m++) {
+        quantize_row((const char *)x + m * ldx * elem, bf16, K, xq + m * ldq, dx + m * blocks, sx + m * blocks);
+        for (int64_t b = 0; b < 2 * pairs; b++)
+            for (int i = 0; i < 8; i++) {
+                dxv[(m * pairs) * 16 + b * 8 + i] = b < blocks ? dx[m * blocks + b] : 0.0f;
+                sxv[(m * pairs) * 16 + b * 8 + i] = b < blocks ? sx[m * blocks + b] * 0.125f : 0.0f;
+            }
+    }
+    QGemm g = {M, K, N, w, K / block_values(qtype) * gguf_block_bytes(qtype), xq, ldq, dx, sx, dxv, sxv,
+               bias, residual, ldr, out, ldo, bf16};
     run_qgemm(&g, qtype);
     free(xq);
     free(scales);
     return 0;
 #else
-    (void)x; (void)M; (void)K; (void)ldx; (void)bf16; (void)w; (void)qtype; (void)N; (void)out; (void)ldo;
+    (void)x; (void)M; (void)K; (void)ldx; (void)bf16; (void)w; (void)qtype; (void)N; (void)bias; (void)residual;
+    (void)ldr; (void)out; (void)ldo;
     return -1;
 #endif
 }

@@ -1,0 +1,94 @@
+"""Embedding throughput: sequences/s for 512-token inputs, batch 64, sluice's BERT against
+transformers' BertModel with the same pooling (mean + normalize), same process, same CPU, same
+dtype. Random weights in bge-small-en-v1.5's shape (12 layers, hidden 384): the time does not
+depend on the values. Goal: sluice >= 1.5x transformers.
+
+    .venv/bin/python benchmarks/embeddings.py                      # ~2-4 min on 2 cores
+    .venv/bin/python benchmarks/embeddings.py --layers 2 --iters 1  # a smoke test
+
+Both sides get the same token ids; sluice's best of --iters runs of LLM.embed against
+transformers' best of --iters forward passes over the whole batch (no padding: every input is
+512 tokens, so transformers wastes nothing on padding either).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+
+def build_checkpoint(folder: str, layers: int) -> None:
+    """A random BertModel folder with a WordPiece vocabulary of bge's size and mean pooling."""
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=layers,
+                                     num_attention_heads=12, intermediate_size=1536, max_position_embeddings=512)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(config.vocab_size - 5)]
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab))
+    transformers.BertTokenizerFast(os.path.join(folder, "vocab.txt")).save_pretrained(folder)
+    with open(os.path.join(folder, "modules.json"), "w") as f:
+        json.dump([{"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                   {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}], f)
+    os.makedirs(os.path.join(folder, "1_Pooling"))
+    with open(os.path.join(folder, "1_Pooling", "config.json"), "w") as f:
+        json.dump({"pooling_mode_mean_tokens": True}, f)
+
+
+def best_of(iters: int, run) -> float:
+    times = []
+    for _ in range(iters):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    args = parser.parse_args()
+    import transformers
+
+    from sluice.entrypoints.llm import LLM
+
+    folder = tempfile.mkdtemp(prefix="sluice-embed-bench-")
+    build_checkpoint(folder, args.layers)
+    generator = torch.Generator().manual_seed(0)
+    body = torch.randint(5, 30522, (args.batch, args.input_len - 2), generator=generator)
+    ids = torch.cat([torch.full((args.batch, 1), 2), body, torch.full((args.batch, 1), 3)], dim=1)
+    prompts = [{"prompt_token_ids": row} for row in ids.tolist()]
+
+    llm = LLM(folder, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens)
+    hf = transformers.BertModel.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
+
+    @torch.inference_mode()
+    def reference() -> torch.Tensor:
+        states = hf(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        return torch.nn.functional.normalize(states.float().mean(1), dim=-1)
+
+    ours = torch.tensor([o.outputs.embedding for o in llm.embed(prompts)])
+    cosine = torch.nn.functional.cosine_similarity(ours, reference(), dim=1).min().item()
+    sluice_s = best_of(args.iters, lambda: llm.embed(prompts))
+    hf_s = best_of(args.iters, reference)
+    print(f"{args.batch} x {args.input_len} tokens, {args.layers} layers, {args.dtype}, "
+          f"{torch.get_num_threads()} threads; min cosine to transformers {cosine:.6f}")
+    print(f"sluice:       {args.batch / sluice_s:8.2f} seq/s ({sluice_s:.2f} s)")
+    print(f"transformers: {args.batch / hf_s:8.2f} seq/s ({hf_s:.2f} s)")
+    print(f"speedup: {hf_s / sluice_s:.2f}x (goal >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
