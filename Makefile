@@ -30,8 +30,10 @@ PORTABLE_TESTS := tests/models tests/unit/test_attention.py tests/engine
 # The /dashboard test drives the system's Chromium (Debian packages), installed here when missing
 # and root or sudo can; without them that one test is skipped.
 browser:
-	@command -v chromedriver >/dev/null || { S=$$(command -v sudo); $$S apt-get update -q && \
-		$$S apt-get install -y -q chromium chromium-driver; } || echo "no chromium: the /dashboard browser test is skipped"
+	@command -v chromedriver >/dev/null || { S=$$(test "$$(id -u)" = 0 || echo "sudo -n"); \
+		export DEBIAN_FRONTEND=noninteractive; timeout 300 $$S apt-get update -q && \
+		timeout 600 $$S apt-get install -y -q -o DPkg::Lock::Timeout=60 chromium chromium-driver; } \
+		|| echo "no chromium: the /dashboard browser test is skipped"
 
 test: venv browser
 	$(VENV)/bin/python -m pytest -q tests
