@@ -202,8 +202,13 @@ class GateUpLinear(MergedLinear):
             return silu_and_mul(super().forward(x))
         if self.lora is None or not self.lora.active:
             return native.linear(x, self.packed, self.out_features, epilogue=native.EPI_SILU_MUL)
-        # the LoRA delta goes in before the activation: run the matmul alone, undo the panel order
+        # the LoRA delta goes in before the activation: run the matmul alone (its output, and the
+        # LoRA B^T, in the panel order), then the delta and the activation in one pass
         out = native.linear(x, self.packed, self.out_features)
+        fused = self.lora.apply_silu_mul(x, out)
+        if fused is not None:
+            return fused
+        out = self.lora.apply(x, out)
         half = native.PANEL // 2
         out = out.view(-1, self.out_features // native.PANEL, 2, half).transpose(1, 2).reshape(-1, self.out_features)
-        return silu_and_mul(self.lora.apply(x, out))
+        return silu_and_mul(out)

@@ -28,7 +28,7 @@ from sluice.platform import cache_dir, current_platform, native_disabled
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("attention.c", "elementwise.c", "gemm.c", "quant.c",
-                                                                   "moe.c")]
+                                                                   "moe.c", "lora.c")]
 HEADERS = [Path(__file__).parent / "csrc" / "bf16_simd.h"]
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-fopenmp"]
 # linear_bf16 epilogues (gemm.c)
@@ -103,6 +103,10 @@ def load_library() -> ctypes.CDLL | None:
     lib.moe_experts_bf16.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2
                                      + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                         ctypes.c_int64] + [ctypes.c_void_p] * 2)
+    # every adapter's LoRA delta of a step in one call (lora.c; called from sluice/lora/layers.py)
+    lib.lora_bf16.restype = ctypes.c_int
+    lib.lora_bf16.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+                              + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
     return lib
 
 
@@ -157,6 +161,21 @@ def argmax(logits: torch.Tensor) -> torch.Tensor | None:
     if lib.argmax_bf16(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr()) != 0:
         return None
     return out
+
+
+def lora(x: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, lora_a: torch.Tensor, lora_b_t: torch.Tensor,
+         out: torch.Tensor, silu_mul: bool = False) -> torch.Tensor | None:
+    """out[m] += (x[m] @ A[s]^T) @ B^T[s] for s = slots[m] (int32, -1: none) in place, A [S, W, K] and
+    B^T [S, W, N]; silu_mul: out holds gate/up panels and silu(gate) * up comes back. None when
+    the caller must (not bf16, no kernel)."""
+    if x.dim() != 2 or x.stride(-1) != 1 or out.stride(-1) != 1 or (lib := _bf16_kernels(x, lora_a, out)) is None:
+        return None
+    rows, width = x.shape[0], lora_a.shape[1]
+    act = out.new_empty(rows, out.shape[1] // 2) if silu_mul else out
+    status = lib.lora_bf16(x.data_ptr(), rows, x.shape[1], x.stride(0), slots.data_ptr(), ranks.data_ptr(),
+                           lora_a.data_ptr(), lora_b_t.data_ptr(), width, out.shape[1], out.data_ptr(), out.stride(0),
+                           act.data_ptr(), act.stride(0), int(silu_mul))
+    return act if status == 0 else None
 
 
 def pack_linear(weight: torch.Tensor) -> torch.Tensor | None:

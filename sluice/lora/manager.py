@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sluice.config import LoRAConfig
-from sluice.layers.linear import Linear, MergedLinear
+from sluice.layers.linear import GateUpLinear, Linear, MergedLinear
 from sluice.lora.adapter import TARGET_MODULES, LoRAError, LoRAModel, LoRAWeights, load_adapter
 from sluice.lora.layers import LoRALayer, LoRAStep
 from sluice.lora.request import LoRARequest
@@ -27,7 +27,7 @@ class LoRAManager:
         self.config = config
         self.dtype = dtype
         self.device = device
-        self.step = LoRAStep()
+        self.step = LoRAStep(config.max_loras, dtype, device)
         # checkpoint module path (as PEFT names it) -> (its LoRA layer, shard index, in, out rows)
         self.targets: dict[str, tuple[LoRALayer, int, int, int]] = {}
         self.layers: list[tuple[LoRALayer, list[str]]] = []  # each layer and its shards' module paths
@@ -51,8 +51,10 @@ class LoRAManager:
             shards = shards + [(0, module.out_features)]
         else:
             names, shards = [prefix], [(0, module.out_features)]
-        layer = LoRALayer(shards, module.in_features, module.out_features, self.config.max_loras,
-                          self.config.max_lora_rank, self.dtype, device, self.step)
+        width = max(1, len(shards) - 1) * self.config.max_lora_rank  # the shards, or the whole fused
+        layer = LoRALayer(shards, width, module.in_features, module.out_features, self.config.max_loras,
+                          self.dtype, device, self.step,
+                          panel_order=isinstance(module, GateUpLinear) and module.packed is not None)
         module.lora = layer
         self.layers.append((layer, names))
         for index, (name, (_, size)) in enumerate(zip(names, shards)):
@@ -95,6 +97,7 @@ class LoRAManager:
         return adapter
 
     def _check(self, request: LoRARequest, adapter: LoRAModel) -> None:
+        used: dict[int, int] = {}  # columns each layer's slot needs
         for name, weights in adapter.modules.items():
             target = self.targets.get(name)
             if target is None:
@@ -105,24 +108,25 @@ class LoRAManager:
                 raise LoRAError(f"lora_path {request.lora_path!r}: module {name!r} has lora_A "
                                 f"{tuple(weights.lora_a.shape)} and lora_B {tuple(weights.lora_b.shape)}; this "
                                 f"model needs [r, {in_features}] and [{out_features}, r]")
+            layer = target[0]
+            used[id(layer)] = used.get(id(layer), 0) + weights.rank
+            if used[id(layer)] > layer.width:
+                raise LoRAError(f"lora_path {request.lora_path!r}: module {name!r} and the other shards of its "
+                                "fused projection need more LoRA columns than max_lora_rank allows per shard "
+                                "(an adapter targets a fused projection whole or its parts, not both)")
 
     # ---- one step -------------------------------------------------------------------
     def prepare_step(self, row_requests: list[LoRARequest | None]) -> None:
-        """Group the step's rows by adapter (one entry per row; None: the base model), moving
-        adapters into slots as needed. The scheduler keeps the adapters of a step <= max_loras."""
+        """Give each of the step's rows its adapter's slot (one entry per row; None: the base
+        model), moving adapters into slots as needed. The scheduler keeps the adapters of a step
+        <= max_loras."""
         self.num_steps += 1
         ids = {r.lora_int_id: r for r in row_requests if r is not None}
         if not ids:
-            self.step.set()
+            self.step.set(None)
             return
         slot_of = {adapter_id: self._slot(request, ids) for adapter_id, request in ids.items()}
-        if len(ids) == 1 and None not in row_requests:
-            self.step.set(slot=next(iter(slot_of.values())))
-            return
-        num_slots = self.config.max_loras
-        row_slots = torch.tensor([num_slots if r is None else slot_of[r.lora_int_id] for r in row_requests])
-        mask = torch.eye(num_slots + 1, dtype=self.dtype, device=self.device)[row_slots, :num_slots]
-        self.step.set(mask=mask)
+        self.step.set([-1 if r is None else slot_of[r.lora_int_id] for r in row_requests])
 
     def _slot(self, request: LoRARequest, step_ids: dict[int, LoRARequest]) -> int:
         """The adapter's slot, loading it into the least recently used slot no row of this step needs."""
