@@ -75,6 +75,7 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list] = field(default_factory=dict)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)  # drafts proposed for the next step
     pooler_output: dict[str, list[float]] = field(default_factory=dict)  # pooling requests whose prompt ended
+    errors: dict[str, str] = field(default_factory=dict)  # requests the worker could not run (an adapter that no longer loads)
 
 
 def encode_hook(obj):

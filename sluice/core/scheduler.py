@@ -312,6 +312,12 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
         """Take each request's sampled tokens one by one, up to the first that finishes it
         (tokens after a stop are dropped)."""
+        for rid, message in result.errors.items():
+            request = self.requests.get(rid)
+            if request is not None and not request.status.finished:
+                # this step's KV is not the request's: its blocks must not stay in the prefix cache
+                request.num_computed_tokens -= out.num_scheduled_tokens.get(rid, 0)
+                self._finish_with_error(request, message)
         outputs = self.finished_outputs
         self.finished_outputs = []
         now = time.time()

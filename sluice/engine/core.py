@@ -17,6 +17,7 @@ from sluice.core.scheduler import Scheduler
 from sluice.core.sched_output import RunnerOutput
 from sluice.engine.messages import EngineCoreOutput, EngineCoreRequest, QueueFullError
 from sluice.executor.abstract import Executor
+from sluice.lora.request import LoRARequest
 from sluice.loader import ModelSource, get_tokenizer
 from sluice.metrics.dashboard import DashboardRecorder
 from sluice.metrics.loggers import LoggingStatLogger
@@ -45,6 +46,7 @@ class EngineCore:
         started = time.monotonic()
         self.executor = Executor.create(config, hf_config, source)
         self.sleeping = False  # weights on disk, KV cache dropped (sleep mode)
+        self.loras: dict[int, tuple[LoRARequest, str | None]] = {}  # added adapters (and parent), by id
         model = self.executor.describe()
         self.quantization: str = model["quantization"]
         self.max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config)
@@ -173,13 +175,23 @@ class EngineCore:
         """Forget every cached prefix; False (nothing done) while a request holds blocks."""
         return self.kv.pool.reset_prefix_cache()
 
-    def add_lora(self, lora_request) -> bool:
+    def add_lora(self, lora_request: LoRARequest | dict, parent: str | None = None) -> bool:
         """Load and check an adapter on every worker (a ValueError names what is wrong); False if
-        it was already added."""
-        return self.executor.collective_rpc("add_lora", lora_request)[0]
+        it was already added. parent: the model an API server lists it under (/v1/models)."""
+        if isinstance(lora_request, dict):  # as msgspec decodes it off the wire
+            lora_request = LoRARequest(**lora_request)
+        added = self.executor.collective_rpc("add_lora", lora_request)[0]
+        self.loras[lora_request.lora_int_id] = (lora_request, parent)
+        return added
 
     def remove_lora(self, lora_int_id: int) -> bool:
+        self.loras.pop(lora_int_id, None)
         return self.executor.collective_rpc("remove_lora", lora_int_id)[0]
+
+    def lora_adapters(self) -> list[list]:
+        """The adapters added, as [name, id, path, parent]: what every API process serves (the
+        core owns them, so a load through one API process reaches all)."""
+        return [[r.lora_name, r.lora_int_id, r.lora_path, parent] for r, parent in self.loras.values()]
 
     @property
     def is_sleeping(self) -> bool:

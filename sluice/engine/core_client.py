@@ -63,6 +63,7 @@ class EngineCoreClient:
         # Set by the owner (AsyncLLM); called from the receive loop.
         self.on_outputs: Callable[[list[EngineCoreOutput]], None] = lambda outputs: None
         self.on_dead: Callable[[str], None] = lambda reason: None
+        self.on_loras: Callable[[list], None] = lambda adapters: None  # the core's adapters changed
 
     async def start(self, timeout: float) -> dict:
         """Start listening, then wait (up to `timeout` s) for the core to answer HELLO."""
@@ -137,6 +138,8 @@ class EngineCoreClient:
                     future = self._pending_replies[kind].popleft()
                     if not future.done():
                         future.set_result(body)
+                elif kind == msg.LORAS:
+                    self.on_loras(body)
                 elif kind == msg.FATAL:
                     self._mark_dead(body)
         except asyncio.CancelledError:

@@ -86,7 +86,12 @@ class EngineCoreProc:
         elif kind == msg.HELLO:
             self._send(client, msg.READY, self.info)
         elif kind == msg.UTILITY:
-            self._send(client, msg.UTILITY, self._utility(*body))
+            reply = self._utility(*body)
+            if body[0] in msg.LORA_CHANGES and reply[1] is None:
+                adapters = self.core.lora_adapters()
+                for other in self.clients:
+                    self._send(other, msg.LORAS, adapters)
+            self._send(client, msg.UTILITY, reply)
         else:
             logger.warning("engine core: unknown message kind %r", kind)
 

@@ -30,6 +30,9 @@ class DPEngineCoreClient:
         self.info: dict = {}
         self.on_outputs: Callable[[list[EngineCoreOutput]], None] = lambda outputs: None
         self.on_dead: Callable[[str], None] = lambda reason: None
+        self.on_loras: Callable[[list], None] = lambda adapters: None
+        # every core gets every adapter change (call_utility), so the first one's list speaks for all
+        self.clients[0].on_loras = lambda adapters: self.on_loras(adapters)
         for index, client in enumerate(self.clients):
             client.on_outputs = lambda outputs, index=index: self._outputs(index, outputs)
             client.on_dead = self._dead

@@ -66,10 +66,14 @@ ADDED = b"added"  # [first request id, None or the reason it was refused]
 OUTPUTS = b"outputs"  # list[EngineCoreOutput]
 READY = b"ready"  # dict: max_model_len, vocab_size, num_blocks, block_size, sliding_window, pid, config
 FATAL = b"fatal"  # str: the core is going down, every request it held is lost
+LORAS = b"loras"  # list[[name, id, path, parent]]: the adapters added, sent to every API process on a change
 # UTILITY answer: [result, None] or [None, error message]
 
 # EngineCore methods an API process may call, with no request in hand.
-UTILITY_METHODS = ("reset_prefix_cache", "sleep", "wake_up", "is_sleeping", "add_lora", "remove_lora")
+UTILITY_METHODS = ("reset_prefix_cache", "sleep", "wake_up", "is_sleeping", "add_lora", "remove_lora",
+                   "lora_adapters")
+# the calls after which every API process gets the adapters (LORAS)
+LORA_CHANGES = ("add_lora", "remove_lora")
 
 encode = msgspec.msgpack.Encoder().encode
 _decoders = {

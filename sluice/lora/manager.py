@@ -116,17 +116,25 @@ class LoRAManager:
                                 "(an adapter targets a fused projection whole or its parts, not both)")
 
     # ---- one step -------------------------------------------------------------------
-    def prepare_step(self, row_requests: list[LoRARequest | None]) -> None:
+    def prepare_step(self, row_requests: list[LoRARequest | None]) -> dict[int, str]:
         """Give each of the step's rows its adapter's slot (one entry per row; None: the base
         model), moving adapters into slots as needed. The scheduler keeps the adapters of a step
-        <= max_loras."""
+        <= max_loras. Returns the adapters that could not be loaded (evicted from the CPU cache and
+        their files gone since): id -> why; their rows run as the base model, for the caller to fail."""
         self.num_steps += 1
         ids = {r.lora_int_id: r for r in row_requests if r is not None}
-        if not ids:
-            self.step.set(None)
-            return
-        slot_of = {adapter_id: self._slot(request, ids) for adapter_id, request in ids.items()}
-        self.step.set([-1 if r is None else slot_of[r.lora_int_id] for r in row_requests])
+        slot_of: dict[int, int] = {}
+        failed: dict[int, str] = {}
+        for adapter_id, request in ids.items():
+            try:
+                slot_of[adapter_id] = self._slot(request, ids)
+            except LoRAError as exc:
+                logger.error("LoRA adapter %s (id %d) could not be loaded: %s", request.lora_name, adapter_id, exc)
+                failed[adapter_id] = f"LoRA adapter {request.lora_name!r} could not be loaded: {exc}"
+                slot_of[adapter_id] = -1
+        rows = [-1 if r is None else slot_of[r.lora_int_id] for r in row_requests]
+        self.step.set(rows if any(slot >= 0 for slot in rows) else None)
+        return failed
 
     def _slot(self, request: LoRARequest, step_ids: dict[int, LoRARequest]) -> int:
         """The adapter's slot, loading it into the least recently used slot no row of this step needs."""

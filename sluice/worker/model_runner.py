@@ -328,7 +328,11 @@ class ModelRunner:
             device=self.device,
         )
         if self.lora_manager is not None:
-            self.lora_manager.prepare_step(row_loras)
+            failed = self.lora_manager.prepare_step(row_loras)  # adapters that no longer load: their rows run bare
+            for req_id in sched.num_scheduled_tokens if failed else ():
+                lora = requests[req_id].lora_request
+                if lora is not None and lora.lora_int_id in failed:
+                    out.errors[req_id] = failed[lora.lora_int_id]
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         input_positions = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, input_positions, self.kv_caches[: self.num_target_layers], meta)

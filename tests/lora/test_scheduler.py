@@ -1,6 +1,10 @@
-"""max_loras in the scheduler (model-free) and adapter-keyed prefix caching (a real engine)."""
+"""max_loras in the scheduler (model-free), adapter-keyed prefix caching and an adapter that no
+longer loads (a real engine)."""
 
 from __future__ import annotations
+
+import re
+import shutil
 
 from sluice import LLM, SamplingParams
 from sluice.config import SchedulerConfig
@@ -52,3 +56,21 @@ def test_prefix_cache_is_per_adapter(lora_models):
     assert hits(b) == 0  # the same tokens under another adapter share no KV
     assert hits(None) == 0  # nor with the base model
     assert hits(b) == 16 and hits(a) == 16  # the same adapter hits its full blocks
+
+
+def test_an_evicted_adapter_whose_files_are_gone_fails_its_request_only(lora_models, tmp_path):
+    model_dir, adapters = lora_models("llama")
+    llm = LLM(model_dir, dtype="float32", max_model_len=64, kv_cache_memory_bytes=4 << 20, enable_lora=True,
+              max_loras=1, max_cpu_loras=1)
+    x, y = (LoRARequest(name, i, str(shutil.copytree(adapters[name], tmp_path / name))) for i, name in
+            enumerate("ac", start=1))
+    prompt = {"prompt_token_ids": [3, 1, 4, 1, 5]}
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    want = {lora: llm.generate(prompt, params, use_tqdm=False, lora_request=lora)[0].outputs[0].token_ids
+            for lora in (x, y, None)}  # y pushed x out of the slot and the CPU cache
+    shutil.rmtree(x.lora_path)
+    [failed] = llm.generate(prompt, params, use_tqdm=False, lora_request=x)
+    assert failed.outputs[0].finish_reason == "error" and not failed.outputs[0].token_ids
+    assert re.fullmatch("LoRA adapter 'a' could not be loaded: lora_path .* is not a directory", failed.outputs[0].error)
+    for lora in (y, None):  # the engine is still up and right
+        assert llm.generate(prompt, params, use_tqdm=False, lora_request=lora)[0].outputs[0].token_ids == want[lora]

@@ -5,8 +5,9 @@ VLLM_ALLOW_RUNTIME_LORA_UPDATING=true), each behind the API key like every route
 A runtime load reads files on the server's disk, so its path must lie under a directory of
 `--lora-allowed-dirs` (default: none, so only the adapters given at start can be served). A
 request whose `model` names an adapter runs under it; /v1/models lists each with `parent` =
-the base model. The registry lives in each API process: with --api-server-count > 1, runtime
-loads reach only the process that took them (start-time adapters are in every process).
+the base model. The engine core owns the adapters: each API process mirrors its list, which
+the core sends to every one of them on each change, so with --api-server-count > 1 a load or
+unload through one process is served (and listed) by all.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _adapter_id(*parts: str) -> int:
 
 
 class LoRARegistry:
-    """The adapters this API process serves, by name."""
+    """The adapters this API process serves, by name: a mirror of the engine core's list."""
 
     def __init__(self, engine, base_model: str, allowed_dirs: list[str] | None) -> None:
         self.engine = engine
@@ -95,18 +96,28 @@ class LoRARegistry:
         self.allowed_dirs = [os.path.realpath(d) for d in allowed_dirs or ()]
         self.adapters: dict[str, LoRARequest] = {}
         self.parents: dict[str, str] = {}
+        client = getattr(engine, "client", None)
+        if client is not None:
+            client.on_loras = self.sync
 
     def get(self, name: str | None) -> LoRARequest | None:
         return self.adapters.get(name) if name is not None else None
 
+    def sync(self, adapters: list[list]) -> None:
+        """Take the core's list of [name, id, path, parent] as this process's."""
+        self.adapters = {name: LoRARequest(name, int(lora_id), path) for name, lora_id, path, _ in adapters}
+        self.parents = {name: parent or self.base_model for name, _, _, parent in adapters}
+
     async def add_modules(self, modules: list[LoRAModule]) -> None:
-        """The --lora-modules adapters; a bad one stops the server naming it."""
+        """The --lora-modules adapters (a bad one stops the server naming it), then whatever the
+        core already serves (runtime loads through another API process)."""
         for module in modules:
             try:
                 await self._add(module.name, LoRARequest(module.name, _adapter_id(module.name, module.path),
                                                          module.path), module.base_model_name)
             except ValueError as exc:
                 raise SystemExit(f"--lora-modules {module.name}={module.path}: {exc}") from None
+        self.sync(await self.engine.call_utility("lora_adapters"))
 
     async def load(self, name: str, path: str) -> None:
         """A runtime load: the path must lie under --lora-allowed-dirs."""
@@ -122,7 +133,7 @@ class LoRARegistry:
             raise APIError(str(exc), 400, param="lora_path") from None
 
     async def _add(self, name: str, request: LoRARequest, parent: str | None = None) -> None:
-        await self.engine.call_utility("add_lora", request)
+        await self.engine.call_utility("add_lora", request, parent)
         self.adapters[name] = request
         self.parents[name] = parent or self.base_model
         logger.info("LoRA adapter %s loaded from %s", name, request.lora_path)
