@@ -1,5 +1,6 @@
-"""LoRA through a real server and the openai client: adapters as models, runtime load/unload,
-and every bad load answered 400 naming the field, the server still right afterwards."""
+"""LoRA through a real server (two API processes) and the openai client: adapters as models,
+runtime load/unload seen by every API process, and every bad load answered 400 naming the
+field, the server still right afterwards."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import os
 import shutil
 import tempfile
 
+import httpx
 import openai
+import psutil
 import pytest
 
 from tests.lora.test_parity import NUM_TOKENS, PROMPTS, greedy, peft_model
@@ -28,7 +31,7 @@ def setup(lora_models, tmp_path_factory):
                        "--lora-modules", f"a={adapters['a']}",
                        json.dumps({"name": "a2", "path": adapters["a"], "base_model_name": "tiny"}),
                        "--enable-lora-runtime-update", "--lora-allowed-dirs", str(allowed), "--api-key", API_KEY,
-                       "--served-model-name", "tiny")
+                       "--served-model-name", "tiny", "--api-server-count", "2")
     hf = peft_model(model_dir, {name: adapters[name] for name in ("a", "c")})
     yield srv, allowed, hf
     srv.stop()
@@ -100,3 +103,47 @@ def test_runtime_load_unload_and_bad_loads(setup):
     with pytest.raises(openai.NotFoundError):
         complete(client, "c")
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "c"}).status_code == 404
+
+
+def api_processes(srv: RemoteServer) -> dict[int, psutil.Process]:
+    """The processes holding the server's accepted connections, by pid (filled as they are met)."""
+    return {p.pid: p for p in psutil.Process(srv.process.pid).children(recursive=True)}
+
+
+def connection_to(srv: RemoteServer, pid: int | None, exclude: set[int] = frozenset()) -> tuple[int, httpx.Client]:
+    """A keep-alive connection served by API process `pid` (None: any not in `exclude`), found by
+    opening connections until the kernel hands one to it."""
+    processes = api_processes(srv)
+    for _ in range(200):
+        http = srv.http(headers={"Authorization": f"Bearer {API_KEY}"})
+        response = http.get("/v1/models")
+        port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
+        owner = next(p for p, proc in processes.items()
+                     if any(c.raddr and c.raddr.port == port for c in proc.net_connections("tcp")))
+        if owner == pid or (pid is None and owner not in exclude):
+            return owner, http
+        http.close()
+    raise AssertionError(f"no connection reached API process {pid}")
+
+
+def test_runtime_loads_reach_every_api_process(setup):
+    srv, allowed, hf = setup
+    first, load_through = connection_to(srv, None)
+    second, _ = connection_to(srv, None, exclude={first})
+    name = "c-everywhere"
+    response = load_through.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(allowed / "c")})
+    assert response.status_code == 200, response.text
+    for pid in (first, second):
+        _, http = connection_to(srv, pid)
+        cards = {card["id"]: card for card in http.get("/v1/models").json()["data"]}
+        assert cards[name]["parent"] == "tiny"
+        reply = http.post("/v1/completions", json={"model": name, "prompt": PROMPTS[0], "max_tokens": NUM_TOKENS,
+                                                    "temperature": 0.0, "ignore_eos": True})
+        assert reply.json()["choices"][0]["text"] == expected(hf, "c")
+    _, unload_through = connection_to(srv, second)
+    assert unload_through.post("/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
+    for pid in (first, second):
+        _, http = connection_to(srv, pid)
+        assert name not in {card["id"] for card in http.get("/v1/models").json()["data"]}
+        reply = http.post("/v1/completions", json={"model": name, "prompt": PROMPTS[0], "max_tokens": 1})
+        assert reply.status_code == 404
