@@ -60,7 +60,8 @@ int lora_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const int32_
     float *xa = (float *)malloc((size_t)(M * W > 0 ? M * W : 1) * sizeof(float));
     if (!xa) return -2;
     const int64_t blocks = (N + BLOCK - 1) / BLOCK;
-    const int parallel = M * W * (K + N) >= (1 << 15);
+    /* a single decode row is a few microseconds of work: less than waking the other threads */
+    const int parallel = M * W * (K + N) >= (1 << 18);
 #pragma omp parallel if (parallel)
     {
 #pragma omp for schedule(static)
