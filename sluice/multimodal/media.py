@@ -1,6 +1,6 @@
 """Image URLs -> PIL images: `data:` URLs always, http(s) only from --allowed-media-domains.
 
-Every failure is a MediaError naming the content part (`messages[0].content[1].image_url`), which
+Every failure is a MediaError naming the content part (`messages.0.content.1.image_url`), which
 the server answers as a 400. A fetch never follows a redirect to another host and never reaches
 a private, loopback or link-local address (the server must not become a proxy into its own
 network); the body is read up to MAX_IMAGE_BYTES, within VLLM_IMAGE_FETCH_TIMEOUT seconds.

@@ -45,7 +45,7 @@ def split_images(messages: list[dict], content_format: str, placeholder: str) ->
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind in ("image_url", "image_pil"):
-                param = f"messages[{i}].content[{j}].{kind}"
+                param = f"messages.{i}.content.{j}.{kind}"
                 value = part.get(kind)
                 refs.append((value.get("url") if isinstance(value, dict) else value, param))
                 parts.append({"type": "image"})

@@ -70,3 +70,25 @@ def make_image(seed: int, size: tuple[int, int] = (40, 48)):
 
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     return Image.fromarray(pixels, "RGB")
+
+
+def data_url(image, kind: str = "png") -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=kind.upper())
+    return f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_chat(text: str, *urls: str) -> list[dict]:
+    """One user turn: the text, then each image as an OpenAI image_url part."""
+    parts = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return [{"role": "user", "content": parts}]
+
+
+def template_text(processor, messages: list[dict]) -> str:
+    """What the chat template makes of OpenAI-shaped messages whose images are {"type": "image"}."""
+    shown = [{**m, "content": [p if p["type"] == "text" else {"type": "image"} for p in m["content"]]}
+             for m in messages]
+    return processor.tokenizer.apply_chat_template(shown, tokenize=False, add_generation_prompt=True)
