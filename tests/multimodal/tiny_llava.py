@@ -1,5 +1,6 @@
 """A tiny random LLaVA (CLIP vision tower + projector + Llama) saved as transformers saves it, with
-a processor (CLIP image processor + the SmolLM2 tokenizer plus an `<image>` token), and images."""
+a processor (CLIP image processor + the SmolLM2 tokenizer plus an `<image>` token), and images.
+benchmarks/vision.py builds larger shapes with the same helpers."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_llava_processor():
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.3)
+
+
+def tiny_llava_processor(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE):
     import tempfile
 
     import transformers
@@ -28,37 +34,37 @@ def tiny_llava_processor():
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     tokenizer.chat_template = CHAT_TEMPLATE
     image_processor = transformers.CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     return transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                       patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
+                                       patch_size=patch_size, vision_feature_select_strategy="default",
                                        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
                                        image_token=IMAGE_TOKEN)
 
 
-def tiny_llava_config(image_token_id: int):
+def tiny_llava_config(image_token_id: int, vision: dict = TINY_VISION, text: dict = TINY_TEXT,
+                      image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE):
     import transformers
 
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
-                                           projection_dim=32)
-    text = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=image_token_id + 1,
-                                    max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                                    initializer_range=0.3, rope_theta=10000.0)
+    vision = transformers.CLIPVisionConfig(**vision, image_size=image_size, patch_size=patch_size)
+    text = transformers.LlamaConfig(**text, vocab_size=image_token_id + 1, bos_token_id=1, eos_token_id=2,
+                                    rope_theta=10000.0)
     return transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                                     image_token_id=image_token_id, vision_feature_layer=-2,
                                     vision_feature_select_strategy="default")
 
 
-def save_tiny_llava(folder) -> None:
-    """Model (float32 safetensors) and processor in one folder, as llava-hf checkpoints are."""
+def save_tiny_llava(folder, vision: dict = TINY_VISION, text: dict = TINY_TEXT, image_size: int = IMAGE_SIZE,
+                    patch_size: int = PATCH_SIZE, dtype=None) -> None:
+    """Model (float32 safetensors unless dtype) and processor in one folder, as llava-hf
+    checkpoints are; other shapes for benchmarks."""
     import torch
     import transformers
 
-    processor = tiny_llava_processor()
-    config = tiny_llava_config(processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    processor = tiny_llava_processor(image_size, patch_size)
+    config = tiny_llava_config(processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision, text, image_size,
+                               patch_size)
     torch.manual_seed(0)
-    model = transformers.LlavaForConditionalGeneration(config).to(torch.float32)
+    model = transformers.LlavaForConditionalGeneration(config).to(dtype or torch.float32)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
 
