@@ -62,12 +62,15 @@ class InputProcessor:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Tokenize a prompt, first refusing without tokenizing one too long to ever fit: a huge
         prompt would otherwise cost seconds and gigabytes before its length check."""
+        self.check_chars(text)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def check_chars(self, text: str) -> None:
         if len(text) > self.max_prompt_chars:
             raise ValueError(
                 f"prompt has {len(text)} characters, more than {self.max_model_len} tokens (max_model_len) "
                 f"of at most {self.max_token_chars} characters each (the tokenizer's longest token) can hold"
             )
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Accepts a string, a list of token ids, or vLLM's {"prompt"} / {"prompt_token_ids"} dicts."""
@@ -99,6 +102,7 @@ class InputProcessor:
         if not isinstance(prompt.get("prompt"), str):
             raise ValueError("multi_modal_data needs a text 'prompt' holding the model's image placeholder "
                              f"({self.mm_processor.image_token}) once per image")
+        self.check_chars(prompt["prompt"])
         images = data["image"] if isinstance(data["image"], (list, tuple)) else [data["image"]]
         images = self.mm_processor.load_images([(image, f"multi_modal_data.image[{i}]")
                                                 for i, image in enumerate(images)])

@@ -169,6 +169,7 @@ class LLM:
             if mm is None:
                 prompts.append((text, self.tokenizer.encode(text, add_special_tokens=False), None, None))
             else:  # the template holds the special tokens already
+                self.input_processor.check_chars(text)
                 prompts.append((text, *mm.process(text, mm.load_images(images), add_special_tokens=False), None))
         return self._generate(prompts, sampling_params, None, use_tqdm, None)
 

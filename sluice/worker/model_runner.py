@@ -153,6 +153,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler(self.sampler)
         spec = config.speculative
+        if self.encoder_cache is not None and spec.enabled and spec.method != "ngram":
+            raise ValueError(f"speculative_config method {spec.method!r} is not available for a vision-language "
+                             "model (its drafter would read image placeholders as text); use 'ngram'")
         self.ngram = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max) \
             if spec.enabled and spec.method == "ngram" else None
         self.draft: DraftModel | EagleProposer | None = None

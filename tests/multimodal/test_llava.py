@@ -79,3 +79,17 @@ def test_bad_image_inputs_name_the_field(llm):
     with pytest.raises(MediaError, match="not an image") as info:
         llm.chat(image_chat("hi", "data:image/png;base64,aGVsbG8="), GREEDY)
     assert info.value.param == "messages.0.content.1.image_url"
+
+
+def test_split_images_shows_the_template_its_content_format():
+    from sluice.multimodal.processor import split_images
+
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Compare"},
+                                             {"type": "image_url", "image_url": {"url": "data:a"}},
+                                             {"type": "image_url", "image_url": {"url": "data:b"}}]}]
+    parts, images = split_images(messages, "openai", "<image>")
+    assert parts[1]["content"] == [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "image"}]
+    assert images == [("data:a", "messages.1.content.1.image_url"), ("data:b", "messages.1.content.2.image_url")]
+    text, _ = split_images(messages, "string", "<image>")
+    assert text[0] == messages[0] and text[1]["content"] == "Compare\n<image>\n<image>"

@@ -484,10 +484,13 @@ class OpenAIServing:
             mm.check_count([param for _, param in images])
             pictures = await self._off_loop(mm.load_images, images)
             text = await self._off_loop(self._chat_text, request, messages, tools)
+            self.engine.input_processor.check_chars(text)
             return (text, *await self._off_loop(mm.process, text, pictures, bool(request.add_special_tokens),
                                                 "messages"))
         except MediaError as exc:
             raise APIError(str(exc), param=exc.param) from None
+        except ValueError as exc:  # the prompt's length
+            raise APIError(str(exc), param="messages") from None
 
     def _render_chat(self, request: ChatCompletionRequest | TokenizeRequest, messages: list[dict],
                      tools: list[dict] | None = None) -> tuple[str, list[int]]:
