@@ -377,6 +377,34 @@ class PoolingConfig:
         return [f"task={self.task!r} is deprecated (as in vLLM): use runner={self.runner!r} (--runner {self.runner})"]
 
 
+MODALITIES = ("image",)  # what --limit-mm-per-prompt may name
+
+
+@dataclass
+class MultiModalConfig:
+    limit_mm_per_prompt: dict | None = arg(
+        None, 'JSON object: the most items of each modality one prompt may hold, e.g. {"image": 2} '
+              '(default: 999 each, as vLLM)')
+    allowed_media_domains: list[str] | None = arg(
+        None, "hosts whose http(s) image URLs may be fetched (data: URLs are always accepted; without this "
+              "flag no URL is fetched); private and loopback addresses are refused whatever the list says")
+
+    def __post_init__(self) -> None:
+        _check_json_object("limit_mm_per_prompt", self.limit_mm_per_prompt)
+        for modality, limit in (self.limit_mm_per_prompt or {}).items():
+            _check(modality in MODALITIES, f"limit_mm_per_prompt: unknown modality {modality!r}; "
+                                           f"known: {', '.join(MODALITIES)}")
+            _check(_is_int(limit) and limit >= 0,
+                   f"limit_mm_per_prompt: the {modality} limit must be an int >= 0; got {limit!r}")
+        domains = self.allowed_media_domains
+        if isinstance(domains, str):
+            domains = self.allowed_media_domains = [domains]
+        _check(domains is None or all(isinstance(d, str) and d for d in domains),
+               f"allowed_media_domains must be a list of host names; got {domains!r}")
+        if domains is not None:
+            self.allowed_media_domains = [d.lower() for d in domains]
+
+
 SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3")  # vLLM's names
 SPECULATIVE_MODEL_METHODS = ("draft_model", "eagle", "eagle3")  # the ones that load a second model
 MAX_SPECULATIVE_TOKENS = 16
@@ -467,11 +495,12 @@ class EngineConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     pooling: PoolingConfig = field(default_factory=PoolingConfig)
+    multimodal: MultiModalConfig = field(default_factory=MultiModalConfig)
 
     PARTS = {"model": ModelConfig, "load": LoadConfig, "parallel": ParallelConfig, "cache": CacheConfig,
              "scheduler": SchedulerConfig, "observability": ObservabilityConfig,
              "structured_outputs": StructuredOutputsConfig, "lora": LoRAConfig, "speculative": SpeculativeConfig,
-             "pooling": PoolingConfig}
+             "pooling": PoolingConfig, "multimodal": MultiModalConfig}
 
     @property
     def model_name(self) -> str:

@@ -175,7 +175,7 @@ class KVCacheManager:
         parent = hashes[-1][0] if hashes else None
         for start in range(len(hashes) * bs, request.num_tokens - bs + 1, bs):
             tokens = tuple(request.all_token_ids[start : start + bs])
-            parent, key = hash_block(parent, tokens, request.block_hash_extra)
+            parent, key = hash_block(parent, tokens, request.block_extra_key(start, start + bs))
             hashes.append((parent, key))
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:

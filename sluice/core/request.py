@@ -61,6 +61,7 @@ class Request:
         # folded into every block hash: adapters never share KV (nor do salts)
         self.block_hash_extra = req.cache_salt if req.lora_request is None else (req.lora_request.lora_int_id,
                                                                                  req.cache_salt)
+        self.mm_features = req.mm_features or []
         self.max_tokens = max_tokens
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(req.prompt_token_ids)
@@ -102,6 +103,13 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    def block_extra_key(self, start: int, end: int) -> object:
+        """What the hash of the block of positions [start, end) folds in besides its tokens: the
+        salt / adapter, and the content hash of every image with placeholders there (the tokens
+        alone are the same for any image)."""
+        images = tuple(f.identifier for f in self.mm_features if f.overlaps(start, end))
+        return (self.block_hash_extra, images) if images else self.block_hash_extra
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -14,6 +14,7 @@ import torch
 
 from sluice.pooling.params import PoolingParams
 from sluice.lora.request import LoRARequest
+from sluice.multimodal.inputs import MultiModalFeature
 from sluice.sampling_params import SamplingParams
 
 
@@ -29,6 +30,7 @@ class NewRequestData:
     stop_token_ids: list[int]  # EOS (unless ignore_eos) and stop ids: min_tokens bans them
     pooling_params: PoolingParams | None = None  # pooled once its prompt has run, never sampled
     lora_request: LoRARequest | None = None
+    mm_features: list[MultiModalFeature] | None = None  # images: the worker runs their encoder
 
 
 @dataclass
@@ -76,6 +78,8 @@ class RunnerOutput:
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)  # drafts proposed for the next step
     pooler_output: dict[str, list[float]] = field(default_factory=dict)  # pooling requests whose prompt ended
     errors: dict[str, str] = field(default_factory=dict)  # requests the worker could not run (an adapter that no longer loads)
+    mm_cache_queries: int = 0  # images whose encoder output a request needed (once per request and image)
+    mm_cache_hits: int = 0  # of which the encoder cache held
 
 
 def encode_hook(obj):

@@ -280,7 +280,7 @@ class Scheduler:
                 out.new_requests.append(NewRequestData(
                     rid, request.prompt_token_ids, request.sampling_params, [b.block_id for b in blocks],
                     request.num_computed_tokens, sorted(request.stop_token_ids), request.pooling_params,
-                    request.lora_request,
+                    request.lora_request, request.mm_features or None,
                 ))
             else:
                 cached.req_ids.append(rid)
@@ -322,6 +322,8 @@ class Scheduler:
         self.finished_outputs = []
         now = time.time()
         prompt_logprobs = result.prompt_logprobs
+        self.stats.mm_cache_queries += result.mm_cache_queries
+        self.stats.mm_cache_hits += result.mm_cache_hits
         if result.pooler_output:
             self._finish_pooled(result.pooler_output, outputs, now)
         for rid, tokens in result.sampled_token_ids.items():

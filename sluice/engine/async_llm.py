@@ -18,8 +18,10 @@ from sluice.engine.input_processor import InputProcessor
 from sluice.engine.messages import EngineCoreOutput, QueueFullError
 from sluice.engine.output_processor import OutputProcessor
 from sluice.config import EngineConfig
-from sluice.loader import generation_defaults, get_tokenizer, load_eos_token_ids, model_source
+from sluice.loader import generation_defaults, get_tokenizer, load_eos_token_ids, load_hf_config, model_source
 from sluice.lora.request import LoRARequest
+from sluice.multimodal.inputs import MultiModalFeature
+from sluice.multimodal.processor import MultiModalProcessor, multimodal_processor
 from sluice.outputs import RequestOutput
 from sluice.pooling.config import PoolerConfig, check_pooling_params, require_runner
 from sluice.pooling.inputs import make_pooling_request
@@ -33,7 +35,7 @@ logger = logging.getLogger("sluice")
 
 class AsyncLLM:
     def __init__(self, client: EngineCoreClient | DPEngineCoreClient, config: EngineConfig, tokenizer, eos_token_ids: tuple[int, ...],
-                 default_sampling_params: dict) -> None:
+                 default_sampling_params: dict, mm_processor: MultiModalProcessor | None = None) -> None:
         info = client.info
         self.client = client
         self.tokenizer = tokenizer
@@ -42,7 +44,7 @@ class AsyncLLM:
         self.input_processor = InputProcessor(tokenizer, self.max_model_len, info["vocab_size"], eos_token_ids,
                                               info["scheduling_policy"],
                                               KVCacheSpec(info["num_blocks"], info["block_size"], info["sliding_window"]),
-                                              max_logprobs=config.model.max_logprobs)
+                                              max_logprobs=config.model.max_logprobs, mm_processor=mm_processor)
         self.default_sampling_params = default_sampling_params  # the model's generation-config defaults
         self.output_processor = OutputProcessor(tokenizer)
         self.queues: dict[str, asyncio.Queue] = {}  # user request id -> its outputs
@@ -59,9 +61,12 @@ class AsyncLLM:
         Several cores are data-parallel replicas behind one client."""
         source = await asyncio.to_thread(model_source, config)
         tokenizer = await asyncio.to_thread(get_tokenizer, config)
+        hf_config = await asyncio.to_thread(load_hf_config, source, config.model.hf_overrides)
+        mm_processor = await asyncio.to_thread(multimodal_processor, config, source, hf_config, tokenizer)
         client = EngineCoreClient(*cores[0]) if len(cores) == 1 else DPEngineCoreClient(cores)
         await client.start(timeout)
-        return cls(client, config, tokenizer, load_eos_token_ids(source), generation_defaults(source, config.model))
+        return cls(client, config, tokenizer, load_eos_token_ids(source), generation_defaults(source, config.model),
+                   mm_processor)
 
     @property
     def alive(self) -> bool:
@@ -75,7 +80,8 @@ class AsyncLLM:
                        request_id: str, *, priority: int = 0, stream: bool = False,
                        trace_headers: dict[str, str] | None = None,
                        cache_salt: str | None = None,
-                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+                       lora_request: LoRARequest | None = None,
+                       mm_features: list[MultiModalFeature] | None = None) -> AsyncIterator[RequestOutput]:
         """Yields delta outputs as they come (stream) or one final output. Raises ValueError for
         bad input and QueueFullError / EngineDeadError before the first output."""
         if not self.client.alive:
@@ -84,7 +90,7 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         require_runner(self.pooler, "generate", "this endpoint")
         core_requests = self.input_processor.make_requests(request_id, prompt_token_ids, params, priority,
-                                                           trace_headers, cache_salt, lora_request)
+                                                           trace_headers, cache_salt, lora_request, mm_features)
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[request_id] = queue
         self.children[request_id] = [r.request_id for r in core_requests]

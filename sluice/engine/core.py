@@ -29,7 +29,8 @@ logger = logging.getLogger("sluice")
 
 
 def resolve_max_model_len(requested: int | None, hf_config) -> int:
-    model_len = (getattr(hf_config, "max_position_embeddings", None) or 2048) - position_offset(hf_config)
+    text_config = hf_config.get_text_config()  # a vision-language model's decoder sets the length
+    model_len = (getattr(text_config, "max_position_embeddings", None) or 2048) - position_offset(hf_config)
     if requested is None:
         return model_len
     if requested > model_len:
@@ -60,7 +61,7 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, block_size, self._prefix_caching(encoder_only), obs.kv_cache_metrics,
                                  sliding_window=model["sliding_window"])
         grammars = StructuredOutputManager(config.structured_outputs, functools.partial(get_tokenizer, config),
-                                           hf_config.vocab_size)
+                                           hf_config.get_text_config().vocab_size)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, grammars, config.speculative,
                                    config.lora.max_loras if config.lora.enable_lora else None)
         self.scheduler.whole_prompts = encoder_only

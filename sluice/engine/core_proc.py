@@ -41,7 +41,7 @@ class EngineCoreProc:
         self.info = {
             "max_model_len": self.core.max_model_len,
             "quantization": self.core.quantization,
-            "vocab_size": hf_config.vocab_size,
+            "vocab_size": hf_config.get_text_config().vocab_size,
             "num_blocks": self.core.kv.pool.num_usable_blocks,
             "block_size": config.cache.block_size,
             "sliding_window": self.core.kv.sliding_window,

@@ -7,6 +7,8 @@ from typing import Any, Union
 from sluice.core.kv_cache_manager import KVCacheSpec
 from sluice.engine.messages import EngineCoreRequest
 from sluice.lora.request import LoRARequest
+from sluice.multimodal.inputs import MultiModalFeature
+from sluice.multimodal.processor import MultiModalProcessor
 from sluice.sampling_params import SamplingParams
 from sluice.structured_output.backend import check_spec
 
@@ -41,8 +43,9 @@ def bad_words_token_ids(tokenizer, bad_words: list[str]) -> list[list[int]]:
 class InputProcessor:
     def __init__(self, tokenizer, max_model_len: int, vocab_size: int, eos_token_ids: tuple[int, ...] = (),
                  scheduling_policy: str = "fcfs", kv_cache: KVCacheSpec | None = None, *,
-                 max_logprobs: int) -> None:
+                 max_logprobs: int, mm_processor: MultiModalProcessor | None = None) -> None:
         self.tokenizer = tokenizer
+        self.mm_processor = mm_processor  # a vision-language model's: prompts may hold images
         self.kv_cache = kv_cache  # None: unchecked
         self.max_logprobs = max_logprobs  # -1: no limit
         self.scheduling_policy = scheduling_policy
@@ -59,12 +62,15 @@ class InputProcessor:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Tokenize a prompt, first refusing without tokenizing one too long to ever fit: a huge
         prompt would otherwise cost seconds and gigabytes before its length check."""
+        self.check_chars(text)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def check_chars(self, text: str) -> None:
         if len(text) > self.max_prompt_chars:
             raise ValueError(
                 f"prompt has {len(text)} characters, more than {self.max_model_len} tokens (max_model_len) "
                 f"of at most {self.max_token_chars} characters each (the tokenizer's longest token) can hold"
             )
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Accepts a string, a list of token ids, or vLLM's {"prompt"} / {"prompt_token_ids"} dicts."""
@@ -83,6 +89,25 @@ class InputProcessor:
             return None, self._check_token_ids(list(prompt))
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
+    def process_prompt(self, prompt: PromptType) -> tuple[str | None, list[int], list[MultiModalFeature] | None]:
+        """tokenize_prompt, plus vLLM's {"prompt": text, "multi_modal_data": {"image": PIL image(s)}}:
+        the text holds the model's image placeholder once per image."""
+        if not isinstance(prompt, dict) or prompt.get("multi_modal_data") is None:
+            return *self.tokenize_prompt(prompt), None
+        data = prompt["multi_modal_data"]
+        if self.mm_processor is None:
+            raise ValueError("multi_modal_data: this model takes text only")
+        if not isinstance(data, dict) or set(data) - {"image"}:
+            raise ValueError(f"multi_modal_data must be a dict with the key 'image'; got {data!r:.80}")
+        if not isinstance(prompt.get("prompt"), str):
+            raise ValueError("multi_modal_data needs a text 'prompt' holding the model's image placeholder "
+                             f"({self.mm_processor.image_token}) once per image")
+        self.check_chars(prompt["prompt"])
+        images = data["image"] if isinstance(data["image"], (list, tuple)) else [data["image"]]
+        images = self.mm_processor.load_images([(image, f"multi_modal_data.image[{i}]")
+                                                for i, image in enumerate(images)])
+        return prompt["prompt"], *self.mm_processor.process(prompt["prompt"], images, add_special_tokens=True)
+
     def _check_token_ids(self, token_ids: list) -> list[int]:
         if not token_ids:
             raise ValueError("prompt_token_ids must not be empty")
@@ -95,18 +120,23 @@ class InputProcessor:
 
     def make_requests(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                       priority: int = 0, trace_headers: dict[str, str] | None = None,
-                      cache_salt: str | None = None, lora_request: LoRARequest | None = None) -> list[EngineCoreRequest]:
+                      cache_salt: str | None = None, lora_request: LoRARequest | None = None,
+                      mm_features: list[MultiModalFeature] | None = None) -> list[EngineCoreRequest]:
         """One user request -> its core requests: n > 1 runs as n children `{id}-{index}`;
         seeded children get seed + index so that they differ."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        prompt_token_ids = truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens, self.max_model_len)
+        kept = truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens, self.max_model_len)
+        if mm_features and len(kept) != len(prompt_token_ids):
+            raise ValueError(f"truncate_prompt_tokens={params.truncate_prompt_tokens} would cut a prompt that holds "
+                             "images; send a shorter prompt instead")
+        prompt_token_ids = kept
         self._prepare_token_controls(params)
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError("cache_salt must be a non-empty string")
         if params.n == 1:
             return [self.make_request(request_id, prompt_token_ids, params, priority, trace_headers=trace_headers,
-                                      cache_salt=cache_salt, lora_request=lora_request)]
+                                      cache_salt=cache_salt, lora_request=lora_request, mm_features=mm_features)]
         children = []
         for index in range(params.n):
             child = params.clone()
@@ -114,7 +144,7 @@ class InputProcessor:
                 child.seed += index
             children.append(self.make_request(f"{request_id}-{index}", prompt_token_ids, child, priority,
                                               trace_headers=trace_headers, cache_salt=cache_salt,
-                                              lora_request=lora_request))
+                                              lora_request=lora_request, mm_features=mm_features))
         return children
 
     def _prepare_token_controls(self, params: SamplingParams) -> None:
@@ -149,7 +179,8 @@ class InputProcessor:
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                      priority: int = 0, arrival_time: float | None = None,
                      trace_headers: dict[str, str] | None = None, cache_salt: str | None = None,
-                     lora_request: LoRARequest | None = None) -> EngineCoreRequest:
+                     lora_request: LoRARequest | None = None,
+                     mm_features: list[MultiModalFeature] | None = None) -> EngineCoreRequest:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         self.check_fits(len(prompt_token_ids), params.max_tokens)
@@ -171,6 +202,7 @@ class InputProcessor:
             cache_salt=cache_salt,
             trace_headers=trace_headers,
             lora_request=lora_request,
+            mm_features=mm_features,
             **extra,
         )
 

@@ -14,6 +14,7 @@ import msgspec
 
 from sluice.pooling.params import PoolingParams
 from sluice.lora.request import LoRARequest
+from sluice.multimodal.inputs import MultiModalFeature
 from sluice.sampling_params import SamplingParams
 
 
@@ -31,6 +32,7 @@ class EngineCoreRequest:
     trace_headers: dict[str, str] | None = None  # W3C trace context of the HTTP request, for its span
     pooling_params: PoolingParams | None = None  # a pooling request: prefill only, no sampling
     lora_request: LoRARequest | None = None  # the adapter it runs under (already added to the core)
+    mm_features: list[MultiModalFeature] | None = None  # its images, in prompt order
 
 
 @dataclass

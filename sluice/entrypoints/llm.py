@@ -16,6 +16,8 @@ from sluice.engine.input_processor import InputProcessor, PromptType
 from sluice.engine.output_processor import OutputProcessor
 from sluice.loader import generation_defaults, get_tokenizer, load_eos_token_ids, load_hf_config, model_source
 from sluice.lora.request import LoRARequest
+from sluice.multimodal.inputs import MultiModalFeature
+from sluice.multimodal.processor import multimodal_processor, split_images
 from sluice.outputs import RequestOutput
 from sluice.pooling.config import check_pooling_params, require_runner
 from sluice.pooling.inputs import make_pooling_request, pair_token_ids
@@ -55,9 +57,11 @@ class LLM:
         self.engine_core.executor.populate_kv()
         logger.info("KV cache resident in %.1f s", time.perf_counter() - started)
         self.input_processor = InputProcessor(
-            self.tokenizer, self.engine_core.max_model_len, hf_config.vocab_size, load_eos_token_ids(source),
+            self.tokenizer, self.engine_core.max_model_len, hf_config.get_text_config().vocab_size,
+            load_eos_token_ids(source),
             self.config.scheduler.scheduling_policy, self.engine_core.kv.spec,
             max_logprobs=self.config.model.max_logprobs,
+            mm_processor=multimodal_processor(self.config, source, hf_config, self.tokenizer),
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._request_counter = itertools.count()
@@ -97,7 +101,15 @@ class LLM:
         """Run prompts to completion; results come back in input order. lora_request: one adapter
         for every prompt, or one (or None: the base model) per prompt."""
         require_runner(self.engine_core.pooler, "generate", "generate()")
-        prompts = self._as_list(prompts)
+        # vLLM's prompt-dict key cache_salt; images come as {"prompt", "multi_modal_data": {"image": ...}}
+        processed = [(*self.input_processor.process_prompt(prompt),
+                      prompt.get("cache_salt") if isinstance(prompt, dict) else None)
+                     for prompt in self._as_list(prompts)]
+        return self._generate(processed, sampling_params, priority, use_tqdm, lora_request)
+
+    def _generate(self, prompts: list[tuple[str | None, list[int], list[MultiModalFeature] | None, str | None]],
+                  sampling_params, priority, use_tqdm: bool, lora_request) -> list[RequestOutput]:
+        """Run processed prompts (text, token ids, images, cache salt) to completion, in input order."""
         params_list = self._per_prompt(sampling_params or self.get_default_sampling_params(), len(prompts),
                                        "sampling_params")
         priorities = self._per_prompt(priority if priority is not None else 0, len(prompts), "priority")
@@ -105,12 +117,10 @@ class LLM:
         self._add_loras(loras)
         # Validate everything before the first request reaches the engine.
         batch = []
-        for prompt, params, prio, lora in zip(prompts, params_list, priorities, loras):
-            text, token_ids = self.input_processor.tokenize_prompt(prompt)
+        for (text, token_ids, mm_features, salt), params, prio, lora in zip(prompts, params_list, priorities, loras):
             request_id = str(next(self._request_counter))
-            salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None  # vLLM's prompt-dict key
-            batch.append((request_id, text, self.input_processor.make_requests(request_id, token_ids, params, prio,
-                                                                               cache_salt=salt, lora_request=lora)))
+            batch.append((request_id, text, self.input_processor.make_requests(
+                request_id, token_ids, params, prio, cache_salt=salt, lora_request=lora, mm_features=mm_features)))
         for request_id, text, core_requests in batch:
             self.output_processor.add_requests(request_id, text, core_requests)
             for core_req in core_requests:
@@ -140,18 +150,28 @@ class LLM:
         continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation (with `tools`, OpenAI's tool
-        definitions, where the template shows them), then generate."""
+        definitions, where the template shows them), then generate. Image parts (OpenAI's
+        {"type": "image_url", "image_url": {"url": ...}}, or vLLM's {"type": "image_pil",
+        "image_pil": PIL image}) go to a vision-language model's processor."""
+        require_runner(self.engine_core.pooler, "generate", "chat()")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        mm = self.input_processor.mm_processor
         prompts = []
         for conversation in conversations:
+            conversation, images = split_images(conversation, "openai", mm.image_token if mm else "")
+            if images and mm is None:
+                raise ValueError(f"{images[0][1]}: this model takes text only")
             text = self.tokenizer.apply_chat_template(
                 conversation, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, chat_template=chat_template,
                 **(chat_template_kwargs or {}),
             )
-            token_ids = self.tokenizer.encode(text, add_special_tokens=False)
-            prompts.append({"prompt": text, "prompt_token_ids": token_ids})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+            if mm is None:
+                prompts.append((text, self.tokenizer.encode(text, add_special_tokens=False), None, None))
+            else:  # the template holds the special tokens already
+                self.input_processor.check_chars(text)
+                prompts.append((text, *mm.process(text, mm.load_images(images), add_special_tokens=False), None))
+        return self._generate(prompts, sampling_params, None, use_tqdm, None)
 
     # ---- pooling (runner="pooling") -------------------------------------------------------
     def encode(self, prompts: PromptType | Sequence[PromptType], pooling_params: PoolingParams | None = None,

@@ -85,6 +85,8 @@ class PrometheusStatLogger:
         self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.").labels(*m)
         self.prefix_queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.").labels(*m)
         self.prefix_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.").labels(*m)
+        self.mm_queries = counter("vllm:mm_cache_queries", "Images looked up in the encoder cache.").labels(*m)
+        self.mm_hits = counter("vllm:mm_cache_hits", "Images found in the encoder cache.").labels(*m)
         self.prompt_tokens_cached = counter("vllm:prompt_tokens_cached",
                                             "Prompt tokens of finished requests served from the prefix cache.").labels(*m)
         success = counter("vllm:request_success", "Finished requests, by finish reason.", ("finished_reason",))
@@ -156,6 +158,8 @@ class PrometheusStatLogger:
         self.generation_tokens.inc(it.num_generation_tokens)
         self.prefix_queries.inc(it.prefix_cache_queries)
         self.prefix_hits.inc(it.prefix_cache_hits)
+        self.mm_queries.inc(it.mm_cache_queries)
+        self.mm_hits.inc(it.mm_cache_hits)
         observe(self.iteration_tokens, it.step_num_tokens)
         if self.spec_decoding:
             self.spec_drafts.inc(it.spec.num_drafts)

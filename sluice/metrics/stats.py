@@ -110,6 +110,8 @@ class IterationStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of which found
+    mm_cache_queries: int = 0  # images whose encoder output a request needed
+    mm_cache_hits: int = 0  # of which the encoder cache held
     step_num_tokens: list[int] = field(default_factory=list)  # tokens computed by each step
     time_to_first_tokens: list[float] = field(default_factory=list)
     inter_token_latencies: list[float] = field(default_factory=list)

@@ -40,8 +40,8 @@ class GemmaModel(LlamaModel):
         return x * torch.tensor(self.embed_tokens.embedding_dim ** 0.5).to(x.dtype)  # float32 first, as HF
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed(input_ids)
+                meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         global_rope = [t.to(x.dtype) for t in self.rotary_emb(positions)]
         local_rope = global_rope
         if self.local_rotary_emb is not None:

@@ -135,8 +135,10 @@ class LlamaModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed(input_ids)
+                meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs_embeds (a vision-language model's: image features at the image tokens) replaces
+        the embedding of input_ids."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary_emb(positions)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # no-op once the model is cast
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -200,9 +202,9 @@ class LlamaForCausalLM(nn.Module):
         (hidden_act, rope_type and partial_rotary_factor are checked where they are used.)"""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
+                attn_metadata: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Flat varlen batch [T] -> final-normed hidden states [T, hidden]."""
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
+        return self.model(input_ids, positions, kv_caches, attn_metadata, inputs_embeds=inputs_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in the model dtype; the sampler upcasts only when it needs float32."""

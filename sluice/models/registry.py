@@ -48,6 +48,7 @@ MODEL_REGISTRY: dict[str, Architecture] = {
     "Qwen3MoeForCausalLM": Architecture("qwen3_moe", "Qwen3MoeForCausalLM", gguf="qwen3moe", gguf_experts=True),
     "OlmoeForCausalLM": Architecture("olmoe", "OlmoeForCausalLM", gguf="olmoe", gguf_experts=True,
                                      gguf_own_config=True),
+    "LlavaForConditionalGeneration": Architecture("llava", "LlavaForConditionalGeneration"),
     "BertModel": Architecture("bert", "BertModel"),
     "BertForSequenceClassification": Architecture("bert", "BertForSequenceClassification"),
     "XLMRobertaModel": Architecture("bert", "XLMRobertaModel"),

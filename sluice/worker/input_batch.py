@@ -15,6 +15,7 @@ import torch
 from sluice.core.sched_output import NewRequestData, SchedulerOutput
 from sluice.pooling.params import PoolingParams
 from sluice.lora.request import LoRARequest
+from sluice.multimodal.inputs import MultiModalFeature
 from sluice.worker.sampler import SamplingRow
 
 
@@ -29,6 +30,8 @@ class CachedRequestState:
     num_prompt_logprobs_done: int = 0  # prompt positions whose logprobs went out
     pooling_params: PoolingParams | None = None
     lora_request: LoRARequest | None = None
+    mm_features: list[MultiModalFeature] = field(default_factory=list)  # its images, in prompt order
+    mm_queried: set[int] = field(default_factory=set)  # images counted in the encoder-cache metrics
 
     @classmethod
     def from_new(cls, new: NewRequestData) -> CachedRequestState:
@@ -38,7 +41,7 @@ class CachedRequestState:
         return cls(new.req_id, prompt, output, list(new.block_ids), new.num_computed_tokens,
                    SamplingRow(params, prompt, output, generator, set(new.stop_token_ids)),
                    pooling_params=new.pooling_params,
-                   lora_request=new.lora_request)
+                   lora_request=new.lora_request, mm_features=new.mm_features or [])
 
     @property
     def num_tokens(self) -> int:

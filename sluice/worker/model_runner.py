@@ -33,6 +33,7 @@ from sluice.quantization import get_quantization_config
 from sluice.spec_decode.draft_model import DraftModel
 from sluice.spec_decode.eagle import EagleProposer, HeadBatch, aux_hidden_state_layers, check_draft_vocabulary
 from sluice.spec_decode.ngram import NgramProposer
+from sluice.worker.encoder_cache import EncoderCache
 from sluice.worker.input_batch import CachedRequestState, InputBatch
 from sluice.worker.rejection_sampler import RejectionSampler
 from sluice.worker.sampler import RowBitmask, Sampler, SamplingMetadata, compute_prompt_logprobs
@@ -143,12 +144,18 @@ class ModelRunner:
         complete_encoder_config(config, hf_config)
         self.model, self.quantization = load_model(hf_config, source, self.dtype, self.device,
                                                    config.model.quantization)
-        self.vocab_size = hf_config.vocab_size
+        self.vocab_size = hf_config.get_text_config().vocab_size
+        # a vision-language model: image features replace the placeholder tokens' embeddings
+        self.encoder_cache = EncoderCache(self.model.embed_images, self.device) \
+            if hasattr(self.model, "embed_images") else None
         self.lora_manager = LoRAManager(self.model, config.lora, config.lora.torch_dtype(self.dtype), self.device) \
             if config.lora.enable_lora else None
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler(self.sampler)
         spec = config.speculative
+        if self.encoder_cache is not None and spec.enabled and spec.method != "ngram":
+            raise ValueError(f"speculative_config method {spec.method!r} is not available for a vision-language "
+                             "model (its drafter would read image placeholders as text); use 'ngram'")
         self.ngram = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max) \
             if spec.enabled and spec.method == "ngram" else None
         self.draft: DraftModel | EagleProposer | None = None
@@ -335,7 +342,9 @@ class ModelRunner:
                     out.errors[req_id] = failed[lora.lora_int_id]
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         input_positions = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, input_positions, self.kv_caches[: self.num_target_layers], meta)
+        inputs_embeds = self._inputs_embeds(input_ids, chunks, sched, out) if self.encoder_cache else None
+        extra = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        hidden = self.model(input_ids, input_positions, self.kv_caches[: self.num_target_layers], meta, **extra)
         if spec:
             rows = [row + j for _, row, drafts in sample_rows for j in range(len(drafts) + 1)]
             self._verify(self.compute_logits(hidden, rows), sample_rows, out, sched.grammar_bitmask)
@@ -357,6 +366,31 @@ class ModelRunner:
                 num_new = sched.num_scheduled_tokens[state.req_id]
                 self._prompt_logprobs(hidden[first_row : first_row + num_new], state, num_new, out)
         return out
+
+    def _inputs_embeds(self, input_ids: torch.Tensor, chunks: list[tuple[CachedRequestState, int]],
+                       sched: SchedulerOutput, out: RunnerOutput) -> torch.Tensor | None:
+        """The step's token embeddings with each image's encoder output at its placeholder rows
+        (a chunk may hold part of an image's run); None when no image is in this step."""
+        spans = []  # (request, image index, image, its chunk's first row, chunk start, chunk end)
+        for state, first_row in chunks:
+            start = state.num_computed_tokens
+            end = start + sched.num_scheduled_tokens[state.req_id]
+            spans += [(state, i, f, first_row, start, end) for i, f in enumerate(state.mm_features)
+                      if f.overlaps(start, end)]
+        if not spans:
+            return None
+        for state, index, feature, *_ in spans:
+            if index not in state.mm_queried:  # counted once per request and image
+                state.mm_queried.add(index)
+                out.mm_cache_queries += 1
+                out.mm_cache_hits += feature.identifier in self.encoder_cache
+        encoded = self.encoder_cache.get_many([feature for _, _, feature, *_ in spans])
+        embeds = self.model.embed_input_ids(input_ids)
+        for _, _, feature, first_row, start, end in spans:
+            lo, hi = max(start, feature.offset), min(end, feature.offset + feature.length)
+            embeds[first_row + lo - start: first_row + hi - start] = \
+                encoded[feature.identifier][lo - feature.offset: hi - feature.offset].to(embeds.dtype)
+        return embeds
 
     def _pool(self, hidden: torch.Tensor, chunks: list[tuple[CachedRequestState, int]], sched: SchedulerOutput,
               out: RunnerOutput) -> None:

@@ -209,7 +209,8 @@ def test_content_parts_reach_the_template_in_its_format(http):
     assert "a\nb" in prompt()  # the server's template takes a string
     assert prompt(chat_template=PARTS_TEMPLATE) == "[user]<a><b>"  # this one loops over parts
     image = [{"type": "image_url", "image_url": {"url": "http://x"}}]
-    refused(http, "/v1/chat/completions", {"messages": [{"role": "user", "content": image}]}, "messages.0.content")
+    refused(http, "/v1/chat/completions", {"messages": [{"role": "user", "content": image}]},
+            "messages.0.content.0.image_url")  # a text-only model
 
 
 # ---- tokens as ids, request ids, cache salt, suffix -------------------------------------------------

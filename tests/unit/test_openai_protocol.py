@@ -147,8 +147,10 @@ def test_text_parts_are_joined():
     ({"role": "user"}, "messages.0.content", "is required for role 'user'"),
     ({"role": "user", "content": None}, "messages.0.content", "is required for role 'user'"),
     ({"role": "user", "content": 5}, "messages.0.content", "must be a string or a list of content parts, got int"),
-    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]},
-     "messages.0.content", "part 0 has type 'image_url'; this model takes only 'text' parts"),
+    ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
+     "messages.0.content", "part 0 has type 'input_audio'; the parts taken are 'text' and 'image_url'"),
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"detail": "low"}}]},
+     "messages.0.content", "part 0 needs an 'image_url' object with a string 'url'"),
     ({"role": "user", "content": [3]}, "messages.0.content", "part 0 must be an object, got int"),
     ({"role": "user", "content": [{"type": "text"}]}, "messages.0.content", "part 0 needs a string 'text'"),
 ])

@@ -4,7 +4,7 @@ Requests take every field of OpenAI's chat and completions schemas plus vLLM's e
 min_p, bad_words, prompt_logprobs, structured_outputs, ...). Fields that only describe the caller
 (user, metadata, safety_identifier, ...) are accepted and ignored. Unknown fields are accepted with
 a warning logged once per name, as vLLM does; with `--strict-request-fields` they are a 400 naming
-the field, which catches typos. Features the engine lacks (beam search, logits processors, images)
+the field, which catches typos. Features the engine lacks (beam search, logits processors)
 are refused with a 400 by `to_sampling_params`; so is a bad structured-output spec or tool
 definition, naming its field (`response_format.json_schema.schema`, `tools.0...`).
 """
@@ -132,8 +132,9 @@ def _type_name(value: Any) -> str:
 
 
 def _check_content(value: Any) -> Any:
-    """Message content: a string, or a list of text parts, kept as [{"type": "text", "text": ...}]
-    (a `refusal` part of an assistant turn counts as text); the template decides how it sees them."""
+    """Message content: a string, or a list of text and image parts, kept as [{"type": "text",
+    "text": ...}] (a `refusal` part of an assistant turn counts as text) and [{"type": "image_url",
+    "image_url": {"url": ...}}]; the template decides how it sees them."""
     if value is None or isinstance(value, str):
         return value
     if not isinstance(value, list):
@@ -147,9 +148,16 @@ def _check_content(value: Any) -> Any:
         if not isinstance(part, dict):
             raise ValueError(f"part {i} must be an object, got {_type_name(part)}")
         kind = part.get("type")
+        if kind == "image_url":
+            image = part.get("image_url")
+            image = {"url": image} if isinstance(image, str) else image
+            if not isinstance(image, dict) or not isinstance(image.get("url"), str):
+                raise ValueError(f"part {i} needs an 'image_url' object with a string 'url'")
+            parts.append({"type": "image_url", "image_url": {"url": image["url"]}})
+            continue
         key = "refusal" if kind == "refusal" else "text"
         if kind not in ("text", "refusal"):
-            raise ValueError(f"part {i} has type {kind!r}; this model takes only 'text' parts")
+            raise ValueError(f"part {i} has type {kind!r}; the parts taken are 'text' and 'image_url'")
         if not isinstance(part.get(key), str):
             raise ValueError(f"part {i} needs a string '{key}'")
         parts.append({"type": "text", "text": part[key]})
@@ -157,10 +165,11 @@ def _check_content(value: Any) -> Any:
 
 
 def content_as_text(content: str | list[dict] | None) -> str:
-    """The `string` content format: parts joined with newlines, as vLLM does; None is ''."""
+    """The `string` content format: text parts joined with newlines, as vLLM does; None is ''.
+    (Image parts go to the model's processor, which places them: see multimodal.split_images.)"""
     if content is None:
         return ""
-    return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
+    return content if isinstance(content, str) else "\n".join(p["text"] for p in content if p["type"] == "text")
 
 
 def content_as_parts(content: str | list[dict] | None) -> list[dict]:
@@ -661,6 +670,10 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def template_messages(self, content_format: str = "string") -> list[dict[str, Any]]:
         return [m.to_template(content_format) for m in self.messages]
+
+    def has_images(self) -> bool:
+        return any(isinstance(m.content, list) and any(p["type"] == "image_url" for p in m.content)
+                   for m in self.messages)
 
     def echo_text(self) -> str:
         """What echo puts before the reply: the final message being continued."""

@@ -37,6 +37,9 @@ from sluice.entrypoints.openai.protocol import (
 from sluice.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningParser, ReasoningStream
 from sluice.entrypoints.openai.tool_calls import TOOL_PARSERS, ForcedToolCalls, ToolCallExtractor, ToolCallStream
 from sluice.lora.request import LoRARequest
+from sluice.multimodal.inputs import MultiModalFeature
+from sluice.multimodal.media import MediaError
+from sluice.multimodal.processor import split_images
 from sluice.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
 from sluice.sampling_params import SamplingParams
 
@@ -213,6 +216,7 @@ class _Job:
     trace_headers: dict[str, str] | None = None  # the HTTP request's trace context, for its span
     cache_salt: str | None = None
     lora_request: LoRARequest | None = None  # the adapter its `model` names
+    mm_features: list[MultiModalFeature] | None = None  # its images
 
 
 @dataclass
@@ -362,14 +366,19 @@ class OpenAIServing:
         model = self.check_model(request.model)
         tools = self._tool_extractor(request)
         self._check_fan_out(request, num_prompts=1)
-        messages = request.template_messages(self._content_format(request.chat_template))
+        content_format = self._content_format(request.chat_template)
         tools_shown = request.template_tools(self.chat_options.exclude_tools_when_tool_choice_none)
-        text, token_ids = await self._off_loop(self._render_chat, request, messages, tools_shown)
+        mm_features = None
+        if request.has_images():
+            text, token_ids, mm_features = await self._render_image_chat(request, content_format, tools_shown)
+        else:
+            messages = request.template_messages(content_format)
+            text, token_ids = await self._off_loop(self._render_chat, request, messages, tools_shown)
         text, token_ids = self._truncate(request, text, token_ids)
         params = request.to_sampling_params(self.engine.max_model_len - len(token_ids), self.max_n,
                                             self.engine.default_sampling_params)
         job = _Job(_request_id("chatcmpl", request_id or request.request_id), text, token_ids, params, trace_headers,
-                   request.cache_salt, self._lora_request(model))
+                   request.cache_salt, self._lora_request(model), mm_features)
         role = self.chat_options.response_role if request.add_generation_prompt else request.messages[-1].role
         if request.stream:
             streams = await self._start_streams([job], request)
@@ -462,10 +471,36 @@ class OpenAIServing:
         return resolve_content_format(self.chat_options.content_format,
                                       template if isinstance(template, str) else None)
 
+    async def _render_image_chat(self, request: ChatCompletionRequest, content_format: str,
+                                 tools: list[dict] | None) -> tuple[str, list[int], list[MultiModalFeature]]:
+        """A chat with image parts: the images fetched and checked (a 400 names the bad part),
+        the template rendered with the model's image placeholders, which its processor expands."""
+        mm = self.engine.input_processor.mm_processor
+        messages, images = split_images(request.template_messages("openai"), content_format,
+                                        mm.image_token if mm else "")
+        if mm is None:
+            raise APIError("this model takes text only; it cannot read images", param=images[0][1])
+        try:
+            mm.check_count([param for _, param in images])
+            pictures = await self._off_loop(mm.load_images, images)
+            text = await self._off_loop(self._chat_text, request, messages, tools)
+            self.engine.input_processor.check_chars(text)
+            return (text, *await self._off_loop(mm.process, text, pictures, bool(request.add_special_tokens),
+                                                "messages"))
+        except MediaError as exc:
+            raise APIError(str(exc), param=exc.param) from None
+        except ValueError as exc:  # the prompt's length
+            raise APIError(str(exc), param="messages") from None
+
     def _render_chat(self, request: ChatCompletionRequest | TokenizeRequest, messages: list[dict],
                      tools: list[dict] | None = None) -> tuple[str, list[int]]:
         """Chat template -> prompt text and ids. The template already holds the special tokens
         (BOS), so encoding adds none unless add_special_tokens asks."""
+        text = self._chat_text(request, messages, tools)
+        return text, self._encode_prompt(text, bool(request.add_special_tokens), "messages")
+
+    def _chat_text(self, request: ChatCompletionRequest | TokenizeRequest, messages: list[dict],
+                   tools: list[dict] | None = None) -> str:
         template_kwargs = {**self.chat_options.default_template_kwargs, **(request.chat_template_kwargs or {})}
         documents = getattr(request, "documents", None)
         if documents is not None:
@@ -478,7 +513,7 @@ class OpenAIServing:
             )
         except Exception as exc:  # jinja errors, raise_exception() in templates, no template at all
             raise APIError(f"chat template failed: {exc}", param="messages") from exc
-        return text, self._encode_prompt(text, bool(request.add_special_tokens), "messages")
+        return text
 
     def _truncate(self, request: GenerationRequest, text: str | None, token_ids: list[int]) -> tuple[str | None, list[int]]:
         """truncate_prompt_tokens applied here too, so the room left for max_tokens counts the kept
@@ -685,7 +720,8 @@ class OpenAIServing:
         self._log(job, priority)
         return self.engine.generate(job.prompt, job.prompt_token_ids, job.params, job.request_id,
                                     priority=priority, stream=stream, trace_headers=job.trace_headers,
-                                    cache_salt=job.cache_salt, lora_request=job.lora_request)
+                                    cache_salt=job.cache_salt, lora_request=job.lora_request,
+                                    mm_features=job.mm_features)
 
     def _lora_request(self, model: str) -> LoRARequest | None:
         return self.lora.get(model) if self.lora is not None else None
