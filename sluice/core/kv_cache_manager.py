@@ -97,7 +97,7 @@ class KVCacheManager:
 
         At least one token is always left to compute, so the last position yields logits.
         """
-        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+        if not self.enable_caching or request.reads_every_prompt_row:
             return [], 0
         self._update_block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size

@@ -97,6 +97,12 @@ class Request:
         return len(self.all_token_ids)
 
     @property
+    def reads_every_prompt_row(self) -> bool:
+        """Prompt logprobs and per-token rewards need every prompt position computed: no prefix-cache hits."""
+        return self.sampling_params.prompt_logprobs is not None or (
+            self.pooling_params is not None and self.pooling_params.task == "reward")
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 

@@ -195,6 +195,14 @@ class LLM:
         return [PoolingRequestOutput(rid, ClassificationOutput(class_probs(logits)), ids)
                 for rid, ids, logits in results]
 
+    def reward(self, prompts: PromptType | Sequence[PromptType],
+               truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
+        """vLLM's reward: a *ForSequenceClassification model's raw head logits at every prompt token,
+        .outputs.data of shape [num_tokens, num_labels] (an outcome reward model's score is the last row)."""
+        results = self._pool(self._prompt_token_ids(prompts), PoolingParams(task="reward"), truncate_prompt_tokens)
+        return [PoolingRequestOutput(rid, PoolingOutput(torch.tensor(flat).reshape(len(ids), -1)), ids)
+                for rid, ids, flat in results]
+
     def score(self, data_1: str | Sequence[str], data_2: str | Sequence[str],
               truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
         """A cross-encoder's relevance of each (query, document) pair: one query against many
@@ -224,7 +232,7 @@ class LLM:
     def _pool(self, token_ids: list[list[int]], params: PoolingParams,
               truncate_prompt_tokens: int | None) -> list[tuple[str, list[int], list[float]]]:
         """Run pooling requests to their end: (request id, prompt ids, vector), in input order."""
-        require_runner(self.engine_core.pooler, "pooling", "encode/embed/classify/score()")
+        require_runner(self.engine_core.pooler, "pooling", "encode/embed/classify/score/reward()")
         check_pooling_params(params, self.engine_core.pooler)
         requests = [make_pooling_request(self.input_processor, str(next(self._request_counter)), ids, params,
                                          truncate_prompt_tokens) for ids in token_ids]

@@ -99,11 +99,11 @@ def require_runner(pooler: PoolerConfig | None, needed: str, what: str) -> None:
 
 
 def check_pooling_params(params: PoolingParams, pooler: PoolerConfig | None, field: str = "dimensions") -> None:
-    """classify only with a classification head; dimensions only for a Matryoshka model, and
+    """classify and reward only with a classification head; dimensions only for a Matryoshka model, and
     no more than its hidden size."""
-    if pooler is not None and params.task == "classify" and not pooler.classifier:
-        raise ValueError("classify and score need a *ForSequenceClassification model (a classification head); "
-                         "this model only embeds")
+    if pooler is not None and params.task in ("classify", "reward") and not pooler.classifier:
+        raise ValueError("classify, score and reward need a *ForSequenceClassification model (a classification "
+                         "head); this model only embeds")
     if params.dimensions is None or params.task != "embed" or pooler is None:
         return
     if not pooler.matryoshka:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-POOLING_TASKS = ("embed", "classify", "encode")  # score is classify on a (query, document) pair
+# score is classify on a (query, document) pair; reward is the classifier's head on every prompt token
+POOLING_TASKS = ("embed", "classify", "encode", "reward")
 
 
 @dataclass

@@ -5,7 +5,7 @@ more memory pooled than generated."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from sluice.pooling.params import PoolingParams
 class PoolingState:
     total: torch.Tensor | None = None  # MEAN: the sum of the rows seen so far
     first: torch.Tensor | None = None  # CLS: the row at position 0
+    scores: list[torch.Tensor] = field(default_factory=list)  # ALL (reward): each chunk's rows through the head
 
 
 class Pooler:
@@ -28,7 +29,9 @@ class Pooler:
 
     def pooling_type(self, params: PoolingParams) -> str:
         """A classifier's head reads the state it was trained on (BERT's [CLS]), whatever the
-        folder declares for embeddings."""
+        folder declares for embeddings; reward scores every token."""
+        if params.task == "reward":
+            return "ALL"
         if params.task == "classify":
             return getattr(self.model, "classify_pooling", self.config.pooling_type)
         return self.config.pooling_type
@@ -47,18 +50,25 @@ class Pooler:
             state.total = part if state.total is None else state.total + part
         elif kind == "CLS" and start == 0:
             state.first = rows[0].float()
+        elif kind == "ALL":  # the head's few labels per row, not the hidden rows, wait for the last chunk
+            state.scores.append(self.model.classify(rows.to(self.model_dtype)).float())
         if start + len(rows) < num_prompt:
             return None
         del self.states[req_id]
         if kind == "MEAN":
             return state.total / num_prompt
+        if kind == "ALL":
+            return torch.cat(state.scores)
         return state.first if kind == "CLS" else rows[-1].float()
 
     def drop(self, req_id: str) -> None:
         self.states.pop(req_id, None)
 
     def finish(self, pooled: torch.Tensor, params: PoolingParams) -> list[float]:
-        """The request's answer: class logits (classify), or the embedding (embed / encode)."""
+        """The request's answer: class logits (classify), every token's head logits row after row
+        (reward, flat), or the embedding (embed / encode)."""
+        if params.task == "reward":
+            return pooled.flatten().tolist()
         if params.task == "classify":
             return self.model.classify(pooled[None].to(self.model_dtype))[0].float().tolist()
         dimensions = params.dimensions or self.config.dimensions

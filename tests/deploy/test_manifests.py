@@ -3,19 +3,26 @@
 Built-in kinds are validated against the Kubernetes OpenAPI schemas offline (kubernetes-validate,
 strict: unknown fields fail). The chart is rendered by Helm's own engine (helm-python-sdk wraps
 Helm v4 as a library, so no helm binary is needed) with its defaults and with every option on,
-and linted. Custom resources (KEDA ScaledObject, ServiceMonitor, KServe InferenceService) have no
-schema here; their fields that matter are checked directly. Every Deployment's arguments must
+and linted. The KEDA ScaledObject and the ServiceMonitor are validated against models generated from
+their CRDs' OpenAPI schemas (cloudcoil's pydantic models for KEDA and the Prometheus operator), strict
+too: an object must survive a round trip through its model unchanged, so an unknown or misspelt
+field fails. KServe's InferenceService has no such package short of the whole KServe server (its
+SDK's dependencies), so its fields that matter are checked directly. Every Deployment's arguments must
 parse as `sluice serve` flags, its probes hit /health (public, no key), and the grace period
 covers preStop plus --shutdown-timeout.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import kubernetes_validate
+import pydantic
 import pytest
 import yaml
+from cloudcoil.models.keda.v1alpha1 import ScaledObject
+from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
 from helm_python.chart import Chart, lint
 
 from sluice.entrypoints.cli import build_parser
@@ -41,8 +48,20 @@ def rendered_objects(values: dict | None) -> list[dict]:
             for doc in yaml.safe_load_all(text) if doc]
 
 
+CRD_MODELS = {"ScaledObject": ScaledObject, "ServiceMonitor": ServiceMonitor}
+
+
+def validate_custom(obj: dict) -> None:
+    """Against the CRD's schema: the model checks types and required fields; it drops fields it does
+    not know, so comparing its dump with the object catches those."""
+    model = CRD_MODELS[obj["kind"]].model_validate(obj)
+    assert model.model_dump(by_alias=True, exclude_unset=True, mode="json") == obj, f"unknown fields in {obj}"
+
+
 def check_object(obj: dict) -> None:
     kind = obj["kind"]
+    if kind in CRD_MODELS:
+        validate_custom(obj)
     if kind == "ScaledObject":
         trigger = obj["spec"]["triggers"][0]
         assert trigger["type"] == "prometheus" and "vllm:num_requests_waiting" in trigger["metadata"]["query"]
@@ -89,6 +108,24 @@ def test_every_manifest_is_valid():
                                              "ScaledObject", "ServiceMonitor", "InferenceService"}
     for obj in objects:
         check_object(obj)
+
+
+def test_custom_resources_fail_on_unknown_fields_and_wrong_types():
+    """The CRD check is not a pass-through: a misspelt field and a number where KEDA wants a string fail."""
+    scaled = next(o for o in raw_objects() if o["kind"] == "ScaledObject")
+    misspelt = copy.deepcopy(scaled)
+    misspelt["spec"]["maxReplicas"] = misspelt["spec"].pop("maxReplicaCount")
+    with pytest.raises(AssertionError, match="unknown fields"):
+        validate_custom(misspelt)
+    wrong_type = copy.deepcopy(scaled)
+    wrong_type["spec"]["triggers"][0]["metadata"]["threshold"] = 5
+    with pytest.raises(pydantic.ValidationError, match="threshold"):
+        validate_custom(wrong_type)
+    monitor = next(o for o in raw_objects() if o["kind"] == "ServiceMonitor")
+    monitor = copy.deepcopy(monitor)
+    monitor["spec"]["endpoints"][0]["intervall"] = "15s"
+    with pytest.raises(AssertionError, match="unknown fields"):
+        validate_custom(monitor)
 
 
 def test_shutdown_timeout_is_the_servers_default():

@@ -94,3 +94,25 @@ def xlm_roberta_dir(tmp_path_factory, bert_tokenizer) -> str:
     transformers.XLMRobertaForSequenceClassification(config).save_pretrained(folder)
     bert_tokenizer.save_pretrained(folder)
     return folder
+
+
+# arch -> num_labels: a 3-way classifier, and a reward model's single score
+DECODER_CLASSIFIERS = {"llama": 3, "qwen2": 1}
+
+
+@pytest.fixture(scope="session")
+def decoder_classifier_dir(tmp_path_factory):
+    """Factory: arch -> a tiny random transformers *ForSequenceClassification decoder (the score
+    head on the last token) with the SmolLM2 tokenizer."""
+    import torch
+    import transformers
+
+    from tests.utils import model_folder_factory, tiny_config
+
+    def make(arch: str):
+        config = tiny_config(arch)
+        config.num_labels = DECODER_CLASSIFIERS[arch]
+        torch.manual_seed(3)
+        return transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).eval()
+
+    return model_folder_factory(tmp_path_factory, make, "seq-cls")
