@@ -103,6 +103,10 @@ def load_library() -> ctypes.CDLL | None:
     lib.moe_experts_bf16.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2
                                      + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                         ctypes.c_int64] + [ctypes.c_void_p] * 2)
+    lib.moe_experts_gguf.restype = ctypes.c_int
+    lib.moe_experts_gguf.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2
+                                     + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                                        ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 2)
     return lib
 
 
