@@ -391,10 +391,8 @@ static inline float row_scale(const uint8_t *row, int64_t D) {
 static inline __m512 kv8_load16(const uint8_t *src, const int kind) {
     const __m128i bytes = _mm_loadu_si128((const __m128i *)src);
     if (kind == KV_INT8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
-    const __m256i b = _mm256_cvtepu8_epi16(bytes);
-    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8);
-    const __m256i rest = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7);
-    return _mm512_cvtph_ps(_mm256_or_si256(sign, rest));
+    const __m256i z = _mm256_slli_epi16(_mm256_cvtepu8_epi16(bytes), 7); /* as kv8_load32 */
+    return _mm512_cvtph_ps(_mm256_add_epi16(z, _mm256_and_si256(z, _mm256_set1_epi16(0x4000))));
 }
 
 /* 32 bytes -> two vectors of 16 floats: for fp8, one widening and one pass of the field moves
@@ -406,8 +404,10 @@ static inline void kv8_load32(const uint8_t *src, const int kind, __m512 *lo, __
         return;
     }
     const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
-    const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x80)), 8);
-    const __m512i half = _mm512_or_si512(sign, _mm512_slli_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x7F)), 7));
+    /* b << 7 puts exponent and mantissa in place and the sign one bit low: adding that bit to
+     * itself moves it up */
+    const __m512i z = _mm512_slli_epi16(b, 7);
+    const __m512i half = _mm512_add_epi16(z, _mm512_and_si512(z, _mm512_set1_epi16(0x4000)));
     *lo = _mm512_cvtph_ps(_mm512_castsi512_si256(half));
     *hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(half, 1));
 }
@@ -464,6 +464,8 @@ static inline __attribute__((always_inline)) void kv8_scores(const Job *job, int
         maxv[g] = _mm512_set1_ps(-INFINITY);
         for (int64_t v = 0; v < D / 16; v++) qv[g][v] = _mm512_loadu_ps(q + (hkv * G + g) * D + 16 * v);
     }
+    int64_t b = first / bs, off = first % bs; /* the next key's block and place in it */
+    if (hkv == 0) kv8_prefetch(kc, table, b + 1, blocks, block_bytes);
     for (int64_t start = first; start < len; start += 16) {
         const int64_t n = len - start < 16 ? len - start : 16;
         __m512 part[KV8_MAX_G][16];
@@ -474,9 +476,12 @@ static inline __attribute__((always_inline)) void kv8_scores(const Job *job, int
                 for (int64_t g = 0; g < G; g++) part[g][j] = _mm512_setzero_ps();
                 continue;
             }
-            const int64_t pos = start + j;
-            if (hkv == 0 && (pos % bs == 0 || pos == first)) kv8_prefetch(kc, table, pos / bs + 1, blocks, block_bytes);
-            const uint8_t *krow = kc + table[pos / bs] * block_bytes + ((pos % bs) * Hkv + hkv) * row;
+            const uint8_t *krow = kc + table[b] * block_bytes + (off * Hkv + hkv) * row;
+            if (++off == bs) {
+                off = 0;
+                b++;
+                if (hkv == 0) kv8_prefetch(kc, table, b + 1, blocks, block_bytes);
+            }
             __m512 k[MAX_HEAD_DIM / 16];
             kv8_load_row(krow, D, kind, k);
             ks[j] = kv8_scale(krow, D, kind);
@@ -523,9 +528,15 @@ static inline __attribute__((always_inline)) void kv8_values(const Job *job, int
     __m512 acc[KV8_MAX_G][MAX_HEAD_DIM / 16];
     for (int64_t g = 0; g < G; g++)
         for (int64_t v = 0; v < D / 16; v++) acc[g][v] = _mm512_setzero_ps();
+    int64_t b = first / bs, off = first % bs;
+    if (hkv == 0) kv8_prefetch(vc, table, b + 1, blocks, block_bytes);
     for (int64_t pos = first; pos < len; pos++) {
-        if (hkv == 0 && (pos % bs == 0 || pos == first)) kv8_prefetch(vc, table, pos / bs + 1, blocks, block_bytes);
-        const uint8_t *vrow = vc + table[pos / bs] * block_bytes + ((pos % bs) * Hkv + hkv) * row;
+        const uint8_t *vrow = vc + table[b] * block_bytes + (off * Hkv + hkv) * row;
+        if (++off == bs) {
+            off = 0;
+            b++;
+            if (hkv == 0) kv8_prefetch(vc, table, b + 1, blocks, block_bytes);
+        }
         __m512 vals[MAX_HEAD_DIM / 16];
         kv8_load_row(vrow, D, kind, vals);
         const float vs = kv8_scale(vrow, D, kind);
