@@ -192,6 +192,7 @@ def set_moe_methods(model: nn.Module, quant_config: QuantizationConfig) -> dict[
 
 
 def process_moe_weights_after_loading(model: nn.Module) -> None:
+    """Each quantized layer of experts turns its loaded weights into its kernel's form."""
     for module in model.modules():
         if isinstance(module, StackedExperts) and module.quant_method is not None:
             module.quant_method.process_weights_after_loading(module)

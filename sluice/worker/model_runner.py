@@ -128,7 +128,7 @@ def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch
     process_moe_weights_after_loading(model)
     model.eval()
     quant_config.log_summary()
-    logger.info("quantization %s; linear layers: %s", quant_config.name,
+    logger.info("quantization %s; layers: %s", quant_config.name,
                 ", ".join(f"{n} {label}" for label, n in methods.items()))
     pack_linears(model)  # a no-op where the native bf16 kernel can't run
     pack_experts(model)
