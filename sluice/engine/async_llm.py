@@ -40,7 +40,6 @@ class AsyncLLM:
         self.client = client
         self.tokenizer = tokenizer
         self.max_model_len: int = info["max_model_len"]
-        self.quantization: str = info["quantization"]  # the weight quantization the core runs
         self.input_processor = InputProcessor(tokenizer, self.max_model_len, info["vocab_size"], eos_token_ids,
                                               info["scheduling_policy"],
                                               KVCacheSpec(info["num_blocks"], info["block_size"], info["sliding_window"]),

@@ -7,15 +7,16 @@ up rows) and `down_proj` [E, H, I]. `pack_experts` puts each projection on the p
 kernel (gemm.c: the same panels and fused SiLU x up epilogue as a dense MLP's) where that is the
 dense layers' measured choice for the same shapes (linear_path.py). With both packed, one native
 call (moe.c) sorts, runs every touched expert and sums the slots, no Python between experts;
-otherwise each expert's two matmuls run in a loop here, on F.linear or the packed kernel. A
-quantized method only has to replace `StackedExperts`.
+otherwise each expert's two matmuls run in a loop here, on F.linear or the packed kernel.
+Quantized experts (`--quantization int8`, a GGUF's expert blocks) run through the MoEMethod the
+quantization config gives them at load (`set_moe_methods`, sluice/quantization).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -26,6 +27,7 @@ from sluice.layers import native
 from sluice.layers.activation import silu_and_mul
 from sluice.layers.linear import GateUpLinear, Linear
 from sluice.layers.linear_path import choose_path
+from sluice.quantization.base import MoEMethod, QuantizationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class StackedExperts(nn.Module):
 
     packed_gate_up: torch.Tensor | None = None  # [E, panels of 2I x H]
     packed_down: torch.Tensor | None = None  # [E, panels of H x I]
+    quant_method: MoEMethod | None = None  # set at load for quantized experts
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -58,8 +61,16 @@ class StackedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H] with routing weights/ids [T, k] -> sum over k of weight * expert(x), [T, H]."""
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, weights, ids)
         if self.packed_gate_up is not None and self.packed_down is not None:
             return self.forward_native(x, weights, ids)
+        return self.grouped(x, weights, ids, self.expert)
+
+    def grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """forward's arithmetic with each expert's MLP as `expert(e, rows)` runs it, one call per
+        touched expert over all the rows routed to it."""
         top_k = ids.shape[1]
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
@@ -68,9 +79,9 @@ class StackedExperts(nn.Module):
         grouped = x[tokens]
         out = torch.empty_like(grouped)
         start = 0
-        for expert, n in enumerate(counts):
+        for e, n in enumerate(counts):
             if n:
-                out[start:start + n] = self.expert(expert, grouped[start:start + n])
+                out[start:start + n] = expert(e, grouped[start:start + n])
                 start += n
         # back in (token, slot) order by a gather: a scatter-add of the rows is far slower on CPU
         per_slot = out[order.argsort()].view(*ids.shape, -1)
@@ -100,9 +111,15 @@ class StackedExperts(nn.Module):
             return native.linear(h, self.packed_down[e], self.hidden_size)
         return F.linear(h, self.down_proj[e])
 
+    def checkpoint_names(self, prefix: str) -> list[str]:
+        """Where a checkpoint holding every expert per projection stores them (gate, up, down)."""
+        return [f"{prefix}.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
+
     def pack(self) -> int:
         """Repack each projection's experts for the native kernel (freeing the stacked originals)
         where that is the dense layers' measured choice for its shape; returns how many were packed."""
+        if self.quant_method is not None:
+            return 0
         H, I = self.hidden_size, self.intermediate_size
         with torch.device("meta"):  # a dense layer of one expert's shape: its path choice and packing
             probes = {"gate_up": GateUpLinear(H, I), "down": Linear(I, H, bias=False)}
@@ -159,10 +176,33 @@ class FusedMoE(nn.Module):
         return out if residual is None else residual + out
 
 
+def set_moe_methods(model: nn.Module, quant_config: QuantizationConfig) -> dict[str, int]:
+    """Give every layer's experts the method the quantization config picks (shaping their weights
+    for the checkpoint); how many layers run each, for the load log."""
+    counts: dict[str, int] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, StackedExperts):
+            method = quant_config.get_moe_method(module, module.checkpoint_names(prefix))
+            if method is not None:
+                module.quant_method = method
+                method.create_weights(module)
+            label = "experts " + (method.describe() if method is not None else "unquantized")
+            counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def process_moe_weights_after_loading(model: nn.Module) -> None:
+    """Each quantized layer of experts turns its loaded weights into its kernel's form."""
+    for module in model.modules():
+        if isinstance(module, StackedExperts) and module.quant_method is not None:
+            module.quant_method.process_weights_after_loading(module)
+
+
 def pack_experts(model: nn.Module) -> int:
     """Put the experts' projections (gate_up, down) on the packed native kernel where that is the
     faster path for their shapes (a no-op where the kernel can't run); returns how many were packed."""
-    experts = [module for module in model.modules() if isinstance(module, StackedExperts)]
+    experts = [module for module in model.modules()
+               if isinstance(module, StackedExperts) and module.quant_method is None]
     packed = sum(module.pack() for module in experts)
     if experts:
         logger.info("expert projections: %d on the packed native kernel, %d on F.linear", packed,

@@ -107,6 +107,10 @@ def load_library() -> ctypes.CDLL | None:
     lib.lora_bf16.restype = ctypes.c_int
     lib.lora_bf16.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
                               + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
+    lib.moe_experts_gguf.restype = ctypes.c_int
+    lib.moe_experts_gguf.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2
+                                     + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                                        ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 2)
     return lib
 
 

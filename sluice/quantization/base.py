@@ -39,6 +39,24 @@ class LinearMethod(ABC):
         return type(self).__name__
 
 
+class MoEMethod(ABC):
+    """How a layer's stacked experts (sluice.layers.fused_moe.StackedExperts) store their weights
+    and run; the same lifecycle as LinearMethod's, for all experts of a layer at once."""
+
+    def create_weights(self, experts: nn.Module) -> None:
+        """Reshape `gate_up_proj` / `down_proj` for what the checkpoint holds (default: keep them)."""
+
+    def process_weights_after_loading(self, experts: nn.Module) -> None:
+        """Turn the loaded weights into the form `apply` reads (default: as loaded)."""
+
+    @abstractmethod
+    def apply(self, experts: nn.Module, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H] routed to experts ids [T, k] with weights [T, k] -> sum over k of weight * expert(x)."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
 class QuantizationConfig(ABC):
     """One quantization method for a whole model."""
 
@@ -48,6 +66,11 @@ class QuantizationConfig(ABC):
     def get_linear_method(self, layer: nn.Module, checkpoint_names: list[str]) -> LinearMethod | None:
         """The method for a linear layer whose weight the checkpoint stores under these names
         (several for a fused q/k/v or gate/up); None keeps the unquantized path."""
+
+    def get_moe_method(self, experts: nn.Module, checkpoint_names: list[str]) -> MoEMethod | None:
+        """The method for a layer's stacked experts, stored in the checkpoint under these names
+        (gate, up, down; each holding every expert); None keeps them dense."""
+        return None
 
     def prepare_model(self, model: nn.Module) -> None:
         """Change modules other than linear layers before loading (default: none)."""

@@ -4,7 +4,9 @@ The matmul is sluice/layers/csrc/quant.c where the CPU has AVX-512 VNNI (activat
 per row to int8, as llama.cpp does); elsewhere the layer's blocks are dequantized on the fly, one
 layer at a time, and multiplied with F.linear (slow, but the memory stays that of the file).
 A fused layer (q/k/v, gate/up) runs quantized when its checkpoint shards share one type; layers
-in a type no kernel reads here load dequantized, and the load log names them.
+in a type no kernel reads here load dequantized, and the load log names them. A mixture-of-experts
+layer's experts (ffn_gate_exps / ffn_up_exps / ffn_down_exps) keep their blocks the same way, and
+run in one native call (moe.c's moe_experts_gguf) over the touched experts.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from torch import nn
 
 from sluice.layers import native
 from sluice.platform import cpu_flags
-from sluice.quantization.base import LinearMethod, QuantizationConfig
+from sluice.layers.activation import silu_and_mul
+from sluice.quantization.base import LinearMethod, MoEMethod, QuantizationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +96,57 @@ def gguf_linear_many_rows(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_f
 def dequantize(blocks: torch.Tensor, qtype: Q, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight [N, K] of GGML blocks, by the gguf package (the reference)."""
     return torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), qtype)).to(dtype)
+
+
+def gguf_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor, gate_up_type: Q,
+             down: torch.Tensor, down_type: Q) -> torch.Tensor | None:
+    """Routed experts over GGML blocks, gate_up uint8 [E, 2I, row bytes of H] and down [E, H, row
+    bytes of I], in one call of moe.c; None where the kernel can't serve the call."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or not kernel_available():
+        return None
+    x, ids, weights = x.contiguous(), ids.to(torch.int64).contiguous(), weights.float().contiguous()
+    (T, top_k), H, (E, I2, _) = ids.shape, x.shape[1], gate_up.shape
+    scratch = x.new_empty(T * top_k * (2 * H + 3 * I2 // 2))
+    out = torch.empty_like(x)
+    status = native.load_library().moe_experts_gguf(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), T, H, I2 // 2, top_k, ids.data_ptr(), weights.data_ptr(), E,
+        gate_up.data_ptr(), gate_up.stride(0), int(gate_up_type), down.data_ptr(), down.stride(0), int(down_type),
+        scratch.data_ptr(), out.data_ptr())
+    return out if status == 0 else None
+
+
+class GGUFMoEMethod(MoEMethod):
+    """A layer's experts as GGML blocks: gate_up [E, 2I, row bytes] (gate and up share a type),
+    down [E, H, row bytes]."""
+
+    def __init__(self, gate_up_type: Q, down_type: Q) -> None:
+        self.gate_up_type, self.down_type = gate_up_type, down_type
+
+    def create_weights(self, experts: nn.Module) -> None:
+        E, H, I = experts.num_experts, experts.hidden_size, experts.intermediate_size
+        experts.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, row_bytes(self.gate_up_type, H), dtype=torch.uint8),
+                                            requires_grad=False)
+        experts.down_proj = nn.Parameter(torch.empty(E, H, row_bytes(self.down_type, I), dtype=torch.uint8),
+                                         requires_grad=False)
+
+    def blocks(self, experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return experts.gate_up_proj, experts.down_proj
+
+    def apply(self, experts: nn.Module, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self.blocks(experts)
+        out = gguf_moe(x, weights, ids, gate_up, self.gate_up_type, down, self.down_type)
+        if out is not None:
+            return out
+
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:  # dequantized per call: no kernel here
+            h = silu_and_mul(F.linear(rows, dequantize(gate_up[e], self.gate_up_type, rows.dtype)))
+            return F.linear(h, dequantize(down[e], self.down_type, rows.dtype))
+
+        return experts.grouped(x, weights, ids, expert)
+
+    def describe(self) -> str:
+        types = " / ".join(dict.fromkeys(t.name for t in (self.gate_up_type, self.down_type)))
+        return f"GGUF {types} ({'VNNI kernel' if kernel_available() else 'dequantized per call'})"
 
 
 class GGUFLinearMethod(LinearMethod):
@@ -185,12 +239,27 @@ class GGUFConfig(QuantizationConfig):
         self.quantized.update(checkpoint_names)
         return GGUFLinearMethod(qtype)
 
+    def get_moe_method(self, experts: nn.Module, checkpoint_names: list[str]) -> MoEMethod | None:
+        """Blocks as stored when gate and up share a type and the kernel reads every projection's;
+        else the experts load dequantized (named in the load log)."""
+        types = [self.tensor_types.get(name) for name in checkpoint_names]  # gate, up, down
+        if None in types or set(types) <= _DENSE_TYPES:
+            return None
+        gate, up, down = types
+        fits = all(t in KERNEL_TYPES and size % gguf.GGML_QUANT_SIZES[t][0] == 0
+                   for t, size in ((gate, experts.hidden_size), (down, experts.intermediate_size)))
+        if gate != up or not fits:
+            self.dequantized["experts " + " / ".join(t.name for t in types)] += 1
+            return None
+        self.quantized.update(checkpoint_names)
+        return GGUFMoEMethod(gate, down)
+
     def raw_weight_names(self) -> set[str]:
         return self.quantized
 
     def log_summary(self) -> None:
         if self.dequantized:
-            logger.info("GGUF: linear layers loaded dequantized (types no kernel reads, or mixed types in one "
+            logger.info("GGUF: layers loaded dequantized (types no kernel reads, or mixed types in one "
                         "fused layer): %s", ", ".join(f"{n} x {t}" for t, n in sorted(self.dequantized.items())))
 
 

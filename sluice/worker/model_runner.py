@@ -21,7 +21,7 @@ import torch
 from sluice.config import EngineConfig
 from sluice.core.sched_output import GrammarBitmask, RunnerOutput, SchedulerOutput
 from sluice.layers.attention import attention_layers, build_attention_metadata
-from sluice.layers.fused_moe import pack_experts
+from sluice.layers.fused_moe import pack_experts, process_moe_weights_after_loading, set_moe_methods
 from sluice.layers.linear import pack_linears, process_weights_after_loading, set_linear_methods
 from sluice.loader import ModelLoadError, ModelSource, iter_weights, load_hf_config, resolve_model
 from sluice.models.registry import EAGLE_HEADS, get_model_class
@@ -123,12 +123,13 @@ def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch
     with _default_dtype(dtype), device:
         model = model_class(hf_config)
     quant_config.prepare_model(model)
-    methods = set_linear_methods(model, quant_config)
+    methods = set_linear_methods(model, quant_config) | set_moe_methods(model, quant_config)
     model.load_weights(iter_weights(source, hf_config, dtype, {*quant_config.raw_weight_names(), *keep_stored}))
     process_weights_after_loading(model)
+    process_moe_weights_after_loading(model)
     model.eval()
     quant_config.log_summary()
-    logger.info("quantization %s; linear layers: %s", quant_config.name,
+    logger.info("quantization %s; layers: %s", quant_config.name,
                 ", ".join(f"{n} {label}" for label, n in methods.items()))
     pack_linears(model)  # a no-op where the native bf16 kernel can't run
     pack_experts(model)

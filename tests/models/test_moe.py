@@ -246,9 +246,11 @@ def gguf_tensors(hf: transformers.PreTrainedModel, arch: str):
         yield gguf.TENSOR_NAMES[_GGUF_NAMES[module]].format(bid=layer) + "." + leaf, array
 
 
-def write_gguf(hf: transformers.PreTrainedModel, path: str, arch: str) -> None:
-    """A float32 GGUF of a tiny MoE model, with a byte-level tokenizer. Mixtral and OLMoE state their
-    experts' size as feed_forward_length, as llama.cpp's converter writes them."""
+def write_gguf(hf: transformers.PreTrainedModel, path: str, arch: str,
+               expert_types: dict[str, gguf.GGMLQuantizationType] | None = None) -> None:
+    """A float32 GGUF of a tiny MoE model, with a byte-level tokenizer; expert_types quantizes the
+    expert tensors by projection ("gate", "up", "down") with the gguf package. Mixtral and OLMoE
+    state their experts' size as feed_forward_length, as llama.cpp's converter writes them."""
     config = hf.config
     writer = gguf.GGUFWriter(path, arch)
     add_decoder_metadata(writer, config)
@@ -260,7 +262,12 @@ def write_gguf(hf: transformers.PreTrainedModel, path: str, arch: str) -> None:
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     add_byte_tokenizer(writer)
     for name, array in gguf_tensors(hf, arch):
-        writer.add_tensor(name, array)
+        proj = name.split(".")[2].removeprefix("ffn_").removesuffix("_exps") if "_exps." in name else None
+        if expert_types and proj in expert_types:
+            qtype = expert_types[proj]
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -302,6 +302,18 @@ def test_paged_attention_compact_kv_cache(kv_cache_dtype, backend, case):
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+@pytest.mark.parametrize("D", [64, 48])
+@needs_library
+def test_compact_kv_cache_long_rows_native(kv_cache_dtype, D):
+    """SmolLM2's shape (3 query heads per KV head, head_dim 64; 48 takes the 16-byte tail of a row):
+    decode rows over many blocks and 16-key chunks that straddle them, in float32, where the
+    kernel's vector passes must give the reference to float rounding."""
+    out, ref, _ = run_case([1, 1, 3], [150, 37, 61], H=9, Hkv=3, D=D, block_size=16, backend="native",
+                           kv_cache_dtype=kv_cache_dtype)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
 @pytest.mark.parametrize("backend", KV_BACKENDS)
 @pytest.mark.parametrize("window,soft_cap", WINDOW_CAP)
 def test_compact_kv_cache_window_and_soft_cap(kv_cache_dtype, backend, window, soft_cap):

@@ -16,7 +16,8 @@
  *      so one load holds 16 dims x 2 keys for the same instruction with (p_j, p_j+1).
  * Also the KV write in that layout, and the fused rotary + KV write of a step's q/k/v.
  * bf16 or f32. A compact cache (int8 or fp8 e4m3 bytes, sluice/quantization/kv_cache.py) keeps
- * token order instead, each (token, kv head) row followed by its bf16 scale: see attend_seq_kv8.
+ * token order instead, each (token, kv head) row followed by its bf16 scale: see kv8_scores /
+ * kv8_values (vector passes, CPUs with AVX-512 BF16) and attend_seq_kv8 (portable).
  * Built by sluice/layers/native.py with the system C compiler and called through ctypes, which
  * releases the GIL. Threads come from OpenMP: the libgomp PyTorch loaded.
  */
@@ -377,9 +378,237 @@ static inline float row_scale(const uint8_t *row, int64_t D) {
     return bf16_to_f32(bits);
 }
 
-/* One query row over a compact cache: each key's K and V rows dequantized into registers (AVX-512
- * where compiled for it) and folded into an online softmax, one pass serving the G query heads of
- * a kv head. */
+#if HAVE_BF16_FAST_PATH
+/*
+ * The compact cache's vector path: exact softmax in three passes, as the bf16 path does. A row's
+ * bytes become floats in registers (int8: one widening convert; fp8 e4m3: its fields moved into a
+ * half's, which is the value / 256 exactly) and its scale is applied once per key, to the dot
+ * product or to the probability, never to the elements. Scores of 16 keys are reduced together
+ * (sum16) into one vector, so the softmax pass and the masks work 16 keys at a time.
+ */
+#define KV8_MAX_G 16
+
+static inline __m512 kv8_load16(const uint8_t *src, const int kind) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)src);
+    if (kind == KV_INT8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+    const __m256i z = _mm256_slli_epi16(_mm256_cvtepu8_epi16(bytes), 7); /* as kv8_load32 */
+    return _mm512_cvtph_ps(_mm256_add_epi16(z, _mm256_and_si256(z, _mm256_set1_epi16(0x4000))));
+}
+
+/* 32 bytes -> two vectors of 16 floats: for fp8, one widening and one pass of the field moves
+ * over 32 elements at once. */
+static inline void kv8_load32(const uint8_t *src, const int kind, __m512 *lo, __m512 *hi) {
+    if (kind == KV_INT8) {
+        *lo = kv8_load16(src, kind);
+        *hi = kv8_load16(src + 16, kind);
+        return;
+    }
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
+    /* b << 7 puts exponent and mantissa in place and the sign one bit low: adding that bit to
+     * itself moves it up */
+    const __m512i z = _mm512_slli_epi16(b, 7);
+    const __m512i half = _mm512_add_epi16(z, _mm512_and_si512(z, _mm512_set1_epi16(0x4000)));
+    *lo = _mm512_cvtph_ps(_mm512_castsi512_si256(half));
+    *hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(half, 1));
+}
+
+/* A row of D bytes (D a multiple of 16) -> D / 16 vectors. */
+static inline __attribute__((always_inline)) void kv8_load_row(const uint8_t *src, const int64_t D, const int kind,
+                                                              __m512 *out) {
+    int64_t v = 0;
+    for (; v + 2 <= D / 16; v += 2) kv8_load32(src + 16 * v, kind, &out[v], &out[v + 1]);
+    if (v < D / 16) out[v] = kv8_load16(src + 16 * v, kind);
+}
+
+/* A row's scale, with fp8's factor 256 folded in. */
+static inline float kv8_scale(const uint8_t *row, int64_t D, const int kind) {
+    return row_scale(row, D) * (kind == KV_FP8 ? 256.0f : 1.0f);
+}
+
+/* r[i] = the sum of v[i]'s 16 lanes: pairs within 128-bit lanes, then across them. */
+static inline __m512 sum16(const __m512 *v) {
+    __m512 t[8], u[4], w[2];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    for (int i = 0; i < 2; i++)
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Fetch block b of a row's table (if it has one) into L2 while the block before it is read. */
+static inline void kv8_prefetch(const uint8_t *cache, const int64_t *table, int64_t b, int64_t blocks,
+                                int64_t block_bytes) {
+    if (b >= blocks) return;
+    const char *p = (const char *)cache + table[b] * block_bytes;
+    for (int64_t line = 0; line < block_bytes; line += 64) _mm_prefetch(p + line, _MM_HINT_T1);
+}
+
+/* Pass 1 for the G heads of kv head hkv: scores[h][i] of key first + i, scaled and capped; their maxima. */
+static inline __attribute__((always_inline)) void kv8_scores(const Job *job, int64_t seq, int64_t hkv, const float *q,
+                                                            float *scores, int64_t padded, float *max_out,
+                                                            const int64_t G, const int64_t D, const int kind) {
+    const int64_t Hkv = job->num_kv_heads, bs = job->block_size, row = D + 2, block_bytes = bs * Hkv * row;
+    const int64_t len = job->seq_lens[seq], first = first_key(job, seq), blocks = (len + bs - 1) / bs;
+    const int64_t *table = job->block_table + seq * job->table_width;
+    const uint8_t *kc = (const uint8_t *)job->k_cache;
+    const __m512 cap = _mm512_set1_ps(job->soft_cap);
+    const __m512 inv_cap = _mm512_set1_ps(job->soft_cap > 0.0f ? 1.0f / job->soft_cap : 0.0f);
+    __m512 qv[KV8_MAX_G][MAX_HEAD_DIM / 16], maxv[KV8_MAX_G];
+    for (int64_t g = 0; g < G; g++) {
+        maxv[g] = _mm512_set1_ps(-INFINITY);
+        for (int64_t v = 0; v < D / 16; v++) qv[g][v] = _mm512_loadu_ps(q + (hkv * G + g) * D + 16 * v);
+    }
+    int64_t b = first / bs, off = first % bs; /* the next key's block and place in it */
+    if (hkv == 0) kv8_prefetch(kc, table, b + 1, blocks, block_bytes);
+    for (int64_t start = first; start < len; start += 16) {
+        const int64_t n = len - start < 16 ? len - start : 16;
+        __m512 part[KV8_MAX_G][16];
+        float ks[16];
+        for (int64_t j = 0; j < 16; j++) {
+            if (j >= n) {
+                ks[j] = 0.0f;
+                for (int64_t g = 0; g < G; g++) part[g][j] = _mm512_setzero_ps();
+                continue;
+            }
+            const uint8_t *krow = kc + table[b] * block_bytes + (off * Hkv + hkv) * row;
+            if (++off == bs) {
+                off = 0;
+                b++;
+                if (hkv == 0) kv8_prefetch(kc, table, b + 1, blocks, block_bytes);
+            }
+            __m512 k[MAX_HEAD_DIM / 16];
+            kv8_load_row(krow, D, kind, k);
+            ks[j] = kv8_scale(krow, D, kind);
+            for (int64_t g = 0; g < G; g++) {
+                __m512 acc = _mm512_mul_ps(qv[g][0], k[0]);
+                for (int64_t v = 1; v < D / 16; v++) acc = _mm512_fmadd_ps(qv[g][v], k[v], acc);
+                part[g][j] = acc;
+            }
+        }
+        const __m512 kscale = _mm512_loadu_ps(ks);
+        const __mmask16 live = (__mmask16)(n == 16 ? 0xFFFFu : (1u << n) - 1u);
+        for (int64_t g = 0; g < G; g++) {
+            __m512 s = _mm512_mul_ps(sum16(part[g]), kscale);
+            if (job->soft_cap > 0.0f) s = _mm512_mul_ps(tanh512(_mm512_mul_ps(s, inv_cap)), cap);
+            _mm512_mask_storeu_ps(scores + (hkv * G + g) * padded + start - first, live, s);
+            maxv[g] = _mm512_mask_max_ps(maxv[g], live, maxv[g], s);
+        }
+    }
+    for (int64_t g = 0; g < G; g++) max_out[g] = _mm512_reduce_max_ps(maxv[g]);
+}
+
+/* Pass 2: scores of one head -> exp(s - max) in place; returns their sum. */
+static float kv8_softmax(float *s, int64_t n, float max) {
+    const __m512 m = _mm512_set1_ps(max);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 live = (__mmask16)(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + i), m));
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(live, e));
+        _mm512_mask_storeu_ps(s + i, live, e);
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+/* Pass 3 for the G heads of kv head hkv: the probability-weighted sum of V (each probability
+ * times its row's scale), normalised, written in q's dtype. */
+static inline __attribute__((always_inline)) void kv8_values(const Job *job, int64_t seq, int64_t hkv,
+                                                            const float *probs, int64_t padded, const float *sums,
+                                                            const int64_t G, const int64_t D, const int kind) {
+    const int64_t H = job->num_heads, Hkv = job->num_kv_heads, bs = job->block_size, row = D + 2;
+    const int64_t block_bytes = bs * Hkv * row, len = job->seq_lens[seq], first = first_key(job, seq);
+    const int64_t blocks = (len + bs - 1) / bs, *table = job->block_table + seq * job->table_width;
+    const uint8_t *vc = (const uint8_t *)job->v_cache;
+    __m512 acc[KV8_MAX_G][MAX_HEAD_DIM / 16];
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t v = 0; v < D / 16; v++) acc[g][v] = _mm512_setzero_ps();
+    int64_t b = first / bs, off = first % bs;
+    if (hkv == 0) kv8_prefetch(vc, table, b + 1, blocks, block_bytes);
+    for (int64_t pos = first; pos < len; pos++) {
+        const uint8_t *vrow = vc + table[b] * block_bytes + (off * Hkv + hkv) * row;
+        if (++off == bs) {
+            off = 0;
+            b++;
+            if (hkv == 0) kv8_prefetch(vc, table, b + 1, blocks, block_bytes);
+        }
+        __m512 vals[MAX_HEAD_DIM / 16];
+        kv8_load_row(vrow, D, kind, vals);
+        const float vs = kv8_scale(vrow, D, kind);
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 p = _mm512_set1_ps(probs[(hkv * G + g) * padded + pos - first] * vs);
+            for (int64_t v = 0; v < D / 16; v++) acc[g][v] = _mm512_fmadd_ps(p, vals[v], acc[g][v]);
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t h = hkv * G + g;
+        const __m512 inv = _mm512_set1_ps(sums[h] > 0.0f ? 1.0f / sums[h] : 0.0f);
+        for (int64_t v = 0; v < D / 16; v++) {
+            const __m512 y = _mm512_mul_ps(acc[g][v], inv);
+            const int64_t at = (seq * H + h) * D + 16 * v;
+            if (job->is_bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)job->out + at), (__m256i)_mm512_cvtneps_pbh(y));
+            else _mm512_storeu_ps((float *)job->out + at, y);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void kv8_seq_shape(const Job *job, int64_t seq, float *q, float *scores,
+                                                               int64_t padded, const int64_t G, const int64_t D,
+                                                               const int kind) {
+    const int64_t H = job->num_heads, hkv_count = H / G, keys = job->seq_lens[seq] - first_key(job, seq);
+    for (int64_t i = 0; i < H * D; i++) q[i] = load_elem(job->q, seq * H * D + i, job->is_bf16) * job->scale;
+    float maxima[MAX_HEADS], sums[MAX_HEADS];
+    for (int64_t hkv = 0; hkv < hkv_count; hkv++)
+        kv8_scores(job, seq, hkv, q, scores, padded, maxima + hkv * G, G, D, kind);
+    for (int64_t h = 0; h < H; h++) sums[h] = kv8_softmax(scores + h * padded, keys, maxima[h]);
+    for (int64_t hkv = 0; hkv < hkv_count; hkv++) kv8_values(job, seq, hkv, scores, padded, sums, G, D, kind);
+}
+
+/* Common shapes get their own copy, so the accumulators stay in registers. */
+static void attend_seq_kv8_fast(const Job *job, int64_t seq, float *q, float *scores, int64_t padded) {
+    const int64_t G = job->num_heads / job->num_kv_heads, D = job->head_dim;
+    const int kind = job->kv_kind;
+#define SHAPE(g, d)                                                                        \
+    if (G == g && D == d) {                                                                \
+        if (kind == KV_INT8) kv8_seq_shape(job, seq, q, scores, padded, g, d, KV_INT8);    \
+        else kv8_seq_shape(job, seq, q, scores, padded, g, d, KV_FP8);                     \
+        return;                                                                            \
+    }
+    SHAPE(1, 64) SHAPE(2, 64) SHAPE(3, 64) SHAPE(4, 64) SHAPE(1, 128) SHAPE(2, 128) SHAPE(4, 128) SHAPE(8, 128)
+#undef SHAPE
+    if (kind == KV_INT8) kv8_seq_shape(job, seq, q, scores, padded, G, D, KV_INT8);
+    else kv8_seq_shape(job, seq, q, scores, padded, G, D, KV_FP8);
+}
+
+/* The rows of a job over a compact cache on the vector path; 0, or -1 where it can't serve them. */
+static int run_job_kv8_fast(const Job *job) {
+    const int64_t G = job->num_heads / job->num_kv_heads;
+    if (job->head_dim % 16 || G > KV8_MAX_G) return -1;
+    int64_t longest = 0;
+    for (int64_t seq = job->seq_begin; seq < job->seq_end; seq++) {
+        const int64_t keys = job->seq_lens[seq] - first_key(job, seq);
+        if (keys > longest) longest = keys;
+    }
+    const int64_t padded = (longest + 15) / 16 * 16;
+    float *scores = (float *)aligned_alloc(64, (size_t)(job->num_heads * (padded > 0 ? padded : 16)) * sizeof(float));
+    float *q = (float *)aligned_alloc(64, (size_t)(job->num_heads * job->head_dim) * sizeof(float));
+    const int ok = scores != NULL && q != NULL;
+    if (ok)
+        for (int64_t seq = job->seq_begin; seq < job->seq_end; seq++) attend_seq_kv8_fast(job, seq, q, scores, padded);
+    free(scores);
+    free(q);
+    return ok ? 0 : -1;
+}
+#endif
+
+/* One query row over a compact cache, portably (no AVX-512 BF16, or shapes the vector passes don't
+ * take): each key's K and V rows dequantized and folded into an online softmax, one pass serving
+ * the G query heads of a kv head. */
 static void attend_seq_kv8(const Job *job, int64_t seq) {
     const int64_t H = job->num_heads, Hkv = job->num_kv_heads, D = job->head_dim, bs = job->block_size;
     const int64_t G = H / Hkv, len = job->seq_lens[seq], row = D + 2, block_bytes = bs * Hkv * row;
@@ -433,6 +662,9 @@ static void attend_seq_kv8(const Job *job, int64_t seq) {
 static void *run_job(void *arg) {
     Job *job = (Job *)arg;
     if (job->kv_kind != KV_MODEL_DTYPE) {
+#if HAVE_BF16_FAST_PATH
+        if (run_job_kv8_fast(job) == 0) return NULL;
+#endif
         for (int64_t seq = job->seq_begin; seq < job->seq_end; seq++) attend_seq_kv8(job, seq);
         return NULL;
     }

@@ -9,6 +9,7 @@
  * however many tokens chose it. The weighted sum runs in float32 in slot order, rounded once at
  * the end, as the PyTorch path does. No Python runs between experts.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,6 +85,91 @@ int moe_experts_bf16(const uint16_t *x, int64_t T, int64_t H, int64_t I, int64_t
                 out[t * H + h] = f32_to_bf16(sum);
             }
         }
+    }
+    free(offsets);
+    free(position);
+    return status;
+}
+
+/*
+ * The same routed experts with their weights as GGML blocks (a GGUF's expert tensors, or
+ * `--quantization int8`'s Q8_0 blocks): each touched expert's two matmuls are quant.c's
+ * linear_gguf over all its rows (activations quantized per row and block of 32, VNNI dot
+ * products), the SiLU x up between them in float32, rounded once to x's dtype.
+ */
+int linear_gguf(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, const uint8_t *w, int qtype, int64_t N,
+                const float *bias, const void *residual, int64_t ldr, void *out, int64_t ldo);
+
+static inline float load_value(const void *base, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+static inline void store_value(void *base, int64_t i, int bf16, float v) {
+    if (bf16) ((uint16_t *)base)[i] = f32_to_bf16(v);
+    else ((float *)base)[i] = v;
+}
+
+/* silu(gate) * up of one row [gate I | up I] into hidden [I]. Not vectorised: the vector and
+ * scalar expf differ in the last bit, and which elements take which would depend on alignment,
+ * so a token's output would depend on its batch. */
+__attribute__((optimize("no-tree-vectorize"))) static void silu_mul_row(const void *gate_up, int64_t I, int bf16,
+                                                                        void *hidden) {
+    for (int64_t i = 0; i < I; i++) {
+        const float g = load_value(gate_up, i, bf16), u = load_value(gate_up, I + i, bf16);
+        /* clamped: -ffast-math assumes expf never overflows to infinity */
+        store_value(hidden, i, bf16, g / (1.0f + expf(fminf(-g, 88.0f))) * u);
+    }
+}
+
+/* x [T, H] (bf16 when bf16, else float32); gate_up: E experts of 2I rows (gate rows, then up rows)
+ * of H / block values blocks, gate_up_stride bytes apart; down: E experts of H rows of I values,
+ * down_stride bytes apart; scratch holds T * top_k * (2H + 3I) values of x's dtype; out [T, H].
+ * Returns 0, or linear_gguf's refusal (-1: not served on this CPU, -2: out of memory). */
+int moe_experts_gguf(const void *x, int bf16, int64_t T, int64_t H, int64_t I, int64_t top_k, const int64_t *ids,
+                     const float *weights, int64_t E, const uint8_t *gate_up, int64_t gate_up_stride, int gate_up_type,
+                     const uint8_t *down, int64_t down_stride, int down_type, void *scratch, void *out) {
+    const int64_t pairs = T * top_k;
+    const size_t elem = bf16 ? 2 : 4;
+    int64_t *offsets = calloc((size_t)(E + 2), sizeof(int64_t));
+    int64_t *position = malloc((size_t)(pairs > 0 ? pairs : 1) * sizeof(int64_t));
+    int64_t *next = malloc((size_t)(E > 0 ? E : 1) * sizeof(int64_t));
+    if (!offsets || !position || !next) {
+        free(offsets);
+        free(position);
+        free(next);
+        return -2;
+    }
+    for (int64_t p = 0; p < pairs; p++) offsets[ids[p] + 1]++;
+    for (int64_t e = 0; e < E; e++) offsets[e + 1] += offsets[e];
+    char *grouped = scratch, *gu = grouped + pairs * H * elem, *hidden = gu + pairs * 2 * I * elem;
+    char *expert_out = hidden + pairs * I * elem;
+    memcpy(next, offsets, (size_t)E * sizeof(int64_t));
+    for (int64_t p = 0; p < pairs; p++) { /* stable: pairs keep token order within an expert */
+        const int64_t row = next[ids[p]]++;
+        position[p] = row;
+        memcpy(grouped + row * H * elem, (const char *)x + (p / top_k) * H * elem, (size_t)H * elem);
+    }
+    free(next);
+    int status = 0;
+    for (int64_t e = 0; e < E && status == 0; e++) {
+        const int64_t first = offsets[e], rows = offsets[e + 1] - first;
+        if (!rows) continue;
+        status = linear_gguf(grouped + first * H * elem, rows, H, H, bf16, gate_up + e * gate_up_stride, gate_up_type,
+                             2 * I, NULL, NULL, 0, gu + first * 2 * I * elem, 2 * I);
+        if (status != 0) break;
+        for (int64_t r = first; r < first + rows; r++) silu_mul_row(gu + r * 2 * I * elem, I, bf16, hidden + r * I * elem);
+        status = linear_gguf(hidden + first * I * elem, rows, I, I, bf16, down + e * down_stride, down_type, H, NULL,
+                             NULL, 0, expert_out + first * H * elem, H);
+    }
+    if (status == 0) {
+#pragma omp parallel for schedule(static) if (T * H >= (1 << 14))
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t h = 0; h < H; h++) {
+                float sum = 0.0f;
+                for (int64_t j = 0; j < top_k; j++)
+                    sum += load_value(expert_out, position[t * top_k + j] * H + h, bf16) * weights[t * top_k + j];
+                store_value(out, t * H + h, bf16, sum);
+            }
     }
     free(offsets);
     free(position);
