@@ -6,6 +6,7 @@ the rest of the engine trusts these values.
 
 from __future__ import annotations
 
+import os
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
@@ -143,7 +144,9 @@ class LoadConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel_size: int = arg(1, "tensor-parallel ranks", available=(1,), aliases=("-tp",))
+    tensor_parallel_size: int = arg(1, "tensor-parallel ranks: N workers, each holding 1/N of every layer's heads "
+                                       "and columns and of the vocabulary (gloo on CPU, NCCL on CUDA), each on "
+                                       "its share of the CPUs (VLLM_CPU_OMP_THREADS_BIND overrides)", aliases=("-tp",))
     pipeline_parallel_size: int = arg(1, "pipeline stages", available=(1,), aliases=("-pp",))
     data_parallel_size: int = arg(1, "data-parallel engine replicas: `sluice serve` runs this many engine cores, "
                                      "each on its own CPUs, and sends each request to the least loaded",
@@ -151,12 +154,20 @@ class ParallelConfig:
     data_parallel_rank: int | None = arg(
         None, "this server's rank among --data-parallel-size replicas started as separate servers (external "
               "load balancing, e.g. behind vllm-router): it runs that one engine, labelled engine=RANK in metrics")
-    distributed_executor_backend: str = arg(
-        "uni", "where the model runner lives: uni (in the engine core process) or mp (a worker process)",
-        choices=("uni", "mp", "ray"), available=("uni", "mp"))
+    distributed_executor_backend: str | None = arg(
+        None, "where the model workers live: uni (in the engine core process), mp (a process per rank) or ray "
+              "(Ray actors in a placement group); default uni, mp when tensor_parallel_size > 1",
+        choices=(None, "uni", "mp", "ray"))
 
     def __post_init__(self) -> None:
         _check_values(self)
+        tp = self.tensor_parallel_size
+        _check(_is_int(tp) and tp >= 1, f"tensor_parallel_size must be an int >= 1; got {tp!r}")
+        if self.distributed_executor_backend is None:
+            self.distributed_executor_backend = "mp" if tp > 1 else "uni"
+        _check(tp == 1 or self.distributed_executor_backend != "uni",
+               f"tensor_parallel_size={tp} runs a worker process per rank: distributed_executor_backend "
+               "(--distributed-executor-backend) must be mp or ray, not uni")
         size, rank = self.data_parallel_size, self.data_parallel_rank
         _check(_is_int(size) and size >= 1, f"data_parallel_size must be an int >= 1; got {size!r}")
         _check(rank is None or (_is_int(rank) and 0 <= rank < size),
@@ -499,6 +510,23 @@ class EngineConfig:
             if value is not None:
                 buckets[owners[key]][key] = value
         return cls(**{name: part(**buckets[name]) for name, part in cls.PARTS.items()})
+
+    def __post_init__(self) -> None:
+        """What one part cannot check alone: tensor parallelism against the features and CPUs."""
+        tp = self.parallel.tensor_parallel_size
+        if tp == 1:
+            return
+        where = f"tensor_parallel_size={tp}"
+        _check(not self.lora.enable_lora, f"{where}: enable_lora (--enable-lora) is not supported with tensor "
+                                          "parallelism yet (LoRA slots are not split across ranks)")
+        _check(self.speculative.num_lookahead_tokens == 0,
+               f"{where}: speculative_config method {getattr(self.speculative, 'method', None)!r} loads a draft "
+               "model, which is not split across ranks yet; use method 'ngram' or tensor_parallel_size=1")
+        if self.parallel.distributed_executor_backend == "mp" and self.model.device == "cpu":
+            ranks = tp * len(self.parallel.local_ranks())
+            cpus = len(os.sched_getaffinity(0))
+            _check(ranks <= cpus, f"{where} x data_parallel_size={len(self.parallel.local_ranks())}: {ranks} ranks "
+                                  f"need a CPU each; this process may use {cpus}")
 
     def notes(self) -> list[str]:
         """What the accepted-but-inert vLLM arguments mean here, for the start-up log."""

@@ -16,9 +16,12 @@ from torch import nn
 
 from sluice.layers.activation import get_gated_activation, silu_and_mul
 from sluice.layers.attention import Attention, AttentionMetadata
-from sluice.layers.linear import GateUpLinear, Linear, MergedLinear, QKVLinear
+from sluice.distributed import get_tp_group
+from sluice.distributed.sharding import local_heads
+from sluice.layers.linear import GateUpLinear, MergedLinear, QKVLinear, RowParallelLinear
 from sluice.layers.norm import RMSNorm
 from sluice.layers.rotary import get_rope, rope_parameters, rotary_dim, rotary_order
+from sluice.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 
 
 @dataclass(frozen=True)
@@ -49,14 +52,17 @@ def refuse_unsupported(config, arch: str, field: str, supported: tuple) -> None:
 
 
 class LlamaAttention(nn.Module):
+    """This rank's heads (all of them on one rank); o_proj sums the ranks' outputs."""
+
     def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_window: int | None):
         super().__init__()
-        H, Hkv = config.num_attention_heads, config.num_key_value_heads
+        tp = get_tp_group()
+        H, Hkv, _ = local_heads(config.num_attention_heads, config.num_key_value_heads, tp.world_size, tp.rank)
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, head_dim
         self.qkv_proj = QKVLinear(config.hidden_size, H, Hkv, head_dim, bias=options.qkv_bias)
         self.attn = Attention(H, Hkv, head_dim, scale=options.attn_scale, sliding_window=sliding_window,
                               logits_soft_cap=options.attn_logits_soft_cap)
-        self.o_proj = Linear(H * head_dim, config.hidden_size, bias=options.o_bias)
+        self.o_proj = RowParallelLinear(H * head_dim, config.hidden_size, bias=options.o_bias)
         self.q_norm = self.k_norm = None
         if options.qk_norm is not None:
             per_head = options.qk_norm == "head"
@@ -88,12 +94,13 @@ class LlamaMLP(nn.Module):
         """intermediate_size defaults to the config's (a shared expert has its own)."""
         super().__init__()
         hidden, inter, bias = config.hidden_size, intermediate_size or config.intermediate_size, options.mlp_bias
+        inter //= get_tp_group().world_size  # column-parallel gate/up, row-parallel down
         self.act_and_mul = get_gated_activation(getattr(config, options.act_field), options.act_field)
         # silu runs fused into the packed gate_up kernel's epilogue; other activations after the matmul
         self.fused_silu = self.act_and_mul is silu_and_mul
         self.gate_up_proj = (GateUpLinear(hidden, inter, bias=bias) if self.fused_silu
                              else MergedLinear(hidden, {"gate": inter, "up": inter}, bias=bias))
-        self.down_proj = Linear(inter, hidden, bias=bias)
+        self.down_proj = RowParallelLinear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """(residual +) mlp(x): the add is fused into down_proj."""
@@ -125,7 +132,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_windows: list[int | None]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(self.decoder_layer(config, head_dim, options, i, window)
                                     for i, window in enumerate(sliding_windows))
         self.norm = options.norm(config.hidden_size, config.rms_norm_eps)
@@ -167,17 +174,20 @@ def windows_by_layer_type(config) -> list[int | None]:
 class LlamaForCausalLM(nn.Module):
     model_class: type[nn.Module] = LlamaModel
     checkpoint_fuses_projections = False  # checkpoints store q/k/v and gate/up separately
+    tensor_parallel_unsupported: str | None = None  # why a family cannot be split across ranks
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.check_config(config)
         self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = config.num_key_value_heads
+        tp = get_tp_group()
+        self.num_kv_heads = local_heads(config.num_attention_heads, config.num_key_value_heads, tp.world_size,
+                                        tp.rank)[1]
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.model = self.model_class(config, self.head_dim, self.decoder_options(config),
                                       self.sliding_windows(config))
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

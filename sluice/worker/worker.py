@@ -1,8 +1,9 @@
 """One worker: a model replica with its KV cache, driven by an executor.
 
 The executor calls these methods in order: `describe`, `choose_num_blocks`, `initialize_cache`,
-then `execute_model` once per step. Tensor- and pipeline-parallel ranks will be N workers that
-receive the same calls (`rank` tells them apart); today every engine runs one.
+then `execute_model` once per step. Tensor-parallel ranks are N workers that receive the same
+calls and join one process group (`distributed_init_method`); each holds its share of every
+layer's heads and of every KV block, and the executor answers with rank 0's output.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 
 from sluice.config import EngineConfig
 from sluice.core.sched_output import RunnerOutput, SchedulerOutput
+from sluice.distributed import get_tp_group, init_tensor_parallel
 from sluice.layers.attention import kv_sliding_window
 from sluice.loader import ModelSource
 from sluice.lora.manager import LoRAManager
@@ -20,8 +22,12 @@ from sluice.worker.sleep import SleepingWeights, drop_kv_cache, resident_bytes
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, hf_config, source: ModelSource, rank: int = 0) -> None:
+    def __init__(self, config: EngineConfig, hf_config, source: ModelSource, rank: int = 0,
+                 distributed_init_method: str | None = None) -> None:
         self.rank = rank
+        tp = config.parallel.tensor_parallel_size
+        if tp > 1:
+            init_tensor_parallel(rank, tp, distributed_init_method, config.model.device)
         self.runner = ModelRunner(config, hf_config, source)
         self.sleeping_weights: SleepingWeights | None = None
 
@@ -42,6 +48,10 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute_model(scheduler_output)
+
+    def communication_stats(self) -> dict:
+        """Seconds and calls spent in tensor-parallel collectives since the last ask."""
+        return get_tp_group().take_stats()
 
     def add_lora(self, request: LoRARequest | dict) -> bool:
         """Load and check an adapter (a dict when it came over the wire)."""
