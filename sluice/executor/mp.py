@@ -30,7 +30,6 @@ import zmq
 from sluice.config import EngineConfig
 from sluice.core.sched_output import RunnerOutput, SchedulerOutput, decode_hook, encode_hook
 from sluice.distributed.sharding import check_tensor_parallel
-from sluice.engine.core_proc import bind_to_cpus, split_cpus
 from sluice.executor.abstract import Executor, WorkerDiedError
 from sluice.loader import ModelSource
 from sluice.models.registry import get_model_class
@@ -157,6 +156,8 @@ def rank_cpus(tp: int) -> list[list[int] | None]:
     if bind == "all":
         return [None] * tp
     if bind == "auto":
+        from sluice.engine.core_proc import split_cpus  # the data-parallel cores' split
+
         return split_cpus(tp)
     lists = bind.split("|")
     if len(lists) != tp:
@@ -235,6 +236,8 @@ def _start(config: EngineConfig, hf_config, source: ModelSource, rank: int, init
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if cpus is not None:
+        from sluice.engine.core_proc import bind_to_cpus
+
         bind_to_cpus(cpus)
     return Worker(config, hf_config, source, rank, init_method)
 
