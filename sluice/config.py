@@ -519,14 +519,18 @@ class EngineConfig:
         where = f"tensor_parallel_size={tp}"
         _check(not self.lora.enable_lora, f"{where}: enable_lora (--enable-lora) is not supported with tensor "
                                           "parallelism yet (LoRA slots are not split across ranks)")
+        _check(self.model.quantization in ("auto", "none"),
+               f"{where}: quantization={self.model.quantization!r} (--quantization) is not supported with tensor "
+               "parallelism yet (quantized layers are not split across ranks); use quantization 'none'")
         _check(self.speculative.num_lookahead_tokens == 0,
                f"{where}: speculative_config method {getattr(self.speculative, 'method', None)!r} loads a draft "
                "model, which is not split across ranks yet; use method 'ngram' or tensor_parallel_size=1")
         if self.parallel.distributed_executor_backend == "mp" and self.model.device == "cpu":
             ranks = tp * len(self.parallel.local_ranks())
             cpus = len(os.sched_getaffinity(0))
-            _check(ranks <= cpus, f"{where} x data_parallel_size={len(self.parallel.local_ranks())}: {ranks} ranks "
-                                  f"need a CPU each; this process may use {cpus}")
+            _check(ranks <= cpus, f"{where} (--tensor-parallel-size) x data_parallel_size="
+                                  f"{len(self.parallel.local_ranks())}: {ranks} ranks need a CPU each; this "
+                                  f"process may use {cpus}")
 
     def notes(self) -> list[str]:
         """What the accepted-but-inert vLLM arguments mean here, for the start-up log."""

@@ -118,7 +118,9 @@ class MultiprocExecutor(Executor):
         for worker in self.workers:
             status, payload = worker.receive(self._check_alive)
             if status == ERROR:
-                self._check_alive()  # a rank that died makes its peers fail: name the dead one
+                # a rank that was killed makes its peers fail: name the dead one (a rank that reported
+                # its own error, as at start, exits cleanly and is not taken for dead)
+                self._check_alive(failed_only=True)
                 raise RuntimeError(f"worker failed{self._which(worker)}: {payload.decode()}")
             if status == REFUSED:  # a control call's ValueError (a bad LoRA adapter): the caller's to answer
                 refused = refused or payload.decode()
@@ -130,10 +132,10 @@ class MultiprocExecutor(Executor):
     def _which(self, worker: WorkerProc) -> str:
         return f" (tensor-parallel rank {worker.rank} of {len(self.workers)})" if len(self.workers) > 1 else ""
 
-    def _check_alive(self) -> None:
+    def _check_alive(self, failed_only: bool = False) -> None:
         for worker in self.workers:
             code = worker.process.poll()
-            if code is not None:
+            if code is not None and not (failed_only and code == 0):
                 raise WorkerDiedError(f"the worker process (pid {worker.process.pid}) died with exit code "
                                       f"{code}{self._which(worker)}")
 

@@ -5,6 +5,8 @@ bad configurations are refused at start, naming the numbers."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from sluice import LLM, SamplingParams
@@ -79,7 +81,7 @@ def test_each_rank_holds_its_share_and_reports_collectives(tp_llm):
     assert len(executor.workers) == 2
     stats = executor.collective_rpc("communication_stats")
     assert all(s["calls"] > 0 and s["seconds"] > 0 for s in stats)  # all-reduces ran on both ranks
-    cpus = [set(__import__("os").sched_getaffinity(w.process.pid)) for w in executor.workers]
+    cpus = [os.sched_getaffinity(w.process.pid) for w in executor.workers]
     assert not cpus[0] & cpus[1]  # each rank on its own share of the CPUs
 
 
@@ -111,9 +113,14 @@ def test_an_architecture_that_cannot_be_split_is_refused_by_name(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(tensor_parallel_size=2, distributed_executor_backend="uni"),
      "tensor_parallel_size=2 runs a worker process per rank: distributed_executor_backend"),
-    (dict(tensor_parallel_size=64), r"tensor_parallel_size=64 x data_parallel_size=1: 64 ranks need a CPU each"),
+    (dict(tensor_parallel_size=64),
+     r"tensor_parallel_size=64 \(--tensor-parallel-size\) x data_parallel_size=1: 64 ranks need a CPU each"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int >= 1; got 0"),
     (dict(tensor_parallel_size=2, enable_lora=True), r"enable_lora \(--enable-lora\) is not supported"),
+    (dict(tensor_parallel_size=2, quantization="int8"), r"quantization='int8' \(--quantization\) is not supported"),
+    (dict(tensor_parallel_size=2, speculative_config={"method": "draft_model", "model": "x",
+                                                       "num_speculative_tokens": 2}),
+     "method 'draft_model' loads a draft model, which is not split across ranks yet"),
 ])
 def test_bad_parallel_configs_are_refused(kwargs, message):
     from sluice.config import EngineConfig
