@@ -1,4 +1,5 @@
-"""Tensor parallelism's process group: the one communicator the parallel layers call.
+"""The ranks' process group: the one communicator tensor-parallel layers call, and the pipeline
+stage that tells a rank its layers and its neighbours.
 
 Every rank runs the same model code on its shard of the weights; the layers meet at three
 collectives (all-reduce after a row-parallel matmul, all-gather of the vocabulary-parallel
@@ -76,30 +77,69 @@ class Communicator:
         return stats
 
 
+class PipelineStage:
+    """This rank's stage of the pipeline: which decoder layers it runs, and the ranks it receives
+    hidden states from and sends them to (the same tensor-parallel rank of the stages around it)."""
+
+    def __init__(self, stage: int = 0, num_stages: int = 1, prev_rank: int | None = None,
+                 next_rank: int | None = None) -> None:
+        self.stage, self.num_stages, self.prev_rank, self.next_rank = stage, num_stages, prev_rank, next_rank
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        """[start, end) of this stage's layers: equal shares, the first stages one more each when
+        the layers do not divide."""
+        share, extra = divmod(num_layers, self.num_stages)
+        start = self.stage * share + min(self.stage, extra)
+        return start, start + share + (self.stage < extra)
+
+    def send(self, x: torch.Tensor) -> None:
+        """This stage's output hidden states to the next stage."""
+        dist.send(x.contiguous(), self.next_rank)
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The previous stage's output hidden states."""
+        x = torch.empty(shape, dtype=dtype)
+        dist.recv(x, self.prev_rank)
+        return x
+
+
 _TP = Communicator()
+_PP = PipelineStage()
 
 
 def get_tp_group() -> Communicator:
-    """This process's tensor-parallel communicator (one rank unless init_tensor_parallel ran)."""
+    """This process's tensor-parallel communicator (one rank unless init_parallel ran)."""
     return _TP
 
 
-def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: str) -> Communicator:
-    """Join the ranks' process group (init_method: tcp://host:port of rank 0)."""
-    global _TP
-    if world_size > 1:
-        backend = "nccl" if device == "cuda" else "gloo"
-        if device == "cuda":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=COLLECTIVE_TIMEOUT)
-        logger.info("tensor-parallel rank %d of %d joined (%s, %s)", rank, world_size, backend, init_method)
-    _TP = Communicator(rank, world_size, dist.group.WORLD if world_size > 1 else None)
-    return _TP
+def get_pp_group() -> PipelineStage:
+    """This process's pipeline stage (the only one unless init_parallel ran)."""
+    return _PP
 
 
-def destroy_tensor_parallel() -> None:
-    global _TP
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    _TP = Communicator()
+def init_parallel(rank: int, tp: int, pp: int, init_method: str, device: str) -> None:
+    """Join the ranks' process group (init_method: tcp://host:port of rank 0). Rank r is
+    tensor-parallel rank r % tp of pipeline stage r // tp."""
+    global _TP, _PP
+    world_size = tp * pp
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=COLLECTIVE_TIMEOUT)
+    stage = rank // tp
+    group = dist.group.WORLD
+    if pp > 1 and tp > 1:  # every rank creates every stage's group, in the same order
+        group = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(pp)][stage]
+    _TP = Communicator(rank % tp, tp, group if tp > 1 else None)
+    _PP = PipelineStage(stage, pp, rank - tp if stage > 0 else None, rank + tp if stage < pp - 1 else None)
+    logger.info("rank %d of %d joined (%s, %s): tensor-parallel rank %d of %d, pipeline stage %d of %d", rank,
+                world_size, backend, init_method, rank % tp, tp, stage, pp)

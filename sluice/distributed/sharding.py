@@ -5,6 +5,8 @@ input columns split; the partial sums meet in an all-reduce, the bias is added o
 vocabulary-parallel (embedding and lm_head rows, padded to equal shares). KV heads are split
 when there are at least as many as ranks, else each rank keeps the one its query heads read.
 Tensors are sliced as they stream out of the checkpoint: a rank never keeps the full tensor.
+A pipeline stage skips the other stages' decoder layers (every stage keeps the embedding,
+final norm and lm_head, small next to the layers, so a tied lm_head needs nothing special).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sluice.distributed import Communicator
+from sluice.distributed import Communicator, PipelineStage
 
 VOCAB_PARALLEL = ("model.embed_tokens.weight", "lm_head.weight")
+LAYERS = "model.layers."
 _FLAG = "tensor_parallel_size (--tensor-parallel-size, -tp)"
 
 
@@ -32,11 +35,19 @@ def local_heads(num_heads: int, num_kv_heads: int, tp: int, rank: int) -> tuple[
     return num_heads // tp, 1, rank * num_kv_heads // tp  # replicated: the head its query heads share
 
 
-def check_tensor_parallel(hf_config, model_class: type, tp: int) -> None:
-    """Refuse, at start and naming the numbers, a model these ranks cannot split evenly."""
+def check_parallel(hf_config, model_class: type, tp: int, pp: int) -> None:
+    """Refuse, at start and naming the numbers, a model these ranks cannot split."""
+    arch = model_class.__name__
+    if pp > 1:
+        flag = "pipeline_parallel_size (--pipeline-parallel-size, -pp)"
+        if not getattr(model_class, "supports_pipeline_parallel", False):
+            raise ValueError(f"{flag}={pp}: {arch} cannot run in pipeline stages (its layers are not split in "
+                             f"sluice); use {flag}=1")
+        if hf_config.num_hidden_layers < pp:
+            raise ValueError(f"{flag}={pp} is more than the model's num_hidden_layers={hf_config.num_hidden_layers} "
+                             f"({arch})")
     if tp == 1:
         return
-    arch = model_class.__name__
     reason = getattr(model_class, "tensor_parallel_unsupported", "it has no tensor-parallel layers in sluice")
     if reason:
         raise ValueError(f"{_FLAG}={tp}: {arch} cannot run tensor-parallel ({reason}); use {_FLAG}=1")
@@ -118,12 +129,16 @@ def _rows(tensor: torch.Tensor, bounds: tuple[int, int]) -> torch.Tensor:
     return tensor[bounds[0] : bounds[1]].clone()
 
 
-def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], model: torch.nn.Module,
-                  tp: Communicator) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors as this rank holds them (all of them on a single rank)."""
-    if tp.world_size == 1:
+def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], model: torch.nn.Module, tp: Communicator,
+                  pp: PipelineStage) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors as this rank holds them: its stage's layers (and the rest), each
+    sliced to its tensor-parallel share (all of them on a single rank)."""
+    if tp.world_size == 1 and pp.num_stages == 1:
         yield from weights
         return
-    plan = ShardPlan.of(model, tp)
+    plan = ShardPlan.of(model, tp) if tp.world_size > 1 else None
+    start, end = pp.layer_range(model.config.num_hidden_layers)
     for name, tensor in weights:
-        yield name, plan.shard(name, tensor)
+        if name.startswith(LAYERS) and not start <= int(name[len(LAYERS):].partition(".")[0]) < end:
+            continue  # another stage's layer
+        yield name, tensor if plan is None else plan.shard(name, tensor)

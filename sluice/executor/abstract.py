@@ -43,7 +43,10 @@ class Executor(ABC):
         """Run one step on every worker; the output of the rank that samples."""
 
     def describe(self) -> dict:
-        return self.collective_rpc("describe")[0]
+        """Rank 0's description; the KV window is every rank's (pipeline stages hold different layers)."""
+        described = self.collective_rpc("describe")
+        windows = [d["sliding_window"] for d in described]
+        return {**described[0], "sliding_window": None if None in windows else max(windows)}
 
     def choose_num_blocks(self, max_useful_blocks: int) -> int:
         """Blocks every worker can hold."""

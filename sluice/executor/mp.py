@@ -1,5 +1,6 @@
-"""The `mp` executor: each worker (one per tensor-parallel rank) in a process of its own, one ZMQ
-PAIR socket to each. Every call goes to all ranks; a step's answer is rank 0's. Ranks are bound
+"""The `mp` executor: each worker (one per tensor-parallel rank and pipeline stage) in a process of
+its own, one ZMQ PAIR socket to each. Every call goes to all ranks; a step's answer is the last
+stage's first rank's (rank 0's without pipeline stages). Ranks are bound
 to their share of the CPUs and meet in a torch.distributed group of their own (rank 0 listens
 on a free loopback port).
 
@@ -29,7 +30,7 @@ import zmq
 
 from sluice.config import EngineConfig
 from sluice.core.sched_output import RunnerOutput, SchedulerOutput, decode_hook, encode_hook
-from sluice.distributed.sharding import check_tensor_parallel
+from sluice.distributed.sharding import check_parallel
 from sluice.executor.abstract import Executor, WorkerDiedError
 from sluice.loader import ModelSource
 from sluice.models.registry import get_model_class
@@ -80,14 +81,18 @@ class WorkerProc:
 
 
 class MultiprocExecutor(Executor):
-    """tensor_parallel_size worker processes (one, by default); every call goes to all of them."""
+    """tensor_parallel_size x pipeline_parallel_size worker processes (one, by default); every call
+    goes to all of them."""
 
     def __init__(self, config: EngineConfig, hf_config, source: ModelSource) -> None:
-        tp = config.parallel.tensor_parallel_size
-        check_tensor_parallel(hf_config, get_model_class(hf_config), tp)
-        cpus = rank_cpus(tp) if tp > 1 and config.model.device == "cpu" else [None] * tp
-        init_method = f"tcp://127.0.0.1:{free_port()}" if tp > 1 else None
-        self.workers = [WorkerProc(rank) for rank in range(tp)]
+        parallel = config.parallel
+        world = parallel.world_size
+        check_parallel(hf_config, get_model_class(hf_config), parallel.tensor_parallel_size,
+                       parallel.pipeline_parallel_size)
+        cpus = rank_cpus(world) if world > 1 and config.model.device == "cpu" else [None] * world
+        init_method = f"tcp://127.0.0.1:{free_port()}" if world > 1 else None
+        self.driver = parallel.driver_rank
+        self.workers = [WorkerProc(rank) for rank in range(world)]
         level = logging.getLogger("sluice").getEffectiveLevel()
         for worker in self.workers:  # every rank must start before any can join the process group
             init = (config, hf_config, source, worker.rank, init_method, cpus[worker.rank], level)
@@ -105,7 +110,7 @@ class MultiprocExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         self._broadcast(EXECUTE, _encode(scheduler_output))
-        return _decode_result(self._gather()[0])
+        return _decode_result(self._gather()[self.driver])
 
     def _broadcast(self, method: bytes, payload: bytes) -> None:
         for worker in self.workers:
@@ -130,7 +135,7 @@ class MultiprocExecutor(Executor):
         return replies
 
     def _which(self, worker: WorkerProc) -> str:
-        return f" (tensor-parallel rank {worker.rank} of {len(self.workers)})" if len(self.workers) > 1 else ""
+        return f" (rank {worker.rank} of {len(self.workers)})" if len(self.workers) > 1 else ""
 
     def _check_alive(self, failed_only: bool = False) -> None:
         for worker in self.workers:
@@ -151,20 +156,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def rank_cpus(tp: int) -> list[list[int] | None]:
+def rank_cpus(world: int) -> list[list[int] | None]:
     """Each rank's CPUs: vLLM's VLLM_CPU_OMP_THREADS_BIND ("0-3|4-7", one list per rank; "all": no
     binding), else equal shares of this process's CPUs."""
     bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
     if bind == "all":
-        return [None] * tp
+        return [None] * world
     if bind == "auto":
         from sluice.engine.core_proc import split_cpus  # the data-parallel cores' split
 
-        return split_cpus(tp)
+        return split_cpus(world)
     lists = bind.split("|")
-    if len(lists) != tp:
-        raise ValueError(f"VLLM_CPU_OMP_THREADS_BIND={bind!r} names {len(lists)} CPU lists; tensor_parallel_size="
-                         f"{tp} needs one per rank, separated by '|'")
+    if len(lists) != world:
+        raise ValueError(f"VLLM_CPU_OMP_THREADS_BIND={bind!r} names {len(lists)} CPU lists; the engine runs "
+                         f"{world} ranks and needs one per rank, separated by '|'")
     return [_cpu_list(part) for part in lists]
 
 
@@ -234,9 +239,9 @@ def run_worker(address: str) -> None:
 
 def _start(config: EngineConfig, hf_config, source: ModelSource, rank: int, init_method: str | None,
            cpus: list[int] | None, log_level: int):
-    from sluice.worker.worker import Worker
+    from sluice.worker.worker import Worker, configure_logging
 
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level, rank, config.parallel.world_size)
     if cpus is not None:
         from sluice.engine.core_proc import bind_to_cpus
 

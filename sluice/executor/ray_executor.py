@@ -1,8 +1,9 @@
-"""The `ray` executor: the tensor-parallel workers as Ray actors, one per rank, placed by a
-placement group (one bundle per rank: a CPU, or a GPU on CUDA), so ranks can live on other
-machines of a Ray cluster. The engine core drives them as `mp` drives its processes: every call
-goes to every rank, a step's answer is rank 0's, and the ranks meet in one torch.distributed
-group (gloo on CPU, NCCL on CUDA) whose address rank 0's actor chooses on its own node.
+"""The `ray` executor: the workers as Ray actors, one per rank (tensor-parallel ranks x pipeline
+stages), placed by a placement group (one bundle per rank: a CPU, or a GPU on CUDA), so ranks can
+live on other machines of a Ray cluster. The engine core drives them as `mp` drives its
+processes: every call goes to every rank, a step's answer is the last stage's first rank's, and
+the ranks meet in one torch.distributed group (gloo on CPU, NCCL on CUDA) whose address rank 0's
+actor chooses on its own node.
 
 The core joins the cluster RAY_ADDRESS names, or one already started in its process
 (`ray.init(...)`), or starts a local one.
@@ -15,7 +16,7 @@ import socket
 
 from sluice.config import EngineConfig
 from sluice.core.sched_output import RunnerOutput, SchedulerOutput
-from sluice.distributed.sharding import check_tensor_parallel
+from sluice.distributed.sharding import check_parallel
 from sluice.executor.abstract import Executor, WorkerDiedError
 from sluice.loader import ModelSource
 from sluice.models.registry import get_model_class
@@ -44,9 +45,9 @@ class RayWorker:
         import ray
         import torch
 
-        from sluice.worker.worker import Worker
+        from sluice.worker.worker import Worker, configure_logging
 
-        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(log_level, rank, config.parallel.world_size)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))  # the bundle's CPUs, as mp binds a rank's share
         self.worker = Worker(config, hf_config, source, rank, init_method)
@@ -61,8 +62,11 @@ class RayExecutor(Executor):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        tp = config.parallel.tensor_parallel_size
-        check_tensor_parallel(hf_config, get_model_class(hf_config), tp)
+        parallel = config.parallel
+        tp = parallel.world_size
+        check_parallel(hf_config, get_model_class(hf_config), parallel.tensor_parallel_size,
+                       parallel.pipeline_parallel_size)
+        self.driver = parallel.driver_rank
         if not ray.is_initialized():
             ray.init()
         bundle = {"GPU": 1, "CPU": 1} if config.model.device == "cuda" else {"CPU": 1}
@@ -71,7 +75,7 @@ class RayExecutor(Executor):
             ray.get(self.placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             ray.util.remove_placement_group(self.placement)
-            raise ValueError(f"tensor_parallel_size={tp} with distributed_executor_backend='ray': the Ray cluster "
+            raise ValueError(f"{parallel.describe_ranks()} with distributed_executor_backend='ray': the Ray cluster "
                              f"could not place {tp} bundles of {bundle} in {PLACEMENT_TIMEOUT_S:.0f} s; it has "
                              f"{ray.available_resources()} free") from None
         actor = ray.remote(RayWorker)
@@ -89,7 +93,7 @@ class RayExecutor(Executor):
         return self._get([a.call.remote(method, *args) for a in self.actors])
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        return self._get([a.call.remote("execute_model", scheduler_output) for a in self.actors])[0]
+        return self._get([a.call.remote("execute_model", scheduler_output) for a in self.actors])[self.driver]
 
     def _get(self, refs: list) -> list:
         """The ranks' results; the first rank to fail fails the call at once (its peers may be
@@ -104,7 +108,7 @@ class RayExecutor(Executor):
             return ray.get(refs)
         except ray.exceptions.RayActorError as e:
             rank = next((i for i, ref in enumerate(refs) if _failed(ref)), "?")
-            raise WorkerDiedError(f"the Ray worker actor of tensor-parallel rank {rank} of {len(refs)} died: "
+            raise WorkerDiedError(f"the Ray worker actor of rank {rank} of {len(refs)} died: "
                                   f"{e.error_msg if hasattr(e, 'error_msg') else e}") from None
         except ray.exceptions.RayTaskError as e:
             cause = e.cause

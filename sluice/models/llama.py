@@ -14,10 +14,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from sluice.distributed import get_pp_group, get_tp_group
+from sluice.distributed.sharding import local_heads
 from sluice.layers.activation import get_gated_activation, silu_and_mul
 from sluice.layers.attention import Attention, AttentionMetadata
-from sluice.distributed import get_tp_group
-from sluice.distributed.sharding import local_heads
 from sluice.layers.linear import GateUpLinear, MergedLinear, QKVLinear, RowParallelLinear
 from sluice.layers.norm import RMSNorm
 from sluice.layers.rotary import get_rope, rope_parameters, rotary_dim, rotary_order
@@ -127,28 +127,56 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
+class PPMissingLayer(nn.Module):
+    """The place of a decoder layer another pipeline stage runs (no weights, never called)."""
+
+
 class LlamaModel(nn.Module):
+    """The decoder stack; on a pipeline stage, only its layers (the others are PPMissingLayer) run,
+    between the previous stage's hidden states and the next one's."""
+
     decoder_layer: type[nn.Module] = LlamaDecoderLayer
 
     def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_windows: list[int | None]):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(self.decoder_layer(config, head_dim, options, i, window)
-                                    for i, window in enumerate(sliding_windows))
+        self.start_layer, self.end_layer = get_pp_group().layer_range(config.num_hidden_layers)
+        self.layers = nn.ModuleList(
+            self.decoder_layer(config, head_dim, options, i, window) if self.start_layer <= i < self.end_layer
+            else PPMissingLayer() for i, window in enumerate(sliding_windows))
         self.norm = options.norm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = get_rope(config, head_dim)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
+    def stage_input(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedded tokens on the first stage, the previous stage's output on the others."""
+        pp = get_pp_group()
+        if pp.is_first:
+            return self.embed(input_ids)
+        return pp.recv((input_ids.shape[0], self.embed_tokens.embedding_dim), self.embed_tokens.weight.dtype)
+
+    def stage_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states on the last stage; on the others, x goes to the next."""
+        pp = get_pp_group()
+        if pp.is_last:
+            return self.norm(x)
+        pp.send(x)
+        return x
+
+    def local_layers(self) -> list[tuple[int, nn.Module]]:
+        """(index, layer) of the layers this stage runs."""
+        return list(enumerate(self.layers))[self.start_layer : self.end_layer]
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed(input_ids)
+        x = self.stage_input(input_ids)
         cos, sin = self.rotary_emb(positions)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # no-op once the model is cast
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for (_, layer), kv_cache in zip(self.local_layers(), kv_caches, strict=True):
             x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+        return self.stage_output(x)
 
 
 # checkpoint projection name -> (our fused module, shard)
@@ -175,6 +203,7 @@ class LlamaForCausalLM(nn.Module):
     model_class: type[nn.Module] = LlamaModel
     checkpoint_fuses_projections = False  # checkpoints store q/k/v and gate/up separately
     tensor_parallel_unsupported: str | None = None  # why a family cannot be split across ranks
+    supports_pipeline_parallel = True  # its decoder layers can be split into stages
 
     def __init__(self, config):
         super().__init__()

@@ -35,7 +35,7 @@ def test_ray_tp2_equals_one_rank_and_a_dead_actor_fails_the_step(local_cluster, 
         assert ray.util.placement_group_table(executor.placement)["state"] == "CREATED"
         assert tokens(llm) == one
         ray.kill(executor.actors[1])
-        with pytest.raises(WorkerDiedError, match="Ray worker actor of tensor-parallel rank 1 of 2 died"):
+        with pytest.raises(WorkerDiedError, match="Ray worker actor of rank 1 of 2 died"):
             llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)
     finally:
         llm.engine_core.shutdown()
