@@ -121,7 +121,7 @@ def test_served_tp2_answers_like_one_rank_and_a_dead_rank_takes_the_server_down(
     folder = tiny_model_dir("llama")
     [offline] = LLM(folder, dtype="float32", max_model_len=256, kv_cache_memory_bytes=16 << 20).generate(
         [PROMPTS[1]], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
-    server = RemoteServer(folder, "--dtype", "float32", "-tp", "2")
+    server = RemoteServer(folder, "--dtype", "float32", "--max-model-len", "256", "-tp", "2")
     try:
         client = server.client()
         model = client.models.list().data[0].id
