@@ -75,7 +75,8 @@ def main() -> None:
     print(f"\nsingle-stream decode, {args.input_len} prompt tokens, {args.output_len} generated, dtype {args.dtype}, "
           f"model {model}; CPU {cpu_model()} ({len(__import__('os').sched_getaffinity(0))} CPUs); "
           f"median of {args.rounds} interleaved rounds")
-    print("| tensor_parallel_size | ITL ms | vs TP=1 | collectives ms/step (rank 0) | share of the step |")
+    # a collective's time includes waiting for the slower rank: on a loaded machine, most of a step
+    print("| tensor_parallel_size | ITL ms | vs TP=1 | in collectives ms/step (rank 0, waits included) | share |")
     print("|---:|---:|---:|---:|---:|")
     print(f"| 1 | {one * 1e3:.2f} | 1.00 | - | - |")
     print(f"| 2 | {two * 1e3:.2f} | {two / one:.2f} | {comm:.2f} ({statistics.median(collective_calls):.0f} calls) | "
