@@ -6,6 +6,7 @@ the rest of the engine trusts these values.
 
 from __future__ import annotations
 
+import os
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
@@ -143,20 +144,49 @@ class LoadConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel_size: int = arg(1, "tensor-parallel ranks", available=(1,), aliases=("-tp",))
-    pipeline_parallel_size: int = arg(1, "pipeline stages", available=(1,), aliases=("-pp",))
+    tensor_parallel_size: int = arg(1, "tensor-parallel ranks: N workers, each holding 1/N of every layer's heads "
+                                       "and columns and of the vocabulary (gloo on CPU, NCCL on CUDA), each on "
+                                       "its share of the CPUs (VLLM_CPU_OMP_THREADS_BIND overrides)", aliases=("-tp",))
+    pipeline_parallel_size: int = arg(1, "pipeline stages: N workers (x tensor_parallel_size), each running its "
+                                         "share of the decoder layers and holding their KV cache",
+                                      aliases=("-pp",))
     data_parallel_size: int = arg(1, "data-parallel engine replicas: `sluice serve` runs this many engine cores, "
                                      "each on its own CPUs, and sends each request to the least loaded",
                                   aliases=("-dp",))
     data_parallel_rank: int | None = arg(
         None, "this server's rank among --data-parallel-size replicas started as separate servers (external "
               "load balancing, e.g. behind vllm-router): it runs that one engine, labelled engine=RANK in metrics")
-    distributed_executor_backend: str = arg(
-        "uni", "where the model runner lives: uni (in the engine core process) or mp (a worker process)",
-        choices=("uni", "mp", "ray"), available=("uni", "mp"))
+    distributed_executor_backend: str | None = arg(
+        None, "where the model workers live: uni (in the engine core process), mp (a process per rank) or ray "
+              "(Ray actors in a placement group); default uni, mp when tensor_parallel_size > 1",
+        choices=(None, "uni", "mp", "ray"))
 
     def __post_init__(self) -> None:
         _check_values(self)
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 1, f"{name} must be an int >= 1; got {value!r}")
+        if self.distributed_executor_backend is None:
+            self.distributed_executor_backend = "mp" if self.world_size > 1 else "uni"
+        _check(self.world_size == 1 or self.distributed_executor_backend != "uni",
+               f"{self.describe_ranks()} runs a worker process per rank: distributed_executor_backend "
+               "(--distributed-executor-backend) must be mp or ray, not uni")
+
+    @property
+    def world_size(self) -> int:
+        """Worker ranks of one engine: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def driver_rank(self) -> int:
+        """The rank whose step output is the engine's: the last stage's first tensor-parallel rank."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
+
+    def describe_ranks(self) -> str:
+        """The sizes that make the ranks, for error messages."""
+        parts = [f"tensor_parallel_size={self.tensor_parallel_size}"] * (self.tensor_parallel_size > 1)
+        parts += [f"pipeline_parallel_size={self.pipeline_parallel_size}"] * (self.pipeline_parallel_size > 1)
+        return " x ".join(parts) or "tensor_parallel_size=1"
         size, rank = self.data_parallel_size, self.data_parallel_rank
         _check(_is_int(size) and size >= 1, f"data_parallel_size must be an int >= 1; got {size!r}")
         _check(rank is None or (_is_int(rank) and 0 <= rank < size),
@@ -528,6 +558,31 @@ class EngineConfig:
             if value is not None:
                 buckets[owners[key]][key] = value
         return cls(**{name: part(**buckets[name]) for name, part in cls.PARTS.items()})
+
+    def __post_init__(self) -> None:
+        """What one part cannot check alone: tensor and pipeline parallelism against the features and CPUs."""
+        parallel = self.parallel
+        if parallel.world_size == 1:
+            return
+        where = parallel.describe_ranks()
+        _check(not self.lora.enable_lora, f"{where}: enable_lora (--enable-lora) is not supported with several "
+                                          "ranks yet (LoRA slots are not split across ranks)")
+        _check(self.model.quantization in ("auto", "none"),
+               f"{where}: quantization={self.model.quantization!r} (--quantization) is not supported with several "
+               "ranks yet (quantized layers are not split across ranks); use quantization 'none'")
+        _check(self.speculative.num_lookahead_tokens == 0,
+               f"{where}: speculative_config method {getattr(self.speculative, 'method', None)!r} loads a draft "
+               "model, which is not split across ranks yet; use method 'ngram' or one rank")
+        _check(self.pooling.runner != "pooling", f"{where}: runner='pooling' (--runner) is not supported with "
+                                                "several ranks yet (poolers read one rank's states)")
+        _check(parallel.pipeline_parallel_size == 1 or not self.speculative.enabled,
+               f"{where}: speculative_config (--speculative-config) does not run with pipeline stages yet")
+        if parallel.distributed_executor_backend == "mp" and self.model.device == "cpu":
+            ranks = parallel.world_size * len(parallel.local_ranks())
+            cpus = len(os.sched_getaffinity(0))
+            _check(ranks <= cpus, f"{where} (--tensor-parallel-size, --pipeline-parallel-size) x "
+                                  f"data_parallel_size={len(parallel.local_ranks())}: {ranks} ranks need a CPU "
+                                  f"each; this process may use {cpus}")
 
     def notes(self) -> list[str]:
         """What the accepted-but-inert vLLM arguments mean here, for the start-up log."""

@@ -1,7 +1,7 @@
 """Where the workers live. The engine core calls one `execute_model(scheduler_output)` per step
 and the few start-up calls below; executors differ only in how those reach their workers:
-`uni` calls one in-process worker, `mp` one worker process over ZMQ. A tensor-parallel or Ray
-executor starts N workers and fans each call out to all of them (`collective_rpc`).
+`uni` calls one in-process worker, `mp` one worker process per tensor-parallel rank over ZMQ,
+`ray` one Ray actor per rank; the last two fan each call out to all ranks (`collective_rpc`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,15 @@ class Executor(ABC):
     @staticmethod
     def create(config: EngineConfig, hf_config, source: ModelSource) -> Executor:
         """The executor `distributed_executor_backend` names."""
-        if config.parallel.distributed_executor_backend == "mp":
+        backend = config.parallel.distributed_executor_backend
+        if backend == "mp":
             from sluice.executor.mp import MultiprocExecutor
 
             return MultiprocExecutor(config, hf_config, source)
+        if backend == "ray":
+            from sluice.executor.ray_executor import RayExecutor
+
+            return RayExecutor(config, hf_config, source)
         from sluice.executor.uni import UniProcExecutor
 
         return UniProcExecutor(config, hf_config, source)
@@ -38,7 +43,10 @@ class Executor(ABC):
         """Run one step on every worker; the output of the rank that samples."""
 
     def describe(self) -> dict:
-        return self.collective_rpc("describe")[0]
+        """Rank 0's description; the KV window is every rank's (pipeline stages hold different layers)."""
+        described = self.collective_rpc("describe")
+        windows = [d["sliding_window"] for d in described]
+        return {**described[0], "sliding_window": None if None in windows else max(windows)}
 
     def choose_num_blocks(self, max_useful_blocks: int) -> int:
         """Blocks every worker can hold."""

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sluice.distributed import get_tp_group
 from sluice.layers import native
 from sluice.layers.activation import silu_and_mul
 from sluice.layers.linear_path import choose_path
@@ -137,6 +138,22 @@ def pack_linears(model: nn.Module) -> int:
                  for module in linears if choose_path(module) == "native")
     logger.info("linear layers: %d on the packed native kernel, %d on F.linear", packed, len(linears) - packed)
     return packed
+
+
+class RowParallelLinear(Linear):
+    """A Linear whose input features are split across tensor-parallel ranks (o_proj, down_proj):
+    each rank's partial product is summed by an all-reduce before the residual add. in_features
+    is this rank's share; the bias lives on rank 0 only (others load zeros)."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        tp = get_tp_group()
+        if tp.world_size == 1:
+            return super().forward(x, residual)
+        out = tp.all_reduce(super().forward(x))
+        return out if residual is None else out + residual
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)  # timed alone (linear_path): no collective its peers don't join
 
 
 class MergedLinear(Linear):

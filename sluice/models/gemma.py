@@ -41,14 +41,14 @@ class GemmaModel(LlamaModel):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self.stage_input(input_ids, inputs_embeds)
         global_rope = [t.to(x.dtype) for t in self.rotary_emb(positions)]
         local_rope = global_rope
         if self.local_rotary_emb is not None:
             local_rope = [t.to(x.dtype) for t in self.local_rotary_emb(positions)]
-        for layer, sliding, kv_cache in zip(self.layers, self.sliding, kv_caches, strict=True):
-            x = layer(x, *(local_rope if sliding else global_rope), kv_cache, meta)
-        return self.norm(x)
+        for (i, layer), kv_cache in zip(self.local_layers(), kv_caches, strict=True):
+            x = layer(x, *(local_rope if self.sliding[i] else global_rope), kv_cache, meta)
+        return self.stage_output(x)
 
 
 class Gemma2DecoderLayer(nn.Module):

@@ -14,11 +14,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from sluice.distributed import get_pp_group, get_tp_group
+from sluice.distributed.sharding import local_heads
 from sluice.layers.activation import get_gated_activation, silu_and_mul
 from sluice.layers.attention import Attention, AttentionMetadata
-from sluice.layers.linear import GateUpLinear, Linear, MergedLinear, QKVLinear
+from sluice.layers.linear import GateUpLinear, MergedLinear, QKVLinear, RowParallelLinear
 from sluice.layers.norm import RMSNorm
 from sluice.layers.rotary import get_rope, rope_parameters, rotary_dim, rotary_order
+from sluice.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 
 
 @dataclass(frozen=True)
@@ -49,14 +52,17 @@ def refuse_unsupported(config, arch: str, field: str, supported: tuple) -> None:
 
 
 class LlamaAttention(nn.Module):
+    """This rank's heads (all of them on one rank); o_proj sums the ranks' outputs."""
+
     def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_window: int | None):
         super().__init__()
-        H, Hkv = config.num_attention_heads, config.num_key_value_heads
+        tp = get_tp_group()
+        H, Hkv, _ = local_heads(config.num_attention_heads, config.num_key_value_heads, tp.world_size, tp.rank)
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, head_dim
         self.qkv_proj = QKVLinear(config.hidden_size, H, Hkv, head_dim, bias=options.qkv_bias)
         self.attn = Attention(H, Hkv, head_dim, scale=options.attn_scale, sliding_window=sliding_window,
                               logits_soft_cap=options.attn_logits_soft_cap)
-        self.o_proj = Linear(H * head_dim, config.hidden_size, bias=options.o_bias)
+        self.o_proj = RowParallelLinear(H * head_dim, config.hidden_size, bias=options.o_bias)
         self.q_norm = self.k_norm = None
         if options.qk_norm is not None:
             per_head = options.qk_norm == "head"
@@ -88,12 +94,13 @@ class LlamaMLP(nn.Module):
         """intermediate_size defaults to the config's (a shared expert has its own)."""
         super().__init__()
         hidden, inter, bias = config.hidden_size, intermediate_size or config.intermediate_size, options.mlp_bias
+        inter //= get_tp_group().world_size  # column-parallel gate/up, row-parallel down
         self.act_and_mul = get_gated_activation(getattr(config, options.act_field), options.act_field)
         # silu runs fused into the packed gate_up kernel's epilogue; other activations after the matmul
         self.fused_silu = self.act_and_mul is silu_and_mul
         self.gate_up_proj = (GateUpLinear(hidden, inter, bias=bias) if self.fused_silu
                              else MergedLinear(hidden, {"gate": inter, "up": inter}, bias=bias))
-        self.down_proj = Linear(inter, hidden, bias=bias)
+        self.down_proj = RowParallelLinear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """(residual +) mlp(x): the add is fused into down_proj."""
@@ -120,30 +127,59 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
+class PPMissingLayer(nn.Module):
+    """The place of a decoder layer another pipeline stage runs (no weights, never called)."""
+
+
 class LlamaModel(nn.Module):
+    """The decoder stack; on a pipeline stage, only its layers (the others are PPMissingLayer) run,
+    between the previous stage's hidden states and the next one's."""
+
     decoder_layer: type[nn.Module] = LlamaDecoderLayer
 
     def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_windows: list[int | None]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(self.decoder_layer(config, head_dim, options, i, window)
-                                    for i, window in enumerate(sliding_windows))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.start_layer, self.end_layer = get_pp_group().layer_range(config.num_hidden_layers)
+        self.layers = nn.ModuleList(
+            self.decoder_layer(config, head_dim, options, i, window) if self.start_layer <= i < self.end_layer
+            else PPMissingLayer() for i, window in enumerate(sliding_windows))
         self.norm = options.norm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = get_rope(config, head_dim)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
+    def stage_input(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedded tokens (or the given embeddings) on the first stage, the previous stage's
+        output on the others."""
+        pp = get_pp_group()
+        if pp.is_first:
+            return self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        return pp.recv((input_ids.shape[0], self.embed_tokens.embedding_dim), self.embed_tokens.weight.dtype)
+
+    def stage_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states on the last stage; on the others, x goes to the next."""
+        pp = get_pp_group()
+        if pp.is_last:
+            return self.norm(x)
+        pp.send(x)
+        return x
+
+    def local_layers(self) -> list[tuple[int, nn.Module]]:
+        """(index, layer) of the layers this stage runs."""
+        return list(enumerate(self.layers))[self.start_layer : self.end_layer]
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """inputs_embeds (a vision-language model's: image features at the image tokens) replaces
         the embedding of input_ids."""
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self.stage_input(input_ids, inputs_embeds)
         cos, sin = self.rotary_emb(positions)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # no-op once the model is cast
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for (_, layer), kv_cache in zip(self.local_layers(), kv_caches, strict=True):
             x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+        return self.stage_output(x)
 
 
 # checkpoint projection name -> (our fused module, shard)
@@ -169,17 +205,21 @@ def windows_by_layer_type(config) -> list[int | None]:
 class LlamaForCausalLM(nn.Module):
     model_class: type[nn.Module] = LlamaModel
     checkpoint_fuses_projections = False  # checkpoints store q/k/v and gate/up separately
+    tensor_parallel_unsupported: str | None = None  # why a family cannot be split across ranks
+    supports_pipeline_parallel = True  # its decoder layers can be split into stages
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.check_config(config)
         self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = config.num_key_value_heads
+        tp = get_tp_group()
+        self.num_kv_heads = local_heads(config.num_attention_heads, config.num_key_value_heads, tp.world_size,
+                                        tp.rank)[1]
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.model = self.model_class(config, self.head_dim, self.decoder_options(config),
                                       self.sliding_windows(config))
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -18,6 +18,8 @@ def mixtral_moe(config, layer_idx: int) -> FusedMoE:
 
 
 class MixtralForCausalLM(MistralForCausalLM):
+    tensor_parallel_unsupported = "its mixture-of-experts layers are not split across ranks yet"
+
     @classmethod
     def decoder_options(cls, config) -> DecoderOptions:
         return dataclasses.replace(super().decoder_options(config), make_mlp=mixtral_moe)

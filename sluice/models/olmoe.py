@@ -17,6 +17,8 @@ def olmoe_moe(config, layer_idx: int) -> FusedMoE:
 
 
 class OlmoeForCausalLM(LlamaForCausalLM):
+    tensor_parallel_unsupported = "its mixture-of-experts layers are not split across ranks yet"
+
     @classmethod
     def decoder_options(cls, config) -> DecoderOptions:
         return dataclasses.replace(super().decoder_options(config), qk_norm="full", make_mlp=olmoe_moe)

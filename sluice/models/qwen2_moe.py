@@ -30,6 +30,8 @@ def qwen2_moe_mlp(config, layer_idx: int) -> nn.Module:
 
 
 class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
+    tensor_parallel_unsupported = "its mixture-of-experts layers are not split across ranks yet"
+
     @classmethod
     def decoder_options(cls, config) -> DecoderOptions:
         return dataclasses.replace(super().decoder_options(config), qkv_bias=getattr(config, "qkv_bias", True),

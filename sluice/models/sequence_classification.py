@@ -18,6 +18,8 @@ class DecoderClassifierMixin:
     """Put before a *ForCausalLM among the bases: its decoder, transformers' score head."""
 
     classify_pooling = "LAST"
+    tensor_parallel_unsupported = "pooling models are not split across ranks yet"
+    supports_pipeline_parallel = False
 
     def __init__(self, config) -> None:
         super().__init__(config)

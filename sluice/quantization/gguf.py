@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sluice.layers import native
+from sluice.layers.vocab_parallel import VocabParallelEmbedding
 from sluice.platform import cpu_flags
 from sluice.layers.activation import silu_and_mul
 from sluice.quantization.base import LinearMethod, MoEMethod, QuantizationConfig
@@ -213,7 +214,7 @@ class GGUFConfig(QuantizationConfig):
         """The embedding keeps its blocks too (and so does an lm_head tied to it)."""
         qtype = self.tensor_types.get(EMBEDDING)
         embedding = model.get_submodule(EMBEDDING.rpartition(".")[0])
-        if qtype not in KERNEL_TYPES or type(embedding) is not nn.Embedding:
+        if qtype not in KERNEL_TYPES or type(embedding) not in (nn.Embedding, VocabParallelEmbedding):  # one rank
             return
         dense = embedding.weight
         blocks = nn.Parameter(torch.empty(dense.shape[0], row_bytes(qtype, dense.shape[1]), dtype=torch.uint8),

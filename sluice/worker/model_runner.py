@@ -20,6 +20,8 @@ import torch
 
 from sluice.config import EngineConfig
 from sluice.core.sched_output import GrammarBitmask, RunnerOutput, SchedulerOutput
+from sluice.distributed import get_pp_group, get_tp_group
+from sluice.distributed.sharding import check_parallel, shard_weights
 from sluice.layers.attention import attention_layers, build_attention_metadata
 from sluice.layers.fused_moe import pack_experts, process_moe_weights_after_loading, set_moe_methods
 from sluice.layers.linear import pack_linears, process_weights_after_loading, set_linear_methods
@@ -119,12 +121,20 @@ def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch
     put the unquantized layers on the fastest linear path. Returns the model and the name of the
     quantization in use."""
     model_class = model_class or get_model_class(hf_config)
+    tp, pp = get_tp_group(), get_pp_group()
+    check_parallel(hf_config, model_class, tp.world_size, pp.num_stages)
     quant_config = get_quantization_config(quantization, source, hf_config)
+    if tp.world_size * pp.num_stages > 1 and quant_config.name != "none":
+        raise ValueError(f"quantization={quant_config.name!r} (--quantization) cannot run on several ranks "
+                         f"(tensor_parallel_size={tp.world_size}, pipeline_parallel_size={pp.num_stages}): "
+                         "quantized layers are not split across ranks yet; use quantization 'none' (dense "
+                         "weights) or one rank")
     with _default_dtype(dtype), device:
         model = model_class(hf_config)
     quant_config.prepare_model(model)
     methods = set_linear_methods(model, quant_config) | set_moe_methods(model, quant_config)
-    model.load_weights(iter_weights(source, hf_config, dtype, {*quant_config.raw_weight_names(), *keep_stored}))
+    weights = iter_weights(source, hf_config, dtype, {*quant_config.raw_weight_names(), *keep_stored})
+    model.load_weights(shard_weights(weights, model, tp, pp))
     process_weights_after_loading(model)
     process_moe_weights_after_loading(model)
     model.eval()
@@ -346,6 +356,8 @@ class ModelRunner:
         inputs_embeds = self._inputs_embeds(input_ids, chunks, sched, out) if self.encoder_cache else None
         extra = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
         hidden = self.model(input_ids, input_positions, self.kv_caches[: self.num_target_layers], meta, **extra)
+        if not get_pp_group().is_last:
+            return out  # the hidden states went on to the next stage, which samples
         if spec:
             rows = [row + j for _, row, drafts in sample_rows for j in range(len(drafts) + 1)]
             self._verify(self.compute_logits(hidden, rows), sample_rows, out, sched.grammar_bitmask)

@@ -1,16 +1,20 @@
 """One worker: a model replica with its KV cache, driven by an executor.
 
 The executor calls these methods in order: `describe`, `choose_num_blocks`, `initialize_cache`,
-then `execute_model` once per step. Tensor- and pipeline-parallel ranks will be N workers that
-receive the same calls (`rank` tells them apart); today every engine runs one.
+then `execute_model` once per step. Tensor-parallel ranks are N workers that receive the same
+calls and join one process group (`distributed_init_method`); each holds its share of every
+layer's heads and of every KV block. Pipeline stages each hold their layers (and those layers'
+KV); the executor answers with the last stage's first rank's output.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from sluice.config import EngineConfig
 from sluice.core.sched_output import RunnerOutput, SchedulerOutput
+from sluice.distributed import get_tp_group, init_parallel
 from sluice.layers.attention import kv_sliding_window
 from sluice.loader import ModelSource
 from sluice.lora.manager import LoRAManager
@@ -19,9 +23,20 @@ from sluice.worker.model_runner import ModelRunner
 from sluice.worker.sleep import SleepingWeights, drop_kv_cache, resident_bytes
 
 
+def configure_logging(level: int, rank: int, world_size: int) -> None:
+    """A worker process's log lines, marked with its rank when there are several."""
+    where = f" [rank {rank}]" if world_size > 1 else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
+
+
 class Worker:
-    def __init__(self, config: EngineConfig, hf_config, source: ModelSource, rank: int = 0) -> None:
+    def __init__(self, config: EngineConfig, hf_config, source: ModelSource, rank: int = 0,
+                 distributed_init_method: str | None = None) -> None:
         self.rank = rank
+        parallel = config.parallel
+        if parallel.world_size > 1:
+            init_parallel(rank, parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
+                          distributed_init_method, config.model.device)
         self.runner = ModelRunner(config, hf_config, source)
         self.sleeping_weights: SleepingWeights | None = None
 
@@ -42,6 +57,10 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute_model(scheduler_output)
+
+    def communication_stats(self) -> dict:
+        """Seconds and calls spent in tensor-parallel collectives since the last ask."""
+        return get_tp_group().take_stats()
 
     def add_lora(self, request: LoRARequest | dict) -> bool:
         """Load and check an adapter (a dict when it came over the wire)."""

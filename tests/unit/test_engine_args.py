@@ -137,6 +137,8 @@ LAUNCH_LINES = [
     ("python3 -m vllm.entrypoints.openai.api_server --model Qwen/Qwen2-7B --download-dir /models/ "
      "--trust-remote-code --enforce-eager", {"enforce_eager": True, "download_dir": "/models/"}),
     ("vllm serve Qwen/Qwen2.5-1.5B-Instruct --generation-config vllm", {"generation_config": "vllm"}),
+    ("vllm serve meta-llama/Llama-3.1-8B -tp 2 -pp 2 --distributed-executor-backend ray",
+     {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "distributed_executor_backend": "ray"}),
     ("vllm serve Qwen/Qwen2.5-1.5B-Instruct --override-generation-config '{\"temperature\": 0.5}'",
      {"override_generation_config": {"temperature": 0.5}}),
     ("vllm serve Qwen/Qwen3-8B --hf-overrides '{\"max_position_embeddings\": 65536}' --max-logprobs 50 "
@@ -174,12 +176,9 @@ def test_vllm_launch_lines_parse(line, expected):
 
 
 REFUSED = [
-    ("vllm serve meta-llama/Llama-2-70b-hf --tensor-parallel-size 4", "--tensor-parallel-size"),
-    ("vllm serve meta-llama/Llama-3.3-70B-Instruct -pp 2", "--pipeline-parallel-size"),
     ("vllm serve TheBloke/Llama-2-13B-AWQ --quantization awq", "--quantization"),
     ("vllm serve Qwen/Qwen2.5-14B-Instruct-AWQ -q awq --port 8012", "--quantization"),
     ("vllm serve amd/Llama-3.1-70B-Instruct-FP8-KV --kv-cache-dtype=fp8_e5m2", "--kv-cache-dtype"),
-    ("vllm serve facebook/opt-125m --distributed-executor-backend ray", "--distributed-executor-backend"),
     ("vllm serve mistralai/Mistral-7B-Instruct-v0.3 --tokenizer-mode mistral", "--tokenizer-mode"),
 ]
 

@@ -1,0 +1,144 @@
+"""Which slice of each checkpoint tensor a tensor-parallel rank holds, and which models can be split.
+
+Column-parallel (q/k/v, gate/up: output rows split by heads or columns), row-parallel (o, down:
+input columns split; the partial sums meet in an all-reduce, the bias is added once, on rank 0),
+vocabulary-parallel (embedding and lm_head rows, padded to equal shares). KV heads are split
+when there are at least as many as ranks, else each rank keeps the one its query heads read.
+Tensors are sliced as they stream out of the checkpoint: a rank never keeps the full tensor.
+A pipeline stage skips the other stages' decoder layers (every stage keeps the embedding,
+final norm and lm_head, small next to the layers, so a tied lm_head needs nothing special).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from sluice.distributed import Communicator, PipelineStage
+
+VOCAB_PARALLEL = ("model.embed_tokens.weight", "lm_head.weight")
+LAYERS = "model.layers."
+_FLAG = "tensor_parallel_size (--tensor-parallel-size, -tp)"
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def local_heads(num_heads: int, num_kv_heads: int, tp: int, rank: int) -> tuple[int, int, int]:
+    """(query heads, KV heads, first KV head) of one rank."""
+    if num_kv_heads >= tp:
+        per_rank = num_kv_heads // tp
+        return num_heads // tp, per_rank, rank * per_rank
+    return num_heads // tp, 1, rank * num_kv_heads // tp  # replicated: the head its query heads share
+
+
+def check_parallel(hf_config, model_class: type, tp: int, pp: int) -> None:
+    """Refuse, at start and naming the numbers, a model these ranks cannot split."""
+    arch = model_class.__name__
+    if pp > 1:
+        flag = "pipeline_parallel_size (--pipeline-parallel-size, -pp)"
+        if not getattr(model_class, "supports_pipeline_parallel", False):
+            raise ValueError(f"{flag}={pp}: {arch} cannot run in pipeline stages (its layers are not split in "
+                             f"sluice); use {flag}=1")
+        if hf_config.num_hidden_layers < pp:
+            raise ValueError(f"{flag}={pp} is more than the model's num_hidden_layers={hf_config.num_hidden_layers} "
+                             f"({arch})")
+    if tp == 1:
+        return
+    reason = getattr(model_class, "tensor_parallel_unsupported", "it has no tensor-parallel layers in sluice")
+    if reason:
+        raise ValueError(f"{_FLAG}={tp}: {arch} cannot run tensor-parallel ({reason}); use {_FLAG}=1")
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    if heads % tp:
+        raise ValueError(f"{_FLAG}={tp} must divide the model's num_attention_heads={heads} ({arch})")
+    if kv_heads % tp and tp % kv_heads:
+        raise ValueError(f"{_FLAG}={tp} and the model's num_key_value_heads={kv_heads} ({arch}): one must "
+                         "divide the other (KV heads are split, or replicated when fewer than ranks)")
+    inter = hf_config.intermediate_size
+    if inter % tp:
+        raise ValueError(f"{_FLAG}={tp} must divide the model's intermediate_size={inter} ({arch})")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    rank: int
+    size: int
+    head_dim: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, tp: Communicator) -> ShardPlan:
+        config = model.config
+        return cls(tp.rank, tp.world_size, model.head_dim, config.num_attention_heads,
+                   config.num_key_value_heads, config.intermediate_size, config.vocab_size)
+
+    def shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a Hugging Face-named checkpoint tensor (a copy; the rest is dropped)."""
+        if name in VOCAB_PARALLEL:
+            return self._vocab_rows(tensor)
+        prefix, _, leaf = name.rpartition(".")
+        proj = prefix.rpartition(".")[2]
+        q, kv, mlp = self._q_rows(), self._kv_rows(), self._mlp_rows()
+        if proj == "q_proj":
+            return _rows(tensor, q)
+        if proj in ("k_proj", "v_proj"):
+            return _rows(tensor, kv)
+        if proj in ("gate_proj", "up_proj"):
+            return _rows(tensor, mlp)
+        if proj in ("o_proj", "down_proj"):
+            if leaf != "weight":  # the bias: added once, after the all-reduce sums the ranks
+                return tensor.clone() if self.rank == 0 else torch.zeros_like(tensor)
+            return tensor[:, slice(*(q if proj == "o_proj" else mlp))].clone()
+        if proj == "qkv_proj":  # a checkpoint that fuses them (Phi-3)
+            D = self.head_dim
+            parts = tensor.split([self.num_heads * D, self.num_kv_heads * D, self.num_kv_heads * D])
+            return torch.cat([_rows(parts[0], q), _rows(parts[1], kv), _rows(parts[2], kv)])
+        if proj == "gate_up_proj":
+            gate, up = tensor.chunk(2)
+            return torch.cat([_rows(gate, mlp), _rows(up, mlp)])
+        return tensor  # norms and everything else: replicated
+
+    def _q_rows(self) -> tuple[int, int]:
+        per_rank = self.num_heads // self.size * self.head_dim
+        return self.rank * per_rank, (self.rank + 1) * per_rank
+
+    def _kv_rows(self) -> tuple[int, int]:
+        _, count, first = local_heads(self.num_heads, self.num_kv_heads, self.size, self.rank)
+        return first * self.head_dim, (first + count) * self.head_dim
+
+    def _mlp_rows(self) -> tuple[int, int]:
+        per_rank = self.intermediate // self.size
+        return self.rank * per_rank, (self.rank + 1) * per_rank
+
+    def _vocab_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        per_rank = cdiv(self.vocab, self.size)
+        start = self.rank * per_rank
+        part = tensor[start : min(start + per_rank, self.vocab)]
+        padded = tensor.new_zeros((per_rank, *tensor.shape[1:]))
+        padded[: part.shape[0]] = part
+        return padded
+
+
+def _rows(tensor: torch.Tensor, bounds: tuple[int, int]) -> torch.Tensor:
+    return tensor[bounds[0] : bounds[1]].clone()
+
+
+def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], model: torch.nn.Module, tp: Communicator,
+                  pp: PipelineStage) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors as this rank holds them: its stage's layers (and the rest), each
+    sliced to its tensor-parallel share (all of them on a single rank)."""
+    if tp.world_size == 1 and pp.num_stages == 1:
+        yield from weights
+        return
+    plan = ShardPlan.of(model, tp) if tp.world_size > 1 else None
+    start, end = pp.layer_range(model.config.num_hidden_layers)
+    for name, tensor in weights:
+        if name.startswith(LAYERS) and not start <= int(name[len(LAYERS):].partition(".")[0]) < end:
+            continue  # another stage's layer
+        yield name, tensor if plan is None else plan.shard(name, tensor)

@@ -1,0 +1,182 @@
+"""Tensor parallel and pipeline stages over gloo (two worker processes): greedy tokens equal one
+rank's, token for token in float32, for every architecture that can be split; the scheduler's
+paths (batched, chunked, preempted, prefix-warm) hold under TP=2 and PP=2; `sluice serve -tp 2` answers the openai client
+the same; a dead rank fails the step with its reason (and takes a server down); bad
+configurations are refused at start, naming the numbers."""
+
+from __future__ import annotations
+
+import os
+
+import openai
+import pytest
+
+from sluice import LLM, SamplingParams
+from sluice.executor.abstract import WorkerDiedError
+
+from tests.models.test_families_llm import save_tiny
+from tests.models.test_model_forward import CONFIGS
+from tests.server.utils import RemoteServer
+
+NUM_TOKENS = 16
+PROMPT = [1, 17, 42, 7, 99, 3, 250, 8, 61]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
+TINY = dict(dtype="float32", max_model_len=64, kv_cache_memory_bytes=4 << 20)
+# each family once (Mistral is Llama with a window, Gemma is Gemma 3 without its extras): Llama tied
+# with one KV head (replicated on both ranks), Qwen2's q/k/v biases, Qwen3 with an odd vocabulary (the
+# last rank's rows padded), Gemma 2's soft caps, Gemma 3's windows, Phi-4's fused checkpoint projections
+# and partial rotary, Granite's down_proj bias (added on rank 0 only)
+ARCHS = ["llama31_tied", "qwen2", "qwen3", "gemma2", "gemma3", "phi4_partial_rotary", "granite"]
+UNTIED = {"tie_word_embeddings": False}  # tied, the tiny Gemmas' scaled embeddings echo the last token
+CHANGES = {"llama31_tied": {"num_key_value_heads": 1}, "qwen3": {"vocab_size": 401}, "gemma2": UNTIED,
+           "gemma3": UNTIED}
+# pipeline stages (a layer each): Llama's tied lm_head on the last stage, Gemma 3's windowed layer on
+# the first and its global one on the second (the KV manager must keep what the second reads)
+CASES = ([(name, {"tensor_parallel_size": 2}) for name in ARCHS]
+         + [(name, {"pipeline_parallel_size": 2}) for name in ("llama31_tied", "gemma3")])
+
+
+def tokens(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("name, ranks", CASES, ids=[f"{n}-{'tp' if 'tensor_parallel_size' in r else 'pp'}2"
+                                                    for n, r in CASES])
+def test_two_ranks_greedy_equals_one_rank(name, ranks, tmp_path, monkeypatch):
+    config = CONFIGS[name]()
+    for field, value in CHANGES.get(name, {}).items():
+        setattr(config, field, value)
+    monkeypatch.setitem(CONFIGS, name, lambda: config)
+    save_tiny(name, tmp_path)
+    [one] = tokens(LLM(str(tmp_path), **TINY), [PROMPT])
+    assert len(set(one)) > 4, one  # a continuation worth comparing
+    llm = LLM(str(tmp_path), **TINY, **ranks)
+    try:
+        assert llm.config.parallel.distributed_executor_backend == "mp"  # implied by several ranks
+        assert tokens(llm, [PROMPT]) == [one]
+    finally:
+        llm.engine_core.shutdown()
+
+
+# ---- the scheduler's paths under TP=2 (the tiny Llama of tests/utils: real vocabulary, GQA) -----
+SHARED = list(range(300, 340))  # 40 tokens: two full 16-token blocks shared by every prompt
+PROMPTS = [SHARED + [5, 6, 7], SHARED + list(range(1000, 1020)), SHARED + [42] * 9, SHARED + [9000, 12]]
+PATHS = dict(dtype="float32", max_model_len=256, block_size=16)
+
+
+@pytest.fixture(scope="module")
+def lone(tiny_model_dir) -> list[list[int]]:
+    llm = LLM(tiny_model_dir("llama"), **PATHS, enable_prefix_caching=False, kv_cache_memory_bytes=16 << 20)
+    return [tokens(llm, [p])[0] for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def tp_llm(tiny_model_dir):
+    # 13 usable blocks of 16 cannot hold four ~80-token requests (preemption); 32-token chunks
+    llm = LLM(tiny_model_dir("llama"), **PATHS, tensor_parallel_size=2, num_gpu_blocks_override=14,
+              max_num_batched_tokens=32, enable_prefix_caching=True)
+    yield llm
+    llm.engine_core.shutdown()
+
+
+def check_scheduler_paths(llm: LLM, lone: list[list[int]]) -> None:
+    assert tokens(llm, PROMPTS) == lone  # batched, in 32-token chunks, preempted
+    metrics = llm.get_metrics()
+    assert metrics["vllm:num_preemptions"] > 0
+    assert tokens(llm, PROMPTS[:1]) == lone[:1]  # prefix-warm
+    assert llm.get_metrics()["vllm:prefix_cache_hits"] - metrics["vllm:prefix_cache_hits"] >= 32
+
+
+def test_tp2_batched_chunked_preempted_and_prefix_warm_equal_lone(tp_llm, lone):
+    check_scheduler_paths(tp_llm, lone)
+
+
+def test_pp2_batched_chunked_preempted_and_prefix_warm_equal_lone(tiny_model_dir, lone):
+    llm = LLM(tiny_model_dir("llama"), **PATHS, pipeline_parallel_size=2, num_gpu_blocks_override=14,
+              max_num_batched_tokens=32, enable_prefix_caching=True)
+    try:
+        check_scheduler_paths(llm, lone)
+    finally:
+        llm.engine_core.shutdown()
+
+
+def test_each_rank_holds_its_share_and_reports_collectives(tp_llm):
+    executor = tp_llm.engine_core.executor
+    assert len(executor.workers) == 2
+    stats = executor.collective_rpc("communication_stats")
+    assert all(s["calls"] > 0 and s["seconds"] > 0 for s in stats)  # all-reduces ran on both ranks
+    cpus = [os.sched_getaffinity(w.process.pid) for w in executor.workers]
+    assert not cpus[0] & cpus[1]  # each rank on its own share of the CPUs
+
+
+def test_a_dead_rank_fails_the_step_with_its_reason(tp_llm):
+    rank1 = tp_llm.engine_core.executor.workers[1].process
+    rank1.kill()
+    rank1.wait()
+    with pytest.raises(WorkerDiedError, match=rf"pid {rank1.pid}\) died .*rank 1 of 2"):
+        tp_llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)
+
+
+def test_served_tp2_answers_like_one_rank_and_a_dead_rank_takes_the_server_down(tiny_model_dir):
+    folder = tiny_model_dir("llama")
+    [offline] = LLM(folder, dtype="float32", max_model_len=256, kv_cache_memory_bytes=16 << 20).generate(
+        [PROMPTS[1]], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    server = RemoteServer(folder, "--dtype", "float32", "--max-model-len", "256", "-tp", "2")
+    try:
+        client = server.client()
+        model = client.models.list().data[0].id
+        served = client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=8, temperature=0.0)
+        assert served.choices[0].text == offline.outputs[0].text
+        ranks = [p for p in server.core_process().children() if "sluice.executor.mp" in p.cmdline()]
+        assert len(ranks) == 2
+        ranks[1].kill()
+        with pytest.raises(openai.APIStatusError) as failure:
+            client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=8)
+        assert failure.value.status_code == 503
+        assert f"(pid {ranks[1].pid}) died" in failure.value.message
+        assert server.process.wait(120) != 0  # the core died with its rank: the server exits for a restart
+    finally:
+        server.stop()
+
+
+# ---- refused at start ---------------------------------------------------------------------------
+def test_tp_not_dividing_the_heads_is_refused_naming_them(tmp_path, monkeypatch):
+    config = CONFIGS["llama"]()
+    config.num_attention_heads, config.num_key_value_heads, config.hidden_size = 3, 3, 48
+    monkeypatch.setitem(CONFIGS, "llama", lambda: config)
+    save_tiny("llama", tmp_path)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(--tensor-parallel-size, -tp\)=2 must divide "
+                                         r"the model's num_attention_heads=3 \(LlamaForCausalLM\)"):
+        LLM(str(tmp_path), **TINY, tensor_parallel_size=2)
+
+
+def test_more_stages_than_layers_are_refused_naming_them(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size \(--pipeline-parallel-size, -pp\)=3 is more than "
+                                         r"the model's num_hidden_layers=2"):
+        LLM(tiny_model_dir("llama"), **TINY, pipeline_parallel_size=3, distributed_executor_backend="ray")
+
+
+def test_an_architecture_that_cannot_be_split_is_refused_by_name(tmp_path):
+    save_tiny("olmo2", tmp_path)
+    with pytest.raises(ValueError, match="Olmo2ForCausalLM cannot run tensor-parallel .*q/k RMSNorm"):
+        LLM(str(tmp_path), **TINY, tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tensor_parallel_size=2, distributed_executor_backend="uni"),
+     "tensor_parallel_size=2 runs a worker process per rank: distributed_executor_backend"),
+    (dict(tensor_parallel_size=64),
+     r"tensor_parallel_size=64 \(--tensor-parallel-size, --pipeline-parallel-size\) x data_parallel_size=1: 64 "
+     r"ranks need a CPU each"),
+    (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int >= 1; got 0"),
+    (dict(tensor_parallel_size=2, enable_lora=True), r"enable_lora \(--enable-lora\) is not supported"),
+    (dict(tensor_parallel_size=2, quantization="int8"), r"quantization='int8' \(--quantization\) is not supported"),
+    (dict(tensor_parallel_size=2, speculative_config={"method": "draft_model", "model": "x",
+                                                       "num_speculative_tokens": 2}),
+     "method 'draft_model' loads a draft model, which is not split across ranks yet"),
+])
+def test_bad_parallel_configs_are_refused(kwargs, message):
+    from sluice.config import EngineConfig
+
+    with pytest.raises(ValueError, match=message):
+        EngineConfig.from_kwargs(**kwargs)
