@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sluice.distributed.kv_transfer.base import KVConnectorMetadata, KVConnectorOutput
 from sluice.pooling.params import PoolingParams
 from sluice.lora.request import LoRARequest
 from sluice.sampling_params import SamplingParams
@@ -64,6 +65,7 @@ class SchedulerOutput:
     finished_req_ids: list[str] = field(default_factory=list)  # the worker drops their state
     preempted_req_ids: list[str] = field(default_factory=list)  # the worker drops their blocks
     grammar_bitmask: GrammarBitmask | None = None  # None: no sampling row is constrained
+    kv_connector_metadata: KVConnectorMetadata | None = None  # KV transfers to start (disaggregated prefill)
 
 
 @dataclass
@@ -75,6 +77,7 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list] = field(default_factory=dict)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)  # drafts proposed for the next step
     pooler_output: dict[str, list[float]] = field(default_factory=dict)  # pooling requests whose prompt ended
+    kv_connector_output: KVConnectorOutput | None = None  # KV transfers that ended
 
 
 def encode_hook(obj):

@@ -1,0 +1,1 @@
+"""Beyond one process: moving KV between engines (kv_transfer)."""
