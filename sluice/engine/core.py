@@ -68,7 +68,7 @@ class EngineCore:
                              "its whole KV (this model has a sliding window on every layer, or is encoder-only)")
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, grammars, config.speculative,
                                    config.lora.max_loras if config.lora.enable_lora else None,
-                                   create_scheduler_connector(config.kv_transfer, block_size))
+                                   create_scheduler_connector(config))
         self.scheduler.whole_prompts = encoder_only
         if encoder_only and config.scheduler.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens={config.scheduler.max_num_batched_tokens} is less than "

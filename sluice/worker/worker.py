@@ -25,7 +25,7 @@ class Worker:
         self.rank = rank
         self.runner = ModelRunner(config, hf_config, source)
         self.sleeping_weights: SleepingWeights | None = None
-        self.kv_connector = create_worker_connector(config.kv_transfer)  # disaggregated prefill
+        self.kv_connector = create_worker_connector(config)  # disaggregated prefill
 
     def describe(self) -> dict:
         """What the engine core needs from the model before it sizes anything."""

@@ -47,9 +47,10 @@ def cdiv(a: int, b: int) -> int:
 
 # ---- the scheduler half -------------------------------------------------------------------
 class ZmqConnectorScheduler(KVConnectorScheduler):
-    def __init__(self, config: KVTransferConfig, block_size: int) -> None:
+    def __init__(self, config: KVTransferConfig, block_size: int, port: int) -> None:
         self.config = config
         self.block_size = block_size
+        self.port = port  # where the worker serves held blocks
         self.meta = KVConnectorMetadata()
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
@@ -81,7 +82,7 @@ class ZmqConnectorScheduler(KVConnectorScheduler):
         self.meta.holds[request.request_id] = held
         return True, {
             "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.config.engine_id,
-            "remote_block_ids": held, "remote_host": self.config.kv_ip, "remote_port": self.config.kv_port,
+            "remote_block_ids": held, "remote_host": self.config.kv_ip, "remote_port": self.port,
             "remote_request_id": request.request_id, "tp_size": 1,
         }
 
@@ -116,8 +117,9 @@ class TransferError(RuntimeError):
 
 # ---- the worker half ----------------------------------------------------------------------
 class ZmqConnectorWorker(KVConnectorWorker):
-    def __init__(self, config: KVTransferConfig) -> None:
+    def __init__(self, config: KVTransferConfig, port: int) -> None:
         self.config = config
+        self.port = port
         self.kv_caches: list[torch.Tensor] = []
         self.layout: list = []
         self.lock = threading.Lock()  # held: request id -> block ids; guards them against reuse mid-copy
@@ -132,7 +134,7 @@ class ZmqConnectorWorker(KVConnectorWorker):
         self.kv_caches, self.layout = kv_caches, layout
         if not self.config.is_producer:
             return
-        address = f"tcp://{self.config.kv_ip}:{self.config.kv_port}"
+        address = f"tcp://{self.config.kv_ip}:{self.port}"
         socket = zmq.Context.instance().socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         try:
