@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 import socket
 import statistics
 import time
 
 from sluice import LLM, SamplingParams
+from sluice.platform import cpu_model
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,7 +60,7 @@ def main() -> None:
     bytes_per_block = consumer.engine_core.executor.worker.runner.bytes_per_block()
     block_size = consumer.engine_core.config.cache.block_size
     fresh = itertools.count(1000)  # a new first token per prompt: no two prompts share KV
-    print(f"CPU: {platform.processor() or platform.machine()}; model {producer.engine_core.config.model.model}, "
+    print(f"CPU: {cpu_model()}; model {producer.engine_core.config.model.model}, "
           f"dtype {producer.engine_core.config.model.torch_dtype}")
     for length in args.lengths:
         timed(consumer, [next(fresh)] * length, one_token())  # warm-up at this length
