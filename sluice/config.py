@@ -7,6 +7,7 @@ the rest of the engine trusts these values.
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
@@ -509,6 +510,83 @@ class SpeculativeConfig:
         return self.enabled and num_running <= self.disable_by_batch_size
 
 
+KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
+KV_CONNECTORS = ("SluiceZmqConnector",)
+KV_LOAD_FAILURE_POLICIES = ("recompute", "fail")
+DEFAULT_KV_PORT = 14579  # vLLM's default kv_port
+# vLLM's KVTransferConfig keys; the last four are accepted for compatibility and have no effect here
+_KV_TRANSFER_KEYS = ("kv_connector", "kv_role", "kv_ip", "kv_port", "engine_id", "kv_connector_extra_config",
+                     "kv_load_failure_policy", "kv_buffer_device", "kv_buffer_size", "kv_rank", "kv_parallel_size")
+# kv_connector_extra_config keys of SluiceZmqConnector, with their defaults (seconds)
+KV_EXTRA_DEFAULTS = {"abort_request_timeout": 480.0, "transfer_timeout": 30.0}
+
+
+@dataclass
+class KVTransferConfig:
+    kv_transfer_config: dict | None = arg(
+        None, 'JSON object for disaggregated prefill, vLLM\'s keys: {"kv_connector": "SluiceZmqConnector", '
+              '"kv_role": "kv_producer" | "kv_consumer" | "kv_both", "kv_ip": host the producer serves its KV on '
+              f'(default 127.0.0.1), "kv_port": its port (default {DEFAULT_KV_PORT}), "kv_load_failure_policy": '
+              '"recompute" (default: prefill locally when a transfer fails) | "fail", "kv_connector_extra_config": '
+              '{"abort_request_timeout": seconds a producer holds blocks nobody pulls (480), "transfer_timeout": '
+              'seconds a consumer waits for a producer (30)}}')
+
+    def __post_init__(self) -> None:
+        _check_json_object("kv_transfer_config", self.kv_transfer_config)
+        spec = self.kv_transfer_config
+        if spec is None:
+            return
+        where = "kv_transfer_config (--kv-transfer-config)"
+        unknown = sorted(set(spec) - set(_KV_TRANSFER_KEYS))
+        _check(not unknown, f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                            f"known: {', '.join(_KV_TRANSFER_KEYS)}")
+        connector, role = spec.get("kv_connector"), spec.get("kv_role")
+        _check(connector in KV_CONNECTORS, f"{where}: kv_connector must be one of {', '.join(KV_CONNECTORS)}; "
+                                           f"got {connector!r}")
+        _check(role in KV_ROLES, f"{where}: kv_role must be one of {', '.join(KV_ROLES)}; got {role!r}")
+        ip, port = spec.get("kv_ip", "127.0.0.1"), spec.get("kv_port", DEFAULT_KV_PORT)
+        _check(isinstance(ip, str) and ip != "", f"{where}: kv_ip must be a host name or address; got {ip!r}")
+        _check(_is_int(port) and 1 <= port <= 65535, f"{where}: kv_port must be an int in [1, 65535]; got {port!r}")
+        policy = spec.get("kv_load_failure_policy", "recompute")
+        _check(policy in KV_LOAD_FAILURE_POLICIES, f"{where}: kv_load_failure_policy must be one of "
+                                                   f"{', '.join(KV_LOAD_FAILURE_POLICIES)}; got {policy!r}")
+        device = spec.get("kv_buffer_device", "cpu")
+        _check(device == "cpu", f"{where}: kv_buffer_device must be 'cpu' (KV moves through host memory); "
+                                f"got {device!r}")
+        extra = spec.get("kv_connector_extra_config") or {}
+        _check_json_object(f"{where}: kv_connector_extra_config", extra)
+        unknown = sorted(set(extra) - set(KV_EXTRA_DEFAULTS))
+        _check(not unknown, f"{where}: kv_connector_extra_config: unknown key(s) {', '.join(map(repr, unknown))}; "
+                            f"known: {', '.join(KV_EXTRA_DEFAULTS)}")
+        timeouts = {**KV_EXTRA_DEFAULTS, **extra}
+        for name, value in timeouts.items():
+            _check(not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf"),
+                   f"{where}: kv_connector_extra_config.{name} must be a number of seconds > 0; got {value!r}")
+        engine_id = spec.get("engine_id")
+        _check(engine_id is None or (isinstance(engine_id, str) and engine_id != ""),
+               f"{where}: engine_id must be a non-empty string; got {engine_id!r}")
+        self.kv_connector: str = connector
+        self.kv_role: str = role
+        self.kv_ip: str = ip
+        self.kv_port: int = port
+        self.kv_load_failure_policy: str = policy
+        self.engine_id: str = engine_id or f"sluice-{uuid.uuid4().hex[:12]}"
+        self.abort_request_timeout: float = float(timeouts["abort_request_timeout"])
+        self.transfer_timeout: float = float(timeouts["transfer_timeout"])
+
+    @property
+    def enabled(self) -> bool:
+        return self.kv_transfer_config is not None
+
+    @property
+    def is_producer(self) -> bool:
+        return self.enabled and self.kv_role in ("kv_producer", "kv_both")
+
+    @property
+    def is_consumer(self) -> bool:
+        return self.enabled and self.kv_role in ("kv_consumer", "kv_both")
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -526,11 +604,12 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     pooling: PoolingConfig = field(default_factory=PoolingConfig)
     multimodal: MultiModalConfig = field(default_factory=MultiModalConfig)
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
 
     PARTS = {"model": ModelConfig, "load": LoadConfig, "parallel": ParallelConfig, "cache": CacheConfig,
              "scheduler": SchedulerConfig, "observability": ObservabilityConfig,
              "structured_outputs": StructuredOutputsConfig, "lora": LoRAConfig, "speculative": SpeculativeConfig,
-             "pooling": PoolingConfig, "multimodal": MultiModalConfig}
+             "pooling": PoolingConfig, "multimodal": MultiModalConfig, "kv_transfer": KVTransferConfig}
 
     @property
     def model_name(self) -> str:
@@ -573,6 +652,8 @@ class EngineConfig:
         _check(self.speculative.num_lookahead_tokens == 0,
                f"{where}: speculative_config method {getattr(self.speculative, 'method', None)!r} loads a draft "
                "model, which is not split across ranks yet; use method 'ngram' or one rank")
+        _check(not self.kv_transfer.enabled, f"{where}: kv_transfer_config (--kv-transfer-config) is not supported "
+                                             "with several ranks yet (each rank would serve its own KV shard)")
         _check(self.pooling.runner != "pooling", f"{where}: runner='pooling' (--runner) is not supported with "
                                                 "several ranks yet (poolers read one rank's states)")
         _check(parallel.pipeline_parallel_size == 1 or not self.speculative.enabled,

@@ -49,3 +49,4 @@ class RequestOutput:
     finished: bool
     metrics: dict | None = None
     num_cached_tokens: int = 0
+    kv_transfer_params: dict | None = None  # a finished prefill's: where a decode engine pulls its KV from

@@ -6,7 +6,9 @@ import copy
 import math
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
+from sluice.distributed.kv_transfer.params import check_kv_transfer_params
 from sluice.structured_output.params import StructuredOutputsParams
 
 __all__ = ["SamplingParams", "SamplingType", "StructuredOutputsParams"]
@@ -69,6 +71,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # sample only these
     bad_words: list[str] | None = None  # words never generated (vLLM's semantics: see bad_words_token_ids)
     truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens (-1: max_model_len)
+    extra_args: dict[str, Any] | None = None  # vLLM's: e.g. {"kv_transfer_params": {...}} (disaggregated prefill)
     # Filled by the engine from bad_words (each word's ids, with and without a leading space).
     bad_words_token_ids: list[list[int]] | None = None
 
@@ -155,6 +158,10 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self._verify_token_controls()
+        if self.extra_args is not None:
+            if not isinstance(self.extra_args, dict):
+                raise ValueError(f"extra_args must be a dict, got {type(self.extra_args).__name__}")
+            check_kv_transfer_params(self.extra_args.get("kv_transfer_params"))
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got "
                              f"{type(self.structured_outputs).__name__}")

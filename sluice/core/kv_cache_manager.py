@@ -115,10 +115,12 @@ class KVCacheManager:
         num_new_tokens: int,
         computed_blocks: list[KVCacheBlock] | None = None,
         num_lookahead_tokens: int = 0,
+        cache_blocks: bool = True,
     ) -> list[KVCacheBlock] | None:
         """Make room for `num_new_tokens` more tokens after the computed (and cache-hit) ones,
         plus `num_lookahead_tokens` slots for tokens proposed ahead (speculation); only the
-        known tokens' blocks are indexed in the prefix cache."""
+        known tokens' blocks are indexed in the prefix cache (none with cache_blocks=False: KV
+        loaded from another engine is indexed once it arrived, by the next allocation)."""
         computed_blocks = computed_blocks or []
         held = self.req_blocks.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
@@ -140,7 +142,8 @@ class KVCacheManager:
         held.extend(computed_blocks)
         new_blocks = self.pool.allocate(max(num_needed, 0))
         held.extend(new_blocks)
-        self._cache_full_blocks(request, num_tokens_after)
+        if cache_blocks:
+            self._cache_full_blocks(request, num_tokens_after)
         return new_blocks
 
     def free(self, request: Request) -> None:

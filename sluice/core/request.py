@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     WAITING_FOR_GRAMMAR = "waiting_for_grammar"  # its structured-output grammar is compiling
+    WAITING_FOR_REMOTE_KVS = "waiting_for_remote_kvs"  # its prompt's KV is being pulled from a producer
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -86,6 +87,11 @@ class Request:
         self.grammar: RequestGrammar | None = None  # set by the scheduler for structured outputs
         self.trace_headers = req.trace_headers
         self.pooling_params = req.pooling_params
+        extra = req.sampling_params.extra_args or {}
+        self.kv_transfer_params: dict | None = extra.get("kv_transfer_params")  # disaggregated prefill
+        self.kv_loaded = False  # its external tokens were loaded (a preempted request recomputes them)
+        self.num_external_tokens = 0  # prompt tokens whose KV was loaded from another engine
+        self.kv_transfer_params_out: dict | None = None  # what its response tells the next engine
         # Wall-clock timestamps for metrics and traces, comparable with arrival_time.
         self.queued_time = self.arrival_time
         self.first_scheduled_time: float | None = None

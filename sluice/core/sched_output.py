@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sluice.distributed.kv_transfer.base import KVConnectorMetadata, KVConnectorOutput
 from sluice.pooling.params import PoolingParams
 from sluice.lora.request import LoRARequest
 from sluice.multimodal.inputs import MultiModalFeature
@@ -66,6 +67,7 @@ class SchedulerOutput:
     finished_req_ids: list[str] = field(default_factory=list)  # the worker drops their state
     preempted_req_ids: list[str] = field(default_factory=list)  # the worker drops their blocks
     grammar_bitmask: GrammarBitmask | None = None  # None: no sampling row is constrained
+    kv_connector_metadata: KVConnectorMetadata | None = None  # KV transfers to start (disaggregated prefill)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class RunnerOutput:
     errors: dict[str, str] = field(default_factory=dict)  # requests the worker could not run (an adapter that no longer loads)
     mm_cache_queries: int = 0  # images whose encoder output a request needed (once per request and image)
     mm_cache_hits: int = 0  # of which the encoder cache held
+    kv_connector_output: KVConnectorOutput | None = None  # KV transfers that ended
 
 
 def encode_hook(obj):

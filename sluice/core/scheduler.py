@@ -15,6 +15,7 @@ tokens after its known ones, and the positions the worker rejects are taken back
 
 from __future__ import annotations
 
+import logging
 import time
 
 from sluice.config import SchedulerConfig, SpeculativeConfig
@@ -22,9 +23,12 @@ from sluice.core.kv_cache_manager import KVCacheManager
 from sluice.core.request import Request, RequestStatus
 from sluice.core.request_queue import create_request_queue
 from sluice.core.sched_output import GrammarBitmask, NewRequestData, RunnerOutput, SchedulerOutput
+from sluice.distributed.kv_transfer.base import KVConnectorOutput, KVConnectorScheduler
 from sluice.engine.messages import EngineCoreOutput
 from sluice.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
 from sluice.structured_output.manager import GrammarError, StructuredOutputManager
+
+logger = logging.getLogger("sluice")
 
 # With nothing else to run, how long one step may block waiting for a grammar to compile.
 GRAMMAR_IDLE_WAIT_S = 0.01
@@ -35,7 +39,8 @@ SPEC_REST_STEPS = 8
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
                  structured_output: StructuredOutputManager | None = None,
-                 speculative: SpeculativeConfig | None = None, max_loras: int | None = None) -> None:
+                 speculative: SpeculativeConfig | None = None, max_loras: int | None = None,
+                 connector: KVConnectorScheduler | None = None) -> None:
         self.config = config
         self.max_loras = max_loras  # distinct adapters running at once; None: LoRA is off
         self.speculative = speculative or SpeculativeConfig()
@@ -53,6 +58,14 @@ class Scheduler:
         self.preempted_for_worker: list[str] = []
         self.stats = IterationStats()  # what happened since the stat loggers last took it
         self.whole_prompts = False  # encoder-only models: a prompt runs in one step or waits
+        # Disaggregated prefill (kv_transfer_config): requests whose prompt KV is being pulled, finished
+        # requests whose blocks wait for a consumer's pull (until a deadline), and requests aborted mid-pull
+        # (their blocks go back once the worker stops writing them).
+        self.connector = connector
+        self.waiting_for_remote_kvs: dict[str, Request] = {}
+        self.kv_held: dict[str, tuple[Request, float]] = {}
+        self.kv_free_after_load: dict[str, Request] = {}
+        self.kv_new_holds = False  # a prefill finished with its blocks held: the worker must hear of it now
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -84,11 +97,16 @@ class Scheduler:
                 self._finish(request, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.finished_outputs or self.waiting_for_grammar)
+        return bool(self.waiting or self.running or self.finished_outputs or self.waiting_for_grammar
+                    or self.kv_transfers_pending())
+
+    def kv_transfers_pending(self) -> bool:
+        """KV transfers in flight or blocks held for one: the engine keeps stepping to hear of them."""
+        return bool(self.waiting_for_remote_kvs or self.kv_held or self.kv_free_after_load)
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting) + len(self.waiting_for_grammar)
+        return len(self.waiting) + len(self.waiting_for_grammar) + len(self.waiting_for_remote_kvs)
 
     def num_waiting_tokens(self) -> int:
         """Prompt tokens the waiting queue still has to compute (backpressure and metrics)."""
@@ -107,7 +125,8 @@ class Scheduler:
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting_capacity=len(self.waiting) - self.num_waiting_for_lora,
-            num_waiting_deferred=len(self.waiting_for_grammar) + self.num_waiting_for_lora,
+            num_waiting_deferred=len(self.waiting_for_grammar) + self.num_waiting_for_lora
+            + len(self.waiting_for_remote_kvs),
             num_waiting_tokens=self.num_waiting_tokens(),
             kv_cache_usage=pool.usage(),
             num_free_blocks=pool.num_free_blocks(),
@@ -121,13 +140,18 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         if self.waiting_for_grammar:
             self._admit_compiled_grammars()
+        if self.kv_held:
+            self._release_expired_holds()
         scheduled: dict[Request, int] = {}  # request -> tokens this step, in batch order
         budget = self.config.max_num_batched_tokens
         budget, preempted = self._schedule_running(scheduled, budget)
         self.num_waiting_for_lora = 0
         if not preempted:  # nothing new joins a step that had to preempt
             self._schedule_waiting(scheduled, budget)
-        return self._output(scheduled)
+        out = self._output(scheduled)
+        if self.connector is not None:
+            out.kv_connector_metadata = self.connector.build_connector_meta() or None
+        return out
 
     def _admit_compiled_grammars(self) -> None:
         """Queue requests whose grammar compiled; fail those whose grammar failed or timed out."""
@@ -207,7 +231,17 @@ class Scheduler:
                 # preempted after its output outgrew the whole cache
                 self._finish_with_error(request, self._outgrown_message(request))
                 continue
-            hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            loaded = request.request_id in self.kv.req_blocks  # its prompt's KV was pulled into its blocks
+            if loaded:
+                hits, num_hit_tokens = [], request.num_computed_tokens
+            else:
+                hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+                num_external = self.connector.get_num_new_matched_tokens(request, num_hit_tokens) \
+                    if self.connector is not None else 0
+                if num_external:
+                    if not self._start_load(request, hits, num_hit_tokens, num_external):
+                        break
+                    continue
             num_new = self._chunk(request.num_tokens - num_hit_tokens, budget, num_hit_tokens)
             if num_new == 0:  # a whole prompt waits for a step with room
                 break
@@ -215,7 +249,7 @@ class Scheduler:
             if self.kv.allocate_slots(request, num_new, hits, lookahead) is None and (
                     not lookahead or self.kv.allocate_slots(request, num_new, hits) is None):
                 break
-            if self.kv.enable_caching:  # counted once admitted: a refused admission retries later
+            if self.kv.enable_caching and not loaded:  # counted once admitted: a refused admission retries later
                 self.stats.prefix_cache_queries += request.num_tokens
                 self.stats.prefix_cache_hits += num_hit_tokens
             self.waiting.pop()
@@ -235,6 +269,66 @@ class Scheduler:
         for request in reversed(passed_over):  # back in front, in their order
             self.waiting.add_preempted(request)
         self.num_waiting_for_lora = len(passed_over)
+
+    def _start_load(self, request: Request, hits: list, num_hit_tokens: int, num_external: int) -> bool:
+        """Allocate blocks for a request's external tokens and have the worker pull them; it waits
+        outside the queue meanwhile. False: no room yet. The blocks are indexed in the prefix cache
+        only once their contents arrived."""
+        if self.kv.allocate_slots(request, num_external, hits, cache_blocks=False) is None:
+            return False
+        self.waiting.pop()
+        request.num_computed_tokens = num_hit_tokens
+        request.num_external_tokens = num_external
+        self.connector.update_state_after_alloc(request, self.kv.block_ids(request.request_id), num_external)
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        self.waiting_for_remote_kvs[request.request_id] = request
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.time()
+        return True
+
+    def _update_from_kv_transfers(self, done: KVConnectorOutput) -> None:
+        """Free the blocks consumers pulled; requeue (in front) the requests whose KV arrived."""
+        for request_id in done.finished_sending:
+            held = self.kv_held.pop(request_id, None)
+            if held is not None:
+                self.kv.free(held[0])
+        for request_id in done.finished_recving:
+            self._load_ended(request_id, None)
+        for request_id, reason in done.failed_recving.items():
+            self._load_ended(request_id, reason)
+
+    def _load_ended(self, request_id: str, error: str | None) -> None:
+        aborted = self.kv_free_after_load.pop(request_id, None)
+        if aborted is not None:
+            self.kv.free(aborted)
+            return
+        request = self.waiting_for_remote_kvs.get(request_id)
+        if request is None:
+            return
+        request.kv_loaded = True
+        if error is not None and self.connector.config.kv_load_failure_policy == "fail":
+            self._finish_with_error(request, error)
+            return
+        del self.waiting_for_remote_kvs[request_id]
+        if error is None:
+            request.num_computed_tokens += request.num_external_tokens
+        else:  # kv_load_failure_policy "recompute": its prompt runs here instead
+            logger.warning("request %s: %s; prefilling it locally", request_id, error)
+            self.kv.free(request)
+            request.num_computed_tokens = request.num_external_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.add_preempted(request)
+
+    def _release_expired_holds(self) -> None:
+        """Blocks held for a consumer that never pulled them go back after abort_request_timeout."""
+        now = time.monotonic()
+        for request_id, (request, deadline) in list(self.kv_held.items()):
+            if deadline <= now:
+                del self.kv_held[request_id]
+                self.connector.release(request_id)
+                self.kv.free(request)
+                logger.warning("request %s: no consumer pulled its KV within abort_request_timeout=%s s; its "
+                               "blocks are freed", request_id, self.connector.config.abort_request_timeout)
 
     def _adapter_fits(self, request: Request, adapters: set[int]) -> bool:
         """At most max_loras distinct adapters run at once (each holds a slot in every layer)."""
@@ -318,6 +412,8 @@ class Scheduler:
                 # this step's KV is not the request's: its blocks must not stay in the prefix cache
                 request.num_computed_tokens -= out.num_scheduled_tokens.get(rid, 0)
                 self._finish_with_error(request, message)
+        if result.kv_connector_output:
+            self._update_from_kv_transfers(result.kv_connector_output)
         outputs = self.finished_outputs
         self.finished_outputs = []
         now = time.time()
@@ -362,6 +458,7 @@ class Scheduler:
             )
             if status is not None:
                 self._finish(request, status, emit=False)
+                output.kv_transfer_params = request.kv_transfer_params_out
                 output.finish_reason = status.finish_reason
                 output.stop_reason = request.stop_reason
                 output.error = request.error
@@ -457,13 +554,16 @@ class Scheduler:
             self.waiting.remove(request)
         elif request.status == RequestStatus.WAITING_FOR_GRAMMAR:
             self.waiting_for_grammar.remove(request)
+        elif request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+            del self.waiting_for_remote_kvs[request.request_id]
+        mid_load = request.status == RequestStatus.WAITING_FOR_REMOTE_KVS and not request.kv_loaded
         if request.num_worker_tokens:
             self.finished_for_worker.append(request.request_id)
         if request.grammar is not None:
             self.structured_output.release()
             request.grammar = None
         request.status = status
-        self.kv.free(request)
+        self._release_blocks(request, mid_load)
         self.requests.pop(request.request_id, None)
         self.stats.finished.append(finished_request_stats(request))
         if emit:
@@ -471,9 +571,25 @@ class Scheduler:
                 EngineCoreOutput(
                     request.request_id, [], finish_reason=status.finish_reason, error=request.error,
                     num_cached_tokens=max(request.num_cached_tokens, 0),
-                    num_preemptions=request.num_preemptions,
+                    num_preemptions=request.num_preemptions, kv_transfer_params=request.kv_transfer_params_out,
                 )
             )
+
+    def _release_blocks(self, request: Request, mid_load: bool) -> None:
+        """Free a finished request's blocks, unless a transfer still needs them: a consumer's worker
+        writing them (freed when its load ends), or a producer's consumer yet to pull them."""
+        if mid_load:
+            self.kv_free_after_load[request.request_id] = request
+            return
+        if self.connector is not None:
+            block_ids = self.kv.block_ids(request.request_id)
+            hold, request.kv_transfer_params_out = self.connector.request_finished(request, block_ids)
+            if hold:
+                deadline = time.monotonic() + self.connector.config.abort_request_timeout
+                self.kv_held[request.request_id] = (request, deadline)
+                self.kv_new_holds = True
+                return
+        self.kv.free(request)
 
     def _finish_with_error(self, request: Request, message: str) -> None:
         request.error = message
@@ -505,6 +621,7 @@ def finished_request_stats(request: Request) -> FinishedRequestStats:
         finished_time=time.time(),
         num_cached_tokens=max(request.num_cached_tokens, 0),
         num_preemptions=request.num_preemptions,
+        num_external_tokens=request.num_external_tokens,
         temperature=params.temperature,
         top_p=params.top_p,
         trace_headers=request.trace_headers,

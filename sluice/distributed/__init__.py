@@ -1,5 +1,5 @@
 """The ranks' process group: the one communicator tensor-parallel layers call, and the pipeline
-stage that tells a rank its layers and its neighbours.
+stage that tells a rank its layers and its neighbours. (`kv_transfer/` moves KV between engines.)
 
 Every rank runs the same model code on its shard of the weights; the layers meet at three
 collectives (all-reduce after a row-parallel matmul, all-gather of the vocabulary-parallel

@@ -14,7 +14,8 @@ from sluice.config import EngineConfig
 from sluice.core.kv_cache_manager import KVCacheManager, cdiv
 from sluice.core.request import Request
 from sluice.core.scheduler import Scheduler
-from sluice.core.sched_output import RunnerOutput
+from sluice.core.sched_output import RunnerOutput, SchedulerOutput
+from sluice.distributed.kv_transfer.factory import create_scheduler_connector
 from sluice.engine.messages import EngineCoreOutput, EngineCoreRequest, QueueFullError
 from sluice.executor.abstract import Executor
 from sluice.lora.request import LoRARequest
@@ -26,6 +27,9 @@ from sluice.pooling.config import PoolerConfig, position_offset
 from sluice.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger("sluice")
+
+# A step with nothing to run while KV transfers are in flight waits this long before asking again.
+KV_TRANSFER_IDLE_WAIT_S = 0.002
 
 
 def resolve_max_model_len(requested: int | None, hf_config) -> int:
@@ -62,8 +66,12 @@ class EngineCore:
                                  sliding_window=model["sliding_window"])
         grammars = StructuredOutputManager(config.structured_outputs, functools.partial(get_tokenizer, config),
                                            hf_config.get_text_config().vocab_size)
+        if config.kv_transfer.enabled and (model["sliding_window"] or encoder_only):
+            raise ValueError("kv_transfer_config: disaggregated prefill needs a decoder whose every layer keeps "
+                             "its whole KV (this model has a sliding window on every layer, or is encoder-only)")
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, grammars, config.speculative,
-                                   config.lora.max_loras if config.lora.enable_lora else None)
+                                   config.lora.max_loras if config.lora.enable_lora else None,
+                                   create_scheduler_connector(config))
         self.scheduler.whole_prompts = encoder_only
         if encoder_only and config.scheduler.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens={config.scheduler.max_num_batched_tokens} is less than "
@@ -139,17 +147,36 @@ class EngineCore:
         sched = self.scheduler.schedule()
         self.dashboard.on_step(sched)
         if not sched.total_num_scheduled_tokens:
-            outputs = self.scheduler.update_from_output(sched, RunnerOutput())
+            outputs = self.scheduler.update_from_output(sched, self._idle_step(sched))
         else:
             scheduled = time.time()
             result = self.executor.execute_model(sched)
             executed = time.time()
             outputs = self.scheduler.update_from_output(sched, result)
+        if self.scheduler.kv_new_holds:
+            outputs += self._send_kv_holds()
             if self.tracer is not None and self.tracer.detailed:
                 self.tracer.step_span((started, scheduled, executed, time.time()),
                                       list(sched.num_scheduled_tokens), sched.total_num_scheduled_tokens)
         self.record_stats()
         return outputs
+
+    def _send_kv_holds(self) -> list[EngineCoreOutput]:
+        """Blocks of prefills that just finished: their worker serves them from now on, not from
+        the next step (an idle producer, e.g. an offline LLM, may not take one soon)."""
+        self.scheduler.kv_new_holds = False
+        flush = SchedulerOutput(kv_connector_metadata=self.scheduler.connector.build_connector_meta())
+        return self.scheduler.update_from_output(flush, self.executor.execute_model(flush))
+
+    def _idle_step(self, sched) -> RunnerOutput:
+        """A step that runs no tokens: the worker still hears of KV transfers to start (or
+        release) and reports those that ended."""
+        if not (sched.kv_connector_metadata or self.scheduler.kv_transfers_pending()):
+            return RunnerOutput()
+        result = self.executor.execute_model(sched)
+        if not sched.kv_connector_metadata and not result.kv_connector_output:
+            time.sleep(KV_TRANSFER_IDLE_WAIT_S)
+        return result
 
     def shutdown(self) -> None:
         self.executor.shutdown()

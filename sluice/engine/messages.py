@@ -49,6 +49,7 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     pooling_output: list[float] | None = None  # a finished pooling request's vector (or class logits)
+    kv_transfer_params: dict | None = None  # a finished prefill's: where a decode engine pulls its KV from
 
 
 class QueueFullError(RuntimeError):

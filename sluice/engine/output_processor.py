@@ -44,6 +44,7 @@ class RequestState:
         self.stop_reason: int | str | None = None
         self.error: str | None = None
         self.num_cached_tokens = 0
+        self.kv_transfer_params: dict | None = None
         self.num_preemptions = 0
         self.stream = stream
         self.num_sent_tokens = 0  # streaming: tokens (and their logprobs) already handed out
@@ -159,6 +160,7 @@ class OutputProcessor:
             state.finish_reason = out.finish_reason
             state.stop_reason = out.stop_reason
             state.error = out.error
+            state.kv_transfer_params = out.kv_transfer_params
 
     @staticmethod
     def _logprob_dict(state: RequestState, ids: list[int], values: list[float], rank: int) -> dict[int, Logprob]:
@@ -206,4 +208,5 @@ class OutputProcessor:
             finished=True,
             num_cached_tokens=first.num_cached_tokens,
             metrics={"num_preemptions": num_preemptions},
+            kv_transfer_params=first.kv_transfer_params,
         )

@@ -16,6 +16,7 @@ from sluice.metrics.stats import FinishedRequestStats, IterationStats, Scheduler
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 WAITING_REASONS = ("capacity", "deferred")
+PROMPT_TOKEN_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
 
 # Bucket boundaries as vLLM's, so percentiles from either engine compare.
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -86,6 +87,9 @@ class PrometheusStatLogger:
         self.mm_hits = counter("vllm:mm_cache_hits", "Images found in the encoder cache.").labels(*m)
         self.prompt_tokens_cached = counter("vllm:prompt_tokens_cached",
                                             "Prompt tokens of finished requests served from the prefix cache.").labels(*m)
+        by_source = counter("vllm:prompt_tokens_by_source", "Prompt tokens of finished requests by where their KV "
+                            "came from: local_compute, local_cache_hit, external_kv_transfer.", ("source",))
+        self.prompt_tokens_by_source = {source: by_source.labels(*m, source) for source in PROMPT_TOKEN_SOURCES}
         success = counter("vllm:request_success", "Finished requests, by finish reason.", ("finished_reason",))
         self.success = {reason: success.labels(*m, reason) for reason in FINISH_REASONS}
 
@@ -98,6 +102,10 @@ class PrometheusStatLogger:
         self.decode = histogram("vllm:request_decode_time_seconds", "First token to finish.", REQUEST_LATENCY_BUCKETS)
         self.inference = histogram("vllm:request_inference_time_seconds", "First scheduled to finish.", REQUEST_LATENCY_BUCKETS)
         self.tpot = histogram("vllm:request_time_per_output_token_seconds", "Decode time per output token after the first.", ITL_BUCKETS)
+        self.prefill_kv_computed = histogram(
+            "vllm:request_prefill_kv_computed_tokens",
+            "Prompt tokens per request whose KV was computed here (not prefix-cached, not loaded from another "
+            "engine).", tokens)
         self.request_prompt = histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", tokens)
         self.request_generation = histogram("vllm:request_generation_tokens", "Generated tokens per request.", tokens)
         self.request_max_tokens = histogram("vllm:request_params_max_tokens", "max_tokens per request.", tokens)
@@ -181,11 +189,21 @@ class PrometheusStatLogger:
             self.request_n.observe(req.n)
             self.request_preemptions.observe(req.num_preemptions)
             self.prompt_tokens_cached.inc(req.num_cached_tokens)
+            if req.first_token_time is not None:  # its prefill ran
+                self._record_prompt_sources(req)
             self.observe_max_generation(req)
         if self.kv_block_metrics:
             observe(self.block_lifetime, it.kv_blocks.lifetimes)
             observe(self.block_idle, it.kv_blocks.idle_before_evict)
             observe(self.block_reuse, it.kv_blocks.reuse_gaps)
+
+    def _record_prompt_sources(self, req: FinishedRequestStats) -> None:
+        computed = req.num_prompt_tokens - req.num_cached_tokens
+        self.prefill_kv_computed.observe(computed)
+        sources = self.prompt_tokens_by_source
+        sources["local_compute"].inc(computed)
+        sources["local_cache_hit"].inc(req.num_cached_tokens - req.num_external_tokens)
+        sources["external_kv_transfer"].inc(req.num_external_tokens)
 
     def observe_max_generation(self, req: FinishedRequestStats) -> None:
         """The longest of a user request's n sequences, once its last one finishes (the core

@@ -46,8 +46,9 @@ class FinishedRequestStats:
     scheduled_time: float | None  # first scheduled; None if it never ran
     first_token_time: float | None
     finished_time: float
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0  # prefix-cache hits and KV loaded from another engine
     num_preemptions: int = 0
+    num_external_tokens: int = 0  # prompt tokens whose KV was loaded from another engine
     temperature: float = 1.0
     top_p: float = 1.0
     trace_headers: dict[str, str] | None = None

@@ -15,6 +15,7 @@ import logging
 from sluice.config import EngineConfig
 from sluice.core.sched_output import RunnerOutput, SchedulerOutput
 from sluice.distributed import get_tp_group, init_parallel
+from sluice.distributed.kv_transfer.factory import create_worker_connector
 from sluice.layers.attention import kv_sliding_window
 from sluice.loader import ModelSource
 from sluice.lora.manager import LoRAManager
@@ -39,6 +40,7 @@ class Worker:
                           distributed_init_method, config.model.device)
         self.runner = ModelRunner(config, hf_config, source)
         self.sleeping_weights: SleepingWeights | None = None
+        self.kv_connector = create_worker_connector(config)  # disaggregated prefill
 
     def describe(self) -> dict:
         """What the engine core needs from the model before it sizes anything."""
@@ -51,12 +53,26 @@ class Worker:
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
+        if self.kv_connector is not None:
+            self.kv_connector.register_kv_caches(self.runner.kv_caches, self.kv_layout())
+
+    def kv_layout(self) -> list:
+        """What both ends of a KV transfer must share: block size, and each layer's attention
+        backend (its element order), cache dtype and block shape."""
+        runner = self.runner
+        return [runner.block_size, *([type(attn.backend).__name__, str(cache.dtype), list(cache.shape[2:])]
+                                     for attn, cache in zip(runner.attention_layers, runner.kv_caches))]
 
     def populate_kv(self) -> None:
         self.runner.populate_kv()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        return self.runner.execute_model(scheduler_output)
+        if self.kv_connector is None:
+            return self.runner.execute_model(scheduler_output)
+        self.kv_connector.start_step(scheduler_output.kv_connector_metadata)
+        output = self.runner.execute_model(scheduler_output)
+        output.kv_connector_output = self.kv_connector.get_finished()
+        return output
 
     def communication_stats(self) -> dict:
         """Seconds and calls spent in tensor-parallel collectives since the last ask."""

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 
 import httpx
 import openai
 import pytest
 
 from sluice import LLM, SamplingParams
-from tests.server.utils import RemoteServer, free_port, parse_samples
+from tests.server.utils import RemoteServer, free_port, parse_samples, start_vllm_router
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):", "Once upon a time",
            "The three primary colours are", "My favourite food is"]
@@ -72,23 +69,7 @@ def test_bad_data_parallel_settings_are_refused():
 
 
 def _router(*workers: str) -> tuple[subprocess.Popen, str]:
-    binary = shutil.which("vllm-router", path=os.path.dirname(sys.executable)) or shutil.which("vllm-router")
-    assert binary, "vllm-router (the test extra) is not installed"
-    port = free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="vllm-router-", suffix=".log", delete=False)
-    process = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin",
-                                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
-                                "--worker-urls", *workers], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.25)
-    process.kill()
-    raise TimeoutError(f"vllm-router not ready: {open(log.name).read()}")
+    return start_vllm_router("--policy", "round_robin", "--worker-urls", *workers)
 
 
 def test_replicas_behind_vllm_router(reference):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,3 +99,25 @@ def parse_metrics(text: str) -> dict[str, float]:
             name = f"{name}{{le={labels.get('le', labels.get('quantile'))}}}"
         values[name] = values.get(name, 0.0) + value
     return values
+
+
+def start_vllm_router(*args: str) -> tuple[subprocess.Popen, str]:
+    """vllm-router (the test extra) on a free loopback port with these arguments; its URL once it
+    answers /v1/models."""
+    binary = shutil.which("vllm-router", path=os.path.dirname(sys.executable)) or shutil.which("vllm-router")
+    assert binary, "vllm-router (the test extra) is not installed"
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w+", prefix="vllm-router-", suffix=".log", delete=False)
+    process = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", str(port),
+                                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()), *args],
+                               stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.25)
+    process.kill()
+    raise TimeoutError(f"vllm-router not ready: {open(log.name).read()}")

@@ -544,6 +544,11 @@ class _SamplingRequest(_ApiRequest):
         kwargs["logprobs"], kwargs["prompt_logprobs"] = self._logprob_counts()
         kwargs["structured_outputs"] = self._structured_outputs()
         kwargs["logit_bias"] = self._logit_bias()
+        if self.kv_transfer_params is not None:  # vLLM's place for them: SamplingParams.extra_args
+            if n > 1:
+                raise APIError(f"kv_transfer_params describes one sequence's KV; n must be 1, got {n}",
+                               param="kv_transfer_params")
+            kwargs["extra_args"] = {"kv_transfer_params": self.kv_transfer_params}
         try:
             return SamplingParams(**kwargs)
         except ValueError as exc:

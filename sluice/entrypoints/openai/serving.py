@@ -396,6 +396,8 @@ class OpenAIServing:
         usage = _Usage([job], self.prompt_tokens_details)
         usage.add(0, out)
         body = {**_Head("chat.completion", job.request_id, model).body(choices), "usage": usage.info()}
+        if out.kv_transfer_params is not None:  # a finished prefill: where the decode engine pulls its KV
+            body["kv_transfer_params"] = out.kv_transfer_params
         if params.prompt_logprobs is not None:
             body["prompt_logprobs"] = _prompt_logprobs_json(out.prompt_logprobs)
         if request.return_token_ids:
@@ -531,6 +533,9 @@ class OpenAIServing:
         request_id = _request_id("cmpl", request_id or request.request_id)
         prompts = request.prompts()
         self._check_fan_out(request, len(prompts))
+        if request.kv_transfer_params is not None and len(prompts) > 1:
+            raise APIError(f"kv_transfer_params describes one prompt's KV; got {len(prompts)} prompts",
+                           param="kv_transfer_params")
         tokenized = await self._off_loop(lambda: [
             self._truncate(request, *self._tokenize_prompt(self._fim_prompt(prompt, request.suffix),
                                                            request.add_special_tokens))
@@ -569,7 +574,10 @@ class OpenAIServing:
                 if request.return_token_ids:
                     choice.update(prompt_token_ids=out.prompt_token_ids, token_ids=c.token_ids)
                 choices.append(choice)
-        return {**head.body(choices), "usage": usage.info()}
+        body = {**head.body(choices), "usage": usage.info()}
+        if outs[0].kv_transfer_params is not None:  # a finished prefill: where the decode engine pulls its KV
+            body["kv_transfer_params"] = outs[0].kv_transfer_params
+        return body
 
     def _fim_prompt(self, prompt: str | list[int], suffix: str | None) -> str | list[int]:
         if not suffix:
