@@ -172,6 +172,10 @@ class ParallelConfig:
         _check(self.world_size == 1 or self.distributed_executor_backend != "uni",
                f"{self.describe_ranks()} runs a worker process per rank: distributed_executor_backend "
                "(--distributed-executor-backend) must be mp or ray, not uni")
+        size, rank = self.data_parallel_size, self.data_parallel_rank
+        _check(_is_int(size) and size >= 1, f"data_parallel_size must be an int >= 1; got {size!r}")
+        _check(rank is None or (_is_int(rank) and 0 <= rank < size),
+               f"data_parallel_rank must be an int in [0, data_parallel_size - 1 = {size - 1}]; got {rank!r}")
 
     @property
     def world_size(self) -> int:
@@ -188,10 +192,6 @@ class ParallelConfig:
         parts = [f"tensor_parallel_size={self.tensor_parallel_size}"] * (self.tensor_parallel_size > 1)
         parts += [f"pipeline_parallel_size={self.pipeline_parallel_size}"] * (self.pipeline_parallel_size > 1)
         return " x ".join(parts) or "tensor_parallel_size=1"
-        size, rank = self.data_parallel_size, self.data_parallel_rank
-        _check(_is_int(size) and size >= 1, f"data_parallel_size must be an int >= 1; got {size!r}")
-        _check(rank is None or (_is_int(rank) and 0 <= rank < size),
-               f"data_parallel_rank must be an int in [0, data_parallel_size - 1 = {size - 1}]; got {rank!r}")
 
     def local_ranks(self) -> list[int]:
         """The data-parallel ranks whose engine cores this server runs."""

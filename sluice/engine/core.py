@@ -153,11 +153,11 @@ class EngineCore:
             result = self.executor.execute_model(sched)
             executed = time.time()
             outputs = self.scheduler.update_from_output(sched, result)
-        if self.scheduler.kv_new_holds:
-            outputs += self._send_kv_holds()
             if self.tracer is not None and self.tracer.detailed:
                 self.tracer.step_span((started, scheduled, executed, time.time()),
                                       list(sched.num_scheduled_tokens), sched.total_num_scheduled_tokens)
+        if self.scheduler.kv_new_holds:
+            outputs += self._send_kv_holds()
         self.record_stats()
         return outputs
 
