@@ -81,6 +81,12 @@ def _check_values(part) -> None:
                f"accepted today: {', '.join(map(repr, available or ()))}")
 
 
+def _check_known_keys(where: str, spec: dict, known) -> None:
+    """A JSON-object argument names only keys we know (a typo is an error, never ignored)."""
+    unknown = sorted(set(spec) - set(known))
+    _check(not unknown, f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+
+
 def _check_json_object(name: str, value: object) -> None:
     _check(value is None or isinstance(value, dict), f"{name} must be a JSON object (a dict), got {value!r}")
 
@@ -463,9 +469,7 @@ class SpeculativeConfig:
         if spec is None:
             return
         where = "speculative_config (--speculative-config)"
-        unknown = sorted(set(spec) - set(_SPECULATIVE_KEYS))
-        _check(not unknown, f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                            f"known: {', '.join(_SPECULATIVE_KEYS)}")
+        _check_known_keys(where, spec, _SPECULATIVE_KEYS)
         method = spec.get("method")
         _check(method in SPECULATIVE_METHODS, f"{where}: method must be one of "
                                               f"{', '.join(SPECULATIVE_METHODS)}; got {method!r}")
@@ -537,9 +541,7 @@ class KVTransferConfig:
         if spec is None:
             return
         where = "kv_transfer_config (--kv-transfer-config)"
-        unknown = sorted(set(spec) - set(_KV_TRANSFER_KEYS))
-        _check(not unknown, f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                            f"known: {', '.join(_KV_TRANSFER_KEYS)}")
+        _check_known_keys(where, spec, _KV_TRANSFER_KEYS)
         connector, role = spec.get("kv_connector"), spec.get("kv_role")
         _check(connector in KV_CONNECTORS, f"{where}: kv_connector must be one of {', '.join(KV_CONNECTORS)}; "
                                            f"got {connector!r}")
