@@ -52,6 +52,13 @@ class ModelLoadError(ValueError):
     """A model could not be found or read; the message names the file or field."""
 
 
+def copy_weight(param, tensor, name: str) -> None:
+    """Copy a checkpoint tensor into its parameter, refusing one whose shape does not fit."""
+    if tensor.shape != param.shape:
+        raise ValueError(f"shape mismatch for {name!r}: expected {tuple(param.shape)}, got {tuple(tensor.shape)}")
+    param.copy_(tensor)
+
+
 @dataclass(frozen=True)
 class ModelSource:
     kind: Literal["hf_folder", "gguf"]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sluice.layers.linear import Linear
+from sluice.loader import copy_weight
 from sluice.pooling.config import position_offset
 
 
@@ -150,10 +151,7 @@ class BertModel(nn.Module):
                 continue
             if name not in params:
                 raise ValueError(f"unexpected parameter {name!r} for {type(self).__name__}")
-            if tensor.shape != params[name].shape:
-                raise ValueError(f"shape mismatch for {name!r}: expected {tuple(params[name].shape)}, "
-                                 f"got {tuple(tensor.shape)}")
-            params[name].copy_(tensor)
+            copy_weight(params[name], tensor, name)
             pending.discard(name)
         if pending:
             raise ValueError(f"parameters never loaded: {', '.join(sorted(pending)[:10])}")

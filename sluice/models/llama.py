@@ -22,6 +22,7 @@ from sluice.layers.linear import GateUpLinear, MergedLinear, QKVLinear, RowParal
 from sluice.layers.norm import RMSNorm
 from sluice.layers.rotary import get_rope, rope_parameters, rotary_dim, rotary_order
 from sluice.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
+from sluice.loader import copy_weight
 
 
 @dataclass(frozen=True)
@@ -298,10 +299,7 @@ class LlamaForCausalLM(nn.Module):
             if name not in params:
                 raise ValueError(f"unexpected parameter {hf_name!r} for {type(self).__name__}")
             if shard is None:
-                if tensor.shape != params[name].shape:
-                    raise ValueError(f"shape mismatch for {hf_name!r}: expected {tuple(params[name].shape)}, "
-                                     f"got {tuple(tensor.shape)}")
-                params[name].copy_(tensor)
+                copy_weight(params[name], tensor, hf_name)
                 owner = modules[name.rpartition(".")[0]]
                 pending.difference_update((name, s) for s in getattr(owner, "shard_sizes", (None,)))
             else:

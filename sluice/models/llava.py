@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sluice.layers.attention import AttentionMetadata
+from sluice.loader import copy_weight
 from sluice.models.registry import MODEL_REGISTRY
 
 # text_config.model_type -> the registry's decoder
@@ -120,8 +121,5 @@ class LlavaForConditionalGeneration(nn.Module):
                 continue  # a buffer some checkpoints carry
             if name not in params:
                 raise ValueError(f"unexpected parameter {hf_name!r} for LlavaForConditionalGeneration")
-            if tensor.shape != params[name].shape:
-                raise ValueError(f"shape mismatch for {hf_name!r}: expected {tuple(params[name].shape)}, "
-                                 f"got {tuple(tensor.shape)}")
-            params[name].copy_(tensor)
+            copy_weight(params[name], tensor, hf_name)
             pending.discard(name)
