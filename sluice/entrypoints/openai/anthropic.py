@@ -5,8 +5,9 @@ official `anthropic` client works against sluice, streamed or not.
 `temperature`, `top_p`, `top_k` (the current SDK sends these through `extra_body`), `tools`,
 `tool_choice` and `output_config.format` (a JSON schema) map onto their chat counterparts;
 the answer comes back as Anthropic's message object or its event stream (`message_start`,
-`content_block_start`, `content_block_delta`, ..., `message_stop`). Images and extended
-thinking are refused by name.
+`content_block_start`, `content_block_delta`, ..., `message_stop`). `image` blocks in user
+turns (a base64 or url `source`) take the chat path's image route, for a vision-language
+model; extended thinking is refused by name.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from sluice.entrypoints.openai.chat_adapter import chat_chunks, chat_request, closing_chunks, sse_event
+from sluice.entrypoints.openai.chat_adapter import chat_chunks, closing_chunks, image_part, run_chat, sse_event
 from sluice.entrypoints.openai.protocol import APIError, OpenAIModel
 
 RENAMES = {"max_completion_tokens": "max_tokens", "stop": "stop_sequences", "response_format": "output_config.format"}
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")  # what Anthropic's API takes
 
 
 class AnthropicTool(BaseModel):
@@ -146,11 +148,16 @@ def chat_turn(message: AnthropicMessage, where: str) -> list[dict[str, Any]]:
     user's text), tool_use blocks become the assistant's tool_calls."""
     if isinstance(message.content, str):
         return [{"role": message.role, "content": message.content}]
-    texts, calls, results = [], [], []
+    texts, calls, results, images = [], [], [], []
+    parts = []  # text and image parts in block order, for a turn with images
     for i, block in enumerate(message.content):
         kind = block.get("type")
         if kind == "text":
             texts.append(str(block.get("text", "")))
+            parts.append({"type": "text", "text": texts[-1]})
+        elif kind == "image" and message.role == "user":
+            images.append(image_block(block, f"{where}.content.{i}"))
+            parts.append(images[-1])
         elif kind == "tool_use" and message.role == "assistant":
             calls.append({"id": block.get("id"), "type": "function",
                           "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {})}})
@@ -160,12 +167,31 @@ def chat_turn(message: AnthropicMessage, where: str) -> list[dict[str, Any]]:
                             "content": block_text(content, f"{where}.content.{i}.content")})
         else:
             raise APIError(f"{where}.content.{i}: a {kind!r} block is not supported in a {message.role} turn "
-                           "(text, tool_use from the assistant, tool_result from the user)",
+                           "(text, tool_use from the assistant, tool_result and image from the user)",
                            param=f"{where}.content.{i}.type")
-    turn = {"role": message.role, "content": "".join(texts)}  # "" beside tool calls: templates read .content
+    # "" beside tool calls: templates read .content
+    turn = {"role": message.role, "content": parts if images else "".join(texts)}
     if calls:
         turn["tool_calls"] = calls
-    return results + ([turn] if texts or calls else [])
+    return results + ([turn] if texts or calls or images else [])
+
+
+def image_block(block: dict[str, Any], where: str) -> dict[str, Any]:
+    """An `image` block as a chat image part: a base64 source becomes a data: URL."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "url" and isinstance(source.get("url"), str):
+        return image_part(source["url"], f"{where}.source")
+    if kind != "base64":
+        raise APIError(f"{where}.source must be {{\"type\": \"base64\", \"media_type\": ..., \"data\": ...}} or "
+                       f"{{\"type\": \"url\", \"url\": ...}}; got type {kind!r}", param=f"{where}.source.type")
+    media_type = source.get("media_type")
+    if media_type not in IMAGE_MEDIA_TYPES:
+        raise APIError(f"{where}.source.media_type must be one of {', '.join(IMAGE_MEDIA_TYPES)}; got {media_type!r}",
+                       param=f"{where}.source.media_type")
+    if not isinstance(source.get("data"), str) or not source["data"]:
+        raise APIError(f"{where}.source.data must be the image's bytes in base64", param=f"{where}.source.data")
+    return image_part(f"data:{media_type};base64,{source['data']}", f"{where}.source")
 
 
 # ---- results -------------------------------------------------------------------------------
@@ -295,7 +321,7 @@ async def create_message(serving, request: MessagesRequest,
                          trace_headers: dict[str, str] | None = None) -> dict | AsyncIterator[str]:
     model = serving.check_model(request.model)
     message_id = f"msg_{uuid.uuid4().hex}"
-    result = await serving.chat(chat_request(request.to_chat(), RENAMES), trace_headers)
+    result = await run_chat(serving, request.to_chat(), RENAMES, trace_headers)
     if isinstance(result, dict):
         choice = result["choices"][0]
         stop = stop_fields(choice["finish_reason"], choice.get("stop_reason"), request.stop_sequences,

@@ -14,6 +14,36 @@ import pydantic
 from sluice.entrypoints.openai.protocol import APIError, ChatCompletionRequest, validation_error_to_api_error
 
 
+def image_part(url: str, origin: str) -> dict[str, Any]:
+    """A chat image_url part that remembers the caller's field (`origin`), so an error about the
+    image (too large, not an image, over --limit-mm-per-prompt) names the caller's own field."""
+    return {"type": "image_url", "image_url": {"url": url}, "origin": origin}
+
+
+def image_origins(messages: list[dict[str, Any]]) -> dict[str, str]:
+    """Take the origins out of a chat body's image parts: the chat path's name for each image
+    part (`messages.1.content.0.image_url`) -> the caller's (`input.0.content.2.image_url`)."""
+    origins = {}
+    for i, message in enumerate(messages):
+        for j, part in enumerate(message.get("content") if isinstance(message.get("content"), list) else ()):
+            origin = part.pop("origin", None) if isinstance(part, dict) else None
+            if origin is not None:
+                origins[f"messages.{i}.content.{j}.image_url"] = origin
+    return origins
+
+
+async def run_chat(serving, body: dict[str, Any], renames: dict[str, str], trace_headers) -> dict | AsyncIterator[str]:
+    """The chat path's result for an adapter's chat-shaped body; its errors name the caller's fields."""
+    origins = image_origins(body["messages"])
+    try:
+        return await serving.chat(chat_request(body, renames), trace_headers)
+    except APIError as error:
+        if error.param in origins:
+            error.message = error.message.replace(error.param, origins[error.param])
+            error.param = origins[error.param]
+        raise
+
+
 def chat_request(body: dict[str, Any], renames: dict[str, str]) -> ChatCompletionRequest:
     """A ChatCompletionRequest from a chat-shaped dict; errors name the caller's own fields
     (`renames`: chat field -> the other API's)."""

@@ -164,6 +164,10 @@ def _check_content(value: Any) -> Any:
     return parts
 
 
+def has_images(messages: list["ChatMessage"]) -> bool:
+    return any(isinstance(m.content, list) and any(p["type"] == "image_url" for p in m.content) for m in messages)
+
+
 def content_as_text(content: str | list[dict] | None) -> str:
     """The `string` content format: text parts joined with newlines, as vLLM does; None is ''.
     (Image parts go to the model's processor, which places them: see multimodal.split_images.)"""
@@ -675,10 +679,6 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def template_messages(self, content_format: str = "string") -> list[dict[str, Any]]:
         return [m.to_template(content_format) for m in self.messages]
-
-    def has_images(self) -> bool:
-        return any(isinstance(m.content, list) and any(p["type"] == "image_url" for p in m.content)
-                   for m in self.messages)
 
     def echo_text(self) -> str:
         """What echo puts before the reply: the final message being continued."""

@@ -1,7 +1,7 @@
 """OpenAI's Responses API (`POST /v1/responses`), over the chat completions path.
 
 `input` (text or a list of messages, function calls and their outputs) and `instructions`
-become chat messages; function tools, `tool_choice`, `text.format` and `max_output_tokens`
+become chat messages (`input_image` parts become image_url parts, for a vision-language model); function tools, `tool_choice`, `text.format` and `max_output_tokens`
 map onto their chat counterparts. Streaming sends the Responses API's typed events
 (`response.created`, `response.output_text.delta`, ..., `response.completed`).
 
@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from sluice.entrypoints.openai.chat_adapter import chat_chunks, chat_request, closing_chunks, sse_event
+from sluice.entrypoints.openai.chat_adapter import chat_chunks, closing_chunks, image_part, run_chat, sse_event
 from sluice.entrypoints.openai.protocol import APIError, OpenAIModel
 
 RENAMES = {"max_completion_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
@@ -126,7 +126,7 @@ def chat_message(item: dict[str, Any], where: str, messages: list) -> dict[str, 
         if role not in ("user", "assistant", "system", "developer"):
             raise APIError(f"{where}.role must be user, assistant, system or developer, got {role!r}",
                            param=f"{where}.role")
-        return {"role": role, "content": text_of(item.get("content"), f"{where}.content")}
+        return {"role": role, "content": message_content(item.get("content"), f"{where}.content")}
     if kind == "function_call":
         call = {"id": item.get("call_id") or item.get("id"), "type": "function",
                 "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}
@@ -143,17 +143,43 @@ def chat_message(item: dict[str, Any], where: str, messages: list) -> dict[str, 
                    param=f"{where}.type")
 
 
-def text_of(content: Any, where: str) -> str:
+def message_content(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A message's content: its text, or chat parts (text and image_url) when it holds
+    `input_image` parts, which go down the chat path's image route."""
+    if not isinstance(content, list) or not any(isinstance(p, dict) and p.get("type") == "input_image"
+                                                for p in content):
+        return text_of(content, where)
+    parts = []
+    for i, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "input_image":
+            parts.append(input_image(part, f"{where}.{i}"))
+        else:
+            parts.append({"type": "text", "text": text_of([part], where, first=i)})
+    return parts
+
+
+def input_image(part: dict[str, Any], where: str) -> dict[str, Any]:
+    """An `input_image` part (`image_url`: a data: or http(s) URL) as a chat image part."""
+    if part.get("file_id") is not None:
+        raise APIError(f"{where}.file_id: images by file id are not supported (this server keeps no files); "
+                       "send image_url as a data: or http(s) URL", param=f"{where}.file_id")
+    url = part.get("image_url")
+    if not isinstance(url, str) or not url:
+        raise APIError(f"{where}.image_url must be a data: or http(s) URL string", param=f"{where}.image_url")
+    return image_part(url, f"{where}.image_url")
+
+
+def text_of(content: Any, where: str, first: int = 0) -> str:
     """Message content as text: a string, or input_text / output_text parts joined."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise APIError(f"{where} must be a string or a list of text parts", param=where)
     texts = []
-    for i, part in enumerate(content):
+    for i, part in enumerate(content, first):
         if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise APIError(f"{where}.{i}: content part {kind!r} is not supported (text parts only)",
+            raise APIError(f"{where}.{i}: content part {kind!r} is not supported here (text parts; input_image in messages)",
                            param=f"{where}.{i}")
         texts.append(str(part.get("text", "")))
     return "".join(texts)
@@ -347,7 +373,7 @@ async def create_response(serving, request: ResponsesRequest,
     request.refuse_stored_state()
     model = serving.check_model(request.model)
     shell = ResponseShell(request, model)
-    result = await serving.chat(chat_request(request.to_chat(), RENAMES), trace_headers)
+    result = await run_chat(serving, request.to_chat(), RENAMES, trace_headers)
     if isinstance(result, dict):
         choice = result["choices"][0]
         return shell.body("completed", output_items(choice["message"]), result.get("usage"), choice["finish_reason"])

@@ -29,6 +29,7 @@ from sluice.entrypoints.openai.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    has_images,
     model_card,
     model_list,
     response_envelope,
@@ -367,7 +368,7 @@ class OpenAIServing:
         content_format = self._content_format(request.chat_template)
         tools_shown = request.template_tools(self.chat_options.exclude_tools_when_tool_choice_none)
         mm_features = None
-        if request.has_images():
+        if has_images(request.messages):
             text, token_ids, mm_features = await self._render_image_chat(request, content_format, tools_shown)
         else:
             messages = request.template_messages(content_format)
@@ -471,12 +472,12 @@ class OpenAIServing:
         return resolve_content_format(self.chat_options.content_format,
                                       template if isinstance(template, str) else None)
 
-    async def _render_image_chat(self, request: ChatCompletionRequest, content_format: str,
+    async def _render_image_chat(self, request: ChatCompletionRequest | TokenizeRequest, content_format: str,
                                  tools: list[dict] | None) -> tuple[str, list[int], list[MultiModalFeature]]:
         """A chat with image parts: the images fetched and checked (a 400 names the bad part),
         the template rendered with the model's image placeholders, which its processor expands."""
         mm = self.engine.input_processor.mm_processor
-        messages, images = split_images(request.template_messages("openai"), content_format,
+        messages, images = split_images([m.to_template("openai") for m in request.messages], content_format,
                                         mm.image_token if mm else "")
         if mm is None:
             raise APIError("this model takes text only; it cannot read images", param=images[0][1])
@@ -699,9 +700,13 @@ class OpenAIServing:
     async def tokenize(self, request: TokenizeRequest) -> dict:
         self.check_model(request.model)
         if request.messages is not None:
-            messages = [m.to_template(self._content_format(request.chat_template)) for m in request.messages]
+            content_format = self._content_format(request.chat_template)
             tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
-            _, token_ids = await self._off_loop(self._render_chat, request, messages, tools)
+            if has_images(request.messages):  # counted as the engine will see them: placeholders expanded
+                _, token_ids, _ = await self._render_image_chat(request, content_format, tools)
+            else:
+                messages = [m.to_template(content_format) for m in request.messages]
+                _, token_ids = await self._off_loop(self._render_chat, request, messages, tools)
         else:
             token_ids = await self._off_loop(self._encode_prompt, request.prompt,
                                              request.add_special_tokens is not False, "prompt")
