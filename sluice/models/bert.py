@@ -9,13 +9,14 @@ positions offset past its padding index and, for classification, RoBERTa's two-l
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sluice.layers.linear import Linear
+from sluice.layers.linear import Linear, QKVLinear
 from sluice.loader import copy_weight
 from sluice.pooling.config import position_offset
 
@@ -45,25 +46,29 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
+    """Query, key and value as one fused matmul (`qkv`, loaded from the checkpoint's three)."""
+
     def __init__(self, config):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.num_heads
-        self.query = Linear(config.hidden_size, config.hidden_size, bias=True)
-        self.key = Linear(config.hidden_size, config.hidden_size, bias=True)
-        self.value = Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.qkv = QKVLinear(config.hidden_size, self.num_heads, self.num_heads, self.head_dim, bias=True)
 
     def forward(self, x: torch.Tensor, segments: list[tuple[int, list[int]]]) -> torch.Tensor:
-        """Each prompt attends to all of itself; prompts of one length go through SDPA together."""
-        q, k, v = (proj(x).view(-1, self.num_heads, self.head_dim) for proj in (self.query, self.key, self.value))
-        out = torch.empty_like(q)
+        """Each prompt attends to all of itself; prompts of one length go through SDPA together,
+        reading q, k and v in place in the fused output (strided views, no copies)."""
+        q, k, v = (t.view(-1, self.num_heads, self.head_dim) for t in self.qkv.split(self.qkv(x)))
+        if len(segments) == 1 and isinstance(rows := _rows(*segments[0]), slice) and rows == slice(0, len(x)):
+            return self._attend(q, k, v, *segments[0])  # the whole step is one group: no scatter
+        out = x.new_empty(x.shape)
         for length, starts in segments:
-            rows = _rows(length, starts)
-            group = [t[rows].view(len(starts), length, self.num_heads, self.head_dim).transpose(1, 2)
-                     for t in (q, k, v)]
-            out[rows] = F.scaled_dot_product_attention(*group).transpose(1, 2).reshape(-1, self.num_heads,
-                                                                                        self.head_dim)
-        return out.view(x.shape)
+            out[_rows(length, starts)] = self._attend(q, k, v, length, starts)
+        return out
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, starts: list[int]) -> torch.Tensor:
+        rows = _rows(length, starts)
+        group = [t[rows].view(len(starts), length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v)]
+        return F.scaled_dot_product_attention(*group).transpose(1, 2).reshape(len(starts) * length, -1)
 
 
 class BertLayer(nn.Module):
@@ -87,6 +92,9 @@ class BertLayer(nn.Module):
         attn = self.attention
         x = attn.output.LayerNorm(x + attn.output.dense(attn.self(x, segments)))
         return self.output.LayerNorm(x + self.output.dense(self.act(self.intermediate.dense(x))))
+
+
+_QKV_SHARD = re.compile(r"(.*\.attention\.self)\.(query|key|value)\.(weight|bias)$")
 
 
 def _rows(length: int, starts: list[int]) -> slice | torch.Tensor:
@@ -143,9 +151,17 @@ class BertModel(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors by name; the encoder's pooler and an MLM head are not used."""
         params = dict(self.named_parameters())
-        pending = set(params)
+        # a fused qkv parameter is pending until each of its three checkpoint tensors came
+        pending = {n for n in params if ".qkv." not in n} | {
+            n.replace(".qkv.", f".{shard}.") for n in params if ".qkv." in n for shard in ("query", "key", "value")}
         for name, tensor in weights:
             name = name.removeprefix(self.checkpoint_prefix)
+            fused = _QKV_SHARD.match(name)
+            if fused:  # attention.self.{query,key,value}.{weight,bias} -> its rows of attention.self.qkv
+                prefix, shard, kind = fused.groups()
+                self.get_submodule(f"{prefix}.qkv").load_shard(shard[0], kind, tensor)
+                pending.discard(name)
+                continue
             unused = name.startswith(("pooler.", "cls.", "lm_head.")) and name not in params
             if unused or name.endswith("position_ids"):
                 continue

@@ -28,6 +28,7 @@ from sluice.layers.linear import pack_linears, process_weights_after_loading, se
 from sluice.loader import ModelLoadError, ModelSource, iter_weights, load_hf_config, resolve_model
 from sluice.models.registry import EAGLE_HEADS, get_model_class
 from sluice.pooling.config import complete_encoder_config, load_pooler_config, resolve_runner
+from sluice.pooling.pooler import Chunk as PoolChunk
 from sluice.pooling.pooler import Pooler
 from sluice.lora.manager import LoRAManager
 from sluice.platform import available_memory_bytes
@@ -410,15 +411,10 @@ class ModelRunner:
         """Fold each pooling request's chunk in; those whose prompt ended get their vector."""
         for req_id in sched.finished_req_ids:
             self.pooler.drop(req_id)
-        for state, first_row in chunks:
-            if state.pooling_params is None:
-                continue
-            num_new = sched.num_scheduled_tokens[state.req_id]
-            pooled = self.pooler.add_chunk(state.req_id, hidden[first_row : first_row + num_new],
-                                           state.num_computed_tokens, len(state.prompt_token_ids),
-                                           state.pooling_params)
-            if pooled is not None:
-                out.pooler_output[state.req_id] = self.pooler.finish(pooled, state.pooling_params)
+        out.pooler_output.update(self.pooler.pool_step(hidden, [
+            PoolChunk(state.req_id, first_row, sched.num_scheduled_tokens[state.req_id], state.num_computed_tokens,
+                      len(state.prompt_token_ids), state.pooling_params)
+            for state, first_row in chunks if state.pooling_params is not None]))
 
     def compute_logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Logits at any rows of the step's hidden states (one per sample, in this order)."""
