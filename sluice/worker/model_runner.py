@@ -150,10 +150,10 @@ def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, source: ModelSource) -> None:
         self.config = config
+        complete_encoder_config(config, hf_config)  # may settle an encoder's dtype "auto"
         self.dtype = config.model.torch_dtype
         self.device = torch.device(config.model.device)
         self.block_size = config.cache.block_size
-        complete_encoder_config(config, hf_config)
         self.model, self.quantization = load_model(hf_config, source, self.dtype, self.device,
                                                    config.model.quantization)
         self.vocab_size = hf_config.get_text_config().vocab_size

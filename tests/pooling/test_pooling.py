@@ -144,3 +144,24 @@ def test_bad_inputs(bert_llm, tiny_model_dir):
         llm.score(["a", "b"], ["a", "b", "c"])
     with pytest.raises(ValueError, match="task"):
         PoolingParams(task="generate")
+
+
+@torch.inference_mode()
+def test_encoder_dtype_auto(bert_dir, bert_tokenizer, monkeypatch):
+    """dtype auto for an encoder is settled by pooling.config.encoder_dtype (a timed matmul per
+    dtype, patched here to choose bfloat16): the BERT path (fused QKV on the bf16 kernels) then
+    runs in bfloat16, close to transformers' float32."""
+    import transformers
+
+    import sluice.pooling.config as pooling_config
+    from sluice.config import resolve_dtype
+
+    monkeypatch.setattr(pooling_config, "encoder_dtype", lambda hf_config: torch.bfloat16)
+    folder = bert_dir("mean")
+    llm = LLM(folder, dtype="auto")
+    assert llm.engine_core.executor.worker.runner.dtype == resolve_dtype("auto")  # bf16 where the CPU has it
+    hf = transformers.BertModel.from_pretrained(folder, dtype=torch.float32).eval()
+    for text, out in zip(TEXTS, llm.embed(TEXTS)):
+        states = hf(**bert_tokenizer(text, return_tensors="pt")).last_hidden_state[0]
+        cosine = F.cosine_similarity(torch.tensor(out.outputs.embedding), F.normalize(states.mean(0), dim=-1), dim=0)
+        assert cosine > 0.99, cosine
