@@ -190,7 +190,9 @@ def test_responses_function_call_round_trip(oai):
     ({"background": True}, "background"),
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0"),
+    # a text-only model: the chat path's refusal, under the Responses API's field name
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input.0.content.0.image_url"),
     ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
 ])
 def test_responses_refusals_name_the_field(oai, extra, param):
@@ -260,9 +262,12 @@ def test_messages_bad_requests_name_the_field(srv, claude):
     with srv.http(headers=AUTH) as http:
         missing = http.post("/v1/messages", json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}]})
         image = http.post("/v1/messages", json={"model": MODEL_NAME, "max_tokens": 4, "messages": [
-            {"role": "user", "content": [{"type": "image", "source": {}}]}]})
+            {"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                      "data": "AAAA"}}]}]})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "max_tokens"
-    assert image.status_code == 400 and image.json()["error"]["param"] == "messages.0.content.0.type"
+    error = image.json()["error"]  # a text-only model
+    assert image.status_code == 400 and error["param"] == "messages.0.content.0.source", error
+    assert "text only" in error["message"]
 
 
 # ---- CORS and the root path ----------------------------------------------------------------------

@@ -58,11 +58,13 @@ def test_messages_turns_become_chat_turns():
 
 
 def test_messages_refusals_name_the_block():
-    request = MessagesRequest.model_validate({"model": "m", "max_tokens": 5, "messages": [
-        {"role": "user", "content": [{"type": "image", "source": {}}]}]})
-    with pytest.raises(APIError) as info:
-        request.to_chat()
-    assert info.value.param == "messages.0.content.0.type"
+    for block, param in [({"type": "document", "source": {}}, "messages.0.content.0.type"),
+                         ({"type": "image", "source": {}}, "messages.0.content.0.source.type")]:
+        request = MessagesRequest.model_validate({"model": "m", "max_tokens": 5, "messages": [
+            {"role": "user", "content": [block]}]})
+        with pytest.raises(APIError) as info:
+            request.to_chat()
+        assert info.value.param == param
     thinking = MessagesRequest.model_validate({"model": "m", "max_tokens": 5, "thinking": {"type": "enabled"},
                                                "messages": [{"role": "user", "content": "q"}]})
     with pytest.raises(APIError) as info:
@@ -81,3 +83,24 @@ def test_messages_refusals_name_the_block():
 def test_anthropic_stop_reasons(finish, stop_reason, called, expected):
     fields = stop_fields(finish, stop_reason, ["END"], called)
     assert (fields["stop_reason"], fields["stop_sequence"]) == expected
+
+
+def test_image_parts_keep_the_callers_field_names():
+    """Image parts become chat image_url parts; image_origins maps the chat path's field name
+    back to the caller's (instructions, system and tool results shift the message index)."""
+    from sluice.entrypoints.openai.chat_adapter import image_origins
+
+    url = "data:image/png;base64,AAAA"
+    body = ResponsesRequest.model_validate({"instructions": "be brief", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "what"}, {"type": "input_image", "image_url": url}]}],
+    }).to_chat()
+    assert image_origins(body["messages"]) == {"messages.1.content.1.image_url": "input.0.content.1.image_url"}
+    assert body["messages"][1]["content"] == [{"type": "text", "text": "what"},
+                                              {"type": "image_url", "image_url": {"url": url}}]
+    body = MessagesRequest.model_validate({"model": "m", "max_tokens": 5, "system": "s", "messages": [
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": "r"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}],
+    }).to_chat()
+    assert image_origins(body["messages"]) == {"messages.2.content.0.image_url": "messages.0.content.1.source"}
+    assert body["messages"][2]["content"] == [{"type": "image_url", "image_url": {"url": url}}]
