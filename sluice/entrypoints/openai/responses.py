@@ -1,8 +1,9 @@
 """OpenAI's Responses API (`POST /v1/responses`), over the chat completions path.
 
 `input` (text or a list of messages, function calls and their outputs) and `instructions`
-become chat messages (`input_image` parts become image_url parts, for a vision-language model); function tools, `tool_choice`, `text.format` and `max_output_tokens`
-map onto their chat counterparts. Streaming sends the Responses API's typed events
+become chat messages (`input_image` parts become image_url parts, for a vision-language
+model); function tools, `tool_choice`, `text.format` and `max_output_tokens` map onto their
+chat counterparts. Streaming sends the Responses API's typed events
 (`response.created`, `response.output_text.delta`, ..., `response.completed`).
 
 Nothing is stored: `store: true`, `background: true` and `previous_response_id` need a
@@ -179,8 +180,8 @@ def text_of(content: Any, where: str, first: int = 0) -> str:
     for i, part in enumerate(content, first):
         if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise APIError(f"{where}.{i}: content part {kind!r} is not supported here (text parts; input_image in messages)",
-                           param=f"{where}.{i}")
+            raise APIError(f"{where}.{i}: content part {kind!r} is not supported here (text parts; "
+                           "input_image in messages)", param=f"{where}.{i}")
         texts.append(str(part.get("text", "")))
     return "".join(texts)
 
