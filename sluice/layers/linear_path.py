@@ -23,6 +23,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,11 +50,17 @@ def choose_path(module) -> str:
         return forced
     key = (f"{type(module).__name__} {module.out_features}x{module.in_features} bias={module.bias is not None} "
            f"{weight.dtype} threads={torch.get_num_threads()}")
+    return measured_once(platform, key, lambda: _measure(module), PATHS)
+
+
+def measured_once(platform: Platform, key: str, measure: Callable[[], tuple[str, str]],
+                  allowed: tuple[str, ...]) -> str:
+    """A choice timed once per CPU and kept on disk: `measure` returns (the winner, its timings
+    for the log). Later starts read it back, so one machine always makes the same choice."""
     choices = _choices(platform)
-    if key not in choices:
-        choices[key], timings = _measure(module)
-        logger.info("linear path for %s: %s (ms at %s rows, native/torch: %s)", key, choices[key], ROW_COUNTS,
-                    timings)
+    if choices.get(key) not in allowed:
+        choices[key], timings = measure()
+        logger.info("measured once for this CPU, %s: %s (%s)", key, choices[key], timings)
         _save(platform, choices)
     return choices[key]
 
@@ -74,7 +81,8 @@ def _measure(module) -> tuple[str, str]:
         module.unpack()
     slowdown = {path: sum(t / min(pair) for t, pair in zip(times[path], zip(*times.values()))) for path in PATHS}
     winner = min(PATHS, key=slowdown.__getitem__)
-    return winner, ", ".join(f"{a * 1e3:.3f}/{b * 1e3:.3f}" for a, b in zip(times["native"], times["torch"]))
+    per_rows = ", ".join(f"{a * 1e3:.3f}/{b * 1e3:.3f}" for a, b in zip(times["native"], times["torch"]))
+    return winner, f"ms at {ROW_COUNTS} rows, native/torch: {per_rows}"
 
 
 def _time_both(module, x: torch.Tensor) -> dict[str, float]:
@@ -106,7 +114,7 @@ def _choices(platform: Platform) -> dict[str, str]:
         return {}
     if stored.get("cpu") != platform.cpu_key:
         return {}
-    return {key: path for key, path in stored.get("choices", {}).items() if path in PATHS}
+    return {key: choice for key, choice in stored.get("choices", {}).items() if isinstance(choice, str)}
 
 
 def _save(platform: Platform, choices: dict[str, str]) -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -15,8 +14,6 @@ import torch.nn.functional as F
 from sluice.config import EngineConfig
 from sluice.loader import get_tokenizer
 from sluice.pooling.params import PoolingParams
-
-logger = logging.getLogger(__name__)
 
 # Architectures without a KV cache (bidirectional attention over whole prompts).
 ENCODER_ONLY = ("BertModel", "XLMRobertaModel", "BertForSequenceClassification",
@@ -67,30 +64,38 @@ def encoder_dtype(hf_config) -> torch.dtype:
     """--dtype auto is the fastest dtype here, and an encoder only ever runs prompts: its speed
     is matmul throughput. Where bf16 dot products are no faster than float32 FMAs (AVX512-BF16
     without AMX, as on Intel Xeons before Sapphire Rapids' AMX) float32 wins, and it is exact;
-    so one matmul of the model's FFN shape is timed in each dtype and the faster one kept."""
+    so one matmul of the model's FFN shape is timed in each dtype, once per CPU (kept on disk
+    beside the linear paths), and the faster one kept."""
+    from sluice.layers.linear_path import measured_once
+    from sluice.platform import current_platform
+
+    shape = (512, hf_config.hidden_size, hf_config.intermediate_size)
+    key = "encoder dtype for a {}x{}x{} matmul".format(*shape)
+    chosen = measured_once(current_platform("cpu"), key, lambda: _time_dtypes(*shape), ("float32", "bfloat16"))
+    return getattr(torch, chosen)
+
+
+def _time_dtypes(rows: int, hidden: int, inner: int) -> tuple[str, str]:
+    """The faster dtype for one FFN-shaped matmul on one thread (CPU time, which other processes
+    on the cores can't skew), with the packed bf16 kernel where pack_linears may pick it."""
     from sluice.layers import native
     from sluice.platform import current_platform
 
-    rows, hidden, inner = 512, hf_config.hidden_size, hf_config.intermediate_size
     weight = torch.randn(inner, hidden) * 0.02
     x = torch.randn(rows, hidden)
-    runs = {torch.float32: [lambda: F.linear(x, weight)]}
+    runs = {"float32": [lambda: F.linear(x, weight)]}
     x16, weight16 = x.bfloat16(), weight.bfloat16()
-    runs[torch.bfloat16] = [lambda: F.linear(x16, weight16)]
+    runs["bfloat16"] = [lambda: F.linear(x16, weight16)]
     packed = native.pack_linear(weight16) if current_platform("cpu").native_kernels(torch.bfloat16) else None
-    if packed is not None:  # the packed kernel, where pack_linears may pick it
-        runs[torch.bfloat16].append(lambda: native.linear(x16, packed, inner))
+    if packed is not None:
+        runs["bfloat16"].append(lambda: native.linear(x16, packed, inner))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread's CPU time: what other processes on the cores can't skew
+    torch.set_num_threads(1)
     try:
         best = {dtype: min(_best_seconds(run) for run in choices) for dtype, choices in runs.items()}
     finally:
         torch.set_num_threads(threads)
-    chosen = min(best, key=best.__getitem__)
-    logger.info("dtype auto for this encoder: %s (a %dx%dx%d matmul took %.2f ms in float32, %.2f ms in bfloat16 on one thread)",
-                str(chosen).removeprefix("torch."), rows, hidden, inner, best[torch.float32] * 1e3,
-                best[torch.bfloat16] * 1e3)
-    return chosen
+    return min(best, key=best.__getitem__), ", ".join(f"{d} {t * 1e3:.2f} ms" for d, t in best.items())
 
 
 def _best_seconds(run, repeats: int = 5) -> float:
