@@ -123,6 +123,8 @@ class MultiprocExecutor(Executor):
     def execute_model(self, scheduler_output: SchedulerOutput,
                       non_block: bool = False) -> RunnerOutput | StepFuture:
         self._broadcast(EXECUTE, _encode(scheduler_output))
+        if not (non_block or self.pending):  # one step at a time: its replies are the next ones
+            return _decode_result(self._gather()[self.driver])
         future = StepFuture(self._drain)
         self.pending.append(future)
         return future if non_block else future.result()

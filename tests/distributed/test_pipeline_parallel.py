@@ -50,12 +50,12 @@ def test_one_batch_at_a_time_has_no_overlap(pp_llm, lone):
     """The plain loop (what PP=2 did before): the same tokens, and the stages take turns."""
     core = pp_llm.engine_core
     overlapping_steps(pp_llm)
-    core.batch_queue = None
+    core.batch_queue, core.scheduler.num_micro_batches = None, 1
     try:
         assert tokens(pp_llm, PROMPTS) == lone
         assert overlapping_steps(pp_llm) == 0
     finally:
-        core.batch_queue = deque()
+        core.batch_queue, core.scheduler.num_micro_batches = deque(), 2
 
 
 def test_abort_mid_flight_leaves_the_others_equal_and_frees_every_block(pp_llm, lone):
