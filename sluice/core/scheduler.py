@@ -11,6 +11,11 @@ full, the others as differences; `update_from_output` takes a list of tokens per
 Speculative decoding is more of the same: a decoding request's drafts are scheduled as extra
 tokens after its known ones, and the positions the worker rejects are taken back from
 `num_computed_tokens` (their KV is overwritten later; no block leaks).
+
+Pipeline parallel keeps several steps in flight (`num_micro_batches`, one per stage): a request
+whose step has not come back (`in_flight`) is neither scheduled again nor preempted until its
+output is applied, so the batches in flight are disjoint, and each batch takes at most its share
+of the requests, so the next stage's batch is not left empty.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 import time
 
 from sluice.config import SchedulerConfig, SpeculativeConfig
-from sluice.core.kv_cache_manager import KVCacheManager
+from sluice.core.kv_cache_manager import KVCacheManager, cdiv
 from sluice.core.request import Request, RequestStatus
 from sluice.core.request_queue import create_request_queue
 from sluice.core.sched_output import GrammarBitmask, NewRequestData, RunnerOutput, SchedulerOutput
@@ -50,6 +55,9 @@ class Scheduler:
         self.waiting = create_request_queue(config.scheduling_policy)
         self.waiting_for_grammar: list[Request] = []  # out of the queue until their grammar compiles
         self.running: list[Request] = []
+        self.in_flight: set[str] = set()  # requests of scheduled steps whose output is not applied yet
+        self.num_micro_batches = 1  # batches in flight at most (pipeline stages); set by the engine core
+        self.batch_cap = 0  # requests this step may take (schedule() sets it)
         self.num_waiting_for_lora = 0  # waiting requests passed over last step: their adapter had no slot
         self.requests: dict[str, Request] = {}
         self.finished_outputs: list[EngineCoreOutput] = []  # finished outside a step (aborts, errors)
@@ -144,6 +152,8 @@ class Scheduler:
             self._release_expired_holds()
         scheduled: dict[Request, int] = {}  # request -> tokens this step, in batch order
         budget = self.config.max_num_batched_tokens
+        self.batch_cap = self.config.max_num_seqs if self.num_micro_batches == 1 else \
+            cdiv(len(self.running) + len(self.waiting), self.num_micro_batches)
         budget, preempted = self._schedule_running(scheduled, budget)
         self.num_waiting_for_lora = 0
         if not preempted:  # nothing new joins a step that had to preempt
@@ -181,8 +191,11 @@ class Scheduler:
         """Returns the budget left, and whether a request had to be preempted."""
         index, preempted = 0, False
         speculate = self.speculative.speculates(len(self.running))
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget > 0 and len(scheduled) < self.batch_cap:
             request = self.running[index]
+            if request.request_id in self.in_flight:  # its last step is still in the pipeline
+                index += 1
+                continue
             if request.spec_token_ids and not speculate:
                 request.spec_token_ids = []
             num_known = request.num_tokens - request.num_computed_tokens
@@ -198,7 +211,10 @@ class Scheduler:
                     num_new -= len(request.spec_token_ids)
                     request.spec_token_ids, lookahead = [], 0
                     continue
-                victim = max(self.running, key=lambda r: r.sort_key(self.config.scheduling_policy))
+                victim = self._victim(request)
+                if victim is None:  # only requests in flight could give blocks back: wait for them
+                    index += 1
+                    break
                 if victim is request and len(self.running) == 1:
                     self._finish_with_error(request, self._outgrown_message(request))
                     break
@@ -220,7 +236,8 @@ class Scheduler:
         )
         adapters = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
         passed_over: list[Request] = []  # their adapter would be one too many this step
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(scheduled) < self.batch_cap):
             request = self.waiting.peek()
             if num_partial >= self.config.max_num_partial_prefills:
                 break
@@ -338,6 +355,13 @@ class Scheduler:
     def _outgrown_message(self, request: Request) -> str:
         return self.kv.spec.describe(request.num_tokens)
 
+    def _victim(self, request: Request) -> Request | None:
+        """The running request to preempt so `request` gets blocks: the lowest-priority one not in
+        flight; None when that is `request` itself while others are in flight (they come back soon)."""
+        candidates = [r for r in self.running if r.request_id not in self.in_flight]
+        victim = max(candidates, key=lambda r: r.sort_key(self.config.scheduling_policy))
+        return None if victim is request and len(candidates) < len(self.running) else victim
+
     def _preempt(self, request: Request, scheduled: dict[Request, int]) -> int:
         """Free a running request's blocks; it recomputes from scratch (prefix cache permitting).
         Returns the tokens it had been given this step, back to the budget."""
@@ -393,6 +417,7 @@ class Scheduler:
             if request.grammar is not None and request.num_computed_tokens >= num_tokens:
                 sampling_grammars.append(request)
         out.num_scheduled_tokens = {r.request_id: n for r, n in scheduled.items()}
+        self.in_flight.update(out.num_scheduled_tokens)
         out.total_num_scheduled_tokens = sum(scheduled.values())
         self.stats.step_num_tokens.append(out.total_num_scheduled_tokens)
         if sampling_grammars:
@@ -406,6 +431,7 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
         """Take each request's sampled tokens one by one, up to the first that finishes it
         (tokens after a stop are dropped)."""
+        self.in_flight.difference_update(out.num_scheduled_tokens)
         for rid, message in result.errors.items():
             request = self.requests.get(rid)
             if request is not None and not request.status.finished:

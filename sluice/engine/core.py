@@ -2,6 +2,10 @@
 
 It sees token ids only; tokenization, chat templates and detokenization live in the caller's
 process, so this loop can run in a process of its own.
+
+With pipeline stages the loop keeps a batch queue: up to one scheduled batch per stage is in
+flight (disjoint requests: the scheduler skips a request whose step is not back yet), and the
+outputs are applied oldest first. With one stage it is the plain loop, step by step.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections import deque
 
 from sluice.config import EngineConfig
 from sluice.core.kv_cache_manager import KVCacheManager, cdiv
@@ -17,7 +22,7 @@ from sluice.core.scheduler import Scheduler
 from sluice.core.sched_output import RunnerOutput, SchedulerOutput
 from sluice.distributed.kv_transfer.factory import create_scheduler_connector
 from sluice.engine.messages import EngineCoreOutput, EngineCoreRequest, QueueFullError
-from sluice.executor.abstract import Executor
+from sluice.executor.abstract import Executor, StepFuture
 from sluice.lora.request import LoRARequest
 from sluice.loader import ModelSource, get_tokenizer
 from sluice.metrics.dashboard import DashboardRecorder
@@ -50,6 +55,11 @@ class EngineCore:
         self.config = config
         started = time.monotonic()
         self.executor = Executor.create(config, hf_config, source)
+        # pipeline parallel: (scheduled batch, its output's future, when it was scheduled), oldest first
+        self.max_concurrent_batches = self.executor.max_concurrent_batches
+        self.batch_queue: deque[tuple[SchedulerOutput, StepFuture, float, float]] | None = \
+            deque() if self.max_concurrent_batches > 1 else None
+        self.max_batches_in_flight = 0  # the most batches the queue ever held at once
         self.sleeping = False  # weights on disk, KV cache dropped (sleep mode)
         self.loras: dict[int, tuple[LoRARequest, str | None]] = {}  # added adapters (and parent), by id
         model = self.executor.describe()
@@ -73,6 +83,7 @@ class EngineCore:
                                    config.lora.max_loras if config.lora.enable_lora else None,
                                    create_scheduler_connector(config))
         self.scheduler.whole_prompts = encoder_only
+        self.scheduler.num_micro_batches = self.max_concurrent_batches
         if encoder_only and config.scheduler.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens={config.scheduler.max_num_batched_tokens} is less than "
                              f"max_model_len={self.max_model_len}: an encoder-only model runs each prompt whole "
@@ -140,9 +151,11 @@ class EngineCore:
         self.scheduler.abort_requests(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.batch_queue)
 
     def step(self) -> list[EngineCoreOutput]:
+        if self.batch_queue is not None:
+            return self._step_with_batch_queue()
         started = time.time()
         sched = self.scheduler.schedule()
         self.dashboard.on_step(sched)
@@ -150,12 +163,38 @@ class EngineCore:
             outputs = self.scheduler.update_from_output(sched, self._idle_step(sched))
         else:
             scheduled = time.time()
-            result = self.executor.execute_model(sched)
-            executed = time.time()
-            outputs = self.scheduler.update_from_output(sched, result)
-            if self.tracer is not None and self.tracer.detailed:
-                self.tracer.step_span((started, scheduled, executed, time.time()),
-                                      list(sched.num_scheduled_tokens), sched.total_num_scheduled_tokens)
+            outputs = self._apply(sched, self.executor.execute_model(sched), started, scheduled)
+        return self._end_step(outputs)
+
+    def _step_with_batch_queue(self) -> list[EngineCoreOutput]:
+        """Schedule and send a batch while the queue has room; once it is full, or nothing new can run,
+        wait for the oldest batch and apply its output."""
+        queue = self.batch_queue
+        if len(queue) < self.max_concurrent_batches:
+            started = time.time()
+            sched = self.scheduler.schedule()
+            if sched.total_num_scheduled_tokens:
+                self.dashboard.on_step(sched)
+                queue.append((sched, self.executor.execute_model(sched, non_block=True), started, time.time()))
+                self.max_batches_in_flight = max(self.max_batches_in_flight, len(queue))
+                if len(queue) < self.max_concurrent_batches:
+                    return []
+            elif not queue:
+                return self._end_step(self.scheduler.update_from_output(sched, self._idle_step(sched)))
+        sched, future, started, scheduled = queue.popleft()
+        return self._end_step(self._apply(sched, future.result(), started, scheduled))
+
+    def _apply(self, sched: SchedulerOutput, result: RunnerOutput, started: float,
+               scheduled: float) -> list[EngineCoreOutput]:
+        """A run step's output into the scheduler (and its span, when detailed traces are on)."""
+        executed = time.time()
+        outputs = self.scheduler.update_from_output(sched, result)
+        if self.tracer is not None and self.tracer.detailed:
+            self.tracer.step_span((started, scheduled, executed, time.time()),
+                                  list(sched.num_scheduled_tokens), sched.total_num_scheduled_tokens)
+        return outputs
+
+    def _end_step(self, outputs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
         if self.scheduler.kv_new_holds:
             outputs += self._send_kv_holds()
         self.record_stats()

@@ -2,11 +2,16 @@
 and the few start-up calls below; executors differ only in how those reach their workers:
 `uni` calls one in-process worker, `mp` one worker process per tensor-parallel rank over ZMQ,
 `ray` one Ray actor per rank; the last two fan each call out to all ranks (`collective_rpc`).
+
+With pipeline stages, `execute_model(..., non_block=True)` returns a future at once, so the core
+can send the next batch while the stages still work on this one (`max_concurrent_batches`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import Future
 
 from sluice.config import EngineConfig
 from sluice.core.sched_output import RunnerOutput, SchedulerOutput
@@ -15,6 +20,20 @@ from sluice.loader import ModelSource
 
 class WorkerDiedError(RuntimeError):
     """A worker process went away; every request of the engine is lost."""
+
+
+class StepFuture(Future):
+    """A step's output, read from the workers when it is asked for (no thread waits on it):
+    `resolve(future)` sets it, and on `mp` also every older step's, whose replies come first."""
+
+    def __init__(self, resolve: Callable[[StepFuture], None]) -> None:
+        super().__init__()
+        self._resolve = resolve
+
+    def result(self, timeout: float | None = None) -> RunnerOutput:
+        if not self.done():
+            self._resolve(self)
+        return super().result(timeout)
 
 
 class Executor(ABC):
@@ -39,8 +58,16 @@ class Executor(ABC):
         """Call a Worker method on every worker; their results, by rank."""
 
     @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        """Run one step on every worker; the output of the rank that samples."""
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      non_block: bool = False) -> RunnerOutput | StepFuture:
+        """Run one step on every worker; the output of the rank that samples (a future of it when
+        non_block: the step is sent, and steps sent later queue behind it on every worker)."""
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        """Steps the engine core may keep in flight: one per pipeline stage (stage k runs batch i
+        while stage k+1 runs batch i-1)."""
+        return 1
 
     def describe(self) -> dict:
         """Rank 0's description; the KV window is every rank's (pipeline stages hold different layers)."""

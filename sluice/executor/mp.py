@@ -9,6 +9,10 @@ back the same way; no tensor is pickled per step (the grammar bitmask goes as ra
 start-up arguments (configs, model source) are pickled once. The worker exits when told, or
 when the process that started it is gone; a worker that dies (any rank) fails the call waiting
 on it with WorkerDiedError (the engine core then fails every request with that reason) instead of hanging.
+
+With pipeline stages the core keeps up to one step per stage in flight: a step is sent at once and
+its replies are read when its future is asked for. Each PAIR socket is a FIFO, so replies are read
+strictly in the order the steps went out (older steps first, then any other call's).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import tempfile
 import traceback
 import uuid
 import weakref
+from collections import deque
 
 import msgspec
 import zmq
@@ -31,7 +36,7 @@ import zmq
 from sluice.config import EngineConfig
 from sluice.core.sched_output import RunnerOutput, SchedulerOutput, decode_hook, encode_hook
 from sluice.distributed.sharding import check_parallel
-from sluice.executor.abstract import Executor, WorkerDiedError
+from sluice.executor.abstract import Executor, StepFuture, WorkerDiedError
 from sluice.loader import ModelSource
 from sluice.models.registry import get_model_class
 
@@ -92,6 +97,8 @@ class MultiprocExecutor(Executor):
         cpus = rank_cpus(world) if world > 1 and config.model.device == "cpu" else [None] * world
         init_method = f"tcp://127.0.0.1:{free_port()}" if world > 1 else None
         self.driver = parallel.driver_rank
+        self.num_stages = parallel.pipeline_parallel_size
+        self.pending: deque[StepFuture] = deque()  # steps sent whose replies are not read yet, oldest first
         self.workers = [WorkerProc(rank) for rank in range(world)]
         level = logging.getLogger("sluice").getEffectiveLevel()
         for worker in self.workers:  # every rank must start before any can join the process group
@@ -104,13 +111,40 @@ class MultiprocExecutor(Executor):
         """Rank 0's worker process."""
         return self.workers[0].process
 
+    @property
+    def max_concurrent_batches(self) -> int:
+        return self.num_stages
+
     def collective_rpc(self, method: str, *args) -> list:
+        self._drain()  # the replies of steps in flight come first
         self._broadcast(method.encode(), _encode(list(args)))
         return [_decode_any(payload) for payload in self._gather()]
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      non_block: bool = False) -> RunnerOutput | StepFuture:
         self._broadcast(EXECUTE, _encode(scheduler_output))
-        return _decode_result(self._gather()[self.driver])
+        if not (non_block or self.pending):  # one step at a time: its replies are the next ones
+            return _decode_result(self._gather()[self.driver])
+        future = StepFuture(self._drain)
+        self.pending.append(future)
+        return future if non_block else future.result()
+
+    def _drain(self, until: StepFuture | None = None) -> None:
+        """Read the replies of the steps in flight, oldest first, up to `until` (all by default).
+        A failed step fails every later one too: the ranks' replies are out of step from there."""
+        while self.pending:
+            future = self.pending.popleft()
+            try:
+                future.set_result(_decode_result(self._gather()[self.driver]))
+            except BaseException as exc:
+                for failed in (future, *self.pending):
+                    failed.set_exception(exc)
+                self.pending.clear()
+                if not isinstance(exc, Exception):  # Ctrl-C: not the step's failure
+                    raise
+                return
+            if future is until:
+                return
 
     def _broadcast(self, method: bytes, payload: bytes) -> None:
         for worker in self.workers:

@@ -17,7 +17,7 @@ import socket
 from sluice.config import EngineConfig
 from sluice.core.sched_output import RunnerOutput, SchedulerOutput
 from sluice.distributed.sharding import check_parallel
-from sluice.executor.abstract import Executor, WorkerDiedError
+from sluice.executor.abstract import Executor, StepFuture, WorkerDiedError
 from sluice.loader import ModelSource
 from sluice.models.registry import get_model_class
 
@@ -67,6 +67,7 @@ class RayExecutor(Executor):
         check_parallel(hf_config, get_model_class(hf_config), parallel.tensor_parallel_size,
                        parallel.pipeline_parallel_size)
         self.driver = parallel.driver_rank
+        self.num_stages = parallel.pipeline_parallel_size
         if not ray.is_initialized():
             ray.init()
         bundle = {"GPU": 1, "CPU": 1} if config.model.device == "cuda" else {"CPU": 1}
@@ -92,8 +93,23 @@ class RayExecutor(Executor):
     def collective_rpc(self, method: str, *args) -> list:
         return self._get([a.call.remote(method, *args) for a in self.actors])
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        return self._get([a.call.remote("execute_model", scheduler_output) for a in self.actors])[self.driver]
+    @property
+    def max_concurrent_batches(self) -> int:
+        return self.num_stages
+
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      non_block: bool = False) -> RunnerOutput | StepFuture:
+        # an actor runs its calls in the order they were sent: a later step queues behind this one
+        refs = [a.call.remote("execute_model", scheduler_output) for a in self.actors]
+        if not non_block:
+            return self._get(refs)[self.driver]
+        return StepFuture(lambda future: self._resolve(future, refs))
+
+    def _resolve(self, future: StepFuture, refs: list) -> None:
+        try:
+            future.set_result(self._get(refs)[self.driver])
+        except Exception as exc:
+            future.set_exception(exc)
 
     def _get(self, refs: list) -> list:
         """The ranks' results; the first rank to fail fails the call at once (its peers may be

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sluice.config import EngineConfig
 from sluice.core.sched_output import RunnerOutput, SchedulerOutput
-from sluice.executor.abstract import Executor
+from sluice.executor.abstract import Executor, StepFuture
 from sluice.loader import ModelSource
 from sluice.worker.worker import Worker
 
@@ -16,5 +16,11 @@ class UniProcExecutor(Executor):
     def collective_rpc(self, method: str, *args) -> list:
         return [getattr(self.worker, method)(*args)]
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        return self.worker.execute_model(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      non_block: bool = False) -> RunnerOutput | StepFuture:
+        output = self.worker.execute_model(scheduler_output)
+        if not non_block:
+            return output
+        future = StepFuture(lambda _: None)
+        future.set_result(output)
+        return future

@@ -4,13 +4,17 @@ The executor calls these methods in order: `describe`, `choose_num_blocks`, `ini
 then `execute_model` once per step. Tensor-parallel ranks are N workers that receive the same
 calls and join one process group (`distributed_init_method`); each holds its share of every
 layer's heads and of every KV block. Pipeline stages each hold their layers (and those layers'
-KV); the executor answers with the last stage's first rank's output.
+KV); the executor answers with the last stage's first rank's output. Each stage runs the steps in
+the order they were sent, so with several in flight stage k works on batch i while stage k+1
+still works on batch i-1.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+from collections import deque
 
 from sluice.config import EngineConfig
 from sluice.core.sched_output import RunnerOutput, SchedulerOutput
@@ -22,6 +26,9 @@ from sluice.lora.manager import LoRAManager
 from sluice.lora.request import LoRARequest
 from sluice.worker.model_runner import ModelRunner
 from sluice.worker.sleep import SleepingWeights, drop_kv_cache, resident_bytes
+
+
+STEP_TIMES_KEPT = 4096  # the most recent steps' (start, end) a worker keeps for step_times()
 
 
 def configure_logging(level: int, rank: int, world_size: int) -> None:
@@ -41,6 +48,7 @@ class Worker:
         self.runner = ModelRunner(config, hf_config, source)
         self.sleeping_weights: SleepingWeights | None = None
         self.kv_connector = create_worker_connector(config)  # disaggregated prefill
+        self.step_intervals: deque[tuple[float, float]] = deque(maxlen=STEP_TIMES_KEPT)
 
     def describe(self) -> dict:
         """What the engine core needs from the model before it sizes anything."""
@@ -67,12 +75,21 @@ class Worker:
         self.runner.populate_kv()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        started = time.monotonic()
         if self.kv_connector is None:
-            return self.runner.execute_model(scheduler_output)
-        self.kv_connector.start_step(scheduler_output.kv_connector_metadata)
-        output = self.runner.execute_model(scheduler_output)
-        output.kv_connector_output = self.kv_connector.get_finished()
+            output = self.runner.execute_model(scheduler_output)
+        else:
+            self.kv_connector.start_step(scheduler_output.kv_connector_metadata)
+            output = self.runner.execute_model(scheduler_output)
+            output.kv_connector_output = self.kv_connector.get_finished()
+        self.step_intervals.append((started, time.monotonic()))
         return output
+
+    def step_times(self) -> list[tuple[float, float]]:
+        """(start, end) of each step run since the last ask, on the system-wide monotonic clock (so
+        ranks on one machine compare): when this rank was in a step, waits for its neighbours included."""
+        times, self.step_intervals = list(self.step_intervals), deque(maxlen=STEP_TIMES_KEPT)
+        return times
 
     def communication_stats(self) -> dict:
         """Seconds and calls spent in tensor-parallel collectives since the last ask."""

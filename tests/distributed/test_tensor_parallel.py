@@ -1,6 +1,7 @@
 """Tensor parallel and pipeline stages over gloo (two worker processes): greedy tokens equal one
 rank's, token for token in float32, for every architecture that can be split; the scheduler's
-paths (batched, chunked, preempted, prefix-warm) hold under TP=2 and PP=2; `sluice serve -tp 2` answers the openai client
+paths (batched, chunked, preempted, prefix-warm) hold under TP=2 (and under PP=2 with micro-batches in
+test_pipeline_parallel.py); `sluice serve -tp 2` answers the openai client
 the same; a dead rank fails the step with its reason (and takes a server down); bad
 configurations are refused at start, naming the numbers."""
 
@@ -89,15 +90,6 @@ def check_scheduler_paths(llm: LLM, lone: list[list[int]]) -> None:
 
 def test_tp2_batched_chunked_preempted_and_prefix_warm_equal_lone(tp_llm, lone):
     check_scheduler_paths(tp_llm, lone)
-
-
-def test_pp2_batched_chunked_preempted_and_prefix_warm_equal_lone(tiny_model_dir, lone):
-    llm = LLM(tiny_model_dir("llama"), **PATHS, pipeline_parallel_size=2, num_gpu_blocks_override=14,
-              max_num_batched_tokens=32, enable_prefix_caching=True)
-    try:
-        check_scheduler_paths(llm, lone)
-    finally:
-        llm.engine_core.shutdown()
 
 
 def test_each_rank_holds_its_share_and_reports_collectives(tp_llm):

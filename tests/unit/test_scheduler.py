@@ -230,3 +230,24 @@ def test_the_worker_hears_new_requests_in_full_then_differences():
     assert out.finished_req_ids == ["a"] and out.cached_requests.req_ids == ["b"]
     assert len(out.cached_requests.new_block_ids[0]) == 4 and out.cached_requests.new_token_ids == [[7]]
     assert out.cached_requests.num_computed_tokens == [0] and b.num_output_tokens == 3  # recomputed, sampled again
+
+
+def test_micro_batches_are_disjoint_shares_and_in_flight_requests_are_never_preempted():
+    """Pipeline parallel (two batches in flight): each batch takes half the requests, none twice,
+    and a request short of blocks preempts one that is not in flight (r1, not the later r3)."""
+    sched = make_scheduler(num_blocks=5)  # 4 usable blocks: one per 4-token prompt, none to grow into
+    sched.num_micro_batches = 2
+    for i in range(4):
+        add(sched, f"r{i}", BS, arrival=i, first_token=100 * i + 1)
+    first, second = sched.schedule(), sched.schedule()
+    assert set(scheduled(first)) == {"r0", "r1"} and set(scheduled(second)) == {"r2", "r3"}
+    assert not scheduled(sched.schedule())  # everyone is in flight
+    sched.update_from_output(first, fake_runner_output(sched, first))
+    third = sched.schedule()  # r0's 5th token needs a block: r3 is in flight, so r1 gives its up
+    assert scheduled(third) == {"r0": 1}
+    assert sched.requests["r1"].status == RequestStatus.PREEMPTED
+    assert all(sched.requests[r].status == RequestStatus.RUNNING for r in ("r2", "r3"))
+    sched.update_from_output(second, fake_runner_output(sched, second))
+    assert scheduled(sched.schedule()) == {"r2": 1}  # r0 is in flight now: r3 gives its block up
+    assert sched.requests["r0"].status == RequestStatus.RUNNING
+    assert sched.requests["r3"].status == RequestStatus.PREEMPTED
