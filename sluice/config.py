@@ -648,9 +648,9 @@ class EngineConfig:
         where = parallel.describe_ranks()
         _check(not self.lora.enable_lora, f"{where}: enable_lora (--enable-lora) is not supported with several "
                                           "ranks yet (LoRA slots are not split across ranks)")
-        _check(self.model.quantization in ("auto", "none"),
+        _check(self.model.quantization in ("auto", "none", "int8"),
                f"{where}: quantization={self.model.quantization!r} (--quantization) is not supported with several "
-               "ranks yet (quantized layers are not split across ranks); use quantization 'none'")
+               "ranks yet (its stored blocks are not split across ranks); use quantization 'int8' or 'none'")
         _check(self.speculative.num_lookahead_tokens == 0,
                f"{where}: speculative_config method {getattr(self.speculative, 'method', None)!r} loads a draft "
                "model, which is not split across ranks yet; use method 'ngram' or one rank")

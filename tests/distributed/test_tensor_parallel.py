@@ -16,20 +16,25 @@ from sluice.executor.abstract import WorkerDiedError
 
 from tests.models.test_families_llm import save_tiny
 from tests.models.test_model_forward import CONFIGS
+from tests.models.test_moe import CONFIGS as MOE_CONFIGS
 from tests.server.utils import RemoteServer
 
 NUM_TOKENS = 16
 PROMPT = [1, 17, 42, 7, 99, 3, 250, 8, 61]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
 TINY = dict(dtype="float32", max_model_len=64, kv_cache_memory_bytes=4 << 20)
-# each family once (Mistral is Llama with a window, Gemma is Gemma 3 without its extras): Llama tied
-# with one KV head (replicated on both ranks), Qwen2's q/k/v biases, Qwen3 with an odd vocabulary (the
-# last rank's rows padded), Gemma 2's soft caps, Gemma 3's windows, Phi-4's fused checkpoint projections
-# and partial rotary, Granite's down_proj bias (added on rank 0 only)
-ARCHS = ["llama31_tied", "qwen2", "qwen3", "gemma2", "gemma3", "phi4_partial_rotary", "granite"]
+# representative families (the others differ from these only in switches a rank holds whole): Llama
+# tied with one KV head (replicated on both ranks) and o/down biases (added on rank 0 only), Qwen3
+# with an odd vocabulary (the last rank's rows padded), Phi-4's fused checkpoint projections and
+# partial rotary; then Mixtral's experts (each rank 1/2 of every expert), Qwen2-MoE's shared expert
+# (summed with the routed ones in one all-reduce) beside a dense layer, OLMo2's q/k norm over every
+# head (one KV head: replicated heads counted once), and Llama with --quantization int8 (o and down
+# split by whole Q8_0 blocks)
+ARCHS = ["llama31_tied", "qwen3", "phi4_partial_rotary", "mixtral", "qwen2_moe", "olmo2", "llama-int8"]
 UNTIED = {"tie_word_embeddings": False}  # tied, the tiny Gemmas' scaled embeddings echo the last token
-CHANGES = {"llama31_tied": {"num_key_value_heads": 1}, "qwen3": {"vocab_size": 401}, "gemma2": UNTIED,
-           "gemma3": UNTIED}
+CHANGES = {"llama31_tied": {"num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True}, "qwen3": {"vocab_size": 401}, "gemma3": UNTIED,
+           "olmo2": {"num_key_value_heads": 1}}
+OPTIONS = {"llama-int8": {"quantization": "int8"}}
 # pipeline stages (a layer each): Llama's tied lm_head on the last stage, Gemma 3's windowed layer on
 # the first and its global one on the second (the KV manager must keep what the second reads)
 CASES = ([(name, {"tensor_parallel_size": 2}) for name in ARCHS]
@@ -43,14 +48,16 @@ def tokens(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY) 
 @pytest.mark.parametrize("name, ranks", CASES, ids=[f"{n}-{'tp' if 'tensor_parallel_size' in r else 'pp'}2"
                                                     for n, r in CASES])
 def test_two_ranks_greedy_equals_one_rank(name, ranks, tmp_path, monkeypatch):
-    config = CONFIGS[name]()
+    arch = name.partition("-")[0]
+    config = MOE_CONFIGS[arch]() if arch in MOE_CONFIGS else CONFIGS[arch]()
     for field, value in CHANGES.get(name, {}).items():
         setattr(config, field, value)
-    monkeypatch.setitem(CONFIGS, name, lambda: config)
-    save_tiny(name, tmp_path)
-    [one] = tokens(LLM(str(tmp_path), **TINY), [PROMPT])
+    monkeypatch.setitem(CONFIGS, arch, lambda: config)
+    save_tiny(arch, tmp_path)
+    options = {**TINY, **OPTIONS.get(name, {})}
+    [one] = tokens(LLM(str(tmp_path), **options), [PROMPT])
     assert len(set(one)) > 4, one  # a continuation worth comparing
-    llm = LLM(str(tmp_path), **TINY, **ranks)
+    llm = LLM(str(tmp_path), **options, **ranks)
     try:
         assert llm.config.parallel.distributed_executor_backend == "mp"  # implied by several ranks
         assert tokens(llm, [PROMPT]) == [one]
@@ -156,10 +163,23 @@ def test_more_stages_than_layers_are_refused_naming_them(tiny_model_dir):
         LLM(tiny_model_dir("llama"), **TINY, pipeline_parallel_size=3, distributed_executor_backend="ray")
 
 
-def test_an_architecture_that_cannot_be_split_is_refused_by_name(tmp_path):
-    save_tiny("olmo2", tmp_path)
-    with pytest.raises(ValueError, match="Olmo2ForCausalLM cannot run tensor-parallel .*q/k RMSNorm"):
-        LLM(str(tmp_path), **TINY, tensor_parallel_size=2)
+def test_an_architecture_that_cannot_be_split_is_refused_by_name():
+    from sluice.distributed.sharding import check_parallel
+    from sluice.models.registry import MODEL_REGISTRY
+
+    bert = MODEL_REGISTRY["BertModel"].model_class()
+    with pytest.raises(ValueError, match=r"BertModel cannot run tensor-parallel .*use tensor_parallel_size"):
+        check_parallel(CONFIGS["llama"](), bert, 2, 1)
+
+
+def test_experts_not_dividing_into_the_ranks_are_refused_naming_the_width():
+    from sluice.distributed.sharding import check_parallel
+    from sluice.models.qwen2_moe import Qwen2MoeForCausalLM
+
+    config = MOE_CONFIGS["qwen2_moe"]()
+    config.shared_expert_intermediate_size = 90
+    with pytest.raises(ValueError, match=r"=4 must divide the model's shared_expert_intermediate_size=90"):
+        check_parallel(config, Qwen2MoeForCausalLM, 4, 1)
 
 
 @pytest.mark.parametrize("kwargs, message", [
