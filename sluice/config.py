@@ -646,8 +646,6 @@ class EngineConfig:
         if parallel.world_size == 1:
             return
         where = parallel.describe_ranks()
-        _check(not self.lora.enable_lora, f"{where}: enable_lora (--enable-lora) is not supported with several "
-                                          "ranks yet (LoRA slots are not split across ranks)")
         _check(self.model.quantization in ("auto", "none", "int8"),
                f"{where}: quantization={self.model.quantization!r} (--quantization) is not supported with several "
                "ranks yet (its stored blocks are not split across ranks); use quantization 'int8' or 'none'")

@@ -125,6 +125,15 @@ class ShardPlan:
             return torch.cat([_rows(gate, mlp), _rows(up, mlp)])
         return tensor  # norms and everything else: replicated
 
+    def shard_lora(self, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A LoRA's A [r, in] and B [out, r] on a projection (checkpoint path `module`) as this rank
+        holds that projection: on row-parallel ones (o, down) A's inputs are split, and the partial
+        delta joins the base's all-reduce; on the others B's output rows are, as the weight's."""
+        name = f"{module}.weight"
+        if module.rpartition(".")[2] in _ROW:
+            return self.shard(name, lora_a), lora_b
+        return lora_a, self.shard(name, lora_b)
+
     def _q_rows(self) -> tuple[int, int]:
         per_rank = self.num_heads // self.size * self.head_dim
         return self.rank * per_rank, (self.rank + 1) * per_rank

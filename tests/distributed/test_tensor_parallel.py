@@ -189,8 +189,7 @@ def test_experts_not_dividing_into_the_ranks_are_refused_naming_the_width():
      r"tensor_parallel_size=64 \(--tensor-parallel-size, --pipeline-parallel-size\) x data_parallel_size=1: 64 "
      r"ranks need a CPU each"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int >= 1; got 0"),
-    (dict(tensor_parallel_size=2, enable_lora=True), r"enable_lora \(--enable-lora\) is not supported"),
-    (dict(tensor_parallel_size=2, quantization="int8"), r"quantization='int8' \(--quantization\) is not supported"),
+    (dict(tensor_parallel_size=2, quantization="gguf"), r"quantization='gguf' \(--quantization\) is not supported"),
     (dict(tensor_parallel_size=2, speculative_config={"method": "draft_model", "model": "x",
                                                        "num_speculative_tokens": 2}),
      "method 'draft_model' loads a draft model, which is not split across ranks yet"),
