@@ -649,9 +649,9 @@ class EngineConfig:
         _check(self.model.quantization in ("auto", "none", "int8"),
                f"{where}: quantization={self.model.quantization!r} (--quantization) is not supported with several "
                "ranks yet (its stored blocks are not split across ranks); use quantization 'int8' or 'none'")
-        _check(self.speculative.num_lookahead_tokens == 0,
-               f"{where}: speculative_config method {getattr(self.speculative, 'method', None)!r} loads a draft "
-               "model, which is not split across ranks yet; use method 'ngram' or one rank")
+        _check(not self.speculative.enabled or self.speculative.method not in ("eagle", "eagle3"),
+               f"{where}: speculative_config method {getattr(self.speculative, 'method', None)!r} loads an EAGLE "
+               "head, which is not split across ranks yet; use method 'draft_model', 'ngram' or one rank")
         _check(not self.kv_transfer.enabled, f"{where}: kv_transfer_config (--kv-transfer-config) is not supported "
                                              "with several ranks yet (each rank would serve its own KV shard)")
         _check(self.pooling.runner != "pooling", f"{where}: runner='pooling' (--runner) is not supported with "

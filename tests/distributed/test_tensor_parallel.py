@@ -107,6 +107,19 @@ def test_pp2_batched_chunked_preempted_and_prefix_warm_equal_lone(tiny_model_dir
         llm.engine_core.shutdown()
 
 
+def test_tp2_draft_model_speculation_equals_lone(tiny_model_dir, lone):
+    """The draft model (another tiny family, same vocabulary) split across the ranks as the target
+    is: its proposals, the same on every rank, verified by the target give the lone tokens."""
+    draft = {"method": "draft_model", "model": tiny_model_dir("qwen2"), "num_speculative_tokens": 3}
+    llm = LLM(tiny_model_dir("llama"), **PATHS, tensor_parallel_size=2, kv_cache_memory_bytes=16 << 20,
+              speculative_config=draft)
+    try:
+        assert tokens(llm, PROMPTS) == lone
+        assert llm.get_metrics()["vllm:spec_decode_num_draft_tokens"] > 0
+    finally:
+        llm.engine_core.shutdown()
+
+
 def test_each_rank_holds_its_share_and_reports_collectives(tp_llm):
     executor = tp_llm.engine_core.executor
     assert len(executor.workers) == 2
@@ -190,9 +203,8 @@ def test_experts_not_dividing_into_the_ranks_are_refused_naming_the_width():
      r"ranks need a CPU each"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int >= 1; got 0"),
     (dict(tensor_parallel_size=2, quantization="gguf"), r"quantization='gguf' \(--quantization\) is not supported"),
-    (dict(tensor_parallel_size=2, speculative_config={"method": "draft_model", "model": "x",
-                                                       "num_speculative_tokens": 2}),
-     "method 'draft_model' loads a draft model, which is not split across ranks yet"),
+    (dict(tensor_parallel_size=2, speculative_config={"method": "eagle", "model": "x", "num_speculative_tokens": 2}),
+     "method 'eagle' loads an EAGLE head, which is not split across ranks yet"),
 ])
 def test_bad_parallel_configs_are_refused(kwargs, message):
     from sluice.config import EngineConfig
