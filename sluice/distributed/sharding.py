@@ -14,7 +14,7 @@ final norm and lm_head, small next to the layers, so a tied lm_head needs nothin
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import re
@@ -86,14 +86,18 @@ class ShardPlan:
     vocab: int
     moe_intermediate: int = 0  # each routed expert's (Mixtral's and OLMoE's: intermediate)
     shared_intermediate: int = 0  # Qwen2-MoE's shared expert's
+    # (values, bytes) of one block of a tensor loaded as stored GGML blocks (None: dense)
+    stored_block: Callable[[str], tuple[int, int] | None] = lambda name: None
 
     @classmethod
-    def of(cls, model: torch.nn.Module, tp: Communicator) -> ShardPlan:
+    def of(cls, model: torch.nn.Module, tp: Communicator,
+           stored_block: Callable[[str], tuple[int, int] | None] | None = None) -> ShardPlan:
         config = model.config
         return cls(tp.rank, tp.world_size, model.head_dim, config.num_attention_heads,
                    config.num_key_value_heads, config.intermediate_size, config.vocab_size,
                    getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
-                   getattr(config, "shared_expert_intermediate_size", None) or 0)
+                   getattr(config, "shared_expert_intermediate_size", None) or 0,
+                   *([stored_block] if stored_block else []))
 
     def shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's part of a Hugging Face-named checkpoint tensor (a copy; the rest is dropped)."""
@@ -101,7 +105,7 @@ class ShardPlan:
             return self._vocab_rows(tensor)
         expert = _EXPERT.fullmatch(name)
         if expert is not None:
-            return self._expert(expert["proj"], tensor)
+            return self._expert(name, expert["proj"], tensor)
         prefix, _, leaf = name.rpartition(".")
         proj = prefix.rpartition(".")[2]
         q, kv = self._q_rows(), self._kv_rows()
@@ -115,7 +119,7 @@ class ShardPlan:
         if proj in _ROW:
             if leaf != "weight":  # the bias: added once, after the all-reduce sums the ranks
                 return tensor.clone() if self.rank == 0 else torch.zeros_like(tensor)
-            return tensor[:, slice(*(q if proj == "o_proj" else mlp))].clone()
+            return self._columns(name, tensor, q if proj == "o_proj" else mlp)
         if proj == "qkv_proj":  # a checkpoint that fuses them (Phi-3)
             D = self.head_dim
             parts = tensor.split([self.num_heads * D, self.num_kv_heads * D, self.num_kv_heads * D])
@@ -134,6 +138,18 @@ class ShardPlan:
             return self.shard(name, lora_a), lora_b
         return lora_a, self.shard(name, lora_b)
 
+    def _columns(self, name: str, tensor: torch.Tensor, bounds: tuple[int, int]) -> torch.Tensor:
+        """Input columns [start, end) of a weight; of GGML blocks as stored, the bytes of whole blocks."""
+        start, end = bounds
+        block = self.stored_block(name)
+        if block is not None:
+            values, nbytes = block
+            if start % values or end % values:
+                raise ValueError(f"{name}: {_FLAG}={self.size} splits its inputs into shares of {end - start}, "
+                                 f"not whole quantized blocks of {values}; use fewer ranks or quantization 'none'")
+            start, end = start // values * nbytes, end // values * nbytes
+        return tensor[..., start:end].clone()
+
     def _q_rows(self) -> tuple[int, int]:
         per_rank = self.num_heads // self.size * self.head_dim
         return self.rank * per_rank, (self.rank + 1) * per_rank
@@ -147,7 +163,7 @@ class ShardPlan:
         per_rank = width // self.size
         return self.rank * per_rank, (self.rank + 1) * per_rank
 
-    def _expert(self, proj: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _expert(self, name: str, proj: str, tensor: torch.Tensor) -> torch.Tensor:
         """An expert projection, one expert's [out, in] or every expert's [E, out, in]: gate and up
         split by output rows, down by input columns (experts have no bias)."""
         start, end = self._share(self.moe_intermediate)
@@ -157,7 +173,7 @@ class ShardPlan:
         if proj in _COLUMN:
             return tensor[..., start:end, :].clone()
         if proj in _ROW:
-            return tensor[..., start:end].clone()
+            return self._columns(name, tensor, (start, end))
         raise ValueError(f"expert tensor {proj!r}: not one this rank knows how to split")
 
     def _vocab_rows(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -174,13 +190,15 @@ def _rows(tensor: torch.Tensor, bounds: tuple[int, int]) -> torch.Tensor:
 
 
 def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], model: torch.nn.Module, tp: Communicator,
-                  pp: PipelineStage) -> Iterator[tuple[str, torch.Tensor]]:
+                  pp: PipelineStage, stored_block: Callable[[str], tuple[int, int] | None] | None = None
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors as this rank holds them: its stage's layers (and the rest), each
-    sliced to its tensor-parallel share (all of them on a single rank)."""
+    sliced to its tensor-parallel share (all of them on a single rank). stored_block: a tensor's
+    block geometry when it arrives as stored GGML blocks (their rows are bytes)."""
     if tp.world_size == 1 and pp.num_stages == 1:
         yield from weights
         return
-    plan = ShardPlan.of(model, tp) if tp.world_size > 1 else None
+    plan = ShardPlan.of(model, tp, stored_block) if tp.world_size > 1 else None
     start, end = pp.layer_range(model.config.num_hidden_layers)
     for name, tensor in weights:
         if name.startswith(LAYERS) and not start <= int(name[len(LAYERS):].partition(".")[0]) < end:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import gguf
 import openai
 import pytest
 
@@ -17,6 +18,8 @@ from sluice.executor.abstract import WorkerDiedError
 from tests.models.test_families_llm import save_tiny
 from tests.models.test_model_forward import CONFIGS
 from tests.models.test_moe import CONFIGS as MOE_CONFIGS
+from tests.models.test_moe import hf_model as moe_model
+from tests.models.test_moe import write_gguf as write_moe_gguf
 from tests.server.utils import RemoteServer
 
 NUM_TOKENS = 16
@@ -60,6 +63,25 @@ def test_two_ranks_greedy_equals_one_rank(name, ranks, tmp_path, monkeypatch):
     llm = LLM(str(tmp_path), **options, **ranks)
     try:
         assert llm.config.parallel.distributed_executor_backend == "mp"  # implied by several ranks
+        assert tokens(llm, [PROMPT]) == [one]
+    finally:
+        llm.engine_core.shutdown()
+
+
+def test_gguf_blocks_split_at_whole_blocks_equal_one_rank(tmp_path):
+    """A tiny Mixtral GGUF with Q8_0 linear layers and Q4_0 experts, run on its blocks: rows split
+    as stored, o / down / the experts' down split at whole blocks of 32 (their bytes), the
+    embedding dequantized on the ranks (each looks up its vocabulary rows)."""
+    hf = moe_model("mixtral", vocab_size=300)
+    path = str(tmp_path / "tiny-mixtral.gguf")
+    Q = gguf.GGMLQuantizationType
+    write_moe_gguf(hf, path, "llama", expert_types={"gate": Q.Q4_0, "up": Q.Q4_0, "down": Q.Q4_0},
+                   linear_type=Q.Q8_0)
+    options = {**TINY, "quantization": "gguf"}
+    [one] = tokens(LLM(path, **options), [PROMPT])
+    assert len(set(one)) > 4, one
+    llm = LLM(path, **options, tensor_parallel_size=2)
+    try:
         assert tokens(llm, [PROMPT]) == [one]
     finally:
         llm.engine_core.shutdown()
@@ -195,6 +217,23 @@ def test_experts_not_dividing_into_the_ranks_are_refused_naming_the_width():
         check_parallel(config, Qwen2MoeForCausalLM, 4, 1)
 
 
+def test_quantized_shares_that_cut_blocks_are_refused_naming_the_layer(monkeypatch):
+    """o / down split into input shares that are not whole blocks: int8 and GGUF refuse at load."""
+    from sluice import distributed
+    from sluice.layers.linear import RowParallelLinear
+    from sluice.quantization.gguf import check_split
+    from sluice.quantization.int8 import Int8Config
+
+    monkeypatch.setattr(distributed, "_TP", distributed.Communicator(0, 2))
+    down = "model.layers.0.mlp.down_proj.weight"
+    with pytest.raises(ValueError, match=rf"quantization='int8' .*tensor_parallel_size=2: {down} splits its 96 "
+                                         "inputs into shares of 48, not whole int8 blocks of 32"):
+        Int8Config().get_linear_method(RowParallelLinear(48, 64), [down])
+    with pytest.raises(ValueError, match=rf"quantization='gguf' .*{down} \(Q4_K\) splits its 256 inputs into "
+                                         "shares of 128, not whole blocks of 256"):
+        check_split(down, 128, gguf.GGMLQuantizationType.Q4_K)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(tensor_parallel_size=2, distributed_executor_backend="uni"),
      "tensor_parallel_size=2 runs a worker process per rank: distributed_executor_backend"),
@@ -202,7 +241,8 @@ def test_experts_not_dividing_into_the_ranks_are_refused_naming_the_width():
      r"tensor_parallel_size=64 \(--tensor-parallel-size, --pipeline-parallel-size\) x data_parallel_size=1: 64 "
      r"ranks need a CPU each"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int >= 1; got 0"),
-    (dict(tensor_parallel_size=2, quantization="gguf"), r"quantization='gguf' \(--quantization\) is not supported"),
+    (dict(tensor_parallel_size=2, quantization="compressed-tensors"),
+     r"quantization='compressed-tensors' \(--quantization\) is not supported"),
     (dict(tensor_parallel_size=2, speculative_config={"method": "eagle", "model": "x", "num_speculative_tokens": 2}),
      "method 'eagle' loads an EAGLE head, which is not split across ranks yet"),
 ])
