@@ -14,10 +14,9 @@ final norm and lm_head, small next to the layers, so a tied lm_head needs nothin
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-
-import re
 
 import torch
 
@@ -97,7 +96,7 @@ class ShardPlan:
                    config.num_key_value_heads, config.intermediate_size, config.vocab_size,
                    getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
                    getattr(config, "shared_expert_intermediate_size", None) or 0,
-                   *([stored_block] if stored_block else []))
+                   stored_block or (lambda name: None))
 
     def shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's part of a Hugging Face-named checkpoint tensor (a copy; the rest is dropped)."""
