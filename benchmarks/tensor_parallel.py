@@ -7,8 +7,10 @@ interleaved (the order alternating each round, so drift in the machine's load hi
 - W1 offline throughput (--num-prompts x 256 random tokens in, 128 out, greedy), and the share of
   its wall time rank 0 spent in collectives.
 
-Each figure is the median over rounds of the per-round ratio TP=2 / TP=1, which is what stays
-meaningful on a shared machine; the load average before and after is printed with them.
+Each figure is the median over rounds of the per-round ratio TP=2 / TP=1; the load average
+before and after is printed with them. Run it quiet: on 2 CPUs shared with other work, TP=1's two
+OpenMP threads wait on each other at every matmul while each TP=2 rank runs one thread, and TP=1
+collapses (seen at load average 8-16: TP=1 ITL 18x TP=2's), which says nothing about TP.
 
     .venv/bin/python benchmarks/tensor_parallel.py                  # ~5 minutes on 2 quiet cores
     .venv/bin/python benchmarks/tensor_parallel.py --model FOLDER --dtype float32 --num-prompts 0
