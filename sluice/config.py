@@ -646,14 +646,17 @@ class EngineConfig:
         if parallel.world_size == 1:
             return
         where = parallel.describe_ranks()
-        _check(not self.lora.enable_lora, f"{where}: enable_lora (--enable-lora) is not supported with several "
-                                          "ranks yet (LoRA slots are not split across ranks)")
-        _check(self.model.quantization in ("auto", "none"),
-               f"{where}: quantization={self.model.quantization!r} (--quantization) is not supported with several "
-               "ranks yet (quantized layers are not split across ranks); use quantization 'none'")
-        _check(self.speculative.num_lookahead_tokens == 0,
-               f"{where}: speculative_config method {getattr(self.speculative, 'method', None)!r} loads a draft "
-               "model, which is not split across ranks yet; use method 'ngram' or one rank")
+        _check(not self.lora.enable_lora or parallel.pipeline_parallel_size == 1,
+               f"{where}: enable_lora (--enable-lora) is not supported with pipeline stages yet (LoRA slots are "
+               "not split into stages)")
+        tp_only = ("int8", "gguf") if parallel.pipeline_parallel_size == 1 else ()
+        _check(self.model.quantization in ("auto", "none", *tp_only),
+               f"{where}: quantization={self.model.quantization!r} (--quantization) is not supported with "
+               + ("several ranks yet (its per-channel scales are not split across ranks); use quantization 'int8', "
+                  "'gguf' or 'none'" if tp_only else "pipeline stages yet; use quantization 'none'"))
+        _check(not self.speculative.enabled or self.speculative.method not in ("eagle", "eagle3"),
+               f"{where}: speculative_config method {getattr(self.speculative, 'method', None)!r} loads an EAGLE "
+               "head, which is not split across ranks yet; use method 'draft_model', 'ngram' or one rank")
         _check(not self.kv_transfer.enabled, f"{where}: kv_transfer_config (--kv-transfer-config) is not supported "
                                              "with several ranks yet (each rank would serve its own KV shard)")
         _check(self.pooling.runner != "pooling", f"{where}: runner='pooling' (--runner) is not supported with "

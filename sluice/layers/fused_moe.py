@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sluice.distributed import get_tp_group
 from sluice.layers import native
 from sluice.layers.activation import silu_and_mul
 from sluice.layers.linear import GateUpLinear, Linear
@@ -159,13 +160,15 @@ class FusedMoE(nn.Module):
         if activation != "silu":
             raise ValueError(f"hidden_act={activation!r} is not supported for experts; supported: 'silu'")
         self.top_k, self.renormalize, self.scoring_func = top_k, renormalize, scoring_func
-        self.gate = Linear(hidden_size, num_experts, bias=False)
-        self.experts = StackedExperts(num_experts, hidden_size, intermediate_size)
+        self.gate = Linear(hidden_size, num_experts, bias=False)  # replicated on every rank
+        # tensor parallel: each rank holds every expert's 1/N of the intermediate dim
+        self.experts = StackedExperts(num_experts, hidden_size, intermediate_size // get_tp_group().world_size)
         self.shared_expert = shared_expert
         self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """[T, H] -> (residual +) moe(x)."""
+        """[T, H] -> (residual +) moe(x); on several ranks, each rank's partial sums (routed and
+        shared experts together) meet in one all-reduce."""
         weights, ids = route(self.gate(x), self.top_k, self.scoring_func, self.renormalize)
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None:
@@ -173,6 +176,7 @@ class FusedMoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
+        out = get_tp_group().all_reduce(out)
         return out if residual is None else residual + out
 
 

@@ -143,11 +143,17 @@ def pack_linears(model: nn.Module) -> int:
 class RowParallelLinear(Linear):
     """A Linear whose input features are split across tensor-parallel ranks (o_proj, down_proj):
     each rank's partial product is summed by an all-reduce before the residual add. in_features
-    is this rank's share; the bias lives on rank 0 only (others load zeros)."""
+    is this rank's share; the bias lives on rank 0 only (others load zeros). reduce_results=False
+    returns the partial product, for a caller that sums it with others in one all-reduce (a
+    shared expert beside the routed ones)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, reduce_results: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.reduce_results = reduce_results
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         tp = get_tp_group()
-        if tp.world_size == 1:
+        if tp.world_size == 1 or not self.reduce_results:
             return super().forward(x, residual)
         out = tp.all_reduce(super().forward(x))
         return out if residual is None else out + residual

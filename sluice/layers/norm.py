@@ -22,12 +22,20 @@ class RMSNorm(nn.Module):
         # rounded once to x's dtype: the same numbers as HF's explicit upcast, without copies
         return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
 
+    def forward_with_mean_square(self, x: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
+        """The norm of x given its rows' mean square [..., 1] (float32) over a wider vector than x
+        holds: a tensor-parallel rank's share of q, normed over every rank's heads."""
+        return self.weight * (x.float() * torch.rsqrt(mean_square + self.eps)).to(x.dtype)
+
 
 class Float32WeightRMSNorm(RMSNorm):
     """OLMo2's RMSNorm: the weight multiplies in float32, before the one rounding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.weight.float() * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)).to(x.dtype)
+
+    def forward_with_mean_square(self, x: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
+        return (self.weight.float() * x.float() * torch.rsqrt(mean_square + self.eps)).to(x.dtype)
 
 
 class GemmaRMSNorm(RMSNorm):

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from sluice.config import LoRAConfig
+from sluice.distributed import get_tp_group
+from sluice.distributed.sharding import ShardPlan
 from sluice.layers.linear import GateUpLinear, Linear, MergedLinear
 from sluice.lora.adapter import TARGET_MODULES, LoRAError, LoRAModel, LoRAWeights, load_adapter
 from sluice.lora.layers import LoRALayer, LoRAStep
@@ -28,6 +30,8 @@ class LoRAManager:
         self.dtype = dtype
         self.device = device
         self.step = LoRAStep(config.max_loras, dtype, device)
+        tp = get_tp_group()
+        self.shard_plan = ShardPlan.of(model, tp) if tp.world_size > 1 else None  # adapters split as the layers
         # checkpoint module path (as PEFT names it) -> (its LoRA layer, shard index, in, out rows)
         self.targets: dict[str, tuple[LoRALayer, int, int, int]] = {}
         self.layers: list[tuple[LoRALayer, list[str]]] = []  # each layer and its shards' module paths
@@ -89,12 +93,27 @@ class LoRAManager:
         adapter = self.loaded.get(request.lora_int_id)
         if adapter is None:
             adapter = load_adapter(request.lora_path, request.lora_int_id, self.config.max_lora_rank, self.dtype)
+            if self.shard_plan is not None:
+                adapter = self._shard(request, adapter)
             self._check(request, adapter)
             self.loaded[request.lora_int_id] = adapter
             while len(self.loaded) > self.config.cpu_loras:
                 self.loaded.popitem(last=False)
         self.loaded.move_to_end(request.lora_int_id)
         return adapter
+
+    def _shard(self, request: LoRARequest, adapter: LoRAModel) -> LoRAModel:
+        """This tensor-parallel rank's share of an adapter (`_check` then compares it with this
+        rank's layers: a wrong shape stays wrong in its share)."""
+        modules = {}
+        for name, w in adapter.modules.items():
+            try:
+                modules[name] = LoRAWeights(*self.shard_plan.shard_lora(name, w.lora_a, w.lora_b))
+            except RuntimeError:
+                raise LoRAError(f"lora_path {request.lora_path!r}: module {name!r} has lora_B "
+                                f"{tuple(w.lora_b.shape)}, which does not split into this model's fused "
+                                "projection") from None
+        return LoRAModel(adapter.adapter_id, adapter.rank, modules)
 
     def _check(self, request: LoRARequest, adapter: LoRAModel) -> None:
         used: dict[int, int] = {}  # columns each layer's slot needs
@@ -105,9 +124,10 @@ class LoRAManager:
                                 "of this model that takes a LoRA")
             _, _, in_features, out_features = target
             if weights.lora_a.shape[1] != in_features or weights.lora_b.shape[0] != out_features:
+                share = "" if self.shard_plan is None else f" (this rank's share of {self.shard_plan.size})"
                 raise LoRAError(f"lora_path {request.lora_path!r}: module {name!r} has lora_A "
-                                f"{tuple(weights.lora_a.shape)} and lora_B {tuple(weights.lora_b.shape)}; this "
-                                f"model needs [r, {in_features}] and [{out_features}, r]")
+                                f"{tuple(weights.lora_a.shape)} and lora_B {tuple(weights.lora_b.shape)}{share}; "
+                                f"this model needs [r, {in_features}] and [{out_features}, r]")
             layer = target[0]
             used[id(layer)] = used.get(id(layer), 0) + weights.rank
             if used[id(layer)] > layer.width:

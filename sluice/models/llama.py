@@ -65,6 +65,7 @@ class LlamaAttention(nn.Module):
                               logits_soft_cap=options.attn_logits_soft_cap)
         self.o_proj = RowParallelLinear(H * head_dim, config.hidden_size, bias=options.o_bias)
         self.q_norm = self.k_norm = None
+        self.qk_norm_full = options.qk_norm == "full"
         if options.qk_norm is not None:
             per_head = options.qk_norm == "head"
             self.q_norm = options.norm(head_dim if per_head else H * head_dim, config.rms_norm_eps)
@@ -85,14 +86,29 @@ class LlamaAttention(nn.Module):
     def norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
         T, H, Hkv, D = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = self.q_norm(q.reshape(T, -1, self.q_norm.weight.shape[0])).view(T, H * D)
-        k = self.k_norm(k.reshape(T, -1, self.k_norm.weight.shape[0])).view(T, Hkv * D)
+        if self.qk_norm_full and get_tp_group().world_size > 1:
+            q, k = self.norm_qk_across_ranks(q, k)
+        else:
+            q = self.q_norm(q.reshape(T, -1, self.q_norm.weight.shape[0])).view(T, H * D)
+            k = self.k_norm(k.reshape(T, -1, self.k_norm.weight.shape[0])).view(T, Hkv * D)
         return torch.cat((q, k, v), dim=-1)
+
+    def norm_qk_across_ranks(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A q/k norm over the whole projection when this rank holds some of its heads: one
+        all-reduce of the ranks' sums of squares. Every rank holds as many heads, and replicated KV
+        heads are held equally often, so the sum over ranks / (ranks x local width) is the mean."""
+        tp = get_tp_group()
+        sums = torch.stack((q.float().square().sum(-1), k.float().square().sum(-1)), dim=-1)
+        mean_square = tp.all_reduce(sums) / sums.new_tensor([q.shape[-1], k.shape[-1]]) / tp.world_size
+        return (self.q_norm.forward_with_mean_square(q, mean_square[:, :1]),
+                self.k_norm.forward_with_mean_square(k, mean_square[:, 1:]))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, options: DecoderOptions, intermediate_size: int | None = None):
-        """intermediate_size defaults to the config's (a shared expert has its own)."""
+    def __init__(self, config, options: DecoderOptions, intermediate_size: int | None = None,
+                 reduce_results: bool = True):
+        """intermediate_size defaults to the config's (a shared expert has its own, and leaves its
+        tensor-parallel sum to the all-reduce after the routed experts: reduce_results=False)."""
         super().__init__()
         hidden, inter, bias = config.hidden_size, intermediate_size or config.intermediate_size, options.mlp_bias
         inter //= get_tp_group().world_size  # column-parallel gate/up, row-parallel down
@@ -101,7 +117,7 @@ class LlamaMLP(nn.Module):
         self.fused_silu = self.act_and_mul is silu_and_mul
         self.gate_up_proj = (GateUpLinear(hidden, inter, bias=bias) if self.fused_silu
                              else MergedLinear(hidden, {"gate": inter, "up": inter}, bias=bias))
-        self.down_proj = RowParallelLinear(inter, hidden, bias=bias)
+        self.down_proj = RowParallelLinear(inter, hidden, bias=bias, reduce_results=reduce_results)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """(residual +) mlp(x): the add is fused into down_proj."""

@@ -18,7 +18,6 @@ def mixtral_moe(config, layer_idx: int) -> FusedMoE:
 
 
 class MixtralForCausalLM(MistralForCausalLM):
-    tensor_parallel_unsupported = "its mixture-of-experts layers are not split across ranks yet"
 
     @classmethod
     def decoder_options(cls, config) -> DecoderOptions:

@@ -33,7 +33,6 @@ class Olmo2Model(LlamaModel):
 
 class Olmo2ForCausalLM(LlamaForCausalLM):
     model_class = Olmo2Model
-    tensor_parallel_unsupported = "its q/k RMSNorm spans every head, which a rank holds only some of"
 
     @classmethod
     def decoder_options(cls, config) -> DecoderOptions:

@@ -17,7 +17,6 @@ def olmoe_moe(config, layer_idx: int) -> FusedMoE:
 
 
 class OlmoeForCausalLM(LlamaForCausalLM):
-    tensor_parallel_unsupported = "its mixture-of-experts layers are not split across ranks yet"
 
     @classmethod
     def decoder_options(cls, config) -> DecoderOptions:

@@ -23,15 +23,14 @@ def is_sparse_layer(config, layer_idx: int) -> bool:
 def qwen2_moe_mlp(config, layer_idx: int) -> nn.Module:
     if not is_sparse_layer(config, layer_idx):
         return LlamaMLP(config, DecoderOptions())
-    shared_expert = LlamaMLP(config, DecoderOptions(), intermediate_size=config.shared_expert_intermediate_size)
+    shared_expert = LlamaMLP(config, DecoderOptions(), intermediate_size=config.shared_expert_intermediate_size,
+                             reduce_results=False)
     return FusedMoE(config.num_experts, config.num_experts_per_tok, config.hidden_size, config.moe_intermediate_size,
                     renormalize=config.norm_topk_prob, activation=config.hidden_act, shared_expert=shared_expert,
                     shared_expert_gate=True)
 
 
 class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
-    tensor_parallel_unsupported = "its mixture-of-experts layers are not split across ranks yet"
-
     @classmethod
     def decoder_options(cls, config) -> DecoderOptions:
         return dataclasses.replace(super().decoder_options(config), qkv_bias=getattr(config, "qkv_bias", True),

@@ -22,7 +22,6 @@ def qwen3_moe_mlp(config, layer_idx: int) -> nn.Module:
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
-    tensor_parallel_unsupported = "its mixture-of-experts layers are not split across ranks yet"
 
     @classmethod
     def decoder_options(cls, config) -> DecoderOptions:

@@ -79,5 +79,10 @@ class QuantizationConfig(ABC):
         """Checkpoint weights the loader must hand over as stored (not dequantized)."""
         return ()
 
+    def stored_block(self, name: str) -> tuple[int, int] | None:
+        """(values, bytes) of one block of a weight handed over as stored blocks, which tensor-parallel
+        ranks split only at whole blocks; None: not stored in blocks."""
+        return None
+
     def log_summary(self) -> None:
         """Log, once the model is loaded, what the user should know (layers left dense)."""

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sluice.distributed import get_tp_group
 from sluice.layers import native
+from sluice.layers.linear import RowParallelLinear
 from sluice.layers.vocab_parallel import VocabParallelEmbedding
 from sluice.platform import cpu_flags
 from sluice.layers.activation import silu_and_mul
@@ -214,8 +216,10 @@ class GGUFConfig(QuantizationConfig):
         """The embedding keeps its blocks too (and so does an lm_head tied to it)."""
         qtype = self.tensor_types.get(EMBEDDING)
         embedding = model.get_submodule(EMBEDDING.rpartition(".")[0])
-        if qtype not in KERNEL_TYPES or type(embedding) not in (nn.Embedding, VocabParallelEmbedding):  # one rank
+        if qtype not in KERNEL_TYPES or type(embedding) not in (nn.Embedding, VocabParallelEmbedding):
             return
+        if get_tp_group().world_size > 1:
+            return  # split by vocabulary, each rank looks up its rows: dense (dequantized) there
         dense = embedding.weight
         blocks = nn.Parameter(torch.empty(dense.shape[0], row_bytes(qtype, dense.shape[1]), dtype=torch.uint8),
                               requires_grad=False)
@@ -234,6 +238,8 @@ class GGUFConfig(QuantizationConfig):
         if None in types or types <= _DENSE_TYPES:
             return None  # not in the file or stored dense
         qtype = types.pop()
+        if not types and qtype in KERNEL_TYPES and isinstance(layer, RowParallelLinear):
+            check_split(checkpoint_names[0], layer.in_features, qtype)
         if types or qtype not in KERNEL_TYPES or layer.in_features % gguf.GGML_QUANT_SIZES[qtype][0]:
             self.dequantized[" + ".join(sorted(t.name for t in types | {qtype}))] += 1
             return None
@@ -247,6 +253,8 @@ class GGUFConfig(QuantizationConfig):
         if None in types or set(types) <= _DENSE_TYPES:
             return None
         gate, up, down = types
+        if down in KERNEL_TYPES:
+            check_split(checkpoint_names[2], experts.intermediate_size, down)
         fits = all(t in KERNEL_TYPES and size % gguf.GGML_QUANT_SIZES[t][0] == 0
                    for t, size in ((gate, experts.hidden_size), (down, experts.intermediate_size)))
         if gate != up or not fits:
@@ -258,10 +266,23 @@ class GGUFConfig(QuantizationConfig):
     def raw_weight_names(self) -> set[str]:
         return self.quantized
 
+    def stored_block(self, name: str) -> tuple[int, int] | None:
+        return gguf.GGML_QUANT_SIZES[self.tensor_types[name]] if name in self.quantized else None
+
     def log_summary(self) -> None:
         if self.dequantized:
             logger.info("GGUF: layers loaded dequantized (types no kernel reads, or mixed types in one "
                         "fused layer): %s", ", ".join(f"{n} x {t}" for t, n in sorted(self.dequantized.items())))
+
+
+def check_split(name: str, share: int, qtype: Q) -> None:
+    """Refuse a layer whose inputs tensor-parallel ranks split (o, down) into shares that are not
+    whole blocks of its type (each rank keeps the file's blocks as they are)."""
+    tp, values = get_tp_group(), gguf.GGML_QUANT_SIZES[qtype][0]
+    if tp.world_size > 1 and share % values:
+        raise ValueError(f"quantization='gguf' (--quantization) with tensor_parallel_size={tp.world_size}: {name} "
+                         f"({qtype.name}) splits its {share * tp.world_size} inputs into shares of {share}, not "
+                         f"whole blocks of {values}; use fewer ranks or quantization 'none' (dequantized)")
 
 
 def read_tensor_types(path: str, hf_config) -> dict[str, Q]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sluice.distributed import get_tp_group
 from sluice.layers import native
 from sluice.loader import ModelLoadError
 from sluice.platform import cpu_flags
@@ -151,10 +152,25 @@ class Int8Config(QuantizationConfig):
     name = "int8"
 
     def get_linear_method(self, layer: nn.Module, checkpoint_names: list[str]) -> LinearMethod | None:
+        from sluice.layers.linear import RowParallelLinear
+
+        if isinstance(layer, RowParallelLinear):
+            check_split(layer.in_features, checkpoint_names)
         return Int8LinearMethod() if layer.in_features % 32 == 0 else None
 
     def get_moe_method(self, experts: nn.Module, checkpoint_names: list[str]) -> MoEMethod | None:
+        check_split(experts.intermediate_size, checkpoint_names[-1:])  # down_proj's inputs
         return Int8MoEMethod() if experts.hidden_size % 32 == 0 == experts.intermediate_size % 32 else None
+
+
+def check_split(share: int, checkpoint_names: list[str]) -> None:
+    """Refuse a layer whose inputs tensor-parallel ranks split (o, down) into shares that are not
+    whole blocks of 32: each rank's blocks would not be the blocks one rank quantizes."""
+    tp = get_tp_group()
+    if tp.world_size > 1 and share % 32:
+        raise ValueError(f"quantization='int8' (--quantization) with tensor_parallel_size={tp.world_size}: "
+                         f"{checkpoint_names[0]} splits its {share * tp.world_size} inputs into shares of {share}, "
+                         "not whole int8 blocks of 32; use fewer ranks or quantization 'none'")
 
 
 class CompressedInt8Method(ChannelInt8Method):

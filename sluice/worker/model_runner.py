@@ -125,17 +125,17 @@ def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch
     tp, pp = get_tp_group(), get_pp_group()
     check_parallel(hf_config, model_class, tp.world_size, pp.num_stages)
     quant_config = get_quantization_config(quantization, source, hf_config)
-    if tp.world_size * pp.num_stages > 1 and quant_config.name != "none":
-        raise ValueError(f"quantization={quant_config.name!r} (--quantization) cannot run on several ranks "
-                         f"(tensor_parallel_size={tp.world_size}, pipeline_parallel_size={pp.num_stages}): "
-                         "quantized layers are not split across ranks yet; use quantization 'none' (dense "
-                         "weights) or one rank")
+    split = ("none", "int8", "gguf") if pp.num_stages == 1 else ("none",)  # quantized layers: tensor-parallel only
+    if tp.world_size * pp.num_stages > 1 and quant_config.name not in split:
+        raise ValueError(f"quantization={quant_config.name!r} (--quantization) cannot run on these ranks "
+                         f"(tensor_parallel_size={tp.world_size}, pipeline_parallel_size={pp.num_stages}) yet; "
+                         f"use quantization {' or '.join(map(repr, split))} or one rank")
     with _default_dtype(dtype), device:
         model = model_class(hf_config)
     quant_config.prepare_model(model)
     methods = set_linear_methods(model, quant_config) | set_moe_methods(model, quant_config)
     weights = iter_weights(source, hf_config, dtype, {*quant_config.raw_weight_names(), *keep_stored})
-    model.load_weights(shard_weights(weights, model, tp, pp))
+    model.load_weights(shard_weights(weights, model, tp, pp, quant_config.stored_block))
     process_weights_after_loading(model)
     process_moe_weights_after_loading(model)
     model.eval()

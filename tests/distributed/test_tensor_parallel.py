@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import gguf
 import openai
 import pytest
 
@@ -17,20 +18,27 @@ from sluice.executor.abstract import WorkerDiedError
 
 from tests.models.test_families_llm import save_tiny
 from tests.models.test_model_forward import CONFIGS
+from tests.models.test_moe import CONFIGS as MOE_CONFIGS
+from tests.models.test_moe import hf_model as moe_model
+from tests.models.test_moe import write_gguf as write_moe_gguf
 from tests.server.utils import RemoteServer
 
 NUM_TOKENS = 16
 PROMPT = [1, 17, 42, 7, 99, 3, 250, 8, 61]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
 TINY = dict(dtype="float32", max_model_len=64, kv_cache_memory_bytes=4 << 20)
-# each family once (Mistral is Llama with a window, Gemma is Gemma 3 without its extras): Llama tied
-# with one KV head (replicated on both ranks), Qwen2's q/k/v biases, Qwen3 with an odd vocabulary (the
-# last rank's rows padded), Gemma 2's soft caps, Gemma 3's windows, Phi-4's fused checkpoint projections
-# and partial rotary, Granite's down_proj bias (added on rank 0 only)
-ARCHS = ["llama31_tied", "qwen2", "qwen3", "gemma2", "gemma3", "phi4_partial_rotary", "granite"]
+# representative families (the others differ from these only in switches a rank holds whole): Llama
+# tied with one KV head (replicated on both ranks) and o/down biases (added on rank 0 only), Qwen3
+# with an odd vocabulary (the last rank's rows padded), Phi-4's fused checkpoint projections and
+# partial rotary; then Mixtral's experts (each rank 1/2 of every expert), Qwen2-MoE's shared expert
+# (summed with the routed ones in one all-reduce) beside a dense layer, OLMo2's q/k norm over every
+# head (one KV head: replicated heads counted once), and Llama with --quantization int8 (o and down
+# split by whole Q8_0 blocks)
+ARCHS = ["llama31_tied", "qwen3", "phi4_partial_rotary", "mixtral", "qwen2_moe", "olmo2", "llama-int8"]
 UNTIED = {"tie_word_embeddings": False}  # tied, the tiny Gemmas' scaled embeddings echo the last token
-CHANGES = {"llama31_tied": {"num_key_value_heads": 1}, "qwen3": {"vocab_size": 401}, "gemma2": UNTIED,
-           "gemma3": UNTIED}
+CHANGES = {"llama31_tied": {"num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True}, "qwen3": {"vocab_size": 401}, "gemma3": UNTIED,
+           "olmo2": {"num_key_value_heads": 1}}
+OPTIONS = {"llama-int8": {"quantization": "int8"}}
 # pipeline stages (a layer each): Llama's tied lm_head on the last stage, Gemma 3's windowed layer on
 # the first and its global one on the second (the KV manager must keep what the second reads)
 CASES = ([(name, {"tensor_parallel_size": 2}) for name in ARCHS]
@@ -44,16 +52,37 @@ def tokens(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY) 
 @pytest.mark.parametrize("name, ranks", CASES, ids=[f"{n}-{'tp' if 'tensor_parallel_size' in r else 'pp'}2"
                                                     for n, r in CASES])
 def test_two_ranks_greedy_equals_one_rank(name, ranks, tmp_path, monkeypatch):
-    config = CONFIGS[name]()
+    arch = name.partition("-")[0]
+    config = MOE_CONFIGS[arch]() if arch in MOE_CONFIGS else CONFIGS[arch]()
     for field, value in CHANGES.get(name, {}).items():
         setattr(config, field, value)
-    monkeypatch.setitem(CONFIGS, name, lambda: config)
-    save_tiny(name, tmp_path)
-    [one] = tokens(LLM(str(tmp_path), **TINY), [PROMPT])
+    monkeypatch.setitem(CONFIGS, arch, lambda: config)
+    save_tiny(arch, tmp_path)
+    options = {**TINY, **OPTIONS.get(name, {})}
+    [one] = tokens(LLM(str(tmp_path), **options), [PROMPT])
     assert len(set(one)) > 4, one  # a continuation worth comparing
-    llm = LLM(str(tmp_path), **TINY, **ranks)
+    llm = LLM(str(tmp_path), **options, **ranks)
     try:
         assert llm.config.parallel.distributed_executor_backend == "mp"  # implied by several ranks
+        assert tokens(llm, [PROMPT]) == [one]
+    finally:
+        llm.engine_core.shutdown()
+
+
+def test_gguf_blocks_split_at_whole_blocks_equal_one_rank(tmp_path):
+    """A tiny Mixtral GGUF with Q8_0 linear layers and Q4_0 experts, run on its blocks: rows split
+    as stored, o / down / the experts' down split at whole blocks of 32 (their bytes), the
+    embedding dequantized on the ranks (each looks up its vocabulary rows)."""
+    hf = moe_model("mixtral", vocab_size=300)
+    path = str(tmp_path / "tiny-mixtral.gguf")
+    Q = gguf.GGMLQuantizationType
+    write_moe_gguf(hf, path, "llama", expert_types={"gate": Q.Q4_0, "up": Q.Q4_0, "down": Q.Q4_0},
+                   linear_type=Q.Q8_0)
+    options = {**TINY, "quantization": "gguf"}
+    [one] = tokens(LLM(path, **options), [PROMPT])
+    assert len(set(one)) > 4, one
+    llm = LLM(path, **options, tensor_parallel_size=2)
+    try:
         assert tokens(llm, [PROMPT]) == [one]
     finally:
         llm.engine_core.shutdown()
@@ -73,9 +102,11 @@ def lone(tiny_model_dir) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def tp_llm(tiny_model_dir):
-    # 13 usable blocks of 16 cannot hold four ~80-token requests (preemption); 32-token chunks
+    # 13 usable blocks of 16 cannot hold four ~80-token requests (preemption); 32-token chunks; a
+    # draft model (another tiny family, same vocabulary) split across the ranks as the target is
+    draft = {"method": "draft_model", "model": tiny_model_dir("qwen2"), "num_speculative_tokens": 3}
     llm = LLM(tiny_model_dir("llama"), **PATHS, tensor_parallel_size=2, num_gpu_blocks_override=14,
-              max_num_batched_tokens=32, enable_prefix_caching=True)
+              max_num_batched_tokens=32, enable_prefix_caching=True, speculative_config=draft)
     yield llm
     llm.engine_core.shutdown()
 
@@ -89,7 +120,9 @@ def check_scheduler_paths(llm: LLM, lone: list[list[int]]) -> None:
 
 
 def test_tp2_batched_chunked_preempted_and_prefix_warm_equal_lone(tp_llm, lone):
+    """... and speculative: the draft's proposals, the same on every rank, verified by the target."""
     check_scheduler_paths(tp_llm, lone)
+    assert tp_llm.get_metrics()["vllm:spec_decode_num_draft_tokens"] > 0
 
 
 def test_each_rank_holds_its_share_and_reports_collectives(tp_llm):
@@ -148,10 +181,40 @@ def test_more_stages_than_layers_are_refused_naming_them(tiny_model_dir):
         LLM(tiny_model_dir("llama"), **TINY, pipeline_parallel_size=3, distributed_executor_backend="ray")
 
 
-def test_an_architecture_that_cannot_be_split_is_refused_by_name(tmp_path):
-    save_tiny("olmo2", tmp_path)
-    with pytest.raises(ValueError, match="Olmo2ForCausalLM cannot run tensor-parallel .*q/k RMSNorm"):
-        LLM(str(tmp_path), **TINY, tensor_parallel_size=2)
+def test_an_architecture_that_cannot_be_split_is_refused_by_name():
+    from sluice.distributed.sharding import check_parallel
+    from sluice.models.registry import MODEL_REGISTRY
+
+    bert = MODEL_REGISTRY["BertModel"].model_class()
+    with pytest.raises(ValueError, match=r"BertModel cannot run tensor-parallel .*use tensor_parallel_size"):
+        check_parallel(CONFIGS["llama"](), bert, 2, 1)
+
+
+def test_experts_not_dividing_into_the_ranks_are_refused_naming_the_width():
+    from sluice.distributed.sharding import check_parallel
+    from sluice.models.qwen2_moe import Qwen2MoeForCausalLM
+
+    config = MOE_CONFIGS["qwen2_moe"]()
+    config.shared_expert_intermediate_size = 90
+    with pytest.raises(ValueError, match=r"=4 must divide the model's shared_expert_intermediate_size=90"):
+        check_parallel(config, Qwen2MoeForCausalLM, 4, 1)
+
+
+def test_quantized_shares_that_cut_blocks_are_refused_naming_the_layer(monkeypatch):
+    """o / down split into input shares that are not whole blocks: int8 and GGUF refuse at load."""
+    from sluice import distributed
+    from sluice.layers.linear import RowParallelLinear
+    from sluice.quantization.gguf import check_split
+    from sluice.quantization.int8 import Int8Config
+
+    monkeypatch.setattr(distributed, "_TP", distributed.Communicator(0, 2))
+    down = "model.layers.0.mlp.down_proj.weight"
+    with pytest.raises(ValueError, match=rf"quantization='int8' .*tensor_parallel_size=2: {down} splits its 96 "
+                                         "inputs into shares of 48, not whole int8 blocks of 32"):
+        Int8Config().get_linear_method(RowParallelLinear(48, 64), [down])
+    with pytest.raises(ValueError, match=rf"quantization='gguf' .*{down} \(Q4_K\) splits its 256 inputs into "
+                                         "shares of 128, not whole blocks of 256"):
+        check_split(down, 128, gguf.GGMLQuantizationType.Q4_K)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -161,11 +224,14 @@ def test_an_architecture_that_cannot_be_split_is_refused_by_name(tmp_path):
      r"tensor_parallel_size=64 \(--tensor-parallel-size, --pipeline-parallel-size\) x data_parallel_size=1: 64 "
      r"ranks need a CPU each"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int >= 1; got 0"),
-    (dict(tensor_parallel_size=2, enable_lora=True), r"enable_lora \(--enable-lora\) is not supported"),
-    (dict(tensor_parallel_size=2, quantization="int8"), r"quantization='int8' \(--quantization\) is not supported"),
-    (dict(tensor_parallel_size=2, speculative_config={"method": "draft_model", "model": "x",
-                                                       "num_speculative_tokens": 2}),
-     "method 'draft_model' loads a draft model, which is not split across ranks yet"),
+    (dict(tensor_parallel_size=2, quantization="compressed-tensors"),
+     r"quantization='compressed-tensors' \(--quantization\) is not supported"),
+    (dict(pipeline_parallel_size=2, quantization="int8"), r"quantization='int8' \(--quantization\) is not "
+                                                          "supported with pipeline stages yet"),
+    (dict(pipeline_parallel_size=2, enable_lora=True), r"enable_lora \(--enable-lora\) is not supported with "
+                                                       "pipeline stages yet"),
+    (dict(tensor_parallel_size=2, speculative_config={"method": "eagle", "model": "x", "num_speculative_tokens": 2}),
+     "method 'eagle' loads an EAGLE head, which is not split across ranks yet"),
 ])
 def test_bad_parallel_configs_are_refused(kwargs, message):
     from sluice.config import EngineConfig

@@ -110,3 +110,21 @@ def test_worker_process_gets_the_adapter(lora_models):
     hf = peft_model(model_dir, {"a": adapters["a"]})
     tokens, logits = greedy(hf, PROMPTS[0])
     check_float32(out[0].outputs[0].token_ids, tokens, logits, "mp worker", NUM_TOKENS)
+
+
+def test_tensor_parallel_adapters_equal_one_rank(lora_models):
+    """TP=2 on Phi-3 (B split by output rows on the fused qkv_proj and gate_up_proj, by heads and
+    columns as their weights; A by input columns on o and down, whose partial deltas join the base's
+    all-reduce): a batch mixing two adapters and the base model gives one rank's tokens."""
+    model_dir, adapters = lora_models("phi3")
+    loras = [None] + [LoRARequest(name, i, adapters[name]) for i, name in enumerate("ab", start=1)]
+    prompts = [{"prompt_token_ids": PROMPTS[i % 2]} for i in range(len(loras))]
+    one = [o.outputs[0].token_ids for o in engine(model_dir, max_loras=2).generate(
+        prompts, GREEDY, use_tqdm=False, lora_request=loras)]
+    assert len({tuple(t) for t in one}) == 3, "adapters should give different tokens"
+    llm = engine(model_dir, max_loras=2, tensor_parallel_size=2)
+    try:
+        two = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=loras)
+        assert [o.outputs[0].token_ids for o in two] == one
+    finally:
+        llm.engine_core.shutdown()

@@ -247,10 +247,12 @@ def gguf_tensors(hf: transformers.PreTrainedModel, arch: str):
 
 
 def write_gguf(hf: transformers.PreTrainedModel, path: str, arch: str,
-               expert_types: dict[str, gguf.GGMLQuantizationType] | None = None) -> None:
+               expert_types: dict[str, gguf.GGMLQuantizationType] | None = None,
+               linear_type: gguf.GGMLQuantizationType | None = None) -> None:
     """A float32 GGUF of a tiny MoE model, with a byte-level tokenizer; expert_types quantizes the
-    expert tensors by projection ("gate", "up", "down") with the gguf package. Mixtral and OLMoE
-    state their experts' size as feed_forward_length, as llama.cpp's converter writes them."""
+    expert tensors by projection ("gate", "up", "down") with the gguf package, linear_type every
+    other matrix. Mixtral and OLMoE state their experts' size as feed_forward_length, as
+    llama.cpp's converter writes them."""
     config = hf.config
     writer = gguf.GGUFWriter(path, arch)
     add_decoder_metadata(writer, config)
@@ -263,8 +265,8 @@ def write_gguf(hf: transformers.PreTrainedModel, path: str, arch: str,
     add_byte_tokenizer(writer)
     for name, array in gguf_tensors(hf, arch):
         proj = name.split(".")[2].removeprefix("ffn_").removesuffix("_exps") if "_exps." in name else None
-        if expert_types and proj in expert_types:
-            qtype = expert_types[proj]
+        qtype = expert_types.get(proj) if expert_types and proj else linear_type if array.ndim == 2 else None
+        if qtype is not None:
             writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(name, array)
