@@ -21,7 +21,7 @@ from sluice.layers import native
 from sluice.loader import ModelLoadError
 from sluice.platform import cpu_flags
 from sluice.quantization.base import LinearMethod, MoEMethod, QuantizationConfig
-from sluice.quantization.gguf import GGUFLinearMethod, GGUFMoEMethod
+from sluice.quantization.gguf import GGUFLinearMethod, GGUFMoEMethod, repack
 from sluice.quantization.gguf import kernel_available as gguf_kernel_available
 
 PANEL = 64  # output columns per packed panel (quant.c's PANEL8)
@@ -73,7 +73,9 @@ class Int8LinearMethod(GGUFLinearMethod):
         pass  # loads dense, quantized after loading
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        layer.int8_blocks = quantize_q8_0(layer.weight.detach())
+        blocks = quantize_q8_0(layer.weight.detach())
+        packed = repack(blocks, self.qtype)  # the kernel's interleaved layout, where it runs
+        layer.int8_blocks = blocks if packed is None else packed
 
     def blocks(self, layer: nn.Module) -> torch.Tensor:
         return layer.int8_blocks
