@@ -100,6 +100,8 @@ def load_library() -> ctypes.CDLL | None:
     lib.gguf_x16_rows.restype = ctypes.c_int
     lib.gguf_x16_rows.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
+    lib.vnni_peak_ops.restype = ctypes.c_double
+    lib.vnni_peak_ops.argtypes = [ctypes.c_int64]
     lib.dequant_pack_gguf.restype = ctypes.c_int
     lib.dequant_pack_gguf.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.pack_int8.restype = ctypes.c_int

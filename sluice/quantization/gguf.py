@@ -34,10 +34,12 @@ KERNEL_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K
 _DENSE_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
 _KERNEL_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"}
 HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
-# From this many rows of x, dequantizing the weight to bf16 panels beats the integer kernel
-# (which unpacks each block once per 4 rows); measured on an AMD EPYC (Zen 4). Repacked weights
-# (below) stay on the integer kernel for every batch.
+# From this many rows of x, dequantizing the weight to bf16 panels beats the integer kernel on
+# blocks as stored (which unpacks each block once per 4 rows); measured on an AMD EPYC (Zen 4).
 MANY_ROWS = 16
+# Repacked blocks (below) stay on the integer kernel for every batch: 2.6x the bf16 kernel's speed
+# at 256 rows (Intel Xeon, no AMX). Tests lower it to run the same weights in bf16 arithmetic.
+MANY_ROWS_REPACKED = 1 << 62
 # Types quant.c repacks at load into its interleaved layout (16 weight rows per register, the
 # file's bytes in another order), which its integer kernel reads for decode and prefill alike.
 REPACKED_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q8_0})
@@ -139,6 +141,9 @@ def gguf_linear_many_rows(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_f
         return None
     lib = native.load_library()
     in_features = x.shape[-1]
+    if is_repacked(blocks):
+        packed = native.pack_linear(dense_weight(blocks, qtype, torch.bfloat16, out_features, in_features))
+        return None if packed is None else native.linear(x, packed, out_features, None if bias is None else bias.float())
     packed = torch.empty(-(-out_features // native.PANEL) * native.PANEL * in_features, dtype=torch.bfloat16)
     if lib is None or lib.dequant_pack_gguf(blocks.data_ptr(), int(qtype), out_features, in_features,
                                             packed.data_ptr()) != 0:
@@ -222,7 +227,7 @@ class GGUFLinearMethod(LinearMethod):
     def apply_residual(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         blocks = self.blocks(layer)
         out = None
-        if x.numel() >= MANY_ROWS * x.shape[-1] and not is_repacked(blocks):
+        if x.numel() >= (MANY_ROWS_REPACKED if is_repacked(blocks) else MANY_ROWS) * x.shape[-1]:
             out = gguf_linear_many_rows(x, blocks, self.qtype, layer.out_features, layer.bias)
         if out is None:
             out = gguf_linear(x, blocks, self.qtype, layer.out_features, layer.bias, residual)

@@ -904,3 +904,26 @@ int gguf_x16_rows(const uint8_t *w, int qtype, int64_t N, int64_t K, const int64
     return -1;
 #endif
 }
+
+/* The machine's int8 peak, for benchmarks: every thread runs 16 independent vpdpbusd chains in
+ * registers for `iters` rounds. Returns the integer ops done (2 per multiply-add), or -1 without VNNI. */
+double vnni_peak_ops(int64_t iters) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+    double total = 0.0;
+#pragma omp parallel reduction(+ : total)
+    {
+        __m512i acc[16];
+        const __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8((char)omp_get_thread_num());
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_set1_epi32(i);
+        for (int64_t it = 0; it < iters; it++)
+            for (int i = 0; i < 16; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+        int32_t sink = 0;
+        for (int i = 0; i < 16; i++) sink += _mm512_reduce_add_epi32(acc[i]);
+        total += 2.0 * 64 * 16 * (double)iters + (sink == 42 ? 1e-9 : 0.0); /* keeps the loop */
+    }
+    return total;
+#else
+    (void)iters;
+    return -1.0;
+#endif
+}
