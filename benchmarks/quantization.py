@@ -150,6 +150,7 @@ def main() -> None:
                 models[method] = os.path.join(tmp, "SmolLM2-135M-Instruct.Q8_0.gguf")
                 requantize_file(path, models[method], gguf.GGMLQuantizationType.Q8_0)
             llms[method] = load(method, models[method])
+            print(f"loaded {method}", flush=True)
         results = {m: {"method": m, "weight_bytes": resident_weight_bytes(llms[m]), "file_bytes":
                        os.path.getsize(models[m]), "linear_weights": linear_weights(llms[m])} for m in methods}
         timings: dict[str, list[tuple[float, float]]] = {m: [] for m in methods + ["llama.cpp"]}
@@ -161,6 +162,9 @@ def main() -> None:
             if args.llama_cpp:
                 llama_info = llama_cpp_run(args.llama_cpp, path, args.output_len, 1000 + 64 * rnd)
                 timings["llama.cpp"].append((llama_info["prefill_s"], llama_info["whole_s"]))
+            print(f"single-stream round {rnd + 1}: " + ", ".join(
+                f"{m} {(w - p) / (args.output_len - 1) * 1e3:.1f} ms" for m, runs in timings.items() if runs
+                for p, w in runs[-1:]), flush=True)
         for m, runs in timings.items():
             if runs and m in results:
                 results[m]["itl_ms"] = min(w - p for p, w in runs) / (args.output_len - 1) * 1e3
@@ -169,6 +173,7 @@ def main() -> None:
                 seconds, tokens = w1(llms[m], args.num_prompts)
                 results[m]["w1_output_tok_s"] = args.num_prompts * 128 / seconds
                 results[m]["w1_int_ops_s"] = 2 * results[m]["linear_weights"] * tokens / seconds
+                print(f"W1 {m}: {results[m]['w1_output_tok_s']:.1f} output tok/s", flush=True)
         for m in methods:
             print(json.dumps(results[m]))
         del llms

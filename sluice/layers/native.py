@@ -97,6 +97,8 @@ def load_library() -> ctypes.CDLL | None:
     lib.repacked_gguf_bytes.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     lib.repack_gguf.restype = ctypes.c_int
     lib.repack_gguf.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.unrepack_gguf.restype = ctypes.c_int
+    lib.unrepack_gguf.argtypes = lib.repack_gguf.argtypes
     lib.gguf_x16_rows.restype = ctypes.c_int
     lib.gguf_x16_rows.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])

@@ -33,6 +33,7 @@ Q = gguf.GGMLQuantizationType
 KERNEL_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 _DENSE_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
 _KERNEL_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"}
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 # From this many rows of x, dequantizing the weight to bf16 panels beats the integer kernel on
 # blocks as stored (which unpacks each block once per 4 rows); measured on an AMD EPYC (Zen 4).
@@ -96,11 +97,14 @@ def repacked_rows(blocks: torch.Tensor, qtype: Q, ids: torch.Tensor, in_features
     return out.to(dtype)
 
 
-def dense_weight(blocks: torch.Tensor, qtype: Q, dtype: torch.dtype, out_features: int, in_features: int) -> torch.Tensor:
-    """The dense weight [N, K] of a layer's blocks, as stored or repacked."""
-    if is_repacked(blocks):
-        return repacked_rows(blocks, qtype, torch.arange(out_features), in_features, dtype)
-    return dequantize(blocks, qtype, dtype)
+def as_stored(blocks: torch.Tensor, qtype: Q, out_features: int) -> torch.Tensor:
+    """A layer's blocks in the file's layout [N, row bytes] (a copy where they were repacked)."""
+    if not is_repacked(blocks):
+        return blocks
+    stored = torch.empty(out_features, blocks.shape[1], dtype=torch.uint8)
+    in_features = blocks.shape[1] // gguf.GGML_QUANT_SIZES[qtype][1] * gguf.GGML_QUANT_SIZES[qtype][0]
+    native.load_library().unrepack_gguf(blocks.data_ptr(), int(qtype), out_features, in_features, stored.data_ptr())
+    return stored
 
 
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_features: int, bias: torch.Tensor | None = None,
@@ -108,7 +112,9 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_features: i
     """x [..., K] @ W^T (+ bias + residual) with W [N, K] as GGML blocks (uint8 [N, row bytes], or
     repacked by `repack`), by quant.c, rounded once; None where the kernel can't serve the call
     (no kernel here, another device or dtype)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or not kernel_available():
+    # every call of every quantized layer passes here: the checks are ordered to be cheap
+    repacked = is_repacked(blocks)  # implies the kernel runs here
+    if x.dtype not in _KERNEL_DTYPES or x.device.type != "cpu" or not (repacked or kernel_available()):
         return None
     shape = x.shape
     if len(shape) != 2:
@@ -123,9 +129,9 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_features: i
             residual = residual.to(x.dtype).contiguous()
     out = x.new_empty(x.shape[0], out_features)
     lib = native.load_library()
-    status = (lib.linear_gguf_x16 if is_repacked(blocks) else lib.linear_gguf)(
-        x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), int(x.dtype == torch.bfloat16), blocks.data_ptr(),
-        int(qtype), out_features, None if bias is None else bias.data_ptr(),
+    status = (lib.linear_gguf_x16 if repacked else lib.linear_gguf)(
+        x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), x.dtype == torch.bfloat16, blocks.data_ptr(),
+        qtype.value, out_features, None if bias is None else bias.data_ptr(),
         None if residual is None else residual.data_ptr(), 0 if residual is None else residual.stride(0),
         out.data_ptr(), out.stride(0))
     if status != 0:
@@ -141,9 +147,7 @@ def gguf_linear_many_rows(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_f
         return None
     lib = native.load_library()
     in_features = x.shape[-1]
-    if is_repacked(blocks):
-        packed = native.pack_linear(dense_weight(blocks, qtype, torch.bfloat16, out_features, in_features))
-        return None if packed is None else native.linear(x, packed, out_features, None if bias is None else bias.float())
+    blocks = as_stored(blocks, qtype, out_features)
     packed = torch.empty(-(-out_features // native.PANEL) * native.PANEL * in_features, dtype=torch.bfloat16)
     if lib is None or lib.dequant_pack_gguf(blocks.data_ptr(), int(qtype), out_features, in_features,
                                             packed.data_ptr()) != 0:
@@ -233,7 +237,7 @@ class GGUFLinearMethod(LinearMethod):
             out = gguf_linear(x, blocks, self.qtype, layer.out_features, layer.bias, residual)
             if out is not None:
                 return out
-            weight = dense_weight(blocks, self.qtype, x.dtype, layer.out_features, x.shape[-1])
+            weight = dequantize(as_stored(blocks, self.qtype, layer.out_features), self.qtype, x.dtype)
             out = F.linear(x, weight, layer.bias)
         return out if residual is None else residual + out
 

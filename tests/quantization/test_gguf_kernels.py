@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from sluice.layers.linear import GateUpLinear, Linear
 from sluice.quantization.gguf import (KERNEL_TYPES, REPACKED_TYPES, GGUFLinearMethod, dequantize, gguf_linear,
-                                      kernel_available, repack, repacked_rows)
+                                      kernel_available, repack, repacked_rows, as_stored)
 
 Q = gguf.GGMLQuantizationType
 TYPES = sorted(KERNEL_TYPES, key=lambda t: t.name)
@@ -99,6 +99,7 @@ def test_repacked_kernel_matches_the_blocks_as_stored(qtype, dtype):
     ids = torch.tensor([[0, 17], [82, 16]])
     torch.testing.assert_close(repacked_rows(packed, qtype, ids, in_features, torch.float32).double(),
                                weight[ids.reshape(-1)], atol=1e-6, rtol=1e-6)
+    assert torch.equal(as_stored(packed, qtype, out_features), blocks)
 
 
 @needs_kernel

@@ -715,6 +715,30 @@ int repack_gguf(const uint8_t *w, int qtype, int64_t N, int64_t K, uint8_t *pack
     return 0;
 }
 
+/* The inverse of repack_gguf: the first N rows back as GGML blocks (for paths that read blocks as stored). */
+int unrepack_gguf(const uint8_t *packed, int qtype, int64_t N, int64_t K, uint8_t *w) {
+    if (!x16_type(qtype) || K % QK) return -1;
+    const int64_t blocks = K / QK, bb = gguf_block_bytes(qtype), gb = x16_block_bytes(qtype);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t g = n / XG, r = n % XG;
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t *src = packed + (g * blocks + b) * gb;
+            uint8_t *dst = w + (n * blocks + b) * bb;
+            if (qtype == Q8_0) {
+                for (int i = 0; i < QK; i++) dst[2 + i] = (uint8_t)(src[(i / 4) * 64 + 4 * r + i % 4] ^ 0x80);
+                memcpy(dst, src + 512 + 2 * r, 2);
+                continue;
+            }
+            uint8_t *qs = dst + (qtype == Q4_0 ? 2 : 4);
+            for (int i = 0; i < 16; i++) qs[i] = src[(i / 4) * 64 + 4 * r + i % 4];
+            memcpy(dst, src + 256 + 2 * r, 2);
+            if (qtype == Q4_1) memcpy(dst + 2, src + 288 + 2 * r, 2);
+        }
+    }
+    return 0;
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
 typedef struct {
     int64_t M, K, N;
