@@ -7,7 +7,8 @@
 Per dtype: KV bytes per token (every layer's K and V, scales included, as the engine sizes its
 blocks), the blocks a fixed --kv-cache-memory-bytes budget holds, and single-stream ITL at a long
 context (one request of --input-len prompt tokens, --output-len out; ITL = (whole - prefill) /
-(output - 1), best of 3), where attention reads the most cache per step. --kernel times the native
+(output - 1), best of --rounds), where attention reads the most cache per step. All dtypes' engines
+are loaded at once and their requests run in turns, so load on a shared machine hits them alike. --kernel times the native
 attention kernel alone instead: one decode row over --input-len keys at SmolLM2's shapes (9 query
 heads, 3 KV heads of 64, 30 layers), the dtypes' calls interleaved, best of 15.
 """
@@ -61,21 +62,33 @@ def kernel_times(dtypes: list[str], context: int) -> dict[str, float]:
     return best
 
 
-def run_dtype(kv_cache_dtype: str, args: argparse.Namespace) -> dict:
+def load(kv_cache_dtype: str, args: argparse.Namespace):
     from sluice import LLM
 
     llm = LLM(kv_cache_dtype=kv_cache_dtype, dtype="bfloat16", enable_prefix_caching=False,
               max_model_len=args.input_len + args.output_len, kv_cache_memory_bytes=args.kv_cache_memory_bytes)
-    core = llm.engine_core
     time_generate(llm, random_token_ids(llm.get_tokenizer(), 2, args.input_len, 99), [8] * 2, use_tqdm=False)
-    prefills, wholes = zip(*(time_batch(llm, 1, args.input_len, args.output_len, 11 + 2 * i) for i in range(3)))
-    result = {"kv_cache_dtype": kv_cache_dtype,
-              "kv_bytes_per_token": core.executor.describe()["bytes_per_block"] // core.config.cache.block_size,
-              "num_blocks": core.kv.pool.num_usable_blocks,
-              "itl_ms": (min(wholes) - min(prefills)) / (args.output_len - 1) * 1e3}
-    del llm, core
+    return llm
+
+
+def run_dtypes(dtypes: list[str], args: argparse.Namespace) -> list[dict]:
+    """Every dtype's engine loaded at once, then --rounds rounds of one request each, in turns (so a
+    shared machine's load hits them alike); the best round's ITL."""
+    llms = {dtype: load(dtype, args) for dtype in dtypes}
+    runs = {dtype: [] for dtype in dtypes}
+    for rnd in range(args.rounds):
+        for dtype, llm in llms.items():
+            runs[dtype].append(time_batch(llm, 1, args.input_len, args.output_len, 11 + 2 * rnd))
+    results = []
+    for dtype, llm in llms.items():
+        core = llm.engine_core
+        results.append({"kv_cache_dtype": dtype,
+                        "kv_bytes_per_token": core.executor.describe()["bytes_per_block"] // core.config.cache.block_size,
+                        "num_blocks": core.kv.pool.num_usable_blocks,
+                        "itl_ms": min(whole - prefill for prefill, whole in runs[dtype]) / (args.output_len - 1) * 1e3})
+    del llms
     gc.collect()
-    return result
+    return results
 
 
 def main() -> None:
@@ -84,6 +97,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64, help="output tokens of the single-stream request")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=256 << 20, help="the same KV budget for each dtype")
     p.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated, from {', '.join(DTYPES)}")
+    p.add_argument("--rounds", type=int, default=3, help="single-stream rounds, the dtypes in turns in each")
     p.add_argument("--kernel", action="store_true", help="time the attention kernel alone (see above)")
     args = p.parse_args()
     if args.kernel:
@@ -92,7 +106,7 @@ def main() -> None:
         for dtype, seconds in times.items():
             print(f"{dtype:>14} attention ms/step {seconds * 1e3:7.3f} {seconds / first:6.2f}x")
         return
-    results = [run_dtype(d, args) for d in args.dtypes.split(",")]
+    results = run_dtypes(args.dtypes.split(","), args)
     base = results[0]
     print(f"{'kv_cache_dtype':>14} {'KV B/token':>10} {'vs first':>8} {'blocks':>7} {'ITL ms':>7} {'vs first':>8}")
     for r in results:

@@ -1,24 +1,29 @@
-"""Quantized weights against sluice's own bf16 path, all in one run on one machine.
+"""Quantized weights against sluice's own bf16 path, all in one run on one machine, interleaved.
 
-    .venv/bin/python benchmarks/quantization.py                       # everything (minutes on 2 cores)
-    .venv/bin/python benchmarks/quantization.py --num-prompts 16      # a shorter W1
-    .venv/bin/python benchmarks/quantization.py --llama-cpp-python /tmp/llcpp/bin/python
+    .venv/bin/python benchmarks/quantization.py                       # everything (many minutes on 2 cores)
+    .venv/bin/python benchmarks/quantization.py --num-prompts 0       # single stream only
+    .venv/bin/python benchmarks/quantization.py --llama-cpp /tmp/llamacpp-venv/bin/python
 
 Machine limits, measured here: copy bandwidth (a 1 GiB tensor copy, bytes read + written per
-second) and an int8 VNNI peak (sluice's W8A8 kernel on a 256 x 4096 x 4096 matmul, integer ops/s).
+second) and two int8 VNNI figures: the instruction peak (every thread running independent
+vpdpbusd chains in registers, quant.c's vnni_peak_ops) and sluice's int8 kernel on a large
+matmul (Q8_0 weights repacked at load, 256 x 4096 x 4096).
 
 Each method of the default model (a Q4_1 GGUF): none (dequantized to bf16 at load: the
-baseline), gguf (Q4_1 blocks as stored), int8 (W8A8, quantized at load), and gguf on a Q8_0 copy
-of the file written by this script:
-- single stream: one request, 32 prompt tokens, --output-len out; ITL = (whole - prefill) /
-  (output - 1) as `sluice bench latency` takes it; achieved bytes/s = resident weight bytes / ITL
-  (each decode step reads every weight once), against the copy bandwidth;
-- W1 throughput: --num-prompts x (256 in, 128 out), offline, output tokens/s, and the integer
-  ops/s that makes (2 x linear weights x tokens / s) against the VNNI peak;
+baseline), gguf (Q4_1 blocks, repacked at load), int8 (--quantization int8: W8A8, Q8_0 blocks made
+at load) and gguf on a Q8_0 copy of the file written by this script. All engines are loaded at
+once and measured in turns, so load changes on a shared machine hit every method alike:
+- single stream: --rounds rounds; in each, every method (and llama.cpp, when asked) runs one
+  request of 32 prompt tokens and --output-len out, and the same prompt with 1 out; ITL =
+  (whole - prefill) / (output - 1), as `sluice bench latency` takes it, the best round kept;
+  achieved bytes/s = resident weight bytes / ITL (each decode step reads every weight once),
+  against the copy bandwidth;
+- W1 throughput: --num-prompts x (256 in, 128 out), offline, output tokens/s, one method after
+  the other, and the integer ops/s that makes (2 x linear weights x tokens / s) against the peaks;
 - memory: resident weight bytes (every tensor the model holds) against the GGUF file's size.
-llama.cpp (optional): --llama-cpp-python names the python of a virtualenv holding
-llama-cpp-python (`python -m venv /tmp/llcpp && /tmp/llcpp/bin/pip install llama-cpp-python`);
-its single-stream ITL on the same file is measured the same way, with as many threads.
+llama.cpp (optional): --llama-cpp names the python of a virtualenv holding llama-cpp-python
+(never a dependency of sluice); it runs in a subprocess on the same file with as many threads,
+timed the same way (prompt alone, prompt + output), and its version and build features are printed.
 """
 
 from __future__ import annotations
@@ -42,20 +47,22 @@ from roofline import best_of, memory_bandwidth  # benchmarks/ is on sys.path whe
 METHODS = ("none", "gguf", "int8", "gguf-q8_0")
 
 
-def vnni_peak() -> float | None:
-    """Integer ops/s (2 per multiply-add) of the W8A8 kernel on a large matmul; None without it."""
-    from sluice.layers.linear import Linear
-    from sluice.quantization.int8 import ChannelInt8Method, kernel_available, quantize_per_channel
+def vnni_peaks() -> dict[str, float]:
+    """Integer ops/s (2 per multiply-add): the instruction peak, and the int8 kernel on a large matmul."""
+    from sluice.layers import native
+    from sluice.quantization.gguf import Q, gguf_linear, kernel_available, repack
+    from sluice.quantization.int8 import quantize_q8_0
 
-    if not kernel_available():
-        return None
+    lib = native.load_library()
+    if lib is None or not kernel_available():
+        return {}
+    iters = 1 << 22
+    peaks = {"instruction": lib.vnni_peak_ops(iters) / best_of(lambda: lib.vnni_peak_ops(iters), 3)}
     m, n, k = 256, 4096, 4096
-    layer = Linear(k, n, bias=False).to(torch.bfloat16)
-    layer.quant_method = ChannelInt8Method()
-    layer.quant_method.set_weights(layer, *quantize_per_channel(layer.weight.detach()))
+    blocks = repack(quantize_q8_0(torch.randn(n, k)), Q.Q8_0)
     x = torch.randn(m, k, dtype=torch.bfloat16)
-    with torch.inference_mode():
-        return 2 * m * n * k / best_of(lambda: layer(x), 5)
+    peaks["kernel"] = 2 * m * n * k / best_of(lambda: gguf_linear(x, blocks, Q.Q8_0, n), 3)
+    return peaks
 
 
 def resident_weight_bytes(llm) -> int:
@@ -73,61 +80,55 @@ def linear_weights(llm) -> int:
     return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear))
 
 
-def single_stream_itl(llm, output_len: int) -> float:
-    prefills, wholes = zip(*(time_batch(llm, 1, 32, output_len, 11 + 2 * i) for i in range(3)))
-    return (min(wholes) - min(prefills)) / (output_len - 1)
-
-
-def run_method(method: str, model: str, args: argparse.Namespace) -> dict:
+def load(method: str, model: str):
     from sluice import LLM
 
     quantization = "gguf" if method == "gguf-q8_0" else method
     llm = LLM(model=model, quantization=quantization, dtype="bfloat16", enable_prefix_caching=False,
-              max_model_len=1024, seed=0)
-    tokenizer = llm.get_tokenizer()
-    time_generate(llm, random_token_ids(tokenizer, 4, 32, 99), [8] * 4, use_tqdm=False)  # warm up
-    itl = single_stream_itl(llm, args.output_len)
-    result = {"method": method, "itl_ms": itl * 1e3, "weight_bytes": resident_weight_bytes(llm),
-              "linear_weights": linear_weights(llm)}
-    if args.num_prompts:
-        prompts = random_token_ids(tokenizer, args.num_prompts, 256, 1000)
-        run = time_generate(llm, prompts, [128] * args.num_prompts, use_tqdm=False)
-        result["w1_output_tok_s"] = run.output_tokens / run.elapsed
-        result["w1_int_ops_s"] = 2 * result["linear_weights"] * (run.input_tokens + run.output_tokens) / run.elapsed
-    del llm
-    gc.collect()
-    return result
+              max_model_len=1024, seed=0, kv_cache_memory_bytes=1200 << 20)
+    time_generate(llm, random_token_ids(llm.get_tokenizer(), 4, 32, 99), [8] * 4, use_tqdm=False)  # warm up
+    return llm
+
+
+def w1(llm, num_prompts: int) -> tuple[float, int]:
+    """(seconds, prompt + output tokens) of --num-prompts x (256 in, 128 out)."""
+    prompts = random_token_ids(llm.get_tokenizer(), num_prompts, 256, 1000)
+    run = time_generate(llm, prompts, [128] * num_prompts, use_tqdm=False)
+    return run.elapsed, run.input_tokens + run.output_tokens
 
 
 LLAMA_CPP_SCRIPT = """
 import json, sys, time
-from llama_cpp import Llama, __version__
-path, threads, output_len = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-llm = Llama(model_path=path, n_threads=threads, n_ctx=512, verbose=False)
-best = float("inf")
-for attempt in range(3):
+import llama_cpp
+path, threads, output_len, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+llm.eval([1] + list(range(100, 131)))  # warm up
+def run(tokens):
     llm.reset()
-    llm.eval(list(range(100 + attempt, 132 + attempt)))
     start = time.perf_counter()
-    for i in range(output_len - 1):
-        llm.eval([200 + i])
-    best = min(best, (time.perf_counter() - start) / (output_len - 1))
-print(json.dumps({"version": __version__, "itl_ms": best * 1e3}))
+    llm.eval(list(range(seed, seed + 32)))
+    for i in range(tokens - 1):
+        llm.eval([seed + 32 + i])
+    return time.perf_counter() - start
+prefill, whole = run(1), run(output_len)
+print(json.dumps({"version": llama_cpp.__version__, "prefill_s": prefill, "whole_s": whole,
+                  "system_info": llama_cpp.llama_print_system_info().decode()}))
 """
 
 
-def llama_cpp_itl(python: str, path: str, output_len: int) -> dict:
-    out = subprocess.run([python, "-c", LLAMA_CPP_SCRIPT, path, str(torch.get_num_threads()), str(output_len)],
-                         check=True, capture_output=True, text=True)
+def llama_cpp_run(python: str, path: str, output_len: int, seed: int) -> dict:
+    out = subprocess.run([python, "-c", LLAMA_CPP_SCRIPT, path, str(torch.get_num_threads()), str(output_len),
+                          str(seed)], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-len", type=int, default=64, help="output tokens of the single-stream request")
+    p.add_argument("--rounds", type=int, default=3, help="single-stream rounds (every method once per round)")
     p.add_argument("--num-prompts", type=int, default=128, help="W1 prompts (256 in, 128 out); 0 skips W1")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    p.add_argument("--llama-cpp-python", default=None, metavar="PYTHON",
+    p.add_argument("--llama-cpp", default=None, metavar="PYTHON",
                    help="a python with llama-cpp-python installed: also time llama.cpp on the same file")
     args = p.parse_args()
 
@@ -136,39 +137,69 @@ def main() -> None:
     path = resolve_model(None).path
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {os.path.basename(path)} "
           f"({os.path.getsize(path) / 2**20:.1f} MiB)")
-    bandwidth, peak = memory_bandwidth(), vnni_peak()
-    print(f"machine: copy bandwidth {bandwidth / 1e9:.1f} GB/s; int8 VNNI peak "
-          + (f"{peak / 1e12:.2f} TOPS" if peak else "n/a (no VNNI kernel here)"))
+    bandwidth, peaks = memory_bandwidth(), vnni_peaks()
+    print(f"machine: copy bandwidth {bandwidth / 1e9:.1f} GB/s; int8 VNNI peak: "
+          + (", ".join(f"{name} {ops / 1e12:.3f} TOPS" for name, ops in peaks.items()) or "n/a (no VNNI kernel here)"))
 
-    results = []
+    methods = args.methods.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods.split(","):
-            model = path
+        models, llms = {}, {}
+        for method in methods:
+            models[method] = path
             if method == "gguf-q8_0":
-                model = os.path.join(tmp, "SmolLM2-135M-Instruct.Q8_0.gguf")
-                requantize_file(path, model, gguf.GGMLQuantizationType.Q8_0)
-            result = run_method(method, model, args)
-            result["file_bytes"] = os.path.getsize(model)
-            results.append(result)
-            print(json.dumps(result))
+                models[method] = os.path.join(tmp, "SmolLM2-135M-Instruct.Q8_0.gguf")
+                requantize_file(path, models[method], gguf.GGMLQuantizationType.Q8_0)
+            llms[method] = load(method, models[method])
+            print(f"loaded {method}", flush=True)
+        results = {m: {"method": m, "weight_bytes": resident_weight_bytes(llms[m]), "file_bytes":
+                       os.path.getsize(models[m]), "linear_weights": linear_weights(llms[m])} for m in methods}
+        timings: dict[str, list[tuple[float, float]]] = {m: [] for m in methods + ["llama.cpp"]}
+        llama_info = None
+        for rnd in range(args.rounds):
+            seed = 11 + 2 * rnd
+            for m in methods:
+                timings[m].append(time_batch(llms[m], 1, 32, args.output_len, seed))
+            if args.llama_cpp:
+                llama_info = llama_cpp_run(args.llama_cpp, path, args.output_len, 1000 + 64 * rnd)
+                timings["llama.cpp"].append((llama_info["prefill_s"], llama_info["whole_s"]))
+            print(f"single-stream round {rnd + 1}: " + ", ".join(
+                f"{m} {(w - p) / (args.output_len - 1) * 1e3:.1f} ms" for m, runs in timings.items() if runs
+                for p, w in runs[-1:]), flush=True)
+        for m, runs in timings.items():
+            if runs and m in results:
+                results[m]["itl_ms"] = min(w - p for p, w in runs) / (args.output_len - 1) * 1e3
+        if args.num_prompts:
+            for m in methods:
+                seconds, tokens = w1(llms[m], args.num_prompts)
+                results[m]["w1_output_tok_s"] = args.num_prompts * 128 / seconds
+                results[m]["w1_int_ops_s"] = 2 * results[m]["linear_weights"] * tokens / seconds
+                print(f"W1 {m}: {results[m]['w1_output_tok_s']:.1f} output tok/s", flush=True)
+        for m in methods:
+            print(json.dumps(results[m]))
+        del llms
+        gc.collect()
 
-    base = next((r for r in results if r["method"] == "none"), None)
+    base = results.get("none")
+    peak = peaks.get("instruction")
     print("\n| method | ITL ms | vs bf16 | GB/s (of copy bw) | W1 out tok/s | vs bf16 | int OPS (of VNNI peak) "
           "| weights MiB | / file |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for r in results:
+    for r in results.values():
         rate = r["weight_bytes"] / (r["itl_ms"] / 1e3)
-        w1 = r.get("w1_output_tok_s")
+        w1_rate = r.get("w1_output_tok_s")
         row = [r["method"], f"{r['itl_ms']:.2f}", f"{r['itl_ms'] / base['itl_ms']:.2f}x" if base else "-",
-               f"{rate / 1e9:.1f} ({rate / bandwidth:.0%})", f"{w1:.1f}" if w1 else "-",
-               f"{w1 / base['w1_output_tok_s']:.2f}x" if w1 and base and base.get("w1_output_tok_s") else "-",
-               f"{r['w1_int_ops_s'] / 1e12:.3f}T ({r['w1_int_ops_s'] / peak:.0%})" if w1 and peak else "-",
+               f"{rate / 1e9:.2f} ({rate / bandwidth:.0%})", f"{w1_rate:.1f}" if w1_rate else "-",
+               f"{w1_rate / base['w1_output_tok_s']:.2f}x" if w1_rate and base and base.get("w1_output_tok_s") else "-",
+               f"{r['w1_int_ops_s'] / 1e12:.3f}T ({r['w1_int_ops_s'] / peak:.0%})" if w1_rate and peak else "-",
                f"{r['weight_bytes'] / 2**20:.1f}", f"{r['weight_bytes'] / r['file_bytes']:.2f}"]
         print("| " + " | ".join(row) + " |")
-    if args.llama_cpp_python:
-        found = llama_cpp_itl(args.llama_cpp_python, path, args.output_len)
-        print(f"\nllama.cpp (llama-cpp-python {found['version']}), same file, {torch.get_num_threads()} threads: "
-              f"ITL {found['itl_ms']:.2f} ms")
+    if llama_info:
+        runs = timings["llama.cpp"]
+        itl = min(w - p for p, w in runs) / (args.output_len - 1) * 1e3
+        print(f"\nllama.cpp (llama-cpp-python {llama_info['version']}), same file, {torch.get_num_threads()} threads, "
+              f"same rounds: ITL {itl:.2f} ms" + (f", {itl / base['itl_ms']:.2f}x of sluice bf16" if base else "")
+              + "".join(f", sluice {m} / llama.cpp {results[m]['itl_ms'] / itl:.2f}x" for m in methods if m != "none"))
+        print(f"llama.cpp build: {llama_info['system_info']}")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,19 @@ def load_library() -> ctypes.CDLL | None:
     lib.linear_gguf.restype = ctypes.c_int
     lib.linear_gguf.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                 ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64])
+    lib.linear_gguf_x16.restype = ctypes.c_int
+    lib.linear_gguf_x16.argtypes = lib.linear_gguf.argtypes
+    lib.repacked_gguf_bytes.restype = ctypes.c_int64
+    lib.repacked_gguf_bytes.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    lib.repack_gguf.restype = ctypes.c_int
+    lib.repack_gguf.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.unrepack_gguf.restype = ctypes.c_int
+    lib.unrepack_gguf.argtypes = lib.repack_gguf.argtypes
+    lib.gguf_x16_rows.restype = ctypes.c_int
+    lib.gguf_x16_rows.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
+    lib.vnni_peak_ops.restype = ctypes.c_double
+    lib.vnni_peak_ops.argtypes = [ctypes.c_int64]
     lib.dequant_pack_gguf.restype = ctypes.c_int
     lib.dequant_pack_gguf.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.pack_int8.restype = ctypes.c_int

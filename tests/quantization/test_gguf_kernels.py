@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from sluice.layers.linear import GateUpLinear, Linear
-from sluice.quantization.gguf import KERNEL_TYPES, GGUFLinearMethod, dequantize, gguf_linear, kernel_available
+from sluice.quantization.gguf import (KERNEL_TYPES, REPACKED_TYPES, GGUFLinearMethod, dequantize, gguf_linear,
+                                      kernel_available, repack, repacked_rows, as_stored)
 
 Q = gguf.GGMLQuantizationType
 TYPES = sorted(KERNEL_TYPES, key=lambda t: t.name)
@@ -71,6 +72,34 @@ def test_kernel_matches_references(qtype, rows, dtype):
     rounding = 1e-5 if dtype == torch.float32 else 8e-3  # bf16 output: half an ulp of 2^-8
     torch.testing.assert_close(ours.double(), exact, atol=rounding * exact.abs().max().item(), rtol=rounding)
     assert relative_error(ours, x.double() @ weight.T) < 0.02
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", sorted(REPACKED_TYPES, key=lambda t: t.name), ids=lambda t: t.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_repacked_kernel_matches_the_blocks_as_stored(qtype, dtype):
+    """The 16-row interleaved layout (a row count that isn't a multiple of 16 is padded): the same
+    products as the stored blocks to float rounding, with bias and residual, each row on its own,
+    and the embedding's rows read back exactly."""
+    out_features, in_features = 83, 96
+    blocks = quantized_weight(qtype, out_features, in_features)
+    packed = repack(blocks, qtype)
+    assert packed.shape == (96, blocks.shape[1])  # 83 rows padded to 96: the file's bytes per row
+    weight = dequantize(blocks, qtype, torch.float64)
+    torch.manual_seed(0)
+    x, bias = torch.randn(45, in_features).to(dtype), torch.randn(out_features)
+    residual = torch.randn(45, out_features).to(dtype)
+    ours = gguf_linear(x, packed, qtype, out_features, bias, residual)
+    exact = torch.from_numpy(int8_activations(x.double().numpy())) @ weight.T + bias.double() + residual.double()
+    rounding = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(ours.double(), exact, atol=rounding * exact.abs().max().item(), rtol=rounding)
+    alone = torch.cat([gguf_linear(x[i : i + 1], packed, qtype, out_features, bias, residual[i : i + 1])
+                       for i in range(45)])
+    assert torch.equal(ours, alone)
+    ids = torch.tensor([[0, 17], [82, 16]])
+    torch.testing.assert_close(repacked_rows(packed, qtype, ids, in_features, torch.float32).double(),
+                               weight[ids.reshape(-1)], atol=1e-6, rtol=1e-6)
+    assert torch.equal(as_stored(packed, qtype, out_features), blocks)
 
 
 @needs_kernel

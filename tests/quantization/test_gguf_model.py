@@ -39,6 +39,7 @@ def both_ways(llm: LLM, measure, monkeypatch):
     integer = measure(llm)
     with monkeypatch.context() as patch:
         patch.setattr(gguf_method, "MANY_ROWS", 1)
+        patch.setattr(gguf_method, "MANY_ROWS_REPACKED", 1)
         return integer, measure(llm)
 
 

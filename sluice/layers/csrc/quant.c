@@ -661,3 +661,293 @@ int linear_int8(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, cons
     return -1;
 #endif
 }
+
+/*
+ * Q4_0, Q4_1 and Q8_0 repacked at load for the integer kernel ("x16"): 16 weight rows interleaved
+ * block by block, so one 512-bit register holds 4 consecutive values of each of 16 rows and a
+ * broadcast 4 bytes of x meet them in one vpdpbusd (lane r: the dot of row r), as the W8A8 panels
+ * do. Per group of 16 rows and block of 32 values:
+ *   4-bit: 4 steps of 64 bytes, byte 4r + j of step s: values 4s + j (low nibble) and 16 + 4s + j
+ *          (high nibble) of row r; then d [16] float16, and Q4_1's m [16] float16;
+ *   Q8_0:  8 steps of 64 bytes, q + 128 (unsigned, as vpdpbusd's first operand wants), then d [16].
+ * The same bytes as the file (16 x the block size per group and block), so memory stays the file's.
+ * x stays signed: sum (q + 128) x = sum q x + 128 sum x, and 128 d sx is taken off as Q4_0's 8 d is.
+ * The 32 outputs of a block's dot products are in registers at once: one convert and two FMAs per
+ * block and row of x give 16 outputs, no horizontal sums.
+ */
+#define XG 16  /* weight rows per group */
+#define XMR 6  /* rows of x per tile */
+#define XMC 48 /* rows of x per work item */
+
+static inline int x16_type(int qtype) { return qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0; }
+
+/* bytes of one group's block: 16 x the GGML block */
+static inline int64_t x16_block_bytes(int qtype) { return XG * gguf_block_bytes(qtype); }
+
+/* size of the repacked weight: N rounded up to 16 rows */
+int64_t repacked_gguf_bytes(int qtype, int64_t N, int64_t K) {
+    if (!x16_type(qtype) || K % QK) return -1;
+    return (N + XG - 1) / XG * (K / QK) * x16_block_bytes(qtype);
+}
+
+/* w [N, K] as GGML blocks -> the x16 layout (rows past N zero). -1: not served here. */
+int repack_gguf(const uint8_t *w, int qtype, int64_t N, int64_t K, uint8_t *packed) {
+    if (!x16_type(qtype) || K % QK) return -1;
+    const int64_t blocks = K / QK, bb = gguf_block_bytes(qtype), gb = x16_block_bytes(qtype);
+    const int64_t groups = (N + XG - 1) / XG;
+    memset(packed, 0, (size_t)(groups * blocks * gb));
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t g = n / XG, r = n % XG;
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t *src = w + (n * blocks + b) * bb;
+            uint8_t *dst = packed + (g * blocks + b) * gb;
+            if (qtype == Q8_0) {
+                for (int i = 0; i < QK; i++) dst[(i / 4) * 64 + 4 * r + i % 4] = (uint8_t)(src[2 + i] ^ 0x80);
+                memcpy(dst + 512 + 2 * r, src, 2);
+                continue;
+            }
+            const uint8_t *qs = src + (qtype == Q4_0 ? 2 : 4); /* byte i: value i (low), value 16 + i (high) */
+            for (int i = 0; i < 16; i++) dst[(i / 4) * 64 + 4 * r + i % 4] = qs[i];
+            memcpy(dst + 256 + 2 * r, src, 2);
+            if (qtype == Q4_1) memcpy(dst + 288 + 2 * r, src + 2, 2);
+        }
+    }
+    return 0;
+}
+
+/* The inverse of repack_gguf: the first N rows back as GGML blocks (for paths that read blocks as stored). */
+int unrepack_gguf(const uint8_t *packed, int qtype, int64_t N, int64_t K, uint8_t *w) {
+    if (!x16_type(qtype) || K % QK) return -1;
+    const int64_t blocks = K / QK, bb = gguf_block_bytes(qtype), gb = x16_block_bytes(qtype);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t g = n / XG, r = n % XG;
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t *src = packed + (g * blocks + b) * gb;
+            uint8_t *dst = w + (n * blocks + b) * bb;
+            if (qtype == Q8_0) {
+                for (int i = 0; i < QK; i++) dst[2 + i] = (uint8_t)(src[(i / 4) * 64 + 4 * r + i % 4] ^ 0x80);
+                memcpy(dst, src + 512 + 2 * r, 2);
+                continue;
+            }
+            uint8_t *qs = dst + (qtype == Q4_0 ? 2 : 4);
+            for (int i = 0; i < 16; i++) qs[i] = src[(i / 4) * 64 + 4 * r + i % 4];
+            memcpy(dst, src + 256 + 2 * r, 2);
+            if (qtype == Q4_1) memcpy(dst + 2, src + 288 + 2 * r, 2);
+        }
+    }
+    return 0;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
+typedef struct {
+    int64_t M, K, N;
+    const uint8_t *w; /* x16 layout */
+    const int8_t *xq; /* [M, K] */
+    const float *dx, *sx; /* [M, K / 32] */
+    const float *bias;
+    const void *residual;
+    int64_t ldr;
+    void *out;
+    int64_t ldo;
+    int bf16;
+} X16Gemm;
+
+/* rows [row0, row0 + rows) of x against weight group g: 16 outputs per row, each summed over the
+ * blocks in order, whatever the tile */
+static inline __attribute__((always_inline)) void x16_tile(const X16Gemm *g, int64_t row0, const int rows, int64_t grp,
+                                                           const int qtype) {
+    const int64_t blocks = g->K / QK, gb = x16_block_bytes(qtype);
+    const uint8_t *wg = g->w + grp * blocks * gb;
+    __m512 acc[XMR];
+    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *blk = wg + b * gb;
+        _mm_prefetch((const char *)blk + 8 * gb, _MM_HINT_T0);
+        _mm_prefetch((const char *)blk + 8 * gb + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)blk + 8 * gb + 128, _MM_HINT_T0);
+        _mm_prefetch((const char *)blk + 8 * gb + 192, _MM_HINT_T0);
+        _mm_prefetch((const char *)blk + 8 * gb + 256, _MM_HINT_T0);
+        if (qtype == Q8_0) {
+            _mm_prefetch((const char *)blk + 8 * gb + 320, _MM_HINT_T0);
+            _mm_prefetch((const char *)blk + 8 * gb + 384, _MM_HINT_T0);
+            _mm_prefetch((const char *)blk + 8 * gb + 448, _MM_HINT_T0);
+            _mm_prefetch((const char *)blk + 8 * gb + 512, _MM_HINT_T0);
+        }
+        __m512i wq[8];
+        __m512 d, c;
+        if (qtype == Q8_0) {
+            for (int s = 0; s < 8; s++) wq[s] = _mm512_loadu_si512(blk + 64 * s);
+            d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 512)));
+            c = _mm512_mul_ps(d, _mm512_set1_ps(-128.0f));
+        } else {
+            const __m512i mask = _mm512_set1_epi8(0x0F);
+            for (int s = 0; s < 4; s++) {
+                const __m512i v = _mm512_loadu_si512(blk + 64 * s);
+                wq[s] = _mm512_and_si512(v, mask);
+                wq[s + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+            }
+            d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 256)));
+            c = qtype == Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 288)))
+                              : _mm512_mul_ps(d, _mm512_set1_ps(-8.0f));
+        }
+        for (int r = 0; r < rows; r++) {
+            const int64_t row = row0 + r;
+            int32_t xb[8]; /* x's 32 values, 4 per broadcast */
+            memcpy(xb, g->xq + row * g->K + b * QK, sizeof xb);
+            __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[0], _mm512_set1_epi32(xb[0]));
+            __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[4], _mm512_set1_epi32(xb[4]));
+            for (int s = 1; s < 4; s++) {
+                lo = _mm512_dpbusd_epi32(lo, wq[s], _mm512_set1_epi32(xb[s]));
+                hi = _mm512_dpbusd_epi32(hi, wq[s + 4], _mm512_set1_epi32(xb[s + 4]));
+            }
+            const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
+            const float dx = g->dx[row * blocks + b], sx = g->sx[row * blocks + b];
+            acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[r]);
+            acc[r] = _mm512_fmadd_ps(c, _mm512_set1_ps(sx), acc[r]);
+        }
+    }
+    const int64_t col = grp * XG, left = g->N - col;
+    const __mmask16 live = left >= XG ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+    const __m512 bias = g->bias ? _mm512_maskz_loadu_ps(live, g->bias + col) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; r++) {
+        const int64_t row = row0 + r;
+        __m512 y = _mm512_add_ps(acc[r], bias);
+        if (g->bf16) {
+            if (g->residual) {
+                const __m256i res = _mm256_maskz_loadu_epi16(live, (const uint16_t *)g->residual + row * g->ldr + col);
+                y = _mm512_add_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(res), 16)));
+            }
+            const __m512i bits = _mm512_castps_si512(y);
+            const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                    _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)))), 16);
+            _mm256_mask_storeu_epi16((uint16_t *)g->out + row * g->ldo + col, live, _mm512_cvtepi32_epi16(rounded));
+        } else {
+            if (g->residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(live, (const float *)g->residual + row * g->ldr + col));
+            _mm512_mask_storeu_ps((float *)g->out + row * g->ldo + col, live, y);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void x16_item(const X16Gemm *g, int64_t r0, int64_t r1, int64_t grp,
+                                                           const int qtype) {
+    for (int64_t row = r0; row < r1; row += XMR) {
+        switch (r1 - row < XMR ? r1 - row : XMR) {
+            case 6: x16_tile(g, row, 6, grp, qtype); break;
+            case 5: x16_tile(g, row, 5, grp, qtype); break;
+            case 4: x16_tile(g, row, 4, grp, qtype); break;
+            case 3: x16_tile(g, row, 3, grp, qtype); break;
+            case 2: x16_tile(g, row, 2, grp, qtype); break;
+            default: x16_tile(g, row, 1, grp, qtype); break;
+        }
+    }
+}
+
+static void run_x16(const X16Gemm *g, int qtype) {
+    const int64_t groups = (g->N + XG - 1) / XG, chunks = (g->M + XMC - 1) / XMC, items = chunks * groups;
+#pragma omp parallel for schedule(static) if (g->M * g->N * g->K >= (1 << 16))
+    for (int64_t item = 0; item < items; item++) {
+        const int64_t chunk = item / groups, grp = item % groups;
+        const int64_t r0 = chunk * XMC, r1 = r0 + XMC < g->M ? r0 + XMC : g->M;
+        switch (qtype) {
+            case Q4_0: x16_item(g, r0, r1, grp, Q4_0); break;
+            case Q4_1: x16_item(g, r0, r1, grp, Q4_1); break;
+            default: x16_item(g, r0, r1, grp, Q8_0); break;
+        }
+    }
+}
+#endif
+
+/* linear_gguf's product with W repacked by repack_gguf. -1: not served here. */
+int linear_gguf_x16(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, const uint8_t *w, int qtype, int64_t N,
+                    const float *bias, const void *residual, int64_t ldr, void *out, int64_t ldo) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
+    if (!x16_type(qtype) || K % QK) return -1;
+    const int64_t blocks = K / QK;
+    int8_t *xq = malloc((size_t)(M * K));
+    float *scales = malloc((size_t)(2 * M * blocks) * sizeof(float));
+    if (!xq || !scales) {
+        free(xq);
+        free(scales);
+        return -2;
+    }
+    float *dx = scales, *sx = scales + M * blocks;
+    const size_t elem = bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if (M >= 16)
+    for (int64_t m = 0; m < M; m++)
+        quantize_row((const char *)x + m * ldx * elem, bf16, K, xq + m * K, dx + m * blocks, sx + m * blocks);
+    X16Gemm g = {M, K, N, w, xq, dx, sx, bias, residual, ldr, out, ldo, bf16};
+    run_x16(&g, qtype);
+    free(xq);
+    free(scales);
+    return 0;
+#else
+    (void)x; (void)M; (void)K; (void)ldx; (void)bf16; (void)w; (void)qtype; (void)N; (void)bias; (void)residual;
+    (void)ldr; (void)out; (void)ldo;
+    return -1;
+#endif
+}
+
+/* rows ids [n] of a weight in the x16 layout, dequantized (d * q + m) -> out [n, K] (bf16 or float32):
+ * an embedding that shares its blocks with a tied lm_head */
+int gguf_x16_rows(const uint8_t *w, int qtype, int64_t N, int64_t K, const int64_t *ids, int64_t n, void *out,
+                  int bf16) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
+    if (!x16_type(qtype) || K % QK) return -1;
+    const int64_t blocks = K / QK, gb = x16_block_bytes(qtype);
+    for (int64_t t = 0; t < n; t++) {
+        if (ids[t] < 0 || ids[t] >= N) return -3;
+        const int64_t g = ids[t] / XG, r = ids[t] % XG;
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t *blk = w + (g * blocks + b) * gb;
+            for (int i = 0; i < QK; i++) {
+                float v;
+                if (qtype == Q8_0) {
+                    const int q = (int)blk[(i / 4) * 64 + 4 * r + i % 4] - 128;
+                    v = half_at(blk + 512 + 2 * r) * (float)q;
+                } else {
+                    const uint8_t byte = blk[((i % 16) / 4) * 64 + 4 * r + i % 4];
+                    const int q = i < 16 ? byte & 0xF : byte >> 4;
+                    const float d = half_at(blk + 256 + 2 * r);
+                    v = qtype == Q4_1 ? d * (float)q + half_at(blk + 288 + 2 * r) : d * (float)(q - 8);
+                }
+                const int64_t at = t * K + b * QK + i;
+                if (bf16) {
+                    uint32_t bits;
+                    memcpy(&bits, &v, 4);
+                    ((uint16_t *)out)[at] = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+                } else {
+                    ((float *)out)[at] = v;
+                }
+            }
+        }
+    }
+    return 0;
+#else
+    (void)w; (void)qtype; (void)N; (void)K; (void)ids; (void)n; (void)out; (void)bf16;
+    return -1;
+#endif
+}
+
+/* The machine's int8 peak, for benchmarks: every thread runs 16 independent vpdpbusd chains in
+ * registers for `iters` rounds. Returns the integer ops done (2 per multiply-add), or -1 without VNNI. */
+double vnni_peak_ops(int64_t iters) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+    double total = 0.0;
+#pragma omp parallel reduction(+ : total)
+    {
+        __m512i acc[16];
+        const __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8((char)omp_get_thread_num());
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_set1_epi32(i);
+        for (int64_t it = 0; it < iters; it++)
+            for (int i = 0; i < 16; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+        int32_t sink = 0;
+        for (int i = 0; i < 16; i++) sink += _mm512_reduce_add_epi32(acc[i]);
+        total += 2.0 * 64 * 16 * (double)iters + (sink == 42 ? 1e-9 : 0.0); /* keeps the loop */
+    }
+    return total;
+#else
+    (void)iters;
+    return -1.0;
+#endif
+}
