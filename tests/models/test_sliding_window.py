@@ -108,7 +108,8 @@ def test_greedy_bfloat16_matches_hf(windowed_model_dir):
 def test_a_request_longer_than_the_whole_cache_runs_when_every_layer_is_windowed(windowed_model_dir):
     """4 usable blocks of 16 hold 64 tokens: Mistral's 101-token prompt plus 32 generated still
     fits (its prefill in chunks the cache holds, its blocks behind the window back to the pool),
-    matching transformers; Qwen2 with a global layer keeps every block, so the same prompt is refused."""
+    matching transformers; Qwen2's global layer keeps every block of its KV cache group, so the same
+    prompt is refused (7 blocks of the full group and 2 of the sliding one)."""
     small = dict(dtype="float32", max_model_len=512, block_size=16, num_gpu_blocks_override=5)
     ids = long_prompts()[0]
     params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
@@ -117,7 +118,8 @@ def test_a_request_longer_than_the_whole_cache_runs_when_every_layer_is_windowed
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     theirs, logits = hf_greedy(hf, ids)
     check_float32(out.token_ids, theirs, logits, "mistral, 101-token prompt in a 64-token cache")
-    with pytest.raises(ValueError, match="a request of 102 tokens needs 7 KV blocks; the whole cache holds 4 blocks"):
+    with pytest.raises(ValueError, match=r"a request of 102 tokens needs 9 KV blocks \(2 KV cache groups: 1 full attention, 1 sliding "
+                       r"window 16\); the whole cache holds 4 blocks"):
         LLM(windowed_model_dir("qwen2"), **small).generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
 
 
