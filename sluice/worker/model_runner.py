@@ -243,9 +243,11 @@ class ModelRunner:
     # ---- KV cache --------------------------------------------------------------------
     def _layers_can_share_kv(self) -> bool:
         """Hybrid KV cache groups (kv_cache_manager.py) share cache tensors between layers: every
-        layer's block must be alike, and every rank must hold every layer (a pipeline stage holds
-        some), and no draft model may read the target's block tables."""
-        if self.draft is not None or get_pp_group().num_stages > 1:
+        layer's block must be alike, every rank must hold every layer (a pipeline stage holds
+        some), and no draft model may read the target's block tables. Off by
+        disable_hybrid_kv_cache_manager."""
+        if self.config.scheduler.disable_hybrid_kv_cache_manager or self.draft is not None \
+                or get_pp_group().num_stages > 1:
             return False
         layouts = {(attn.kv_cache_shape(1, self.block_size), attn.kv_cache_dtype(self.dtype))
                    for attn in self.attention_layers}
