@@ -141,7 +141,8 @@ def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch
         model = model_class(hf_config)
     quant_config.prepare_model(model)
     methods = set_linear_methods(model, quant_config) | set_moe_methods(model, quant_config)
-    weights = iter_weights(source, hf_config, dtype, {*quant_config.raw_weight_names(), *keep_stored})
+    stored = quant_config.raw_weight_names()  # may match by pattern: extended only where there is more to keep
+    weights = iter_weights(source, hf_config, dtype, {*stored, *keep_stored} if keep_stored else stored)
     model.load_weights(shard_weights(weights, model, tp, pp))
     process_weights_after_loading(model)
     process_moe_weights_after_loading(model)
