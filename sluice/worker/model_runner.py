@@ -19,11 +19,11 @@ import psutil
 import torch
 
 from sluice.config import EngineConfig
-from sluice.core.kv_cache_manager import KVCacheGroup, kv_cache_groups
+from sluice.core.kv_cache_manager import kv_cache_groups
 from sluice.core.sched_output import GrammarBitmask, RunnerOutput, SchedulerOutput
 from sluice.distributed import get_pp_group, get_tp_group
 from sluice.distributed.sharding import check_parallel, shard_weights
-from sluice.layers.attention import Attention, attention_layers, build_attention_metadata
+from sluice.layers.attention import AttentionMetadata, attention_layers, build_attention_metadata
 from sluice.layers.fused_moe import pack_experts, process_moe_weights_after_loading, set_moe_methods
 from sluice.layers.linear import pack_linears, process_weights_after_loading, set_linear_methods
 from sluice.loader import ModelLoadError, ModelSource, iter_weights, load_hf_config, resolve_model
@@ -97,13 +97,6 @@ def _populate_when_idle(kv_caches: list[torch.Tensor], stop: threading.Event) ->
     except (AttributeError, OSError):
         pass
     _populate(kv_caches, stop)
-
-
-def kv_bytes_per_block(layers: list[Attention], groups: list[KVCacheGroup], block_size: int,
-                       dtype: torch.dtype) -> int:
-    """What one block id addresses: a block of every cache tensor, i.e. of each layer of the first
-    (a largest) group; every sizing of the cache asks this."""
-    return sum(layers[layer].bytes_per_block(block_size, dtype) for layer in groups[0].layers)
 
 
 def _stop_thread(thread: threading.Thread, stop: threading.Event) -> None:
@@ -255,11 +248,11 @@ class ModelRunner:
         return len(layouts) == 1
 
     def bytes_per_block(self) -> int:
-        """K and V of one block id, as each layer's attention backend lays them out (in the KV cache
-        dtype)."""
-        if not self.attention_layers:
-            return 0
-        return kv_bytes_per_block(self.attention_layers, self.kv_groups, self.block_size, self.dtype)
+        """K and V of what one block id addresses, a block of every cache tensor (of each layer of the
+        first group, a largest), as each layer's attention backend lays them out (in the KV cache
+        dtype): every sizing of the cache asks this, nowhere else."""
+        return sum(self.attention_layers[layer].bytes_per_block(self.block_size, self.dtype)
+                   for layer in self.kv_groups[0].layers)
 
     def choose_num_blocks(self, max_useful_blocks: int) -> int:
         """Blocks from an exact override, a byte budget, a fraction of available memory, or
@@ -411,7 +404,7 @@ class ModelRunner:
         return out
 
     def _attention_metadata(self, query_lens: list[int], context_lens: list[int],
-                            block_tables: list[list[list[int]]]):
+                            block_tables: list[list[list[int]]]) -> AttentionMetadata:
         """The step's attention metadata: one per KV cache group (block_tables: per request, a table per
         group), the first's by_kv_group listing them all."""
         metas = [build_attention_metadata(query_lens, context_lens, [tables[group] for tables in block_tables],
