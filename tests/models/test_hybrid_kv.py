@@ -82,9 +82,13 @@ def test_gemma2_long_prompts_match_transformers(hybrid_dir):
         check_float32(out, theirs, logits, f"gemma2 {len(ids)}-token prompt", NUM_TOKENS)
 
 
-def test_gemma3_chunked_prefix_warm_and_preempted_equal_lone(hybrid_dir, gemma3_reference):
+@pytest.fixture(scope="module")
+def chunked(hybrid_dir) -> LLM:
+    return LLM(hybrid_dir("gemma3"), **COMMON, max_num_batched_tokens=12, kv_cache_memory_bytes=4 << 20)
+
+
+def test_gemma3_chunked_prefix_warm_and_preempted_equal_lone(hybrid_dir, chunked, gemma3_reference):
     folder = hybrid_dir("gemma3")
-    chunked = LLM(folder, **COMMON, max_num_batched_tokens=12, kv_cache_memory_bytes=4 << 20)
     assert tokens(chunked) == gemma3_reference
     assert tokens(chunked) == gemma3_reference  # prefix-warm: every group's blocks hit
     assert chunked.get_metrics()["vllm:prefix_cache_hits"] >= sum(n // BLOCK - 1 for n in PROMPT_LENS) * BLOCK
@@ -96,14 +100,14 @@ def test_gemma3_chunked_prefix_warm_and_preempted_equal_lone(hybrid_dir, gemma3_
     assert preempting.get_metrics()["sluice:num_free_blocks"] == 31
 
 
-def test_long_request_sliding_groups_stay_bounded(hybrid_dir):
-    """A 45-token prompt in 12-token chunks, then 40 tokens: each sliding group holds at most a
-    chunk beside its window, and a window's blocks while decoding; the full group holds them all."""
-    llm = LLM(hybrid_dir("gemma3"), **COMMON, max_num_batched_tokens=12, enable_prefix_caching=False,
-              kv_cache_memory_bytes=4 << 20)
-    core = llm.engine_core
+def test_long_request_sliding_groups_stay_bounded(chunked):
+    """A 45-token prompt (in no cache yet) in 12-token chunks, then 40 tokens: each sliding group
+    holds at most a chunk beside its window, and a window's blocks while decoding; the full group
+    holds them all."""
+    core = chunked.engine_core
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    (request,) = llm.input_processor.make_requests("long", long_prompts()[0], params)
+    prompt = torch.randint(3, 300, (45,), generator=torch.Generator().manual_seed(9)).tolist()
+    (request,) = chunked.input_processor.make_requests("long", prompt, params)
     core.add_request(request)
     full, sliding = [], []
     while core.has_unfinished_requests():
