@@ -271,6 +271,9 @@ class SchedulerConfig:
     # this many requests / prompt tokens still to compute. None: unlimited.
     max_num_queued_reqs: int | None = arg(None, "refuse new requests (503) while this many wait")
     max_num_queued_tokens: int | None = arg(None, "refuse new requests (503) while this many prompt tokens wait")
+    disable_hybrid_kv_cache_manager: bool = arg(
+        False, "one KV cache group for all layers: a model mixing sliding-window and full-attention "
+        "layers keeps every token's KV in every layer")
 
     def __post_init__(self) -> None:
         _check_values(self)

@@ -26,7 +26,7 @@ class NewRequestData:
     req_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    block_ids: list[int]
+    block_ids: list[list[int]]  # one block table per KV cache group
     num_computed_tokens: int
     stop_token_ids: list[int]  # EOS (unless ignore_eos) and stop ids: min_tokens bans them
     pooling_params: PoolingParams | None = None  # pooled once its prompt has run, never sampled
@@ -41,7 +41,7 @@ class CachedRequestData:
 
     req_ids: list[str] = field(default_factory=list)
     new_token_ids: list[list[int]] = field(default_factory=list)  # accepted since the worker last heard
-    new_block_ids: list[list[int]] = field(default_factory=list)  # appended to its block table
+    new_block_ids: list[list[list[int]]] = field(default_factory=list)  # per group: appended to its block table
     num_computed_tokens: list[int] = field(default_factory=list)
 
 

@@ -392,21 +392,23 @@ class Scheduler:
         spec = out.scheduled_spec_decode_tokens
         for request, num_new in scheduled.items():
             rid = request.request_id
-            blocks = req_blocks[rid]
+            tables = req_blocks[rid]  # one per KV cache group, all of one length
             num_tokens = request.num_tokens
             if request.num_worker_tokens == 0:
                 out.new_requests.append(NewRequestData(
-                    rid, request.prompt_token_ids, request.sampling_params, [b.block_id for b in blocks],
+                    rid, request.prompt_token_ids, request.sampling_params,
+                    [[b.block_id for b in blocks] for blocks in tables],
                     request.num_computed_tokens, sorted(request.stop_token_ids), request.pooling_params,
                     request.lora_request, request.mm_features or None,
                 ))
             else:
                 cached.req_ids.append(rid)
                 cached.new_token_ids.append(request.all_token_ids[request.num_worker_tokens:])
-                cached.new_block_ids.append([b.block_id for b in blocks[request.num_worker_blocks:]])
+                sent = request.num_worker_blocks
+                cached.new_block_ids.append([[b.block_id for b in blocks[sent:]] for blocks in tables])
                 cached.num_computed_tokens.append(request.num_computed_tokens)
             request.num_worker_tokens = num_tokens
-            request.num_worker_blocks = len(blocks)
+            request.num_worker_blocks = len(tables[0])
             request.num_computed_tokens += num_new
             if request.spec_token_ids:
                 spec[rid] = request.spec_token_ids

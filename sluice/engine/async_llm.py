@@ -42,7 +42,8 @@ class AsyncLLM:
         self.max_model_len: int = info["max_model_len"]
         self.input_processor = InputProcessor(tokenizer, self.max_model_len, info["vocab_size"], eos_token_ids,
                                               info["scheduling_policy"],
-                                              KVCacheSpec(info["num_blocks"], info["block_size"], info["sliding_window"]),
+                                              KVCacheSpec(info["num_blocks"], info["block_size"],
+                                                          tuple(info["kv_group_windows"])),
                                               max_logprobs=config.model.max_logprobs, mm_processor=mm_processor)
         self.default_sampling_params = default_sampling_params  # the model's generation-config defaults
         self.output_processor = OutputProcessor(tokenizer)

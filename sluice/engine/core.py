@@ -66,19 +66,21 @@ class EngineCore:
         self.quantization: str = model["quantization"]
         self.max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config)
         block_size = config.cache.block_size
-        max_useful = cdiv(self.max_model_len, block_size) * config.scheduler.max_num_seqs + 1
+        # a table per KV cache group, every one as long as the request
+        num_groups = len(model["kv_group_windows"])
+        max_useful = cdiv(self.max_model_len, block_size) * config.scheduler.max_num_seqs * num_groups + 1
         num_blocks = self.executor.choose_num_blocks(max_useful)
         self.executor.initialize_cache(num_blocks)
         obs = config.observability
         self.pooler = PoolerConfig(**model["pooler"]) if model["pooler"] else None  # None: a generating model
         encoder_only = model["bytes_per_block"] == 0
         self.kv = KVCacheManager(num_blocks, block_size, self._prefix_caching(encoder_only), obs.kv_cache_metrics,
-                                 sliding_window=model["sliding_window"])
+                                 group_windows=tuple(model["kv_group_windows"]))
         grammars = StructuredOutputManager(config.structured_outputs, functools.partial(get_tokenizer, config),
                                            hf_config.get_text_config().vocab_size)
-        if config.kv_transfer.enabled and (model["sliding_window"] or encoder_only):
+        if config.kv_transfer.enabled and (self.kv.group_windows != (None,) or encoder_only):
             raise ValueError("kv_transfer_config: disaggregated prefill needs a decoder whose every layer keeps "
-                             "its whole KV (this model has a sliding window on every layer, or is encoder-only)")
+                             "its whole KV (this model has sliding-window layers, or is encoder-only)")
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, grammars, config.speculative,
                                    config.lora.max_loras if config.lora.enable_lora else None,
                                    create_scheduler_connector(config))
@@ -102,9 +104,9 @@ class EngineCore:
         cache_gib = num_blocks * model["bytes_per_block"] / 2**30
         logger.info(
             "model %s loaded in %.1f s (%s, quantization %s); KV cache: %d blocks of %d tokens (%.2f GiB, "
-            "kv_cache_dtype %s), max concurrency %.1fx for %d-token requests",
+            "kv_cache_dtype %s%s), max concurrency %.1fx for %d-token requests",
             source.name, time.monotonic() - started, config.model.torch_dtype, self.quantization, num_blocks,
-            block_size, cache_gib, config.cache.kv_cache_dtype,
+            block_size, cache_gib, config.cache.kv_cache_dtype, self.kv.spec.describe_groups("; "),
             self.kv.spec.num_blocks / self.kv.spec.blocks_needed(self.max_model_len),
             self.max_model_len,
         )

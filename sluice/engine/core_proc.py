@@ -43,7 +43,7 @@ class EngineCoreProc:
             "vocab_size": hf_config.get_text_config().vocab_size,
             "num_blocks": self.core.kv.pool.num_usable_blocks,
             "block_size": config.cache.block_size,
-            "sliding_window": self.core.kv.sliding_window,
+            "kv_group_windows": list(self.core.kv.group_windows),
             "scheduling_policy": config.scheduler.scheduling_policy,
             "pid": os.getpid(),
             "pooler": dataclasses.asdict(self.core.pooler) if self.core.pooler else None,  # None: generates

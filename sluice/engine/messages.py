@@ -67,7 +67,7 @@ DASHBOARD = b"dashboard"  # int: the last step seen; the core answers DASHBOARD 
 # core -> API
 ADDED = b"added"  # [first request id, None or the reason it was refused]
 OUTPUTS = b"outputs"  # list[EngineCoreOutput]
-READY = b"ready"  # dict: max_model_len, vocab_size, num_blocks, block_size, sliding_window, pid, config
+READY = b"ready"  # dict: max_model_len, vocab_size, num_blocks, block_size, kv_group_windows, pid, config
 FATAL = b"fatal"  # str: the core is going down, every request it held is lost
 LORAS = b"loras"  # list[[name, id, path, parent]]: the adapters added, sent to every API process on a change
 # UTILITY answer: [result, None] or [None, error message]

@@ -70,10 +70,14 @@ class Executor(ABC):
         return 1
 
     def describe(self) -> dict:
-        """Rank 0's description; the KV window is every rank's (pipeline stages hold different layers)."""
+        """Rank 0's description; the KV cache groups are every rank's: pipeline stages hold different
+        layers (one group each), so the cache keeps a block where any stage needs it."""
         described = self.collective_rpc("describe")
-        windows = [d["sliding_window"] for d in described]
-        return {**described[0], "sliding_window": None if None in windows else max(windows)}
+        groups = [d["kv_group_windows"] for d in described]
+        if any(g != groups[0] for g in groups):
+            windows = [w for g in groups for w in g]
+            groups[0] = [None if None in windows else max(windows)]
+        return {**described[0], "kv_group_windows": groups[0]}
 
     def choose_num_blocks(self, max_useful_blocks: int) -> int:
         """Blocks every worker can hold."""

@@ -216,15 +216,17 @@ def pack_experts(model: nn.Module) -> int:
 
 # Expert tensors in checkpoints: one per expert (Mixtral's w1/w3/w2; Qwen's and OLMoE's
 # gate_proj/up_proj/down_proj), or one per projection holding every expert (GGUF's ffn_*_exps).
-_EXPERT_TENSOR = re.compile(r"(?P<experts>.*\.experts)(?:\.(?P<expert>\d+))?\.(?P<proj>\w+)\.weight")
+_EXPERT_TENSOR = re.compile(
+    r"(?P<experts>.*\.experts)(?:\.(?P<expert>\d+))?\.(?P<proj>\w+)\.(?P<leaf>weight(?:_scale)?)")
 _EXPERT_PROJ = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 
 
 def stack_expert_weights(weights: Iterable[tuple[str, torch.Tensor]],
                          num_experts: int) -> Iterator[tuple[str, torch.Tensor]]:
     """Turn expert checkpoint tensors into the stacked `experts.gate_up_proj` [E, 2I, H] and
-    `experts.down_proj` [E, H, I], each yielded as soon as all its parts have arrived (so at most
-    one layer's experts wait in memory); other tensors, stacked ones included, pass through."""
+    `experts.down_proj` [E, H, I] (an int8 checkpoint's `weight_scale` [out, 1] likewise, into
+    `gate_up_proj_scale` / `down_proj_scale`), each yielded as soon as all its parts have arrived
+    (so at most one layer's experts wait in memory); other tensors, stacked ones included, pass through."""
     waiting: dict[str, dict[tuple[int | None, str], torch.Tensor]] = {}
     for name, tensor in weights:
         match = _EXPERT_TENSOR.fullmatch(name)
@@ -234,7 +236,8 @@ def stack_expert_weights(weights: Iterable[tuple[str, torch.Tensor]],
         expert, proj = match["expert"] and int(match["expert"]), _EXPERT_PROJ[match["proj"]]
         if expert is not None and expert >= num_experts:
             raise ValueError(f"unexpected parameter {name!r}: expert {expert} but the config has {num_experts} experts")
-        target = f"{match['experts']}.{'down_proj' if proj == 'down' else 'gate_up_proj'}"
+        suffix = "_scale" if match["leaf"] == "weight_scale" else ""
+        target = f"{match['experts']}.{'down_proj' if proj == 'down' else 'gate_up_proj'}{suffix}"
         parts = waiting.setdefault(target, {})
         parts[expert, proj] = tensor
         if not _missing(target, parts, num_experts):
@@ -247,7 +250,7 @@ def stack_expert_weights(weights: Iterable[tuple[str, torch.Tensor]],
 
 
 def _projections(target: str) -> tuple[str, ...]:
-    return ("down",) if target.endswith("down_proj") else ("gate", "up")
+    return ("down",) if target.removesuffix("_scale").endswith("down_proj") else ("gate", "up")
 
 
 def _experts(parts: dict[tuple[int | None, str], torch.Tensor], num_experts: int) -> list[int | None]:

@@ -106,10 +106,11 @@ class DashboardRecorder:
         cells = "".join([(FREE if b.block_hash is None else CACHED) if b.ref_cnt == 0
                          else (IN_USE if b.ref_cnt == 1 else SHARED) for b in pool.blocks[1::stride]])
         owners: dict[int, list[str]] = {}
-        for rid, blocks in kv.req_blocks.items():
-            for block in blocks:
-                if block.block_id and (block.block_id - 1) % stride == 0:
-                    owners.setdefault((block.block_id - 1) // stride, []).append(rid)
+        for rid, tables in kv.req_blocks.items():  # one block table per KV cache group
+            for blocks in tables:
+                for block in blocks:
+                    if block.block_id and (block.block_id - 1) % stride == 0:
+                        owners.setdefault((block.block_id - 1) // stride, []).append(rid)
         return {"num_blocks": usable, "block_size": kv.block_size, "stride": stride, "cells": cells,
                 "owners": [[cell, rids] for cell, rids in owners.items()],
                 "in_use": usable - pool.num_free_blocks()}

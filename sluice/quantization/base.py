@@ -76,7 +76,7 @@ class QuantizationConfig(ABC):
         """Change modules other than linear layers before loading (default: none)."""
 
     def raw_weight_names(self) -> Collection[str]:
-        """Checkpoint weights the loader must hand over as stored (not dequantized)."""
+        """Checkpoint weights the loader must hand over as stored (not dequantized); only `in` is asked."""
         return ()
 
     def stored_block(self, name: str) -> tuple[int, int] | None:

@@ -7,10 +7,14 @@ activations per token, cost SmolLM2 19% perplexity (2.4% weight-only), blocks of
 A compressed-tensors checkpoint keeps its own scheme, a scale per output channel: W8A8 on CPUs
 with AVX-512 VNNI (quant.c's linear_int8: each activation row quantized with its own scale,
 weights packed once at load into 64-column panels), weight-only elsewhere (the int8 weight widened
-per call for F.linear).
+per call for F.linear). Its experts keep their int8 values too, as Q8_0 blocks whose every scale
+is the channel's (in float16, as Q8_0 stores it), on the GGUF experts' kernel like int8's.
 """
 
 from __future__ import annotations
+
+import logging
+import re
 
 import gguf
 import torch
@@ -25,7 +29,10 @@ from sluice.quantization.base import LinearMethod, MoEMethod, QuantizationConfig
 from sluice.quantization.gguf import GGUFLinearMethod, GGUFMoEMethod, repack_parameter
 from sluice.quantization.gguf import kernel_available as gguf_kernel_available
 
+logger = logging.getLogger("sluice")
+
 PANEL = 64  # output columns per packed panel (quant.c's PANEL8)
+FLOAT16_NORMAL = (2.0 ** -14, 65504.0)  # scales Q8_0's float16 holds to 11 bits
 _KERNEL_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 
 
@@ -104,6 +111,14 @@ class Int8MoEMethod(GGUFMoEMethod):
 
     def describe(self) -> str:
         return "int8 blocks of 32 " + ("(VNNI kernel)" if gguf_kernel_available() else "(dequantized per call)")
+
+
+def q8_0_from_channel_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 q [N, K] (K a multiple of 32) with a scale per row [N] -> the same values as Q8_0
+    blocks, uint8 [N, K / 32 * 34]: every block of a row carries the row's scale."""
+    n, k = q.shape
+    scales = scale.reshape(n, 1, 1).to(torch.float16).expand(n, k // 32, 1).contiguous().view(torch.uint8)
+    return torch.cat((scales, q.reshape(n, k // 32, 32).view(torch.uint8)), dim=-1).reshape(n, -1).contiguous()
 
 
 class ChannelInt8Method(LinearMethod):
@@ -188,6 +203,57 @@ class CompressedInt8Method(ChannelInt8Method):
         del layer.weight_scale
 
 
+class CompressedInt8MoEMethod(Int8MoEMethod):
+    """A compressed-tensors layer of experts: int8 `gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I]
+    and their scales per output channel [E, out, 1], stacked from the per-expert tensors as stored,
+    then run as Q8_0 blocks. Shapes the blocks can't hold (hidden or intermediate size not a
+    multiple of 32, scales outside float16's normal range) load dequantized, with a log line."""
+
+    def create_weights(self, experts: nn.Module) -> None:
+        self.dtype = experts.gate_up_proj.dtype  # the model's, for experts loaded dequantized
+        E, H, I = experts.num_experts, experts.hidden_size, experts.intermediate_size
+        for name, (out, inp) in (("gate_up_proj", (2 * I, H)), ("down_proj", (H, I))):
+            setattr(experts, name, nn.Parameter(torch.empty(E, out, inp, dtype=torch.int8), requires_grad=False))
+            setattr(experts, f"{name}_scale", nn.Parameter(torch.empty(E, out, 1), requires_grad=False))
+
+    def process_weights_after_loading(self, experts: nn.Module) -> None:
+        pairs = {name: (getattr(experts, name).detach(), getattr(experts, f"{name}_scale").detach().float())
+                 for name in ("gate_up_proj", "down_proj")}
+        for name in pairs:
+            delattr(experts, f"{name}_scale")
+        low, high = FLOAT16_NORMAL
+        blocks_hold = experts.hidden_size % 32 == 0 == experts.intermediate_size % 32 and all(
+            bool((scale.abs() >= low).all() and (scale.abs() <= high).all()) for _, scale in pairs.values())
+        for name, (q, scale) in pairs.items():
+            E, N, K = q.shape
+            if blocks_hold:
+                data = q8_0_from_channel_int8(q.reshape(E * N, K), scale.reshape(-1)).view(E, N, -1)
+            else:
+                data = (q.float() * scale).to(self.dtype)
+            setattr(experts, name, nn.Parameter(data, requires_grad=False))
+        if not blocks_hold:
+            experts.quant_method = None  # dense experts: the packed kernel may take them
+            logger.info("compressed-tensors experts of hidden %d, intermediate %d: Q8_0 blocks can't hold their "
+                        "shapes or scales; loaded dequantized", experts.hidden_size, experts.intermediate_size)
+
+    def describe(self) -> str:
+        return "int8 per channel as Q8_0 blocks " + ("(VNNI kernel)" if gguf_kernel_available()
+                                                      else "(dequantized per call)")
+
+
+class _StoredNames:
+    """Checkpoint names the loader hands over as stored: exact names, and every per-expert weight
+    and scale (their tensor names depend on the family: w1 / gate_proj, block_sparse_moe / mlp)."""
+
+    _EXPERT = re.compile(r".*\.experts\.\d+\.\w+\.weight(?:_scale)?")
+
+    def __init__(self, names: set[str], experts: bool) -> None:
+        self.names, self.experts = names, experts
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names or (self.experts and isinstance(name, str) and bool(self._EXPERT.fullmatch(name)))
+
+
 class CompressedTensorsConfig(QuantizationConfig):
     """A checkpoint in compressed-tensors' int-quantized format: int8 weights per channel (W8A16),
     with or without dynamic per-token int8 activations (W8A8); sluice runs both as W8A8 where VNNI is."""
@@ -201,6 +267,7 @@ class CompressedTensorsConfig(QuantizationConfig):
         if not declared.get("config_groups"):
             raise ModelLoadError(f"{path}: compressed-tensors quantization_config has no config_groups")
         self.stored: set[str] = set()
+        self.quantized_experts = False
 
     def get_linear_method(self, layer: nn.Module, checkpoint_names: list[str]) -> LinearMethod | None:
         modules = [name.removesuffix(".weight") for name in checkpoint_names]
@@ -210,14 +277,18 @@ class CompressedTensorsConfig(QuantizationConfig):
         self.stored.update(f"{module}.weight_scale" for module in modules)
         return CompressedInt8Method()
 
-    def ignored(self, module: str) -> bool:
-        import re
+    def get_moe_method(self, experts: nn.Module, checkpoint_names: list[str]) -> MoEMethod | None:
+        if any(self.ignored(name.removesuffix(".weight")) for name in checkpoint_names):
+            return None
+        self.quantized_experts = True
+        return CompressedInt8MoEMethod()
 
+    def ignored(self, module: str) -> bool:
         return any(re.fullmatch(rule[3:], module) if rule.startswith("re:") else module == rule or
                    module.endswith("." + rule) for rule in self.ignore)
 
-    def raw_weight_names(self) -> set[str]:
-        return self.stored
+    def raw_weight_names(self) -> _StoredNames:
+        return _StoredNames(self.stored, self.quantized_experts)
 
 
 def check_group(name: str, group: dict, path: str) -> None:

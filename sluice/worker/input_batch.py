@@ -24,7 +24,7 @@ class CachedRequestState:
     req_id: str
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # as accepted by the scheduler; the next sample is not here yet
-    block_ids: list[int]
+    block_ids: list[list[int]]  # one block table per KV cache group
     num_computed_tokens: int
     sampling: SamplingRow  # shares the token lists above, so it is built once per request
     num_prompt_logprobs_done: int = 0  # prompt positions whose logprobs went out
@@ -38,7 +38,7 @@ class CachedRequestState:
         params = new.sampling_params
         generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         prompt, output = list(new.prompt_token_ids), []
-        return cls(new.req_id, prompt, output, list(new.block_ids), new.num_computed_tokens,
+        return cls(new.req_id, prompt, output, [list(ids) for ids in new.block_ids], new.num_computed_tokens,
                    SamplingRow(params, prompt, output, generator, set(new.stop_token_ids)),
                    pooling_params=new.pooling_params,
                    lora_request=new.lora_request, mm_features=new.mm_features or [])
@@ -68,7 +68,8 @@ class InputBatch:
         for req_id in out.preempted_req_ids:
             state = self.requests.get(req_id)
             if state is not None:  # it keeps its tokens and generator; its blocks are gone
-                state.block_ids.clear()
+                for table in state.block_ids:
+                    table.clear()
                 state.num_computed_tokens = 0
         for new in out.new_requests:
             self.requests[new.req_id] = CachedRequestState.from_new(new)
@@ -78,6 +79,7 @@ class InputBatch:
             state = self.requests[req_id]
             if token_ids:
                 state.output_token_ids.extend(token_ids)
-            if block_ids:
-                state.block_ids.extend(block_ids)
+            for table, new_ids in zip(state.block_ids, block_ids):
+                if new_ids:
+                    table.extend(new_ids)
             state.num_computed_tokens = num_computed

@@ -19,10 +19,11 @@ import psutil
 import torch
 
 from sluice.config import EngineConfig
+from sluice.core.kv_cache_manager import kv_cache_groups
 from sluice.core.sched_output import GrammarBitmask, RunnerOutput, SchedulerOutput
 from sluice.distributed import get_pp_group, get_tp_group
 from sluice.distributed.sharding import check_parallel, shard_weights
-from sluice.layers.attention import attention_layers, build_attention_metadata
+from sluice.layers.attention import AttentionMetadata, attention_layers, build_attention_metadata
 from sluice.layers.fused_moe import pack_experts, process_moe_weights_after_loading, set_moe_methods
 from sluice.layers.linear import pack_linears, process_weights_after_loading, set_linear_methods
 from sluice.loader import ModelLoadError, ModelSource, iter_weights, load_hf_config, resolve_model
@@ -134,7 +135,8 @@ def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch
         model = model_class(hf_config)
     quant_config.prepare_model(model)
     methods = set_linear_methods(model, quant_config) | set_moe_methods(model, quant_config)
-    weights = iter_weights(source, hf_config, dtype, {*quant_config.raw_weight_names(), *keep_stored})
+    stored = quant_config.raw_weight_names()  # may match by pattern: extended only where there is more to keep
+    weights = iter_weights(source, hf_config, dtype, {*stored, *keep_stored} if keep_stored else stored)
     model.load_weights(shard_weights(weights, model, tp, pp, quant_config.stored_block))
     process_weights_after_loading(model)
     process_moe_weights_after_loading(model)
@@ -180,6 +182,12 @@ class ModelRunner:
         self.num_target_layers = len(attention_layers(self.model))
         for attn in self.attention_layers:
             attn.set_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, self.device)
+        self.kv_groups = kv_cache_groups([attn.params.sliding_window for attn in self.attention_layers],
+                                         hybrid=self._layers_can_share_kv())
+        for index, group in enumerate(self.kv_groups):
+            for layer in group.layers:
+                self.attention_layers[layer].kv_group = index
+        self.kv_tensors: list[torch.Tensor] = []  # the cache tensors; kv_caches maps layers onto them
         self.input_batch = InputBatch()
         self.kv_caches: list[torch.Tensor] = []
         self.pooler = None  # runner="pooling": requests are pooled once their prompt has run
@@ -228,10 +236,24 @@ class ModelRunner:
         return EagleProposer(model, self.model, max_position, self.block_size, self.device, aux_layers)
 
     # ---- KV cache --------------------------------------------------------------------
+    def _layers_can_share_kv(self) -> bool:
+        """Hybrid KV cache groups (kv_cache_manager.py) share cache tensors between layers: every
+        layer's block must be alike, every rank must hold every layer (a pipeline stage holds
+        some), and no draft model may read the target's block tables. Off by
+        disable_hybrid_kv_cache_manager."""
+        if self.config.scheduler.disable_hybrid_kv_cache_manager or self.draft is not None \
+                or get_pp_group().num_stages > 1:
+            return False
+        layouts = {(attn.kv_cache_shape(1, self.block_size), attn.kv_cache_dtype(self.dtype))
+                   for attn in self.attention_layers}
+        return len(layouts) == 1
+
     def bytes_per_block(self) -> int:
-        """K and V of one block in every layer, as each layer's attention backend lays them out (in
-        the KV cache dtype): every sizing of the cache asks this, nowhere else."""
-        return sum(attn.bytes_per_block(self.block_size, self.dtype) for attn in self.attention_layers)
+        """K and V of what one block id addresses, a block of every cache tensor (of each layer of the
+        first group, a largest), as each layer's attention backend lays them out (in the KV cache
+        dtype): every sizing of the cache asks this, nowhere else."""
+        return sum(self.attention_layers[layer].bytes_per_block(self.block_size, self.dtype)
+                   for layer in self.kv_groups[0].layers)
 
     def choose_num_blocks(self, max_useful_blocks: int) -> int:
         """Blocks from an exact override, a byte budget, a fraction of available memory, or
@@ -273,22 +295,29 @@ class ModelRunner:
         (NaN * 0) would poison real rows."""
         if not self.attention_layers:
             return
-        shapes = [attn.kv_cache_shape(num_blocks, self.block_size) for attn in self.attention_layers]
-        dtypes = [attn.kv_cache_dtype(self.dtype) for attn in self.attention_layers]
+        # one tensor per layer of the first group; the i-th layer of every group keeps its KV in the i-th
+        slots = [self.attention_layers[layer] for layer in self.kv_groups[0].layers]
+        shapes = [attn.kv_cache_shape(num_blocks, self.block_size) for attn in slots]
+        dtypes = [attn.kv_cache_dtype(self.dtype) for attn in slots]
         if self.device.type != "cpu":
-            self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device)
-                              for shape, dtype in zip(shapes, dtypes)]
+            self.kv_tensors = [torch.zeros(shape, dtype=dtype, device=self.device)
+                               for shape, dtype in zip(shapes, dtypes)]
         else:
             flat = _zeroed_host_memory(num_blocks * self.bytes_per_block())
             sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in zip(shapes, dtypes)]
-            self.kv_caches = [part.view(dtype).view(shape)
-                              for part, shape, dtype in zip(flat.split(sizes), shapes, dtypes)]
+            self.kv_tensors = [part.view(dtype).view(shape)
+                               for part, shape, dtype in zip(flat.split(sizes), shapes, dtypes)]
+        caches: list[torch.Tensor | None] = [None] * len(self.attention_layers)
+        for group in self.kv_groups:
+            for slot, layer in enumerate(group.layers):
+                caches[layer] = self.kv_tensors[slot]
+        self.kv_caches = caches
         if self.draft is not None:
             self.draft.kv_caches = self.kv_caches[self.num_target_layers:]
         if self.device.type != "cpu":
             return
         self._populate_stop = threading.Event()
-        self.kv_populator = threading.Thread(target=_populate_when_idle, args=(self.kv_caches, self._populate_stop),
+        self.kv_populator = threading.Thread(target=_populate_when_idle, args=(self.kv_tensors, self._populate_stop),
                                              name="kv-populate", daemon=True)
         self.kv_populator.start()
         # at exit, a thread still inside a call would be torn down mid-call; hold no reference to self
@@ -301,7 +330,7 @@ class ModelRunner:
             return
         _stop_thread(self.kv_populator, self._populate_stop)
         parts = max(1, torch.get_num_threads())
-        workers = [threading.Thread(target=_populate, args=(self.kv_caches, threading.Event(), part, parts))
+        workers = [threading.Thread(target=_populate, args=(self.kv_tensors, threading.Event(), part, parts))
                    for part in range(parts)]
         for worker in workers:
             worker.start()
@@ -339,13 +368,7 @@ class ModelRunner:
             block_tables.append(state.block_ids)
             if end == state.num_tokens and state.pooling_params is None:  # the model proposes the next one
                 sample_rows.append((state, len(ids) - 1 - len(drafts), drafts))
-        meta = build_attention_metadata(
-            query_lens=list(sched.num_scheduled_tokens.values()),
-            context_lens=context_lens,
-            block_tables=block_tables,
-            block_size=self.block_size,
-            device=self.device,
-        )
+        meta = self._attention_metadata(list(sched.num_scheduled_tokens.values()), context_lens, block_tables)
         if self.lora_manager is not None:
             failed = self.lora_manager.prepare_step(row_loras)  # adapters that no longer load: their rows run bare
             for req_id in sched.num_scheduled_tokens if failed else ():
@@ -380,6 +403,15 @@ class ModelRunner:
                 num_new = sched.num_scheduled_tokens[state.req_id]
                 self._prompt_logprobs(hidden[first_row : first_row + num_new], state, num_new, out)
         return out
+
+    def _attention_metadata(self, query_lens: list[int], context_lens: list[int],
+                            block_tables: list[list[list[int]]]) -> AttentionMetadata:
+        """The step's attention metadata: one per KV cache group (block_tables: per request, a table per
+        group), the first's by_kv_group listing them all."""
+        metas = [build_attention_metadata(query_lens, context_lens, [tables[group] for tables in block_tables],
+                                          self.block_size, self.device) for group in range(len(self.kv_groups))]
+        metas[0].by_kv_group = metas
+        return metas[0]
 
     def _inputs_embeds(self, input_ids: torch.Tensor, chunks: list[tuple[CachedRequestState, int]],
                        sched: SchedulerOutput, out: RunnerOutput) -> torch.Tensor | None:
@@ -468,7 +500,7 @@ class ModelRunner:
             state = requests[req_id]
             num_known = sched.num_scheduled_tokens[req_id] - len(sched.scheduled_spec_decode_tokens.get(req_id, ()))
             position = state.num_computed_tokens + num_known + len(tokens) - 1
-            starts.append((req_id, tokens[-1], position, state.block_ids, budget))
+            starts.append((req_id, tokens[-1], position, state.block_ids[0], budget))
         out.spec_token_ids.update(self.draft.propose(starts))
 
     def _eagle_step(self, hidden: torch.Tensor, chunks: list[tuple[CachedRequestState, int]],
@@ -485,7 +517,7 @@ class ModelRunner:
             following = (state.token_ids(start + 1, start + num_known) + sampled if sampled
                          else state.token_ids(start + 1, start + num_known + 1))
             budget = sched.max_drafts.get(state.req_id, 0) if speculate and sampled else 0
-            batch.add(state.req_id, start, first_row, following, state.block_ids, budget)
+            batch.add(state.req_id, start, first_row, following, state.block_ids[0], budget)
         head_hidden = self.draft.ride_along(batch, self.draft.target_features(hidden))
         out.spec_token_ids.update(self.draft.propose(batch, head_hidden))
 

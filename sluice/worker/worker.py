@@ -20,7 +20,6 @@ from sluice.config import EngineConfig
 from sluice.core.sched_output import RunnerOutput, SchedulerOutput
 from sluice.distributed import get_tp_group, init_parallel
 from sluice.distributed.kv_transfer.factory import create_worker_connector
-from sluice.layers.attention import kv_sliding_window
 from sluice.loader import ModelSource
 from sluice.lora.manager import LoRAManager
 from sluice.lora.request import LoRARequest
@@ -52,7 +51,7 @@ class Worker:
 
     def describe(self) -> dict:
         """What the engine core needs from the model before it sizes anything."""
-        return {"sliding_window": kv_sliding_window(self.runner.model),
+        return {"kv_group_windows": [group.sliding_window for group in self.runner.kv_groups],
                 "bytes_per_block": self.runner.bytes_per_block(), "quantization": self.runner.quantization,
                 "pooler": dataclasses.asdict(self.runner.pooler.config) if self.runner.pooler else None}
 
@@ -117,7 +116,7 @@ class Worker:
             if stop_populating is not None:
                 stop_populating.set()
                 runner.kv_populator.join(timeout=5)
-            drop_kv_cache(runner.kv_caches)
+            drop_kv_cache(runner.kv_tensors)
             self.sleeping_weights = SleepingWeights(runner.model)
         return {"rss_bytes_before": before, "rss_bytes_after": resident_bytes()}
 

@@ -63,7 +63,7 @@ def test_pool_grid_is_exact_and_names_owners():
         step(scheduler, recorder)
     pool = recorder.snapshot()["pool"]
     assert pool["stride"] == 1 and len(pool["cells"]) == 63
-    held = {b.block_id for blocks in scheduler.kv.req_blocks.values() for b in blocks}
+    held = {b.block_id for tables in scheduler.kv.req_blocks.values() for blocks in tables for b in blocks}
     assert pool["in_use"] == len(held) == 63 - scheduler.kv.pool.num_free_blocks()
     owners = {cell: rids for cell, rids in pool["owners"]}
     for i, state in enumerate(pool["cells"]):

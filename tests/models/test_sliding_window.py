@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from sluice import LLM, SamplingParams
-from sluice.core.kv_cache_manager import KVCacheManager, KVCacheSpec
-from sluice.layers.attention import kv_sliding_window
+from sluice.core.kv_cache_manager import KVCacheManager, KVCacheSpec, kv_cache_groups
+from sluice.layers.attention import layer_windows
 from sluice.models.registry import get_model_class
 
 from tests.models.test_model_forward import MiniRunner, hf_logits
@@ -52,11 +52,13 @@ def test_layer_windows_follow_transformers():
     mistral, qwen2 = (get_model_class(windowed_config(a))(windowed_config(a)) for a in ("mistral", "qwen2"))
     assert [layer.self_attn.attn.params.sliding_window for layer in mistral.model.layers] == [WINDOW, WINDOW]
     assert [layer.self_attn.attn.params.sliding_window for layer in qwen2.model.layers] == [None, WINDOW]
-    # the KV cache may free blocks behind the window only where no layer is global
-    assert kv_sliding_window(mistral) == WINDOW and kv_sliding_window(qwen2) is None
+    # one KV cache group for Mistral, windowed; Qwen2's global and windowed layers form one group each
+    assert [g.sliding_window for g in kv_cache_groups(layer_windows(mistral))] == [WINDOW]
+    assert [(g.sliding_window, g.layers) for g in kv_cache_groups(layer_windows(qwen2))] == [(None, (0,)),
+                                                                                            (WINDOW, (1,))]
     plain = transformers.Qwen2Config(**COMMON, sliding_window=WINDOW, max_window_layers=1,  # use_sliding_window off
                                      architectures=["Qwen2ForCausalLM"])
-    assert kv_sliding_window(get_model_class(plain)(plain)) is None
+    assert [g.sliding_window for g in kv_cache_groups(layer_windows(get_model_class(plain)(plain)))] == [None]
 
 
 @pytest.mark.parametrize("arch", CONFIGS)
@@ -106,7 +108,8 @@ def test_greedy_bfloat16_matches_hf(windowed_model_dir):
 def test_a_request_longer_than_the_whole_cache_runs_when_every_layer_is_windowed(windowed_model_dir):
     """4 usable blocks of 16 hold 64 tokens: Mistral's 101-token prompt plus 32 generated still
     fits (its prefill in chunks the cache holds, its blocks behind the window back to the pool),
-    matching transformers; Qwen2 with a global layer keeps every block, so the same prompt is refused."""
+    matching transformers; Qwen2's global layer keeps every block of its KV cache group, so the same
+    prompt is refused (7 blocks of the full group and 2 of the sliding one)."""
     small = dict(dtype="float32", max_model_len=512, block_size=16, num_gpu_blocks_override=5)
     ids = long_prompts()[0]
     params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
@@ -115,7 +118,8 @@ def test_a_request_longer_than_the_whole_cache_runs_when_every_layer_is_windowed
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     theirs, logits = hf_greedy(hf, ids)
     check_float32(out.token_ids, theirs, logits, "mistral, 101-token prompt in a 64-token cache")
-    with pytest.raises(ValueError, match="a request of 102 tokens needs 7 KV blocks; the whole cache holds 4 blocks"):
+    refused = r"a request of 102 tokens needs 9 KV blocks \(2 KV cache groups: 1 full attention, 1 sliding window 16\)"
+    with pytest.raises(ValueError, match=refused + "; the whole cache holds 4 blocks"):
         LLM(windowed_model_dir("qwen2"), **small).generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
 
 
@@ -125,10 +129,10 @@ def test_blocks_needed_is_what_a_lone_request_holds(window, block_size):
     to n tokens, in chunks as large as max_new_tokens allows, one token at a time, or any mix;
     one block fewer does not, at some step."""
     num_tokens = 150
-    needed = KVCacheSpec(10**6, block_size, window).blocks_needed(num_tokens)
+    needed = KVCacheSpec(10**6, block_size, (window,)).blocks_needed(num_tokens)
 
     def run(num_blocks: int, max_chunk: int) -> bool:
-        kv = KVCacheManager(num_blocks + 1, block_size, enable_caching=False, sliding_window=window)
+        kv = KVCacheManager(num_blocks + 1, block_size, enable_caching=False, group_windows=(window,))
         request = make_request("long", list(range(num_tokens)))
         while request.num_computed_tokens < num_tokens:
             num_new = min(num_tokens - request.num_computed_tokens, max_chunk,
@@ -140,5 +144,5 @@ def test_blocks_needed_is_what_a_lone_request_holds(window, block_size):
 
     assert all(run(needed, max_chunk) for max_chunk in (1, 3, 64, num_tokens))
     assert not run(needed - 1, 1)
-    full, windowed = KVCacheSpec(4, 16), KVCacheSpec(4, 16, sliding_window=16)
+    full, windowed = KVCacheSpec(4, 16), KVCacheSpec(4, 16, (16,))
     assert (full.blocks_needed(102), windowed.blocks_needed(102)) == (7, 2) and not full.fits(102)

@@ -6,11 +6,13 @@ the error 8-bit activations bring, twice: into gate/up and into down), batch inv
 portable path. Model level: a tiny Mixtral whose experts a GGUF stores as Q8_0 runs them as
 blocks and gives the dequantized path's greedy tokens; with mixed expert types it loads them
 dequantized and says so; `--quantization int8` on a checkpoint Q8_0 represents exactly gives the
-tokens of quantization none on it.
+tokens of quantization none on it; a compressed-tensors W8A8 checkpoint (int8 experts with a scale
+per channel, made here) runs its experts as Q8_0 blocks with its dequantized twin's tokens.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 import gguf
@@ -21,9 +23,10 @@ from safetensors.torch import load_file, save_file
 from sluice import LLM, SamplingParams
 from sluice.layers.fused_moe import StackedExperts, route
 from sluice.quantization.gguf import GGUFMoEMethod, dequantize, kernel_available
-from sluice.quantization.int8 import Int8MoEMethod, quantize_q8_0
+from sluice.quantization.int8 import Int8MoEMethod, q8_0_from_channel_int8, quantize_per_channel, quantize_q8_0
 
 from tests.models.test_moe import hf_model, write_gguf
+from tests.quantization.test_int8 import COMPRESSED_CONFIG
 from tests.quantization.test_gguf_kernels import quantized_weight, relative_error
 from tests.utils import smollm2_tokenizer
 
@@ -192,3 +195,36 @@ def test_int8_model_matches_its_dequantized_twin(mixtral, tmp_path, caplog):
         ours = greedy(str(folder), "int8")
     assert "2 experts int8 blocks of 32 (VNNI kernel)" in caplog.text
     assert_same_tokens(ours, greedy(str(folder), "none"))
+
+
+def test_compressed_tensors_experts_match_the_dequantized_twin(mixtral, tmp_path, caplog):
+    """Every linear and expert weight int8 per channel (compressed-tensors' scheme; the router and
+    lm_head ignored, as llm-compressor leaves them): the experts load as Q8_0 blocks holding the
+    stored int8 values and scales, and give the tokens of the same weights dequantized."""
+    q = torch.randint(-127, 128, (6, 64), dtype=torch.int8)
+    scale = torch.rand(6) / 100 + 1e-3
+    blocks = q8_0_from_channel_int8(q, scale)
+    torch.testing.assert_close(dequantize(blocks, Q.Q8_0, torch.float32), q.float() * scale.half().float()[:, None])
+    target, twin = tmp_path / "w8a8", tmp_path / "twin"
+    mixtral.save_pretrained(twin)
+    tensors = load_file(twin / "model.safetensors")
+    quantized = {}
+    for name, tensor in tensors.items():
+        if tensor.dim() == 2 and not any(part in name for part in ("embed", "lm_head", ".gate.")):
+            q, scale = quantize_per_channel(tensor)
+            quantized[name], quantized[name + "_scale"] = q, scale[:, None].contiguous()
+            tensors[name] = q.float() * scale[:, None]
+        else:
+            quantized[name] = tensor
+    save_file(tensors, twin / "model.safetensors", metadata={"format": "pt"})
+    target.mkdir()
+    save_file(quantized, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((twin / "config.json").read_text())
+    declared = {**COMPRESSED_CONFIG, "ignore": ["lm_head", "re:.*\\.gate$"]}
+    (target / "config.json").write_text(json.dumps({**config, "quantization_config": declared}))
+    for folder in (twin, target):
+        smollm2_tokenizer().save_pretrained(folder)
+    with caplog.at_level(logging.INFO, logger="sluice"):
+        ours = greedy(str(target), "auto")
+    assert "2 experts int8 per channel as Q8_0 blocks" in caplog.text and "loaded dequantized" not in caplog.text
+    assert_same_tokens(ours, greedy(str(twin), "none"))

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
+from sluice.core.kv_cache_manager import kv_cache_groups
 from sluice.layers import native
-from sluice.layers.attention import BACKENDS, Attention, AttentionParams, build_attention_metadata, kv_sliding_window
+from sluice.layers.attention import BACKENDS, Attention, AttentionParams, build_attention_metadata, layer_windows
 from sluice.layers.rotary import apply_rotary
 from sluice.platform import current_platform
 from sluice.quantization.kv_cache import get_kv_cache_quant
@@ -281,9 +282,17 @@ def test_window_and_soft_cap_checked_and_kv_window():
     def model(*windows):
         return torch.nn.ModuleList(Attention(4, 2, 16, sliding_window=w, backend=torch_backend) for w in windows)
 
-    # blocks can be freed behind the widest window only when every layer has one
-    assert kv_sliding_window(model(8, 32)) == 32
-    assert kv_sliding_window(model(8, None)) is None and kv_sliding_window(model()) is None
+    # KV cache groups: one per kind of layer, of equal layer count, full attention first; one group
+    # (windowed by the widest window only when every layer has one) where layers cannot share tensors
+    def groups(*windows, hybrid=True):
+        return [(g.sliding_window, g.layers) for g in kv_cache_groups(layer_windows(model(*windows)), hybrid)]
+
+    assert groups(8, 8) == [(8, (0, 1))] and groups() == [(None, ())]
+    assert groups(8, 32, hybrid=False) == [(32, (0, 1))] and groups(8, None, hybrid=False) == [(None, (0, 1))]
+    assert groups(8, None, 8, None) == [(None, (1, 3)), (8, (0, 2))]
+    assert groups(8, 8, 8, None, 8, 8, 8, None, 8) == [(None, (3, 7)), (8, (0, 1)), (8, (2, 4)), (8, (5, 6)),
+                                                       (8, (8,))]
+    assert groups(8, 32) == [(8, (0,)), (32, (1,))]
 
 
 KV_BACKENDS = ["torch", pytest.param("native", marks=needs_library)]

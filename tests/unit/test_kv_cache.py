@@ -148,7 +148,7 @@ def run_chunks(kv: KVCacheManager, request: Request, chunk: int) -> list[int]:
 def test_window_frees_the_blocks_behind_it():
     """Window 6, blocks of 4: the next token at position p reads p-5..p, so blocks wholly
     before that go back to the pool and the null block stands in for them."""
-    kv = KVCacheManager(num_blocks=8, block_size=BS, enable_caching=True, sliding_window=6)  # 7 usable
+    kv = KVCacheManager(num_blocks=8, block_size=BS, enable_caching=True, group_windows=(6,))  # 7 usable
     request = make_request("a", list(range(1, 31)))  # 30 tokens: 8 blocks, more than the pool has
     assert run_chunks(kv, request, 8) == [2, 4, 4, 4]
     for token in (70, 71, 72):  # decodes at positions 30, 31, 32
@@ -165,9 +165,9 @@ def test_window_frees_the_blocks_behind_it():
 
 
 def test_window_prefix_hit_takes_only_the_blocks_the_window_needs():
-    """The hit is the usual longest run of cached blocks; those already behind the next token's
-    window stay in the pool (free, still cached) and the null block stands in."""
-    kv = KVCacheManager(num_blocks=16, block_size=BS, enable_caching=True, sliding_window=6)
+    """The hit is the longest run of blocks whose window is cached; those already behind the next
+    token's window stay in the pool (free, still cached) and the null block stands in."""
+    kv = KVCacheManager(num_blocks=16, block_size=BS, enable_caching=True, group_windows=(6,))
     prompt = list(range(1, 31))
     first = make_request("a", prompt)
     run_chunks(kv, first, 8)
@@ -178,7 +178,7 @@ def test_window_prefix_hit_takes_only_the_blocks_the_window_needs():
     assert kv.allocate_slots(second, 2, hits) is not None
     # position 28 reads 23..28: blocks 5 and 6 revived, one new block for t28, t29
     ids = kv.block_ids("b")
-    assert ids[:5] == [0] * 5 and ids[5:7] == [b.block_id for b in hits[5:7]] and len(ids) == 8
-    assert [b.ref_cnt for b in hits] == [0] * 5 + [1, 1]
+    assert ids[:5] == [0] * 5 and ids[5:7] == [b.block_id for b in hits[0][5:7]] and len(ids) == 8
+    assert hits[0][:5] == [kv.pool.null_block] * 5 and [b.ref_cnt for b in hits[0][5:]] == [1, 1]
     kv.free(second)
     assert kv.pool.num_free_blocks() == kv.pool.num_usable_blocks

@@ -218,17 +218,17 @@ def test_the_worker_hears_new_requests_in_full_then_differences():
     add(sched, "a", 11, max_tokens=20, arrival=0)
     b = add(sched, "b", 11, max_tokens=20, arrival=1)
     out, _ = run_step(sched)
-    assert [(n.req_id, n.block_ids, n.num_computed_tokens) for n in out.new_requests] == [("a", [1, 2, 3], 0),
-                                                                                          ("b", [4, 5, 6], 0)]
+    assert [(n.req_id, n.block_ids, n.num_computed_tokens) for n in out.new_requests] == [("a", [[1, 2, 3]], 0),
+                                                                                          ("b", [[4, 5, 6]], 0)]
     out, _ = run_step(sched)
     assert not out.new_requests and out.cached_requests.new_token_ids == [[7], [7]]
-    assert out.cached_requests.new_block_ids == [[], []] and out.cached_requests.num_computed_tokens == [11, 11]
+    assert out.cached_requests.new_block_ids == [[[]], [[]]] and out.cached_requests.num_computed_tokens == [11, 11]
     out, _ = run_step(sched)  # a needs a 4th block: b is preempted
-    assert out.preempted_req_ids == ["b"] and out.cached_requests.new_block_ids == [[6]]  # freed tail first
+    assert out.preempted_req_ids == ["b"] and out.cached_requests.new_block_ids == [[[6]]]  # freed tail first
     sched.abort_requests(["a"])
     out, _ = run_step(sched)  # b resumes: all its blocks again, and the tokens it has not seen
     assert out.finished_req_ids == ["a"] and out.cached_requests.req_ids == ["b"]
-    assert len(out.cached_requests.new_block_ids[0]) == 4 and out.cached_requests.new_token_ids == [[7]]
+    assert len(out.cached_requests.new_block_ids[0][0]) == 4 and out.cached_requests.new_token_ids == [[7]]
     assert out.cached_requests.num_computed_tokens == [0] and b.num_output_tokens == 3  # recomputed, sampled again
 
 

@@ -46,6 +46,7 @@ class Attention(nn.Module):
         self.params = AttentionParams(head_dim ** -0.5 if scale is None else scale, sliding_window, logits_soft_cap)
         self.backend = backend or get_attn_backend(num_heads, head_dim, torch.get_default_dtype(),
                                                    torch.get_default_device())
+        self.kv_group = 0  # the KV cache group whose block tables it reads (the runner sets it)
 
     def set_kv_cache_dtype(self, kv_cache_dtype: str, dtype: torch.dtype, device: torch.device) -> None:
         """Serve a KV cache of this dtype (config.py's kv_cache_dtype): the platform's backend for it."""
@@ -63,6 +64,7 @@ class Attention(nn.Module):
     def forward(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """Fused projection qkv [T, (H + 2 Hkv) * D] (q and k not yet rotated) -> [T, H * D]."""
+        meta = meta.by_kv_group[self.kv_group]
         q, k, v = self.backend.rope_and_write(qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads,
                                               self.num_kv_heads, self.head_dim)
         return self.backend.attend(q, k, v, kv_cache, meta, self.params)
@@ -73,10 +75,6 @@ def attention_layers(model: nn.Module) -> list[Attention]:
     return [module for module in model.modules() if isinstance(module, Attention)]
 
 
-def kv_sliding_window(model: nn.Module) -> int | None:
-    """How far back the KV cache must keep a request's keys: the widest window when every
-    attention layer has one (blocks behind it can be freed), else None (a global layer reads all)."""
-    windows = [layer.params.sliding_window for layer in attention_layers(model)]
-    if not windows or None in windows:
-        return None
-    return max(windows)
+def layer_windows(model: nn.Module) -> list[int | None]:
+    """Each attention layer's sliding window (None: full attention): what groups the KV cache."""
+    return [layer.params.sliding_window for layer in attention_layers(model)]

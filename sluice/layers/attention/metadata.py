@@ -40,6 +40,9 @@ class AttentionMetadata:
         self._group_inputs = group_inputs  # (qlens, ctx, starts, seq_lens, num_blocks, table, block_size)
         self._device = device
         self._groups: dict[int | None, tuple[AttentionGroup | None, AttentionGroup | None]] = {}
+        # the step's metadata per KV cache group (block tables differ, positions do not): a layer
+        # reads its group's; one group: this one
+        self.by_kv_group: list[AttentionMetadata] = [self]
 
     def groups(self, window: int | None = None) -> tuple[AttentionGroup | None, AttentionGroup | None]:
         """(decodes, prefills) for layers with this sliding window (None: full attention):
