@@ -10,13 +10,13 @@ import torch
 import transformers
 
 from sluice import LLM, SamplingParams
-from sluice.core.kv_cache_manager import KVCacheManager, KVCacheSpec, kv_cache_groups
+from sluice.core.kv_cache_manager import KVCacheSpec, kv_cache_groups
 from sluice.layers.attention import layer_windows
 from sluice.models.registry import get_model_class
 
 from tests.models.test_model_forward import MiniRunner, hf_logits
 from tests.models.test_parity import NUM_TOKENS, check_bfloat16, check_float32, hf_greedy
-from tests.unit.test_kv_cache import make_request
+from tests.unit.test_hybrid_kv_cache import lone_request_fits
 from tests.utils import model_folder_factory, random_model
 
 WINDOW = 16
@@ -132,15 +132,7 @@ def test_blocks_needed_is_what_a_lone_request_holds(window, block_size):
     needed = KVCacheSpec(10**6, block_size, (window,)).blocks_needed(num_tokens)
 
     def run(num_blocks: int, max_chunk: int) -> bool:
-        kv = KVCacheManager(num_blocks + 1, block_size, enable_caching=False, group_windows=(window,))
-        request = make_request("long", list(range(num_tokens)))
-        while request.num_computed_tokens < num_tokens:
-            num_new = min(num_tokens - request.num_computed_tokens, max_chunk,
-                          kv.spec.max_new_tokens(request.num_computed_tokens))
-            if num_new < 1 or kv.allocate_slots(request, num_new) is None:
-                return False
-            request.num_computed_tokens += num_new
-        return True
+        return lone_request_fits(num_blocks, block_size, (window,), num_tokens, max_chunk)
 
     assert all(run(needed, max_chunk) for max_chunk in (1, 3, 64, num_tokens))
     assert not run(needed - 1, 1)

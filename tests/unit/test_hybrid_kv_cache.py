@@ -11,6 +11,20 @@ from tests.unit.test_kv_cache import BS, make_request, run_chunks
 WINDOW = 6  # with blocks of 4: the token at position p reads p-5..p
 
 
+def lone_request_fits(num_blocks: int, block_size: int, windows: tuple, num_tokens: int, max_chunk: int) -> bool:
+    """Whether a cache of num_blocks (+ the null block) runs one request to num_tokens tokens in
+    chunks of at most max_chunk, as large as max_new_tokens allows."""
+    kv = KVCacheManager(num_blocks + 1, block_size, enable_caching=False, group_windows=windows)
+    request = make_request("long", list(range(num_tokens)))
+    while request.num_computed_tokens < num_tokens:
+        num_new = min(num_tokens - request.num_computed_tokens, max_chunk,
+                      kv.spec.max_new_tokens(request.num_computed_tokens))
+        if num_new < 1 or kv.allocate_slots(request, num_new) is None:
+            return False
+        request.num_computed_tokens += num_new
+    return True
+
+
 def test_sliding_group_frees_behind_the_window_and_the_full_group_keeps_all():
     kv = KVCacheManager(num_blocks=32, block_size=BS, enable_caching=True, group_windows=(None, WINDOW))
     request = make_request("a", list(range(1, 31)))  # 30 tokens: 8 blocks per group
@@ -40,15 +54,7 @@ def test_blocks_needed_counts_every_group(windows):
     assert needed == sum(full if w is None else min(full, -(-(w - 1) // BS) + 1) for w in windows)
 
     def run(num_blocks: int, max_chunk: int) -> bool:
-        kv = KVCacheManager(num_blocks + 1, BS, enable_caching=False, group_windows=windows)
-        request = make_request("long", list(range(num_tokens)))
-        while request.num_computed_tokens < num_tokens:
-            num_new = min(num_tokens - request.num_computed_tokens, max_chunk,
-                          kv.spec.max_new_tokens(request.num_computed_tokens))
-            if num_new < 1 or kv.allocate_slots(request, num_new) is None:
-                return False
-            request.num_computed_tokens += num_new
-        return True
+        return lone_request_fits(num_blocks, BS, windows, num_tokens, max_chunk)
 
     assert run(needed, 1) and run(needed, num_tokens) and run(needed, 7)
     assert not run(needed - 1, 1)
