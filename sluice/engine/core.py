@@ -160,10 +160,10 @@ class EngineCore:
             return self._step_with_batch_queue()
         started = time.time()
         sched = self.scheduler.schedule()
-        self.dashboard.on_step(sched)
-        if not sched.total_num_scheduled_tokens:
+        if not sched.total_num_scheduled_tokens:  # e.g. flushing aborts: no batch for the dashboard
             outputs = self.scheduler.update_from_output(sched, self._idle_step(sched))
         else:
+            self.dashboard.on_step(sched)
             scheduled = time.time()
             outputs = self._apply(sched, self.executor.execute_model(sched), started, scheduled)
         return self._end_step(outputs)

@@ -250,3 +250,21 @@ def test_request_fields_offline(llm):
     out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False,
                    add_generation_prompt=False, continue_final_message=True)[0]
     assert out.prompt.endswith("My favourite is")
+
+
+def test_dashboard_records_only_steps_that_ran_tokens(llm):
+    """An abort is flushed by a step that runs nothing; the dashboard's timeline shows batches only."""
+    from sluice.engine.messages import EngineCoreRequest
+
+    core = llm.engine_core
+    core.dashboard.snapshot()  # someone looks from now on
+    first = core.dashboard.num_steps
+    core.add_request(EngineCoreRequest("dash-0", [1, 2, 3, 4], SamplingParams(max_tokens=50, ignore_eos=True),
+                                       eos_token_ids=()))
+    core.step()
+    core.abort_requests(["dash-0"])
+    finished = [o for _ in range(3) if core.has_unfinished_requests() for o in core.step()]
+    assert [(o.request_id, o.finish_reason) for o in finished] == [("dash-0", "abort")]
+    assert not core.has_unfinished_requests()
+    steps = [s for s in core.dashboard.steps if s[0] > first]
+    assert len(steps) == 1 and steps[0][2:] == [0, 4, 1]
