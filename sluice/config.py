@@ -104,7 +104,7 @@ class ModelConfig:
     revision: str | None = arg(None, "hub branch, tag or commit of the model (and of the tokenizer)")
     max_model_len: int | None = arg(None, "context length limit (default: the model's)", human_readable=True)
     quantization: str = arg(
-        "auto", "weight quantization: auto (a checkpoint's own quantization_config, else none), none (dense weights; a .gguf is dequantized at load), gguf (a .gguf's linear layers run on its blocks), "
+        "auto", "weight quantization: auto (a checkpoint's own quantization_config; a .gguf runs on its blocks where the CPU has AVX-512 VNNI; else none), none (dense weights; a .gguf is dequantized at load), gguf (a .gguf's linear layers run on its blocks), "
                 "int8 (weights quantized to int8 blocks at load), compressed-tensors (an int8 checkpoint as stored)",
         choices=QUANTIZATION_CHOICES, available=("auto", "none", "gguf", "int8", "compressed-tensors"), aliases=("-q",))
     enforce_eager: bool = arg(False, "accepted: sluice runs eagerly (no CUDA graphs to disable)")

@@ -2,13 +2,14 @@
 the model runs (sluice.config's `quantization`, the checkpoint's own quantization_config), and
 sluice.layers.linear.set_linear_methods gives each linear layer its LinearMethod.
 
-Methods: gguf (gguf.py: a GGUF file's blocks as stored; opt-in until its kernels beat bf16 at
-batch), int8 (int8.py: int8 blocks quantized at load), compressed-tensors
-(int8.py: an int8 checkpoint as stored; `auto` for such a checkpoint), none (dense weights).
+Methods: gguf (gguf.py: a GGUF file's blocks as stored; `auto` for a GGUF where its kernel runs),
+int8 (int8.py: int8 blocks quantized at load), compressed-tensors (int8.py: an int8 checkpoint as
+stored; `auto` for such a checkpoint), none (dense weights).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from sluice.loader import ModelLoadError, ModelSource
@@ -36,16 +37,26 @@ def declared_quantization(hf_config) -> dict | None:
     return declared.to_dict() if hasattr(declared, "to_dict") else vars(declared)
 
 
-def get_quantization_config(method: str, source: ModelSource, hf_config) -> QuantizationConfig:
-    """The method the model runs: `method` as the user gave it (auto: the checkpoint's own, else
-    none), checked against what the checkpoint holds."""
+def gguf_blocks_run_here(device: torch.device, num_stages: int) -> bool:
+    """Whether `auto` runs a GGUF on its blocks: where quant.c's integer kernel runs (a CPU with
+    AVX-512 VNNI) and the model is one stage. There Q4_1 decodes in 0.53x of bf16's ITL and W1 runs
+    1.66x faster (benchmarks/quantization.py, Intel Xeon); elsewhere the file is dequantized at load."""
+    if device.type != "cpu" or num_stages != 1:
+        return False
+    from sluice.quantization.gguf import kernel_available
+
+    return kernel_available()
+
+
+def get_quantization_config(method: str, source: ModelSource, hf_config, device: torch.device = torch.device("cpu"),
+                            num_stages: int = 1) -> QuantizationConfig:
+    """The method the model runs: `method` as the user gave it (auto: the checkpoint's own; a GGUF's
+    blocks where they run here; else none), checked against what the checkpoint holds."""
     declared = declared_quantization(hf_config) if source.kind == "hf_folder" else None
     if declared is not None:
         return _checkpoint_config(method, declared, source)
     if method == "auto":
-        # A GGUF stays dequantized unless gguf is asked for: on this project's machines the block
-        # kernels match bf16 at one row but lose at batch (W1 0.73x, benchmarks/quantization.py).
-        method = "none"
+        method = "gguf" if source.kind == "gguf" and gguf_blocks_run_here(device, num_stages) else "none"
     if method == "gguf":
         if source.kind != "gguf":
             raise ModelLoadError(f"quantization='gguf' (--quantization) needs a .gguf model; "

@@ -125,7 +125,7 @@ def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch
     model_class = model_class or get_model_class(hf_config)
     tp, pp = get_tp_group(), get_pp_group()
     check_parallel(hf_config, model_class, tp.world_size, pp.num_stages)
-    quant_config = get_quantization_config(quantization, source, hf_config)
+    quant_config = get_quantization_config(quantization, source, hf_config, device, pp.num_stages)
     split = ("none", "int8", "gguf") if pp.num_stages == 1 else ("none",)  # quantized layers: tensor-parallel only
     if tp.world_size * pp.num_stages > 1 and quant_config.name not in split:
         raise ValueError(f"quantization={quant_config.name!r} (--quantization) cannot run on these ranks "
