@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/quantization.py                       # everything (many minutes on 2 cores)
     .venv/bin/python benchmarks/quantization.py --num-prompts 0       # single stream only
-    .venv/bin/python benchmarks/quantization.py --llama-cpp /tmp/llamacpp-venv/bin/python
+    .venv/bin/python benchmarks/quantization.py --llama-bench /tmp/llama.cpp/build/bin/llama-bench
 
 Machine limits, measured here: copy bandwidth (a 1 GiB tensor copy, bytes read + written per
 second) and two int8 VNNI figures: the instruction peak (every thread running independent
@@ -21,9 +21,10 @@ once and measured in turns, so load changes on a shared machine hit every method
 - W1 throughput: --num-prompts x (256 in, 128 out), offline, output tokens/s, one method after
   the other, and the integer ops/s that makes (2 x linear weights x tokens / s) against the peaks;
 - memory: resident weight bytes (every tensor the model holds) against the GGUF file's size.
-llama.cpp (optional): --llama-cpp names the python of a virtualenv holding llama-cpp-python
-(never a dependency of sluice); it runs in a subprocess on the same file with as many threads,
-timed the same way (prompt alone, prompt + output), and its version and build features are printed.
+llama.cpp (optional): --llama-bench names llama.cpp's `llama-bench` (never a dependency of sluice;
+e.g. built from the llama.cpp that the llama-cpp-python sdist vendors, `cmake -DGGML_NATIVE=ON`,
+target llama-bench). It runs on the same file with as many threads in every round, timed the same
+way (prompt alone, prompt + output), and its build is printed.
 """
 
 from __future__ import annotations
@@ -97,29 +98,19 @@ def w1(llm, num_prompts: int) -> tuple[float, int]:
     return run.elapsed, run.input_tokens + run.output_tokens
 
 
-LLAMA_CPP_SCRIPT = """
-import json, sys, time
-import llama_cpp
-path, threads, output_len, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
-llm.eval([1] + list(range(100, 131)))  # warm up
-def run(tokens):
-    llm.reset()
-    start = time.perf_counter()
-    llm.eval(list(range(seed, seed + 32)))
-    for i in range(tokens - 1):
-        llm.eval([seed + 32 + i])
-    return time.perf_counter() - start
-prefill, whole = run(1), run(output_len)
-print(json.dumps({"version": llama_cpp.__version__, "prefill_s": prefill, "whole_s": whole,
-                  "system_info": llama_cpp.llama_print_system_info().decode()}))
-"""
-
-
-def llama_cpp_run(python: str, path: str, output_len: int, seed: int) -> dict:
-    out = subprocess.run([python, "-c", LLAMA_CPP_SCRIPT, path, str(torch.get_num_threads()), str(output_len),
-                          str(seed)], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def llama_bench_run(binary: str, path: str, output_len: int, threads: int) -> dict:
+    """llama.cpp's own benchmark on the same file: a 32-token prompt (pp32), then the same prompt and
+    output_len tokens generated one by one (pg32,output_len); ITL = the difference / output_len."""
+    out = subprocess.run([binary, "-m", path, "-t", str(threads), "-p", "32", "-n", "0", "-pg", f"32,{output_len}",
+                          "-r", "1", "-o", "json"], check=True, capture_output=True, text=True)
+    runs = json.loads(out.stdout)
+    prefill = next(r for r in runs if r["n_gen"] == 0)["avg_ns"] / 1e9
+    whole = next(r for r in runs if r["n_gen"] == output_len)["avg_ns"] / 1e9
+    first = runs[0]
+    return {"prefill_s": prefill, "whole_s": whole, "itl_ms": (whole - prefill) / output_len * 1e3,
+            "build": f"llama.cpp {first.get('build_commit')} (build {first.get('build_number')}), "
+                     f"backend {first.get('backends', first.get('backend'))}, cpu {first.get('cpu_info')}, "
+                     f"type {first.get('model_type')}"}
 
 
 def main() -> None:
@@ -128,8 +119,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="single-stream rounds (every method once per round)")
     p.add_argument("--num-prompts", type=int, default=128, help="W1 prompts (256 in, 128 out); 0 skips W1")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    p.add_argument("--llama-cpp", default=None, metavar="PYTHON",
-                   help="a python with llama-cpp-python installed: also time llama.cpp on the same file")
+    p.add_argument("--llama-bench", default=None, metavar="PATH",
+                   help="llama.cpp's llama-bench binary: also time llama.cpp on the same file, in the same rounds")
     args = p.parse_args()
 
     from sluice.loader import resolve_model
@@ -153,21 +144,20 @@ def main() -> None:
             print(f"loaded {method}", flush=True)
         results = {m: {"method": m, "weight_bytes": resident_weight_bytes(llms[m]), "file_bytes":
                        os.path.getsize(models[m]), "linear_weights": linear_weights(llms[m])} for m in methods}
-        timings: dict[str, list[tuple[float, float]]] = {m: [] for m in methods + ["llama.cpp"]}
-        llama_info = None
+        timings: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
+        llama_info, llama_itls = None, []
         for rnd in range(args.rounds):
             seed = 11 + 2 * rnd
             for m in methods:
                 timings[m].append(time_batch(llms[m], 1, 32, args.output_len, seed))
-            if args.llama_cpp:
-                llama_info = llama_cpp_run(args.llama_cpp, path, args.output_len, 1000 + 64 * rnd)
-                timings["llama.cpp"].append((llama_info["prefill_s"], llama_info["whole_s"]))
+            if args.llama_bench:
+                llama_info = llama_bench_run(args.llama_bench, path, args.output_len, torch.get_num_threads())
+                llama_itls.append(llama_info["itl_ms"])
             print(f"single-stream round {rnd + 1}: " + ", ".join(
-                f"{m} {(w - p) / (args.output_len - 1) * 1e3:.1f} ms" for m, runs in timings.items() if runs
-                for p, w in runs[-1:]), flush=True)
+                f"{m} {(w - p) / (args.output_len - 1) * 1e3:.1f} ms" for m, runs in timings.items()
+                for p, w in runs[-1:]) + (f", llama.cpp {llama_itls[-1]:.1f} ms" if llama_itls else ""), flush=True)
         for m, runs in timings.items():
-            if runs and m in results:
-                results[m]["itl_ms"] = min(w - p for p, w in runs) / (args.output_len - 1) * 1e3
+            results[m]["itl_ms"] = min(w - p for p, w in runs) / (args.output_len - 1) * 1e3
         if args.num_prompts:
             for m in methods:
                 seconds, tokens = w1(llms[m], args.num_prompts)
@@ -194,13 +184,11 @@ def main() -> None:
                f"{r['weight_bytes'] / 2**20:.1f}", f"{r['weight_bytes'] / r['file_bytes']:.2f}"]
         print("| " + " | ".join(row) + " |")
     if llama_info:
-        runs = timings["llama.cpp"]
-        itl = min(w - p for p, w in runs) / (args.output_len - 1) * 1e3
-        print(f"\nllama.cpp (llama-cpp-python {llama_info['version']}), same file, {torch.get_num_threads()} threads, "
-              f"same rounds: ITL {itl:.2f} ms" + (f", {itl / base['itl_ms']:.2f}x of sluice bf16" if base else "")
+        itl = min(llama_itls)
+        print(f"\nllama.cpp (llama-bench), same file, {torch.get_num_threads()} threads, same rounds: ITL {itl:.2f} ms"
+              + (f", {itl / base['itl_ms']:.2f}x of sluice bf16" if base else "")
               + "".join(f", sluice {m} / llama.cpp {results[m]['itl_ms'] / itl:.2f}x" for m in methods if m != "none"))
-        print(f"llama.cpp build: {llama_info['system_info']}")
-
+        print(f"build: {llama_info['build']}")
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ from tests.utils import memoryless_llama, smollm2_tokenizer
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-COMMON = dict(dtype="float32", max_model_len=256, block_size=16)
+COMMON = dict(dtype="float32", quantization="none", max_model_len=256, block_size=16)  # exact: dense float32
 MENU = "rye bread 3 euros, croissant 2 euros, baguette 1 euro, apple pie 4 euros"
 TEXTS = [
     f"Menu: {MENU}.\nCopy the menu: rye bread",
