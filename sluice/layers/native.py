@@ -127,15 +127,21 @@ def load_library() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
+def _bf16_library(device: torch.device) -> ctypes.CDLL | None:
+    """The library where the platform of `device` lets its vectorised bf16 kernels run (CPU flags,
+    SLUICE_DISABLE_NATIVE, a built library), decided once per device."""
+    return load_library() if current_platform(device).native_kernels(torch.bfloat16) else None
+
+
 def _bf16_kernels(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The library when the platform lets its vectorised bf16 kernels take these tensors, else None.
-    The platform decides once per device (CPU flags, SLUICE_DISABLE_NATIVE, a built library);
-    every element-wise kernel below asks it here, nowhere else."""
+    """The library when its bf16 kernels can take these tensors (bf16, one device), else None;
+    every element-wise kernel below asks it here, nowhere else. Called per layer per step: kept cheap."""
     device = tensors[0].device
-    if all(t.dtype == torch.bfloat16 and t.device == device for t in tensors) and \
-            current_platform(device).native_kernels(torch.bfloat16):
-        return load_library()
-    return None
+    for t in tensors:
+        if t.dtype != torch.bfloat16 or t.device != device:
+            return None
+    return _bf16_library(device)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
