@@ -39,8 +39,8 @@ def declared_quantization(hf_config) -> dict | None:
 
 def gguf_blocks_run_here(device: torch.device, num_stages: int) -> bool:
     """Whether `auto` runs a GGUF on its blocks: where quant.c's integer kernel runs (a CPU with
-    AVX-512 VNNI) and the model is one stage. There Q4_1 decodes in 0.53x of bf16's ITL and W1 runs
-    1.66x faster (benchmarks/quantization.py, Intel Xeon); elsewhere the file is dequantized at load."""
+    AVX-512 VNNI) and the model is one stage; there it beats the dequantized bf16 path for one stream
+    and at batch (README, Quantization). Elsewhere the file is dequantized at load."""
     if device.type != "cpu" or num_stages != 1:
         return False
     from sluice.quantization.gguf import kernel_available

@@ -114,8 +114,8 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_features: i
     """x [..., K] @ W^T (+ bias + residual) with W [N, K] as GGML blocks (uint8 [N, row bytes], or
     repacked by `repack`), by quant.c, rounded once; None where the kernel can't serve the call
     (no kernel here, another device or dtype)."""
-    # every call of every quantized layer passes here (121 per decode step of the default model,
-    # ~1 us of Python each): the checks are ordered to be cheap
+    # every call of every quantized layer passes here (121 per decode step of the default model):
+    # the checks are ordered to be cheap
     repacked = is_repacked(blocks)  # implies the kernel runs here
     if not x.is_cpu or x.dtype not in _KERNEL_DTYPES or not (repacked or kernel_available()):
         return None
