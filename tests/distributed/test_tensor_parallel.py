@@ -164,6 +164,23 @@ def test_served_tp2_answers_like_one_rank_and_a_dead_rank_takes_the_server_down(
         server.stop()
 
 
+def test_default_model_on_two_stages_equals_one_rank_and_refuses_two_tensor_ranks():
+    """SmolLM2 (30 layers, 9 heads): two pipeline stages give one rank's tokens (dequantized: GGUF
+    blocks run on one stage only); 9 heads cannot be split over two tensor-parallel ranks."""
+    options = dict(dtype="float32", max_model_len=128, kv_cache_memory_bytes=16 << 20)
+    prompts = [[1, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47], PROMPT]
+    one = tokens(LLM(**options), prompts)
+    llm = LLM(**options, pipeline_parallel_size=2)
+    try:
+        assert llm.engine_core.quantization == "none"
+        assert tokens(llm, prompts) == one
+    finally:
+        llm.engine_core.shutdown()
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(--tensor-parallel-size, -tp\)=2 must divide "
+                                         r"the model's num_attention_heads=9"):
+        LLM(**options, tensor_parallel_size=2)
+
+
 # ---- refused at start ---------------------------------------------------------------------------
 def test_tp_not_dividing_the_heads_is_refused_naming_them(tmp_path, monkeypatch):
     config = CONFIGS["llama"]()
