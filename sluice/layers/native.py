@@ -28,7 +28,7 @@ from sluice.platform import cache_dir, current_platform, native_disabled
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("attention.c", "elementwise.c", "gemm.c", "quant.c",
-                                                                   "moe.c", "lora.c")]
+                                                                   "moe.c", "lora.c", "decoder.c")]
 HEADERS = [Path(__file__).parent / "csrc" / "bf16_simd.h"]
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-fopenmp"]
 # linear_bf16 epilogues (gemm.c)
@@ -87,6 +87,11 @@ def load_library() -> ctypes.CDLL | None:
     lib.linear_bf16.restype = ctypes.c_int
     lib.linear_bf16.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64]
                                 + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
+    lib.decoder_stack_bf16.restype = ctypes.c_int
+    lib.decoder_stack_bf16.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 2
+                                       + [ctypes.c_int64] * 5 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 3
+                                       + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p]
+                                       + [ctypes.c_int])
     # quantized linear layers (quant.c; called from sluice/quantization)
     lib.linear_gguf.restype = ctypes.c_int
     lib.linear_gguf.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int,

@@ -153,6 +153,7 @@ class LlamaModel(nn.Module):
     between the previous stage's hidden states and the next one's."""
 
     decoder_layer: type[nn.Module] = LlamaDecoderLayer
+    decoder_stack = None  # the layers in one native call, where they are plain (models/decoder_stack.py)
 
     def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_windows: list[int | None]):
         super().__init__()
@@ -194,9 +195,18 @@ class LlamaModel(nn.Module):
         x = self.stage_input(input_ids, inputs_embeds)
         cos, sin = self.rotary_emb(positions)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # no-op once the model is cast
+        if self.decoder_stack is not None and self.decoder_stack.serves(x):
+            x = self.decoder_stack.run(x, cos, sin, kv_caches, meta)
+        else:
+            x = self.run_layers(x, cos, sin, kv_caches, meta)
+        return self.stage_output(x)
+
+    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches: list[torch.Tensor],
+                   meta: AttentionMetadata) -> torch.Tensor:
+        """This stage's decoder layers one by one."""
         for (_, layer), kv_cache in zip(self.local_layers(), kv_caches, strict=True):
             x = layer(x, cos, sin, kv_cache, meta)
-        return self.stage_output(x)
+        return x
 
 
 # checkpoint projection name -> (our fused module, shard)

@@ -54,6 +54,12 @@ def kernel_available() -> bool:
     return _KERNEL_FLAGS <= cpu_flags() and native.load_library() is not None
 
 
+def integer_kernel_serves(rows: int, blocks: torch.Tensor) -> bool:
+    """Whether a product of this many rows runs on the integer kernel (else on bf16 panels, the
+    weight dequantized per call: `gguf_linear_many_rows`)."""
+    return rows < (MANY_ROWS_REPACKED if is_repacked(blocks) else MANY_ROWS)
+
+
 def row_bytes(qtype: Q, in_features: int) -> int:
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     return in_features // block_size * type_size
@@ -111,8 +117,8 @@ def as_stored(blocks: torch.Tensor, qtype: Q, out_features: int) -> torch.Tensor
 
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_features: int, bias: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x [..., K] @ W^T (+ bias + residual) with W [N, K] as GGML blocks (uint8 [N, row bytes], or
-    repacked by `repack`), by quant.c, rounded once; None where the kernel can't serve the call
+    """x [..., K] @ W^T (+ bias, float32, + residual) with W [N, K] as GGML blocks (uint8 [N, row
+    bytes], or repacked by `repack`), by quant.c, rounded once; None where the kernel can't serve the call
     (no kernel here, another device or dtype)."""
     # every call of every quantized layer passes here (121 per decode step of the default model):
     # the checks are ordered to be cheap
@@ -125,8 +131,6 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_features: i
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows = x.shape[0]
-    if bias is not None and bias.dtype != torch.float32:
-        bias = bias.float()
     if residual is not None:
         residual = residual.reshape(-1, out_features)
         if residual.dtype != x.dtype or residual.stride(-1) != 1:
@@ -155,7 +159,7 @@ def gguf_linear_many_rows(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_f
     if lib is None or lib.dequant_pack_gguf(blocks.data_ptr(), int(qtype), out_features, in_features,
                                             packed.data_ptr()) != 0:
         return None
-    return native.linear(x, packed, out_features, None if bias is None else bias.float())
+    return native.linear(x, packed, out_features, bias)
 
 
 def dequantize(blocks: torch.Tensor, qtype: Q, dtype: torch.dtype) -> torch.Tensor:
@@ -223,22 +227,23 @@ class GGUFLinearMethod(LinearMethod):
         layer.weight = nn.Parameter(torch.empty(shape, dtype=torch.uint8), requires_grad=False)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        repack_parameter(layer.weight, self.qtype)
+        repack_parameter(self.blocks(layer), self.qtype)  # the kernel's interleaved layout, where it runs
+        layer.kernel_bias = None if layer.bias is None else layer.bias.detach().float()  # what quant.c adds
 
     def blocks(self, layer: nn.Module) -> torch.Tensor:
         return layer.weight
 
     def apply_residual(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        blocks, bias = self.blocks(layer), layer.bias
+        blocks, bias = self.blocks(layer), layer.kernel_bias
         out = None
-        if x.numel() >= (MANY_ROWS_REPACKED if is_repacked(blocks) else MANY_ROWS) * x.shape[-1]:
+        if not integer_kernel_serves(x.numel() // x.shape[-1], blocks):
             out = gguf_linear_many_rows(x, blocks, self.qtype, layer.out_features, bias)
         if out is None:
             out = gguf_linear(x, blocks, self.qtype, layer.out_features, bias, residual)
             if out is not None:
                 return out
             weight = dequantize(as_stored(blocks, self.qtype, layer.out_features), self.qtype, x.dtype)
-            out = F.linear(x, weight, bias)
+            out = F.linear(x, weight, layer.bias)
         return out if residual is None else residual + out
 
     apply = apply_residual

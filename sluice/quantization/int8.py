@@ -26,7 +26,7 @@ from sluice.layers import native
 from sluice.loader import ModelLoadError
 from sluice.platform import cpu_flags
 from sluice.quantization.base import LinearMethod, MoEMethod, QuantizationConfig
-from sluice.quantization.gguf import GGUFLinearMethod, GGUFMoEMethod, repack_parameter
+from sluice.quantization.gguf import GGUFLinearMethod, GGUFMoEMethod
 from sluice.quantization.gguf import kernel_available as gguf_kernel_available
 
 logger = logging.getLogger("sluice")
@@ -83,7 +83,7 @@ class Int8LinearMethod(GGUFLinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         # a Parameter, so the repacked flag survives sleep mode swapping its data
         layer.int8_blocks = nn.Parameter(quantize_q8_0(layer.weight.detach()), requires_grad=False)
-        repack_parameter(layer.int8_blocks, self.qtype)  # the kernel's interleaved layout, where it runs
+        super().process_weights_after_loading(layer)
 
     def blocks(self, layer: nn.Module) -> torch.Tensor:
         return layer.int8_blocks

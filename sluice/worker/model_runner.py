@@ -27,6 +27,7 @@ from sluice.layers.attention import AttentionMetadata, attention_layers, build_a
 from sluice.layers.fused_moe import pack_experts, process_moe_weights_after_loading, set_moe_methods
 from sluice.layers.linear import pack_linears, process_weights_after_loading, set_linear_methods
 from sluice.loader import ModelLoadError, ModelSource, iter_weights, load_hf_config, resolve_model
+from sluice.models.decoder_stack import attach_decoder_stacks
 from sluice.models.registry import EAGLE_HEADS, get_model_class
 from sluice.pooling.config import complete_encoder_config, load_pooler_config, resolve_runner
 from sluice.pooling.pooler import Chunk as PoolChunk
@@ -194,6 +195,14 @@ class ModelRunner:
         if resolve_runner(config, hf_config) == "pooling":
             folder = source.path if source.kind == "hf_folder" else None
             self.pooler = Pooler(load_pooler_config(config, folder, hf_config), self.model)
+        self.attach_decoder_stacks()
+
+    def attach_decoder_stacks(self) -> None:
+        """One native call per step for plain decoder stacks, now that LoRA, EAGLE's hooks and
+        the KV cache dtype are in place (again whenever the weights move: sleep mode)."""
+        attach_decoder_stacks(self.model)
+        if isinstance(self.draft, DraftModel):
+            attach_decoder_stacks(self.draft.model)
 
     def _load_draft(self, hf_config) -> DraftModel:
         """The draft model of speculative_config; its vocabulary must be the target's."""

@@ -118,6 +118,7 @@ class Worker:
                 runner.kv_populator.join(timeout=5)
             drop_kv_cache(runner.kv_tensors)
             self.sleeping_weights = SleepingWeights(runner.model)
+            runner.attach_decoder_stacks()  # their weights moved
         return {"rss_bytes_before": before, "rss_bytes_after": resident_bytes()}
 
     def wake_up(self) -> dict:
@@ -126,4 +127,5 @@ class Worker:
         if self.sleeping_weights is not None:
             self.sleeping_weights.restore()
             self.sleeping_weights = None
+            self.runner.attach_decoder_stacks()
         return {"rss_bytes_before": before, "rss_bytes_after": resident_bytes()}

@@ -129,19 +129,23 @@ def test_kernel_output_does_not_depend_on_the_batch(qtype):
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0], ids=lambda t: t.name)
 def test_linear_layer_on_its_method(qtype, monkeypatch):
     """A Linear holding GGUF blocks: bias, residual and the fused gate/up activation, on the kernel
-    (where the CPU has it) and on the portable path."""
-    layer = Linear(64, 96, bias=True).to(torch.bfloat16)
-    method = GGUFLinearMethod(qtype)
-    layer.quant_method = method
-    method.create_weights(layer)
-    with torch.no_grad():
-        layer.weight.copy_(quantized_weight(qtype, 96, 64))
-        layer.bias.normal_()
+    (where the CPU has it) and on the portable path; each layer loaded as the loader does (create,
+    copy, process: repacked where the kernel runs)."""
+    weight = quantized_weight(qtype, 96, 64)
+    bias = torch.randn(96, dtype=torch.bfloat16)
+    reference_weight = dequantize(weight, qtype, torch.float64)
     x, residual = torch.randn(4, 64, dtype=torch.bfloat16), torch.randn(4, 96, dtype=torch.bfloat16)
-    reference = x.double() @ dequantize(layer.weight, qtype, torch.float64).T + layer.bias.double()
+    reference = x.double() @ reference_weight.T + bias.double()
     for portable in (False, True):
         if portable:
             monkeypatch.setattr("sluice.quantization.gguf.kernel_available", lambda: False)
+        layer = Linear(64, 96, bias=True).to(torch.bfloat16)
+        method = layer.quant_method = GGUFLinearMethod(qtype)
+        method.create_weights(layer)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+        method.process_weights_after_loading(layer)
         assert relative_error(layer(x), reference) < 0.02
         assert relative_error(layer(x, residual=residual), reference + residual.double()) < 0.02
 
@@ -151,5 +155,6 @@ def test_linear_layer_on_its_method(qtype, monkeypatch):
     with torch.no_grad():
         gate_up.weight.copy_(quantized_weight(qtype, 64, 64))
     dense = dequantize(gate_up.weight, qtype, torch.float64)
+    gate_up.quant_method.process_weights_after_loading(gate_up)
     gate, up = (x.double() @ dense.T).chunk(2, dim=-1)
     assert relative_error(gate_up.silu_and_mul(x), F.silu(gate) * up) < 0.03
