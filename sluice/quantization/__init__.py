@@ -15,7 +15,7 @@ from torch import nn
 from sluice.loader import ModelLoadError, ModelSource
 from sluice.quantization.base import LinearMethod, QuantizationConfig
 
-__all__ = ["LinearMethod", "QuantizationConfig", "Unquantized", "get_quantization_config"]
+__all__ = ["LinearMethod", "QuantizationConfig", "Unquantized", "get_quantization_config", "methods_on_ranks"]
 
 CHECKPOINT_METHODS = ("compressed-tensors",)  # quantization_config.quant_method values sluice runs
 
@@ -37,11 +37,17 @@ def declared_quantization(hf_config) -> dict | None:
     return declared.to_dict() if hasattr(declared, "to_dict") else vars(declared)
 
 
+def methods_on_ranks(pipeline_parallel_size: int) -> tuple[str, ...]:
+    """The methods that run when the model is split: quantized layers split across tensor-parallel
+    ranks, not into pipeline stages yet (the one place that says so)."""
+    return ("none", "int8", "gguf") if pipeline_parallel_size == 1 else ("none",)
+
+
 def gguf_blocks_run_here(device: torch.device, num_stages: int) -> bool:
     """Whether `auto` runs a GGUF on its blocks: where quant.c's integer kernel runs (a CPU with
-    AVX-512 VNNI) and the model is one stage; there it beats the dequantized bf16 path for one stream
+    AVX-512 VNNI) and the split allows it; there it beats the dequantized bf16 path for one stream
     and at batch (README, Quantization). Elsewhere the file is dequantized at load."""
-    if device.type != "cpu" or num_stages != 1:
+    if device.type != "cpu" or "gguf" not in methods_on_ranks(num_stages):
         return False
     from sluice.quantization.gguf import kernel_available
 

@@ -34,7 +34,7 @@ from sluice.pooling.pooler import Chunk as PoolChunk
 from sluice.pooling.pooler import Pooler
 from sluice.lora.manager import LoRAManager
 from sluice.platform import available_memory_bytes
-from sluice.quantization import get_quantization_config
+from sluice.quantization import get_quantization_config, methods_on_ranks
 from sluice.spec_decode.draft_model import DraftModel
 from sluice.spec_decode.eagle import EagleProposer, HeadBatch, aux_hidden_state_layers, check_draft_vocabulary
 from sluice.spec_decode.ngram import NgramProposer
@@ -127,7 +127,7 @@ def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch
     tp, pp = get_tp_group(), get_pp_group()
     check_parallel(hf_config, model_class, tp.world_size, pp.num_stages)
     quant_config = get_quantization_config(quantization, source, hf_config, device, pp.num_stages)
-    split = ("none", "int8", "gguf") if pp.num_stages == 1 else ("none",)  # quantized layers: tensor-parallel only
+    split = methods_on_ranks(pp.num_stages)
     if tp.world_size * pp.num_stages > 1 and quant_config.name not in split:
         raise ValueError(f"quantization={quant_config.name!r} (--quantization) cannot run on these ranks "
                          f"(tensor_parallel_size={tp.world_size}, pipeline_parallel_size={pp.num_stages}) yet; "
