@@ -6,9 +6,9 @@ checks and ctypes, about as long as the kernels themselves for the default model
 layer of a stack is plain, the whole stack runs in one call that makes the same kernel calls in
 the same order on the same buffers, so its results are bit for bit those of the layer-by-layer
 path. Plain means: RMSNorm, fused q/k/v with full rotary and no q/k norm, full attention on the
-native backend over a model-dtype cache, a gated SiLU MLP, linear layers on the packed bf16 or
-the GGUF kernels with no LoRA, no hooks (EAGLE reads hidden states through them), one rank and
-one pipeline stage. Anything else runs layer by layer, as before.
+native backend (so the native kernels are built) over a model-dtype cache, a gated SiLU MLP,
+linear layers on the packed bf16 or the GGUF kernels with no LoRA, no hooks (EAGLE reads hidden
+states through them), one rank and one pipeline stage. Anything else runs layer by layer.
 
 The stack holds the addresses of the layers' weights, so it is rebuilt whenever they move
 (`attach_decoder_stacks` after loading and after sleep mode parks or restores them).
@@ -57,8 +57,10 @@ def linear_kind(linear: Linear) -> tuple[int, int, torch.Tensor, torch.Tensor | 
 def plain_layer(layer: nn.Module) -> tuple[list[torch.Tensor | None], list[int], float, float]:
     """A plain decoder layer's tensors in decoder.c's order (two norm weights, then each linear's
     weight and bias), its linears' (kind, GGML type) pairs, its norm eps and attention scale."""
-    if type(layer) is not LlamaDecoderLayer or layer._forward_hooks or layer._forward_pre_hooks:
-        raise NotPlain(f"{type(layer).__name__} layers" + (" with hooks" if type(layer) is LlamaDecoderLayer else ""))
+    if type(layer) is not LlamaDecoderLayer:
+        raise NotPlain(f"{type(layer).__name__} layers")
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        raise NotPlain("hooks on decoder layers")
     attn, mlp = layer.self_attn, layer.mlp
     if type(attn) is not LlamaAttention or attn.q_norm is not None or attn.rotary_order is not None:
         raise NotPlain("q/k norms or partial rotary")
@@ -88,8 +90,6 @@ class DecoderStack:
     def __init__(self, model: LlamaModel) -> None:
         if get_tp_group().world_size > 1 or get_pp_group().num_stages > 1:
             raise NotPlain("layers split across ranks")
-        if native.load_library() is None:
-            raise NotPlain("no native kernels")
         layers = [layer for _, layer in model.local_layers()]
         described = [plain_layer(layer) for layer in layers]
         if len({(eps, scale) for _, _, eps, scale in described}) != 1:

@@ -118,8 +118,8 @@ def as_stored(blocks: torch.Tensor, qtype: Q, out_features: int) -> torch.Tensor
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, out_features: int, bias: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [..., K] @ W^T (+ bias, float32, + residual) with W [N, K] as GGML blocks (uint8 [N, row
-    bytes], or repacked by `repack`), by quant.c, rounded once; None where the kernel can't serve the call
-    (no kernel here, another device or dtype)."""
+    bytes], or repacked by `repack`), by quant.c, rounded once; None where the kernel can't serve
+    the call (no kernel here, another device or dtype)."""
     # every call of every quantized layer passes here (121 per decode step of the default model):
     # the checks are ordered to be cheap
     repacked = is_repacked(blocks)  # implies the kernel runs here

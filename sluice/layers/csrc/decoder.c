@@ -27,7 +27,7 @@ int linear_gguf(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, cons
 int linear_gguf_x16(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, const uint8_t *w, int qtype, int64_t N,
                     const float *bias, const void *residual, int64_t ldr, void *out, int64_t ldo);
 
-/* How a linear layer's weight is stored (decoder_stack.py's LINEAR_KINDS) */
+/* How a linear layer's weight is stored (decoder_stack.py's KIND_*) */
 enum { KIND_BF16_PANELS = 0, KIND_GGUF = 1, KIND_GGUF_REPACKED = 2 };
 enum { EPI_STORE = 0, EPI_RESIDUAL = 1, EPI_SILU_MUL = 2 }; /* gemm.c's epilogues */
 enum { QKV, O, GATE_UP, DOWN, LINEARS };
