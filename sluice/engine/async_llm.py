@@ -40,6 +40,7 @@ class AsyncLLM:
         self.client = client
         self.tokenizer = tokenizer
         self.max_model_len: int = info["max_model_len"]
+        self.quantization: str = info["quantization"]  # the weights' method in use, for /v1/models
         self.input_processor = InputProcessor(tokenizer, self.max_model_len, info["vocab_size"], eos_token_ids,
                                               info["scheduling_policy"],
                                               KVCacheSpec(info["num_blocks"], info["block_size"],

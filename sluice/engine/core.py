@@ -90,7 +90,8 @@ class EngineCore:
             raise ValueError(f"max_num_batched_tokens={config.scheduler.max_num_batched_tokens} is less than "
                              f"max_model_len={self.max_model_len}: an encoder-only model runs each prompt whole "
                              "in one step; raise --max-num-batched-tokens or lower --max-model-len")
-        self.metrics = PrometheusStatLogger(config, self.max_model_len, self.kv.pool.num_usable_blocks)
+        self.metrics = PrometheusStatLogger(config, self.max_model_len, self.kv.pool.num_usable_blocks,
+                                            self.quantization)
         self.dashboard = DashboardRecorder(self.scheduler, config.scheduler.max_num_batched_tokens)  # /dashboard
         self.stat_loggers: list = [self.metrics, self.dashboard]
         if not obs.disable_log_stats:

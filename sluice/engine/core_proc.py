@@ -40,6 +40,7 @@ class EngineCoreProc:
         self.core.scheduler.structured_output.compiler.warm_up()  # a server lives long: get grammars ready
         self.info = {
             "max_model_len": self.core.max_model_len,
+            "quantization": self.core.quantization,
             "vocab_size": hf_config.get_text_config().vocab_size,
             "num_blocks": self.core.kv.pool.num_usable_blocks,
             "block_size": config.cache.block_size,

@@ -42,7 +42,8 @@ def buckets_1_2_5(limit: int) -> list[int]:
 
 
 class PrometheusStatLogger:
-    def __init__(self, config: EngineConfig, max_model_len: int, num_blocks: int) -> None:
+    def __init__(self, config: EngineConfig, max_model_len: int, num_blocks: int, quantization: str) -> None:
+        """quantization: the weights' method in use (config's `auto` resolved at load)."""
         self.registry = CollectorRegistry()
         self.model_name = config.model_name
         labels = ["model_name", "engine"]
@@ -71,6 +72,8 @@ class PrometheusStatLogger:
                            ("block_size", "num_gpu_blocks", "enable_prefix_caching", "cache_dtype"))
         cache_info.labels(*m, str(config.cache.block_size), str(num_blocks),
                           str(config.cache.enable_prefix_caching), config.cache.kv_cache_dtype).set(1)
+        gauge("sluice:model_config_info", "Model configuration: the weight quantization in use.",
+              ("quantization",)).labels(*m, quantization).set(1)
         self.lora_info = None
         if config.lora.enable_lora:  # vLLM's labels only; the value is when they last changed
             self.lora_info = Gauge("vllm:lora_requests_info", "Adapters of the running and waiting requests.",

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from sluice import LLM, SamplingParams
+from sluice.quantization.gguf import kernel_available
 from tests.server.conftest import MODEL_NAME
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
@@ -29,10 +30,15 @@ def test_models_health_version(server, client):
     with server.http() as http:
         assert http.get("/health").status_code == 200
         assert http.get("/version").json()["version"]
-        # vLLM's model card: OpenAI's fields, root and max_model_len; the KV cache dtype is in the cache info
-        assert set(client.models.retrieve(MODEL_NAME).to_dict()) == {"id", "object", "created", "owned_by", "root",
-                                                                      "max_model_len"}
-        assert 'cache_dtype="auto"' in http.get("/metrics").text.split("vllm:cache_config_info{")[-1]
+        # vLLM's model card: OpenAI's fields, root and max_model_len, and the weights' quantization in use
+        # (the default model is a GGUF: on its blocks where the kernel runs); the KV cache dtype is in the cache info
+        card = client.models.retrieve(MODEL_NAME).to_dict()
+        assert set(card) == {"id", "object", "created", "owned_by", "root", "max_model_len", "quantization"}
+        quantization = "gguf" if kernel_available() else "none"
+        assert card["quantization"] == quantization == client.models.list().data[0].to_dict()["quantization"]
+        metrics = http.get("/metrics").text
+        assert 'cache_dtype="auto"' in metrics.split("vllm:cache_config_info{")[-1]
+        assert f'quantization="{quantization}"' in metrics.split("sluice:model_config_info{")[-1].split("\n")[0]
 
 
 def test_chat_matches_offline_llm_streamed_and_not(client, offline_llm):

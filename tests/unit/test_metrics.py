@@ -28,7 +28,7 @@ def run(config: EngineConfig, prompts: list[list[int]], max_tokens: int, num_blo
     """Drive a model-free scheduler to the end, recording every step like the engine core."""
     kv = KVCacheManager(num_blocks, BS, True, config.observability.kv_cache_metrics)
     scheduler = Scheduler(config.scheduler, kv, 1024)
-    metrics = PrometheusStatLogger(config, 1024, kv.pool.num_usable_blocks)
+    metrics = PrometheusStatLogger(config, 1024, kv.pool.num_usable_blocks, "none")
     for i, prompt in enumerate(prompts):
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         scheduler.add_request(Request(EngineCoreRequest(f"r{i}", prompt, params, eos_token_ids=()), max_tokens))
@@ -68,7 +68,7 @@ def test_counters_and_histograms_match_the_workload():
 
 def test_engine_metrics_carry_the_engine_label_and_n_children_count_once():
     """vLLM's `engine` label on every engine metric; the longest of n sequences is one observation."""
-    metrics = PrometheusStatLogger(EngineConfig.from_kwargs(), 1024, 64)
+    metrics = PrometheusStatLogger(EngineConfig.from_kwargs(), 1024, 64, "none")
     it = IterationStats()
     for index, tokens in enumerate((3, 9, 5)):
         it.finished.append(FinishedRequestStats(f"cmpl-x-{index}", "length", 4, tokens, 9, 3, 0.0, 0.0, 0.0, 0.0, 1.0))

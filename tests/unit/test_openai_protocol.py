@@ -477,9 +477,10 @@ def test_usage_and_envelopes():
                                     "prompt_tokens_details": {"cached_tokens": 4}}
     assert response_envelope("text_completion", "cmpl-1", 7, "m", []) == {
         "id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m", "choices": []}
-    models = model_list(["a", "b"], "a", 2048, 7)
+    models = model_list(["a", "b"], "a", 2048, 7, "gguf")
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["a", "b"]
     assert models["data"][0]["object"] == "model" and models["data"][1]["max_model_len"] == 2048
+    assert models["data"][0]["quantization"] == "gguf"
 
 
 # ---- vLLM's and OpenAI's newer fields ---------------------------------------------------------------

@@ -843,12 +843,14 @@ def response_envelope(object: str, id: str, created: int, model: str, choices: l
     return {"id": id, "object": object, "created": created, "model": model, "choices": choices}
 
 
-def model_list(names: list[str], root: str, max_model_len: int, created: int) -> dict:
-    return {"object": "list", "data": [model_card(name, root, max_model_len, created) for name in names]}
+def model_list(names: list[str], root: str, max_model_len: int, created: int, quantization: str) -> dict:
+    return {"object": "list",
+            "data": [model_card(name, root, max_model_len, created, quantization) for name in names]}
 
 
-def model_card(name: str, root: str, max_model_len: int, created: int) -> dict:
-    """A model object with vLLM's fields beyond OpenAI's (root, max_model_len); like vLLM, no
-    quantization here: the startup log names it, and vllm:cache_config_info the KV cache dtype."""
+def model_card(name: str, root: str, max_model_len: int, created: int, quantization: str) -> dict:
+    """A model object with vLLM's fields beyond OpenAI's (root, max_model_len) and the weights'
+    quantization in use (`--quantization` resolved at load; vllm:cache_config_info names the KV
+    cache dtype)."""
     return {"id": name, "object": "model", "created": created, "owned_by": "sluice", "root": root,
-            "max_model_len": max_model_len}
+            "max_model_len": max_model_len, "quantization": quantization}

@@ -346,12 +346,14 @@ class OpenAIServing:
         return name
 
     def models(self) -> dict:
-        body = model_list(self.served_model_names, self.served_model_names[0], self.engine.max_model_len, self.created)
+        body = model_list(self.served_model_names, self.served_model_names[0], self.engine.max_model_len, self.created,
+                          self.engine.quantization)
         body["data"] += [self.model(name) for name in (self.lora.adapters if self.lora else ())]
         return body
 
     def model(self, name: str) -> dict:
-        card = model_card(self.check_model(name), self.served_model_names[0], self.engine.max_model_len, self.created)
+        card = model_card(self.check_model(name), self.served_model_names[0], self.engine.max_model_len, self.created,
+                          self.engine.quantization)
         lora = self.lora.get(name) if self.lora else None
         if lora is not None:  # vLLM's adapter card: its files as root, the base model as parent
             card.update(root=lora.lora_path, parent=self.lora.parents[name])
