@@ -617,12 +617,29 @@ static void run_i8gemm(const I8Gemm *g) {
     }
 }
 
-static float load_x(const void *x, int bf16, int64_t i) {
-    if (!bf16) return ((const float *)x)[i];
-    uint32_t bits = (uint32_t)((const uint16_t *)x)[i] << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
+static inline __m512 load16_masked(const void *x, int bf16, int64_t i, __mmask16 live) { /* floats, 0 where dead */
+    if (!bf16) return _mm512_maskz_loadu_ps(live, (const float *)x + i);
+    const __m256i h = _mm256_maskz_loadu_epi16(live, (const uint16_t *)x + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* One row of x (K values) -> xq + 128 as bytes (K4 of them, the padding 128) and its scale
+ * amax / 127: q = round(x * 127 / amax) to nearest even (the rounding mode), as lrintf would. */
+static void quantize_row_u8(const void *x, int bf16, int64_t K, int64_t K4, uint8_t *xu, float *sx) {
+    __m512 amax16 = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+        amax16 = _mm512_max_ps(amax16, _mm512_abs_ps(load16_masked(x, bf16, k, live)));
+    }
+    const float amax = _mm512_reduce_max_ps(amax16), inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    *sx = amax / 127.0f;
+    for (int64_t k = 0; k < K4; k += 16) {
+        const int64_t left = K4 - k < 16 ? K4 - k : 16;
+        const __mmask16 out = (__mmask16)((1u << left) - 1u);
+        const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : K > k ? (__mmask16)((1u << (K - k)) - 1u) : 0;
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16_masked(x, bf16, k, live), _mm512_set1_ps(inv)));
+        _mm_mask_storeu_epi8(xu + k, out, _mm512_cvtepi32_epi8(_mm512_add_epi32(q, _mm512_set1_epi32(128))));
+    }
 }
 #endif
 
@@ -641,15 +658,7 @@ int linear_int8(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, cons
     }
     const size_t elem = bf16 ? 2 : 4;
 #pragma omp parallel for schedule(static) if (M >= 16)
-    for (int64_t m = 0; m < M; m++) {
-        const char *row = (const char *)x + m * ldx * elem;
-        float amax = 0.0f;
-        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(load_x(row, bf16, k)));
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        sx[m] = amax / 127.0f;
-        for (int64_t k = 0; k < K; k++) xu[m * K4 + k] = (uint8_t)(lrintf(load_x(row, bf16, k) * inv) + 128);
-        for (int64_t k = K; k < K4; k++) xu[m * K4 + k] = 128;
-    }
+    for (int64_t m = 0; m < M; m++) quantize_row_u8((const char *)x + m * ldx * elem, bf16, K, K4, xu + m * K4, sx + m);
     I8Gemm g = {xu, sx, M, K4, N, packed, sw, bias, qsum, out, ldo, bf16};
     run_i8gemm(&g);
     free(xu);
