@@ -101,6 +101,37 @@ static void quantize_row(const void *x, int bf16, int64_t K, int8_t *xq, float *
     }
 }
 
+/* x [M, K] quantized row by row for the integer kernels: xq [M, ldq] (zero past K), the block
+ * scales dx and sums sx [M, K / 32] each, and `extra` floats per row of scratch for the caller,
+ * in two allocations that release_activations frees. -2: out of memory. */
+typedef struct {
+    int8_t *xq;
+    float *dx, *sx, *extra;
+} Activations;
+
+static void release_activations(Activations *a) {
+    free(a->xq);
+    free(a->dx);
+}
+
+static int quantize_activations(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, int64_t ldq, int64_t extra,
+                                Activations *a) {
+    const int64_t blocks = K / QK;
+    a->xq = ldq > K ? calloc((size_t)(M * ldq), 1) : malloc((size_t)(M * ldq));
+    a->dx = malloc((size_t)(M * (2 * blocks + extra)) * sizeof(float));
+    if (!a->xq || !a->dx) {
+        release_activations(a);
+        return -2;
+    }
+    a->sx = a->dx + M * blocks;
+    a->extra = a->sx + M * blocks;
+    const size_t elem = bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if (M >= 16)
+    for (int64_t m = 0; m < M; m++)
+        quantize_row((const char *)x + m * ldx * elem, bf16, K, a->xq + m * ldq, a->dx + m * blocks, a->sx + m * blocks);
+    return 0;
+}
+
 static inline __m256i nibbles(const uint8_t *qs) { /* 16 bytes -> 32 values: low nibbles, then high */
     const __m128i b = _mm_loadu_si128((const __m128i *)qs), mask = _mm_set1_epi8(0x0F);
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
@@ -470,29 +501,20 @@ int linear_gguf(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, cons
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
     if (gguf_block_bytes(qtype) == 0 || K % block_values(qtype)) return -1;
     const int64_t blocks = K / QK, ldq = (K + 63) / 64 * 64, pairs = ldq / 64;
-    int8_t *xq = calloc((size_t)(M * ldq), 1);
-    float *scales = malloc((size_t)(M * (2 * blocks + 32 * pairs)) * sizeof(float));
-    if (!xq || !scales) {
-        free(xq);
-        free(scales);
-        return -2;
-    }
-    float *dx = scales, *sx = dx + M * blocks, *dxv = sx + M * blocks, *sxv = dxv + M * pairs * 16;
-    const size_t elem = bf16 ? 2 : 4;
+    Activations a;
+    if (quantize_activations(x, M, K, ldx, bf16, ldq, 32 * pairs, &a)) return -2;
+    float *dxv = a.extra, *sxv = dxv + M * pairs * 16; /* each row's block scales spread over 8 lanes */
 #pragma omp parallel for schedule(static) if (M >= 16)
-    for (int64_t m = 0; m < M; m++) {
-        quantize_row((const char *)x + m * ldx * elem, bf16, K, xq + m * ldq, dx + m * blocks, sx + m * blocks);
+    for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < 2 * pairs; b++)
             for (int i = 0; i < 8; i++) {
-                dxv[(m * pairs) * 16 + b * 8 + i] = b < blocks ? dx[m * blocks + b] : 0.0f;
-                sxv[(m * pairs) * 16 + b * 8 + i] = b < blocks ? sx[m * blocks + b] * 0.125f : 0.0f;
+                dxv[(m * pairs) * 16 + b * 8 + i] = b < blocks ? a.dx[m * blocks + b] : 0.0f;
+                sxv[(m * pairs) * 16 + b * 8 + i] = b < blocks ? a.sx[m * blocks + b] * 0.125f : 0.0f;
             }
-    }
-    QGemm g = {M, K, N, w, K / block_values(qtype) * gguf_block_bytes(qtype), xq, ldq, dx, sx, dxv, sxv,
+    QGemm g = {M, K, N, w, K / block_values(qtype) * gguf_block_bytes(qtype), a.xq, ldq, a.dx, a.sx, dxv, sxv,
                bias, residual, ldr, out, ldo, bf16};
     run_qgemm(&g, qtype);
-    free(xq);
-    free(scales);
+    release_activations(&a);
     return 0;
 #else
     (void)x; (void)M; (void)K; (void)ldx; (void)bf16; (void)w; (void)qtype; (void)N; (void)bias; (void)residual;
@@ -872,23 +894,11 @@ int linear_gguf_x16(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, 
                     const float *bias, const void *residual, int64_t ldr, void *out, int64_t ldo) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
     if (!x16_type(qtype) || K % QK) return -1;
-    const int64_t blocks = K / QK;
-    int8_t *xq = malloc((size_t)(M * K));
-    float *scales = malloc((size_t)(2 * M * blocks) * sizeof(float));
-    if (!xq || !scales) {
-        free(xq);
-        free(scales);
-        return -2;
-    }
-    float *dx = scales, *sx = scales + M * blocks;
-    const size_t elem = bf16 ? 2 : 4;
-#pragma omp parallel for schedule(static) if (M >= 16)
-    for (int64_t m = 0; m < M; m++)
-        quantize_row((const char *)x + m * ldx * elem, bf16, K, xq + m * K, dx + m * blocks, sx + m * blocks);
-    X16Gemm g = {M, K, N, w, xq, dx, sx, bias, residual, ldr, out, ldo, bf16};
+    Activations a;
+    if (quantize_activations(x, M, K, ldx, bf16, K, 0, &a)) return -2;
+    X16Gemm g = {M, K, N, w, a.xq, a.dx, a.sx, bias, residual, ldr, out, ldo, bf16};
     run_x16(&g, qtype);
-    free(xq);
-    free(scales);
+    release_activations(&a);
     return 0;
 #else
     (void)x; (void)M; (void)K; (void)ldx; (void)bf16; (void)w; (void)qtype; (void)N; (void)bias; (void)residual;
