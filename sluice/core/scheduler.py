@@ -57,7 +57,6 @@ class Scheduler:
         self.running: list[Request] = []
         self.in_flight: set[str] = set()  # requests of scheduled steps whose output is not applied yet
         self.num_micro_batches = 1  # batches in flight at most (pipeline stages); set by the engine core
-        self.batch_cap = 0  # requests this step may take (schedule() sets it)
         self.num_waiting_for_lora = 0  # waiting requests passed over last step: their adapter had no slot
         self.requests: dict[str, Request] = {}
         self.finished_outputs: list[EngineCoreOutput] = []  # finished outside a step (aborts, errors)
@@ -152,12 +151,11 @@ class Scheduler:
             self._release_expired_holds()
         scheduled: dict[Request, int] = {}  # request -> tokens this step, in batch order
         budget = self.config.max_num_batched_tokens
-        self.batch_cap = self.config.max_num_seqs if self.num_micro_batches == 1 else \
-            cdiv(len(self.running) + len(self.waiting), self.num_micro_batches)
-        budget, preempted = self._schedule_running(scheduled, budget)
+        cap = self._batch_cap()
+        budget, preempted = self._schedule_running(scheduled, budget, cap)
         self.num_waiting_for_lora = 0
         if not preempted:  # nothing new joins a step that had to preempt
-            self._schedule_waiting(scheduled, budget)
+            self._schedule_waiting(scheduled, budget, cap)
         out = self._output(scheduled)
         if self.connector is not None:
             out.kv_connector_metadata = self.connector.build_connector_meta() or None
@@ -187,11 +185,18 @@ class Scheduler:
                             max(self.kv.spec.max_new_tokens(num_computed), 1))
         return min(remaining, budget)
 
-    def _schedule_running(self, scheduled: dict[Request, int], budget: int) -> tuple[int, bool]:
+    def _batch_cap(self) -> int:
+        """Requests this step may take: with micro-batches in flight, a share of the live requests,
+        so every stage gets a batch."""
+        if self.num_micro_batches == 1:
+            return self.config.max_num_seqs
+        return cdiv(len(self.running) + len(self.waiting), self.num_micro_batches)
+
+    def _schedule_running(self, scheduled: dict[Request, int], budget: int, cap: int) -> tuple[int, bool]:
         """Returns the budget left, and whether a request had to be preempted."""
         index, preempted = 0, False
         speculate = self.speculative.speculates(len(self.running))
-        while index < len(self.running) and budget > 0 and len(scheduled) < self.batch_cap:
+        while index < len(self.running) and budget > 0 and len(scheduled) < cap:
             request = self.running[index]
             if request.request_id in self.in_flight:  # its last step is still in the pipeline
                 index += 1
@@ -230,14 +235,14 @@ class Scheduler:
                 index += 1
         return budget, preempted
 
-    def _schedule_waiting(self, scheduled: dict[Request, int], budget: int) -> None:
+    def _schedule_waiting(self, scheduled: dict[Request, int], budget: int, cap: int) -> None:
         num_partial = sum(
             1 for r in self.running if r.num_tokens - r.num_computed_tokens > 1
         )
         adapters = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
         passed_over: list[Request] = []  # their adapter would be one too many this step
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
-               and len(scheduled) < self.batch_cap):
+               and len(scheduled) < cap):
             request = self.waiting.peek()
             if num_partial >= self.config.max_num_partial_prefills:
                 break
