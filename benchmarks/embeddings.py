@@ -64,6 +64,9 @@ def main() -> None:
                         help="sluice's dtype (auto: what `sluice serve` picks on this CPU)")
     parser.add_argument("--hf-dtype", default="float32", choices=("float32", "bfloat16"),
                         help="transformers' dtype (float32: what sentence-transformers loads by default)")
+    parser.add_argument("--quantization", default="auto", choices=("auto", "int8"),
+                        help="sluice's --quantization (int8: weights per output channel, activations per token, "
+                             "the VNNI kernel; the min cosine printed says what it costs)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     args = parser.parse_args()
     import transformers
@@ -77,7 +80,8 @@ def main() -> None:
     ids = torch.cat([torch.full((args.batch, 1), 2), body, torch.full((args.batch, 1), 3)], dim=1)
     prompts = [{"prompt_token_ids": row} for row in ids.tolist()]
 
-    llm = LLM(folder, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens)
+    llm = LLM(folder, dtype=args.dtype, quantization=args.quantization,
+              max_num_batched_tokens=args.max_num_batched_tokens)
     sluice_dtype = llm.engine_core.executor.worker.runner.dtype
     hf = transformers.BertModel.from_pretrained(folder, dtype=getattr(torch, args.hf_dtype)).eval()
 
@@ -89,7 +93,8 @@ def main() -> None:
     ours = torch.tensor([o.outputs.embedding for o in llm.embed(prompts)])  # also the warm-up
     cosine = torch.nn.functional.cosine_similarity(ours, reference(), dim=1).min().item()
     print(f"{args.batch} x {args.input_len} tokens, {args.layers} layers, {torch.get_num_threads()} threads; "
-          f"sluice {str(sluice_dtype).removeprefix('torch.')} (--dtype {args.dtype}), transformers "
+          f"sluice {str(sluice_dtype).removeprefix('torch.')} (--dtype {args.dtype}, --quantization "
+          f"{args.quantization}), transformers "
           f"{args.hf_dtype}; min cosine to transformers {cosine:.6f}; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     ratios = []

@@ -98,6 +98,12 @@ class Linear(nn.Linear):
             out = self.lora.apply(x, out)
         return out
 
+    def gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """gelu(self(x)), torch's exact GELU, in the matmul's output pass where the method can."""
+        if self.lora is not None and self.lora.active:
+            return F.gelu(self(x))
+        return self.quant_method.apply_gelu(self, x)
+
 
 def set_linear_methods(model: nn.Module, quant_config: QuantizationConfig) -> dict[str, int]:
     """Give every Linear the method the quantization config picks for it (shaping its weight for

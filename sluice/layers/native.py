@@ -29,10 +29,10 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("attention.c", "elementwise.c", "gemm.c", "quant.c",
                                                                    "moe.c", "lora.c", "decoder.c")]
-HEADERS = [Path(__file__).parent / "csrc" / "bf16_simd.h"]
+HEADERS = [Path(__file__).parent / "csrc" / name for name in ("bf16_simd.h", "simd_math.h")]
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-fopenmp"]
-# linear_bf16 epilogues (gemm.c)
-EPI_STORE, EPI_RESIDUAL, EPI_SILU_MUL = 0, 1, 2
+# epilogues of linear_bf16 (gemm.c: all but GELU) and linear_int8 (quant.c: all but SILU_MUL)
+EPI_STORE, EPI_RESIDUAL, EPI_SILU_MUL, EPI_GELU = 0, 1, 2, 3
 PANEL = 64  # output columns per packed weight panel
 
 
@@ -115,7 +115,8 @@ def load_library() -> ctypes.CDLL | None:
     lib.pack_int8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
     lib.linear_int8.restype = ctypes.c_int
     lib.linear_int8.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3
-                                + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64])
+                                + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                   ctypes.c_int64, ctypes.c_int])
     # routed experts in one call (moe.c; called from sluice/layers/fused_moe.py)
     lib.moe_experts_bf16.restype = ctypes.c_int
     lib.moe_experts_bf16.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2

@@ -87,11 +87,14 @@ class BertLayer(nn.Module):
         self.output.dense = Linear(config.intermediate_size, config.hidden_size, bias=True)
         self.output.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.act = _activation(config)
+        self.exact_gelu = self.act is F.gelu  # the linear layer may apply it in its output pass
 
     def forward(self, x: torch.Tensor, segments: list[tuple[int, list[int]]]) -> torch.Tensor:
         attn = self.attention
-        x = attn.output.LayerNorm(x + attn.output.dense(attn.self(x, segments)))
-        return self.output.LayerNorm(x + self.output.dense(self.act(self.intermediate.dense(x))))
+        x = attn.output.LayerNorm(attn.output.dense(attn.self(x, segments), residual=x))
+        dense = self.intermediate.dense
+        hidden = dense.gelu(x) if self.exact_gelu else self.act(dense(x))
+        return self.output.LayerNorm(self.output.dense(hidden, residual=x))
 
 
 _QKV_SHARD = re.compile(r"(.*\.attention\.self)\.(query|key|value)\.(weight|bias)$")

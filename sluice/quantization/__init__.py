@@ -71,9 +71,10 @@ def get_quantization_config(method: str, source: ModelSource, hf_config, device:
 
         return GGUFConfig(source.path, hf_config)
     if method == "int8":
+        from sluice.pooling.config import is_encoder_only
         from sluice.quantization.int8 import Int8Config
 
-        return Int8Config()
+        return Int8Config(per_channel=is_encoder_only(hf_config))
     if method == "compressed-tensors":
         raise ModelLoadError(f"quantization='compressed-tensors' (--quantization): '{source.name}' declares no "
                              "quantization_config")

@@ -34,6 +34,11 @@ class LinearMethod(ABC):
         """residual + apply(x); a method whose kernel can add it in its output pass overrides this."""
         return residual + self.apply(layer, x)
 
+    def apply_gelu(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """gelu(apply(x)) (torch's exact GELU); a method whose kernel can take it in its output pass
+        overrides this."""
+        return torch.nn.functional.gelu(self.apply(layer, x))
+
     def describe(self) -> str:
         """What the layer runs, for the load log ("Q4_1 blocks, VNNI kernel")."""
         return type(self).__name__

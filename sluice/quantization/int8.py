@@ -137,19 +137,37 @@ class ChannelInt8Method(LinearMethod):
             layer.int8_weight = q.contiguous()
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self._run(layer, x)
+
+    def apply_residual(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self._run(layer, x, residual)
+
+    def apply_gelu(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self._run(layer, x, epilogue=native.EPI_GELU)
+
+    def _run(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
+             epilogue: int = native.EPI_STORE) -> torch.Tensor:
+        """The VNNI kernel, with the residual add or GELU in its output pass; else weight-only."""
         packed = getattr(layer, "int8_packed", None)
         if packed is None or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
-            return self.weight_only(layer, x)
+            out = self.weight_only(layer, x)
+            return F.gelu(out) if epilogue == native.EPI_GELU else out if residual is None else residual + out
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if x.stride(-1) != 1:
             x = x.contiguous()
         out = x.new_empty(x.shape[0], layer.out_features)
+        if residual is not None:
+            residual = residual.reshape(-1, layer.out_features).to(x.dtype)
+            if residual.stride(-1) != 1:
+                residual = residual.contiguous()
+            epilogue = native.EPI_RESIDUAL
         bias = layer.int8_bias
         status = native.load_library().linear_int8(
             x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), int(x.dtype == torch.bfloat16), packed.data_ptr(),
             layer.int8_scale.data_ptr(), layer.int8_sums.data_ptr(), layer.out_features,
-            None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0))
+            None if bias is None else bias.data_ptr(), None if residual is None else residual.data_ptr(),
+            0 if residual is None else residual.stride(0), out.data_ptr(), out.stride(0), epilogue)
         if status != 0:
             raise RuntimeError(f"linear_int8 failed ({status}) for shape {tuple(shape)} x {layer.out_features}")
         return out.view(*shape[:-1], layer.out_features)
@@ -164,13 +182,19 @@ class ChannelInt8Method(LinearMethod):
 
 
 class Int8Config(QuantizationConfig):
-    """`--quantization int8`: every linear layer's and expert's float weight quantized at load (Q8_0 blocks)."""
+    """`--quantization int8`: every linear layer's and expert's float weight quantized at load: Q8_0
+    blocks, or for an encoder (per_channel) a scale per output channel."""
 
     name = "int8"
+
+    def __init__(self, per_channel: bool = False) -> None:
+        self.per_channel = per_channel
 
     def get_linear_method(self, layer: nn.Module, checkpoint_names: list[str]) -> LinearMethod | None:
         from sluice.layers.linear import RowParallelLinear
 
+        if self.per_channel:
+            return Int8ChannelAtLoadMethod()
         if isinstance(layer, RowParallelLinear):
             check_split(layer.in_features, checkpoint_names)
         return Int8LinearMethod() if layer.in_features % 32 == 0 else None
@@ -188,6 +212,13 @@ def check_split(share: int, checkpoint_names: list[str]) -> None:
         raise ValueError(f"quantization='int8' (--quantization) with tensor_parallel_size={tp.world_size}: "
                          f"{checkpoint_names[0]} splits its {share * tp.world_size} inputs into shares of {share}, "
                          "not whole int8 blocks of 32; use fewer ranks or quantization 'none'")
+
+
+class Int8ChannelAtLoadMethod(ChannelInt8Method):
+    """`--quantization int8` on an encoder: the loaded float weight quantized per output channel."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        self.set_weights(layer, *quantize_per_channel(layer.weight.detach()))
 
 
 class CompressedInt8Method(ChannelInt8Method):

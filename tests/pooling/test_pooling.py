@@ -147,6 +147,24 @@ def test_bad_inputs(bert_llm, tiny_model_dir):
 
 
 @torch.inference_mode()
+def test_bert_int8_embeddings(bert_dir, bert_tokenizer):
+    """--quantization int8 on an encoder: weights per output channel, activations per token, on the
+    VNNI kernel with the residual add and GELU fused (or weight-only where there is no kernel),
+    close to transformers' float32."""
+    import transformers
+
+    folder = bert_dir("mean")
+    llm = LLM(folder, dtype="float32", quantization="int8")
+    layer = llm.engine_core.executor.worker.runner.model.encoder.layer[0]
+    assert layer.intermediate.dense.quant_method.describe().startswith("int8 per channel")
+    hf = transformers.BertModel.from_pretrained(folder, dtype=torch.float32).eval()
+    for text, out in zip(TEXTS, llm.embed(TEXTS)):
+        states = hf(**bert_tokenizer(text, return_tensors="pt")).last_hidden_state[0]
+        cosine = F.cosine_similarity(torch.tensor(out.outputs.embedding), F.normalize(states.mean(0), dim=-1), dim=0)
+        assert cosine > 0.999, cosine
+
+
+@torch.inference_mode()
 def test_encoder_dtype_auto(bert_dir, bert_tokenizer, monkeypatch):
     """dtype auto for an encoder is settled by pooling.config.encoder_dtype (a timed matmul per
     dtype, patched here to choose bfloat16): the BERT path (fused QKV on the bf16 kernels) then

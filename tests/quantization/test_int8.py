@@ -64,6 +64,19 @@ def test_w8a8_kernel_matches_references(shape, rows, dtype):
     assert relative_error(ours, x.double() @ weight.T + bias) < 0.02
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_w8a8_epilogues_equal_the_separate_ops(dtype):
+    """The residual add and GELU in the kernel's output pass give what the separate torch ops give
+    on its plain output: the add exactly, GELU within its erf approximation (1.5e-7)."""
+    layer, _ = int8_layer(66, 130, bias=True, dtype=dtype)
+    x, residual = torch.randn(9, 66).to(dtype), torch.randn(9, 130).to(dtype)
+    with torch.no_grad():
+        plain = layer(x)
+        assert torch.equal(layer(x, residual), residual + plain)
+        torch.testing.assert_close(layer.gelu(x), torch.nn.functional.gelu(plain), atol=4e-6, rtol=0)
+
+
 def test_weight_only_path(monkeypatch):
     monkeypatch.setattr("sluice.quantization.int8.kernel_available", lambda: False)
     layer, weight = int8_layer(64, 48, bias=True, dtype=torch.bfloat16)

@@ -55,6 +55,8 @@ static inline int64_t block_values(int qtype) { return qtype >= Q4_K ? 256 : QK;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
 #include <immintrin.h>
 
+#include "simd_math.h"
+
 static inline float bf16_to_float(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
     float f;
@@ -564,16 +566,29 @@ typedef struct {
     const int8_t *packed;
     const float *sw, *bias;
     const int32_t *qsum;
+    const void *residual;
+    int64_t ldr;
     void *out;
     int64_t ldo;
-    int bf16;
+    int bf16, epilogue;
 } I8Gemm;
 
-static inline uint16_t to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+enum { I8_STORE = 0, I8_RESIDUAL = 1, I8_GELU = 3 }; /* native.py's EPI_STORE, EPI_RESIDUAL, EPI_GELU */
+
+static inline __m256i bf16_bits(__m512 y) { /* 16 floats -> bf16, nearest even, with AVX-512F alone */
+    const __m512i bits = _mm512_castps_si512(y);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16));
+}
+
+static inline __m512 bf16_rounded(__m512 y) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(y)), 16));
+}
+
+static inline __m512 load16_masked(const void *x, int bf16, int64_t i, __mmask16 live) { /* floats, 0 where dead */
+    if (!bf16) return _mm512_maskz_loadu_ps(live, (const float *)x + i);
+    const __m256i h = _mm256_maskz_loadu_epi16(live, (const uint16_t *)x + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 static inline __attribute__((always_inline)) void tile8(const I8Gemm *g, int64_t row0, int64_t panel, const int rows) {
@@ -605,15 +620,14 @@ static inline __attribute__((always_inline)) void tile8(const I8Gemm *g, int64_t
         for (int i = 0; i < rows; i++) {
             const int64_t row = row0 + i;
             const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][v], correction));
-            const __m512 y = _mm512_fmadd_ps(dot, _mm512_mul_ps(sw, _mm512_set1_ps(g->sx[row])), bias);
-            if (g->bf16) {
-                uint16_t *dst = (uint16_t *)g->out + row * g->ldo + col;
-                _mm256_mask_storeu_epi16(dst, live, _mm512_cvtepi32_epi16(_mm512_srli_epi32(
-                    _mm512_add_epi32(_mm512_castps_si512(y), _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
-                    _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(y), 16), _mm512_set1_epi32(1)))), 16)));
-            } else {
+            __m512 y = _mm512_fmadd_ps(dot, _mm512_mul_ps(sw, _mm512_set1_ps(g->sx[row])), bias);
+            if (g->epilogue != I8_STORE && g->bf16) y = bf16_rounded(y); /* the product as torch holds it */
+            if (g->epilogue == I8_GELU) y = gelu512(y);
+            if (g->epilogue == I8_RESIDUAL) y = _mm512_add_ps(y, load16_masked(g->residual, g->bf16, row * g->ldr + col, live));
+            if (g->bf16)
+                _mm256_mask_storeu_epi16((uint16_t *)g->out + row * g->ldo + col, live, bf16_bits(y));
+            else
                 _mm512_mask_storeu_ps((float *)g->out + row * g->ldo + col, live, y);
-            }
         }
     }
 }
@@ -639,12 +653,6 @@ static void run_i8gemm(const I8Gemm *g) {
     }
 }
 
-static inline __m512 load16_masked(const void *x, int bf16, int64_t i, __mmask16 live) { /* floats, 0 where dead */
-    if (!bf16) return _mm512_maskz_loadu_ps(live, (const float *)x + i);
-    const __m256i h = _mm256_maskz_loadu_epi16(live, (const uint16_t *)x + i);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 /* One row of x (K values) -> xq + 128 as bytes (K4 of them, the padding 128) and its scale
  * amax / 127: q = round(x * 127 / amax) to nearest even (the rounding mode), as lrintf would. */
 static void quantize_row_u8(const void *x, int bf16, int64_t K, int64_t K4, uint8_t *xu, float *sx) {
@@ -666,9 +674,12 @@ static void quantize_row_u8(const void *x, int bf16, int64_t K, int64_t K4, uint
 #endif
 
 /* x [M, K] (rows ldx apart; bf16 or float32) @ W^T (+ bias float32 [N] or NULL), W packed by
- * pack_int8 with per-channel scales sw [N] -> out [M, N] in x's dtype. -1: not served here. */
+ * pack_int8 with per-channel scales sw [N] -> out [M, N] in x's dtype, through one epilogue:
+ * I8_STORE, I8_RESIDUAL (+ residual [M, N], rows ldr apart, x's dtype) or I8_GELU, the product
+ * first rounded to x's dtype as a separate torch op would hold it. -1: not served here. */
 int linear_int8(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, const int8_t *packed, const float *sw,
-                const int32_t *qsum, int64_t N, const float *bias, void *out, int64_t ldo) {
+                const int32_t *qsum, int64_t N, const float *bias, const void *residual, int64_t ldr, void *out,
+                int64_t ldo, int epilogue) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
     const int64_t K4 = round4(K);
     uint8_t *xu = malloc((size_t)(M * K4));
@@ -681,14 +692,14 @@ int linear_int8(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, cons
     const size_t elem = bf16 ? 2 : 4;
 #pragma omp parallel for schedule(static) if (M >= 16)
     for (int64_t m = 0; m < M; m++) quantize_row_u8((const char *)x + m * ldx * elem, bf16, K, K4, xu + m * K4, sx + m);
-    I8Gemm g = {xu, sx, M, K4, N, packed, sw, bias, qsum, out, ldo, bf16};
+    I8Gemm g = {xu, sx, M, K4, N, packed, sw, bias, qsum, residual, ldr, out, ldo, bf16, epilogue};
     run_i8gemm(&g);
     free(xu);
     free(sx);
     return 0;
 #else
     (void)x; (void)M; (void)K; (void)ldx; (void)bf16; (void)packed; (void)sw; (void)qsum; (void)N; (void)bias;
-    (void)out; (void)ldo;
+    (void)residual; (void)ldr; (void)out; (void)ldo; (void)epilogue;
     return -1;
 #endif
 }
