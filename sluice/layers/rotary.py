@@ -17,6 +17,7 @@ angles depend on that position only, so greedy output never depends on batching 
   (and transformers' generate drops its cache at the crossing to re-rotate everything).
 """
 
+import itertools
 import math
 
 import torch
@@ -29,7 +30,7 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 _REQUIRED = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
              "yarn": ("original_max_position_embeddings",),
              "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}
-_ALIASES = {"su": "longrope"}
+_ALIASES = {"su": "longrope", "mrope": "default"}  # original Qwen2-VL configs say "mrope"
 
 
 def rope_parameters(config, layer_type: str | None = None) -> dict:
@@ -179,8 +180,32 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((cos, cos), -1).unsqueeze(1), torch.cat((-sin, sin), -1).unsqueeze(1)
 
 
+class MRotaryEmbedding(RotaryEmbedding):
+    """M-RoPE (Qwen2-VL): the rotary frequencies fall into three runs of `mrope_section` sizes,
+    turned by a token's temporal, height and width position. forward takes positions [3, T]
+    (text tokens have three equal rows); 1-D positions are plain rotary, which equal rows give."""
+
+    def __init__(self, head_dim: int, max_position: int, params: dict):
+        super().__init__(head_dim, max_position, params)
+        sections = [int(s) for s in params["mrope_section"]]
+        if len(sections) != 3 or sum(sections) * 2 != head_dim or rotary_dim(params, head_dim) != head_dim:
+            raise ValueError(f"rope_parameters.mrope_section={sections} must be three sizes summing to head_dim / 2 "
+                             f"({head_dim // 2}), with every dim rotating")
+        bounds = [0, *itertools.accumulate(sections)]
+        self.sections = list(zip(bounds[:-1], bounds[1:]))
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().forward(positions)
+        cos, sin = (torch.cat([table.index_select(0, positions[i])[:, lo:hi] for i, (lo, hi) in enumerate(self.sections)],
+                              -1) for table in (self.cos, self.sin))
+        return torch.cat((cos, cos), -1).unsqueeze(1), torch.cat((-sin, sin), -1).unsqueeze(1)
+
+
 def get_rope(config, head_dim: int, layer_type: str | None = None) -> RotaryEmbedding:
-    return RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config, layer_type))
+    params = rope_parameters(config, layer_type)
+    rope_class = MRotaryEmbedding if params.get("mrope_section") else RotaryEmbedding
+    return rope_class(head_dim, config.max_position_embeddings, params)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

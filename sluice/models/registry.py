@@ -49,6 +49,7 @@ MODEL_REGISTRY: dict[str, Architecture] = {
     "OlmoeForCausalLM": Architecture("olmoe", "OlmoeForCausalLM", gguf="olmoe", gguf_experts=True,
                                      gguf_own_config=True),
     "LlavaForConditionalGeneration": Architecture("llava", "LlavaForConditionalGeneration"),
+    "Qwen2VLForConditionalGeneration": Architecture("qwen2_vl", "Qwen2VLForConditionalGeneration"),
     "LlamaForSequenceClassification": Architecture("sequence_classification", "LlamaForSequenceClassification"),
     "MistralForSequenceClassification": Architecture("sequence_classification", "MistralForSequenceClassification"),
     "Qwen2ForSequenceClassification": Architecture("sequence_classification", "Qwen2ForSequenceClassification"),

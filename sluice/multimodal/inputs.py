@@ -14,7 +14,8 @@ class MultiModalFeature:
     offset: int  # first prompt position of its placeholder tokens
     length: int  # placeholder tokens (= embeddings the encoder makes for it)
     pixel_values: bytes  # float32, C order
-    shape: list[int]  # of pixel_values, without a batch dimension
+    shape: list[int]  # of pixel_values, without a batch dimension (Qwen2-VL: [patches, patch values])
+    grid_thw: list[int] | None = None  # Qwen2-VL: the image's (temporal, height, width) patch grid
 
     def overlaps(self, start: int, end: int) -> bool:
         return self.offset < end and start < self.offset + self.length

@@ -58,22 +58,34 @@ def split_images(messages: list[dict], content_format: str, placeholder: str) ->
 
 
 class MultiModalProcessor:
-    """The model's AutoProcessor with vLLM's per-prompt image limit."""
+    """The model's AutoProcessor with vLLM's per-prompt image limit. Qwen2-VL (images cut into a
+    patch grid) uses the folder's image processor and the engine's tokenizer instead: transformers'
+    Qwen2VLProcessor also builds a video processor, which needs torchvision."""
 
     def __init__(self, folder: str, hf_config, limit_mm_per_prompt: dict[str, int] | None,
-                 allowed_media_domains: list[str] | None) -> None:
+                 allowed_media_domains: list[str] | None, tokenizer=None) -> None:
         import transformers
 
-        self.processor = transformers.AutoProcessor.from_pretrained(folder)
         self.image_token_id: int = hf_config.image_token_id
+        self.merge_size: int | None = getattr(hf_config.vision_config, "spatial_merge_size", None)
+        if self.merge_size is None:
+            self.processor = transformers.AutoProcessor.from_pretrained(folder)
+            self.tokenizer = self.processor.tokenizer
+            self.image_processor = None
+            self._chat_template = getattr(self.processor, "chat_template", None)
+        else:
+            self.processor = None
+            self.tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(folder)
+            self.image_processor = transformers.AutoImageProcessor.from_pretrained(folder)
+            self._chat_template = _folder_chat_template(folder)
         self.image_token: str = getattr(self.processor, "image_token", None) or \
-            self.processor.tokenizer.convert_ids_to_tokens(self.image_token_id)
+            self.tokenizer.convert_ids_to_tokens(self.image_token_id)
         self.max_images = (limit_mm_per_prompt or {}).get("image", DEFAULT_IMAGE_LIMIT)
         self.allowed_media_domains = list(allowed_media_domains or [])
 
     @property
     def chat_template(self) -> str | None:
-        return getattr(self.processor, "chat_template", None)
+        return self._chat_template
 
     def check_count(self, params: list[str]) -> None:
         """More images than --limit-mm-per-prompt: an error naming the first one over the limit."""
@@ -101,21 +113,53 @@ class MultiModalProcessor:
             raise MediaError(f"the prompt has {found} {self.image_token} placeholders for {len(images)} images",
                              param)
         if not images:
-            return self.processor.tokenizer.encode(text, add_special_tokens=add_special_tokens), []
-        out = self.processor(text=[text], images=images, add_special_tokens=add_special_tokens, return_tensors="np")
-        token_ids = [int(t) for t in out["input_ids"][0]]
-        pixel_values = np.ascontiguousarray(out["pixel_values"], dtype=np.float32)
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens), []
+        if self.merge_size is None:
+            out = self.processor(text=[text], images=images, add_special_tokens=add_special_tokens,
+                                 return_tensors="np")
+            token_ids = [int(t) for t in out["input_ids"][0]]
+            pixels = list(np.ascontiguousarray(out["pixel_values"], dtype=np.float32))
+            grids = [None] * len(images)
+            lengths = [token_ids.count(self.image_token_id) // len(images)] * len(images)
+        else:
+            token_ids, pixels, grids, lengths = self._process_grids(text, images, add_special_tokens)
+        features, start = [], 0
         positions = [i for i, t in enumerate(token_ids) if t == self.image_token_id]
-        per_image = len(positions) // len(images)
-        features = []
-        for k, image in enumerate(images):
-            run = positions[k * per_image:(k + 1) * per_image]
-            if run[-1] - run[0] != per_image - 1:
+        for image, pixel_values, grid, length in zip(images, pixels, grids, lengths):
+            run = positions[start:start + length]
+            start += length
+            if len(run) != length or run[-1] - run[0] != length - 1:
                 raise MediaError("image placeholders are not contiguous runs after expansion", param)
-            pixels = pixel_values[k]
-            features.append(MultiModalFeature(image_hash(image), run[0], per_image, pixels.tobytes(),
-                                              list(pixels.shape)))
+            features.append(MultiModalFeature(image_hash(image), run[0], length, pixel_values.tobytes(),
+                                              list(pixel_values.shape), grid))
         return token_ids, features
+
+    def _process_grids(self, text: str, images: list[Image.Image], add_special_tokens: bool
+                       ) -> tuple[list[int], list[np.ndarray], list[list[int]], list[int]]:
+        """Qwen2-VL: each image's patches and (t, h, w) grid, and its placeholder repeated once per
+        merged patch (t*h*w / merge_size**2), as Qwen2VLProcessor expands it."""
+        out = self.image_processor(images=images, return_tensors="np")
+        grids = [[int(v) for v in grid] for grid in out["image_grid_thw"]]
+        patches = np.ascontiguousarray(out["pixel_values"], dtype=np.float32)
+        sizes = [t * h * w for t, h, w in grids]
+        pixels = np.split(patches, np.cumsum(sizes)[:-1])
+        lengths = [size // self.merge_size ** 2 for size in sizes]
+        pieces = text.split(self.image_token)
+        text = pieces[0] + "".join(self.image_token * n + piece for n, piece in zip(lengths, pieces[1:]))
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens), pixels, grids, lengths
+
+
+def _folder_chat_template(folder: str) -> str | None:
+    """A processor's chat template as model folders keep it (chat_template.json or .jinja)."""
+    import json
+    import os
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)["chat_template"] if name.endswith(".json") else f.read()
+    return None
 
 
 def multimodal_processor(config, source, hf_config, tokenizer) -> MultiModalProcessor | None:
@@ -124,7 +168,8 @@ def multimodal_processor(config, source, hf_config, tokenizer) -> MultiModalProc
     if not is_multimodal(hf_config):
         return None
     mm = config.multimodal
-    processor = MultiModalProcessor(source.path, hf_config, mm.limit_mm_per_prompt, mm.allowed_media_domains)
+    processor = MultiModalProcessor(source.path, hf_config, mm.limit_mm_per_prompt, mm.allowed_media_domains,
+                                    tokenizer)
     if not getattr(tokenizer, "chat_template", None) and processor.chat_template:
         tokenizer.chat_template = processor.chat_template
     return processor

@@ -5,7 +5,7 @@ chunks of one request) place it."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -15,9 +15,11 @@ DEFAULT_BUDGET_TOKENS = 16384  # embeddings kept (LLaVA-1.5: 28 images of 576)
 
 
 class EncoderCache:
-    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+    def __init__(self, encode: Callable[..., Sequence[torch.Tensor]], device: torch.device,
                  budget_tokens: int = DEFAULT_BUDGET_TOKENS) -> None:
-        self.encode = encode  # pixel values [N, C, H, W] -> embeddings [N, tokens, hidden]
+        # pixel values [N, C, H, W] -> embeddings [N, tokens, hidden]; with patch grids (Qwen2-VL),
+        # (patches [sum of patches, values], grids [N, 3]) -> N embeddings [tokens, hidden]
+        self.encode = encode
         self.device = device
         self.budget_tokens = budget_tokens
         self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -31,9 +33,12 @@ class EncoderCache:
         missing = list({f.identifier: f for f in features if f.identifier not in self.entries}.values())
         found = {f.identifier: self._touch(f.identifier) for f in features if f.identifier in self.entries}
         if missing:
-            pixels = torch.stack([torch.frombuffer(bytearray(f.pixel_values), dtype=torch.float32).view(f.shape)
-                                  for f in missing]).to(self.device)
-            for feature, embeds in zip(missing, self.encode(pixels)):
+            pixels = [torch.frombuffer(bytearray(f.pixel_values), dtype=torch.float32).view(f.shape) for f in missing]
+            if missing[0].grid_thw is None:  # images of one size, as a batch
+                outputs = self.encode(torch.stack(pixels).to(self.device))
+            else:  # Qwen2-VL: every image's patches in one sequence, split by their grids
+                outputs = self.encode(torch.cat(pixels).to(self.device), torch.tensor([f.grid_thw for f in missing]))
+            for feature, embeds in zip(missing, outputs, strict=True):
                 if embeds.shape[0] != feature.length:
                     raise ValueError(f"the vision encoder made {embeds.shape[0]} embeddings for an image with "
                                      f"{feature.length} placeholder tokens")

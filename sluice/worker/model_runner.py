@@ -163,6 +163,7 @@ class ModelRunner:
         # a vision-language model: image features replace the placeholder tokens' embeddings
         self.encoder_cache = EncoderCache(self.model.embed_images, self.device) \
             if hasattr(self.model, "embed_images") else None
+        self.uses_mrope = getattr(self.model, "uses_mrope", False)  # Qwen2-VL: positions [3, T]
         self.lora_manager = LoRAManager(self.model, config.lora, config.lora.torch_dtype(self.dtype), self.device) \
             if config.lora.enable_lora else None
         self.sampler = Sampler()
@@ -359,6 +360,7 @@ class ModelRunner:
         context_lens: list[int] = []
         block_tables: list[list[int]] = []
         chunks: list[tuple[CachedRequestState, int]] = []  # (request, index of its first row)
+        mrope: list[torch.Tensor] = []  # M-RoPE models: each request's positions [3, rows]
         # (request, first row whose logits it samples, its drafts: one more row each)
         sample_rows: list[tuple[CachedRequestState, int, list[int]]] = []
         spec = sched.scheduled_spec_decode_tokens
@@ -373,6 +375,8 @@ class ModelRunner:
             ids.extend(state.token_ids(start, end))
             ids.extend(drafts)
             positions.extend(range(start, end + len(drafts)))
+            if self.uses_mrope:
+                mrope.append(self._mrope_positions(state, start, end + len(drafts)))
             context_lens.append(start)
             block_tables.append(state.block_ids)
             if end == state.num_tokens and state.pooling_params is None:  # the model proposes the next one
@@ -385,7 +389,8 @@ class ModelRunner:
                 if lora is not None and lora.lora_int_id in failed:
                     out.errors[req_id] = failed[lora.lora_int_id]
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        input_positions = torch.tensor(positions, dtype=torch.long, device=self.device)
+        input_positions = torch.cat(mrope, dim=1).to(self.device) if self.uses_mrope else \
+            torch.tensor(positions, dtype=torch.long, device=self.device)
         inputs_embeds = self._inputs_embeds(input_ids, chunks, sched, out) if self.encoder_cache else None
         extra = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
         hidden = self.model(input_ids, input_positions, self.kv_caches[: self.num_target_layers], meta, **extra)
@@ -421,6 +426,18 @@ class ModelRunner:
                                           self.block_size, self.device) for group in range(len(self.kv_groups))]
         metas[0].by_kv_group = metas
         return metas[0]
+
+    def _mrope_positions(self, state: CachedRequestState, start: int, end: int) -> torch.Tensor:
+        """M-RoPE positions [3, end - start] of a request's tokens, from the request alone (its prompt
+        and image grids), whatever the step: prompt chunks, prefix-cache hits and recomputation
+        after preemption all read the same table; tokens after the prompt sit at index + delta."""
+        if state.mrope_positions is None:
+            state.mrope_positions, state.mrope_delta = self.model.mrope_positions(len(state.prompt_token_ids),
+                                                                                   state.mm_features)
+        num_prompt = state.mrope_positions.shape[1]
+        first_after = max(start, num_prompt)
+        after = torch.arange(first_after, max(end, first_after)) + state.mrope_delta
+        return torch.cat((state.mrope_positions[:, start:min(end, num_prompt)], after.expand(3, -1)), dim=1)
 
     def _inputs_embeds(self, input_ids: torch.Tensor, chunks: list[tuple[CachedRequestState, int]],
                        sched: SchedulerOutput, out: RunnerOutput) -> torch.Tensor | None:

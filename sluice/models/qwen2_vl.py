@@ -1,0 +1,114 @@
+"""Qwen2-VL: a ViT over patch grids (transformers' own Qwen2-VL vision tower) and our Qwen2 decoder
+with the engine's paged attention and M-RoPE.
+
+An image of (t, h, w) patches (t = 1 for a still image: the processor repeats it over the
+temporal_patch_size frames the Conv3d patch embedding reads) becomes t*h*w / merge**2 embeddings,
+one per `<|image_pad|>` placeholder: each block attends within its own image only, and the
+PatchMerger folds merge x merge neighbouring patches into one token of the decoder's width.
+
+M-RoPE: every prompt token has a (temporal, height, width) position. Text runs on with three equal
+positions; an image's tokens take their grid indices, offset by the position where the image
+starts, and the text after it continues from that start + max(h, w) / merge. Generated tokens sit
+at their index plus the request's `delta` (the prompt's largest position + 1 - its length), so the
+runner computes any token's position from the request alone (mrope_positions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from sluice.layers.attention import AttentionMetadata
+from sluice.loader import copy_weight
+from sluice.models.qwen2 import Qwen2ForCausalLM
+from sluice.multimodal.inputs import MultiModalFeature
+
+# checkpoint prefix -> ours: transformers 5's layout, then the original Qwen/Qwen2-VL-*-Instruct one
+_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "language_model.model."),
+             ("visual.", "visual."), ("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
+
+
+class Qwen2VLForConditionalGeneration(nn.Module):
+    uses_mrope = True  # the runner passes positions [3, T] (mrope_positions)
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+        text_config = config.text_config
+        if getattr(text_config, "tie_word_embeddings", None) is None:
+            text_config.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if not (getattr(text_config, "rope_parameters", None) or {}).get("mrope_section"):
+            raise ValueError("Qwen2VLForConditionalGeneration: text_config.rope_parameters needs mrope_section")
+        self.config = config
+        self.language_model = Qwen2ForCausalLM(text_config)
+        vision_config = config.vision_config
+        vision_config._attn_implementation = "sdpa"
+        self.visual = Qwen2VisionTransformerPretrainedModel(vision_config)
+        self.merge_size: int = vision_config.spatial_merge_size
+        self.image_token_id: int = config.image_token_id
+
+    def embed_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Sequence[torch.Tensor]:
+        """Patches of several images [sum of t*h*w, C*T*P*P] and their grids [N, 3] -> each
+        image's embeddings [t*h*w / merge**2, text hidden]."""
+        merged = self.visual(pixel_values.to(self.visual.get_dtype()), grid_thw=grid_thw).pooler_output
+        return merged.split((grid_thw.prod(-1) // self.merge_size ** 2).tolist())
+
+    def mrope_positions(self, num_prompt_tokens: int, features: list[MultiModalFeature]) -> tuple[torch.Tensor, int]:
+        """The prompt's M-RoPE positions [3, num_prompt_tokens] from where its images sit and their
+        grids, and the delta that later tokens add to their index."""
+        runs, cursor, start = [], 0, 0  # cursor: next prompt index; start: next position
+        for feature in sorted(features, key=lambda f: f.offset):
+            text = feature.offset - cursor
+            runs.append(torch.arange(start, start + text).expand(3, -1))
+            start += text
+            t, h, w = feature.grid_thw[0], feature.grid_thw[1] // self.merge_size, feature.grid_thw[2] // self.merge_size
+            grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+            runs.append(grid.reshape(3, -1) + start)
+            start += max(h, w)
+            cursor = feature.offset + feature.length
+        runs.append(torch.arange(start, start + num_prompt_tokens - cursor).expand(3, -1))
+        positions = torch.cat(runs, dim=1)
+        return positions, int(positions.max()) + 1 - num_prompt_tokens
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.model.embed(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """positions [3, T] (mrope_positions); the decoder's rotary splits its frequencies by them."""
+        return self.language_model(input_ids, positions, kv_caches, attn_metadata, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.compute_logits(hidden)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.language_model.lm_head
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Checkpoint names in either layout; the decoder's go through its own loader (which fuses
+        q/k/v and gate/up), the vision tower's are copied as they are."""
+        params = dict(self.named_parameters())
+        pending = {name for name in params if not name.startswith("language_model.")}
+        self.language_model.load_weights(self._load_vision(weights, params, pending))
+        if pending:
+            raise ValueError(f"parameters never loaded: {', '.join(sorted(pending)[:10])}")
+
+    @staticmethod
+    def _load_vision(weights: Iterable[tuple[str, torch.Tensor]], params: dict[str, nn.Parameter],
+                     pending: set[str]) -> Iterable[tuple[str, torch.Tensor]]:
+        """Copy the tower's tensors as they stream by; yield the decoder's under its own names."""
+        for hf_name, tensor in weights:
+            name = next((ours + hf_name[len(theirs):] for theirs, ours in _PREFIXES if hf_name.startswith(theirs)),
+                        None)
+            if name is not None and name.startswith("language_model."):
+                yield name[len("language_model."):], tensor
+                continue
+            if name not in params:
+                raise ValueError(f"unexpected parameter {hf_name!r} for Qwen2VLForConditionalGeneration")
+            copy_weight(params[name], tensor, hf_name)
+            pending.discard(name)
