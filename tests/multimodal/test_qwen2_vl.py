@@ -119,3 +119,29 @@ def test_decoder_stack_serves_mrope_layers_bit_for_bit(tmp_path):
         assert run() == with_stack
     finally:
         decoder.decoder_stack = stack
+
+
+def test_loads_both_checkpoint_layouts(qwen2_vl_dir):
+    """The original Qwen2-VL layout (`model.`, `visual.`, `lm_head.`: what transformers saves) and
+    transformers 5's module names (`model.language_model.`, `model.visual.`) load the same."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from sluice.models.qwen2_vl import Qwen2VLForConditionalGeneration
+
+    config = transformers.AutoConfig.from_pretrained(qwen2_vl_dir)
+    saved = load_file(f"{qwen2_vl_dir}/model.safetensors")
+    assert any(name.startswith("visual.") for name in saved) and any(name.startswith("model.layers.") for name in saved)
+    renamed = {("model." + name if name.startswith("visual.") else
+                name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else name): tensor
+               for name, tensor in saved.items()}
+    models = []
+    for seed, weights in enumerate((saved, renamed)):
+        torch.manual_seed(seed)  # different random starts: equal only where loading set every value
+        model = Qwen2VLForConditionalGeneration(config)
+        model.load_weights(weights.items())
+        models.append(model.state_dict())
+    assert models[0].keys() == models[1].keys()
+    assert all(torch.equal(models[0][name], models[1][name]) for name in models[0])
+    with pytest.raises(ValueError, match="unexpected parameter 'vision_tower.x'"):
+        Qwen2VLForConditionalGeneration(config).load_weights([("vision_tower.x", torch.zeros(1))])
