@@ -8,7 +8,9 @@ the same order on the same buffers, so its results are bit for bit those of the 
 path. Plain means: RMSNorm, fused q/k/v with full rotary and no q/k norm, full attention on the
 native backend (so the native kernels are built) over a model-dtype cache, a gated SiLU MLP,
 linear layers on the packed bf16 or the GGUF kernels with no LoRA, no hooks (EAGLE reads hidden
-states through them), one rank and one pipeline stage. Anything else runs layer by layer.
+states through them), one rank and one pipeline stage. Anything else runs layer by layer. Positions
+don't matter: the stack takes each row's cos/sin from LlamaModel.forward, so M-RoPE (Qwen2-VL,
+rows picked per frequency section) runs through it unchanged.
 
 The stack holds the addresses of the layers' weights, so it is rebuilt whenever they move
 (`attach_decoder_stacks` after loading and after sleep mode parks or restores them).
