@@ -1,5 +1,7 @@
-"""Qwen2-VL: a ViT over patch grids (transformers' own Qwen2-VL vision tower) and our Qwen2 decoder
-with the engine's paged attention and M-RoPE.
+"""Qwen2-VL and Qwen2.5-VL: a ViT over patch grids (transformers' own vision tower of each) and our
+Qwen2 decoder with the engine's paged attention and M-RoPE. The two differ only in the tower
+(Qwen2.5-VL's attends within windows in most blocks and uses RMSNorm and a gated MLP); their
+placeholders, M-RoPE for images and checkpoint layouts are the same.
 
 An image of (t, h, w) patches (t = 1 for a still image: the processor repeats it over the
 temporal_patch_size frames the Conv3d patch embedding reads) becomes t*h*w / merge**2 embeddings,
@@ -33,27 +35,32 @@ _PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "language_m
 class Qwen2VLForConditionalGeneration(nn.Module):
     uses_mrope = True  # the runner passes positions [3, T] (mrope_positions)
 
-    def __init__(self, config) -> None:
-        super().__init__()
+    @staticmethod
+    def vision_tower_class() -> type[nn.Module]:
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
+        return Qwen2VisionTransformerPretrainedModel
+
+    def __init__(self, config) -> None:
+        super().__init__()
         text_config = config.text_config
         if getattr(text_config, "tie_word_embeddings", None) is None:
             text_config.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not (getattr(text_config, "rope_parameters", None) or {}).get("mrope_section"):
-            raise ValueError("Qwen2VLForConditionalGeneration: text_config.rope_parameters needs mrope_section")
+            raise ValueError(f"{type(self).__name__}: text_config.rope_parameters needs mrope_section")
         self.config = config
         self.language_model = Qwen2ForCausalLM(text_config)
         vision_config = config.vision_config
         vision_config._attn_implementation = "sdpa"
-        self.visual = Qwen2VisionTransformerPretrainedModel(vision_config)
+        self.visual = self.vision_tower_class()(vision_config)
         self.merge_size: int = vision_config.spatial_merge_size
         self.image_token_id: int = config.image_token_id
 
     def embed_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Sequence[torch.Tensor]:
         """Patches of several images [sum of t*h*w, C*T*P*P] and their grids [N, 3] -> each
         image's embeddings [t*h*w / merge**2, text hidden]."""
-        merged = self.visual(pixel_values.to(self.visual.get_dtype()), grid_thw=grid_thw).pooler_output
+        dtype = self.visual.patch_embed.proj.weight.dtype
+        merged = self.visual(pixel_values.to(dtype), grid_thw=grid_thw).pooler_output
         return merged.split((grid_thw.prod(-1) // self.merge_size ** 2).tolist())
 
     def mrope_positions(self, num_prompt_tokens: int, features: list[MultiModalFeature]) -> tuple[torch.Tensor, int]:
@@ -98,8 +105,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         if pending:
             raise ValueError(f"parameters never loaded: {', '.join(sorted(pending)[:10])}")
 
-    @staticmethod
-    def _load_vision(weights: Iterable[tuple[str, torch.Tensor]], params: dict[str, nn.Parameter],
+    @classmethod
+    def _load_vision(cls, weights: Iterable[tuple[str, torch.Tensor]], params: dict[str, nn.Parameter],
                      pending: set[str]) -> Iterable[tuple[str, torch.Tensor]]:
         """Copy the tower's tensors as they stream by; yield the decoder's under its own names."""
         for hf_name, tensor in weights:
@@ -109,6 +116,14 @@ class Qwen2VLForConditionalGeneration(nn.Module):
                 yield name[len("language_model."):], tensor
                 continue
             if name not in params:
-                raise ValueError(f"unexpected parameter {hf_name!r} for Qwen2VLForConditionalGeneration")
+                raise ValueError(f"unexpected parameter {hf_name!r} for {cls.__name__}")
             copy_weight(params[name], tensor, hf_name)
             pending.discard(name)
+
+
+class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    @staticmethod
+    def vision_tower_class() -> type[nn.Module]:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        return Qwen2_5_VisionTransformerPretrainedModel

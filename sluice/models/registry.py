@@ -50,6 +50,7 @@ MODEL_REGISTRY: dict[str, Architecture] = {
                                      gguf_own_config=True),
     "LlavaForConditionalGeneration": Architecture("llava", "LlavaForConditionalGeneration"),
     "Qwen2VLForConditionalGeneration": Architecture("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "Qwen2_5_VLForConditionalGeneration": Architecture("qwen2_vl", "Qwen2_5_VLForConditionalGeneration"),
     "LlamaForSequenceClassification": Architecture("sequence_classification", "LlamaForSequenceClassification"),
     "MistralForSequenceClassification": Architecture("sequence_classification", "MistralForSequenceClassification"),
     "Qwen2ForSequenceClassification": Architecture("sequence_classification", "Qwen2ForSequenceClassification"),

@@ -145,3 +145,23 @@ def test_loads_both_checkpoint_layouts(qwen2_vl_dir):
     assert all(torch.equal(models[0][name], models[1][name]) for name in models[0])
     with pytest.raises(ValueError, match="unexpected parameter 'vision_tower.x'"):
         Qwen2VLForConditionalGeneration(config).load_weights([("vision_tower.x", torch.zeros(1))])
+
+
+def test_qwen2_5_vl_matches_transformers(tmp_path):
+    """Qwen2.5-VL: the same path with its own tower (windowed attention in block 0)."""
+    import transformers
+
+    from tests.multimodal.tiny_qwen2_vl import hf_inputs
+
+    save_tiny_qwen2_vl(tmp_path, family="qwen2_5_vl")
+    hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    processors = (transformers.AutoImageProcessor.from_pretrained(tmp_path),
+                  transformers.AutoTokenizer.from_pretrained(tmp_path))
+    llm = LLM(str(tmp_path), dtype="float32", block_size=4, max_num_batched_tokens=16, kv_cache_memory_bytes=1 << 22)
+    images = [make_image(30, size=WIDE), make_image(31, size=(60, 60))]
+    prompt = f"{IMAGE} then {IMAGE}: same?"
+    [out] = llm.generate({"prompt": prompt, "multi_modal_data": {"image": images}}, GREEDY, use_tqdm=False)
+    inputs = hf_inputs(processors, prompt, images)
+    with torch.no_grad():
+        expected = hf.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert out.outputs[0].token_ids == expected.tolist()

@@ -1,5 +1,5 @@
-"""A tiny random Qwen2-VL (its vision tower + a Qwen2 decoder with M-RoPE) saved as transformers
-saves it, with a processor (Qwen2-VL's image processor + the SmolLM2 tokenizer plus Qwen2-VL's
+"""A tiny random Qwen2-VL or Qwen2.5-VL (its vision tower + a Qwen2 decoder with M-RoPE) saved as
+transformers saves it, with a processor (Qwen2-VL's image processor + the SmolLM2 tokenizer plus Qwen2-VL's
 special tokens) and Qwen2-VL's chat-template shape. benchmarks/vision.py builds larger shapes with
 the same helpers; the images and data URLs come from tiny_llava."""
 
@@ -46,31 +46,43 @@ def tiny_qwen2_vl_processors(min_pixels: int = MIN_PIXELS, max_pixels: int = MAX
     return image_processor, tokenizer
 
 
+# Qwen2.5-VL's tower: windows of 32 pixels (2 x 2 merged tokens) in block 0, full attention in block 1
+TINY_VISION_2_5 = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=32,
+                       fullatt_block_indexes=[1])
+
+
 def tiny_qwen2_vl_config(tokenizer, vision: dict = TINY_VISION, text: dict = TINY_TEXT,
-                         patch_size: int = PATCH_SIZE):
+                         patch_size: int = PATCH_SIZE, family: str = "qwen2_vl"):
     import transformers
 
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-    text = transformers.Qwen2VLTextConfig(**text, vocab_size=max(ids.values()) + 1, bos_token_id=1, eos_token_id=2)
-    vision = transformers.Qwen2VLVisionConfig(**vision, hidden_size=text.hidden_size, patch_size=patch_size,
-                                              spatial_merge_size=MERGE_SIZE, temporal_patch_size=2)
-    return transformers.Qwen2VLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                                      image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                                      vision_start_token_id=ids["<|vision_start|>"],
-                                      vision_end_token_id=ids["<|vision_end|>"])
+    prefix = "Qwen2VL" if family == "qwen2_vl" else "Qwen2_5_VL"
+    text = getattr(transformers, f"{prefix}TextConfig")(**text, vocab_size=max(ids.values()) + 1, bos_token_id=1,
+                                                        eos_token_id=2)
+    out = dict(hidden_size=text.hidden_size) if family == "qwen2_vl" else dict(out_hidden_size=text.hidden_size)
+    vision = getattr(transformers, f"{prefix}VisionConfig")(**vision, **out, patch_size=patch_size,
+                                                            spatial_merge_size=MERGE_SIZE, temporal_patch_size=2)
+    return getattr(transformers, f"{prefix}Config")(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"])
 
 
-def save_tiny_qwen2_vl(folder, vision: dict = TINY_VISION, text: dict = TINY_TEXT, min_pixels: int = MIN_PIXELS,
-                       max_pixels: int = MAX_PIXELS, patch_size: int = PATCH_SIZE, dtype=None) -> None:
-    """Model (float32 safetensors unless dtype) and processor in one folder, as Qwen's
-    checkpoints are; other shapes for benchmarks."""
+def save_tiny_qwen2_vl(folder, vision: dict | None = None, text: dict = TINY_TEXT, min_pixels: int = MIN_PIXELS,
+                       max_pixels: int = MAX_PIXELS, patch_size: int = PATCH_SIZE, dtype=None,
+                       family: str = "qwen2_vl") -> None:
+    """Model (float32 safetensors unless dtype) and processor files in one folder, as Qwen's
+    checkpoints are; family "qwen2_vl" or "qwen2_5_vl"; other shapes for benchmarks."""
     import torch
     import transformers
 
+    vision = vision or (TINY_VISION if family == "qwen2_vl" else TINY_VISION_2_5)
     image_processor, tokenizer = tiny_qwen2_vl_processors(min_pixels, max_pixels, patch_size)
-    config = tiny_qwen2_vl_config(tokenizer, vision, text, patch_size)
+    config = tiny_qwen2_vl_config(tokenizer, vision, text, patch_size, family)
     torch.manual_seed(0)
-    model = transformers.Qwen2VLForConditionalGeneration(config).to(dtype or torch.float32)
+    model_class = transformers.Qwen2VLForConditionalGeneration if family == "qwen2_vl" \
+        else transformers.Qwen2_5_VLForConditionalGeneration
+    model = model_class(config).to(dtype or torch.float32)
     model.save_pretrained(folder)
     image_processor.save_pretrained(folder)
     tokenizer.save_pretrained(folder)  # with the chat template (chat_template.jinja)
