@@ -101,7 +101,7 @@ class InputProcessor:
             raise ValueError(f"multi_modal_data must be a dict with the key 'image'; got {data!r:.80}")
         if not isinstance(prompt.get("prompt"), str):
             raise ValueError("multi_modal_data needs a text 'prompt' holding the model's image placeholder "
-                             f"({self.mm_processor.image_token}) once per image")
+                             f"({self.mm_processor.placeholder}) once per image")
         self.check_chars(prompt["prompt"])
         images = data["image"] if isinstance(data["image"], (list, tuple)) else [data["image"]]
         images = self.mm_processor.load_images([(image, f"multi_modal_data.image[{i}]")

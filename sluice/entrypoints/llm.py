@@ -158,7 +158,7 @@ class LLM:
         mm = self.input_processor.mm_processor
         prompts = []
         for conversation in conversations:
-            conversation, images = split_images(conversation, "openai", mm.image_token if mm else "")
+            conversation, images = split_images(conversation, "openai", mm.placeholder if mm else "")
             if images and mm is None:
                 raise ValueError(f"{images[0][1]}: this model takes text only")
             text = self.tokenizer.apply_chat_template(

@@ -80,6 +80,10 @@ class MultiModalProcessor:
             self._chat_template = _folder_chat_template(folder)
         self.image_token: str = getattr(self.processor, "image_token", None) or \
             self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        # what stands for one image in prompt text (Qwen2-VL wraps its pad token in vision start/end)
+        wrap = [getattr(hf_config, f"vision_{edge}_token_id", None) for edge in ("start", "end")]
+        self.placeholder: str = self.image_token if None in wrap else \
+            self.image_token.join(self.tokenizer.convert_ids_to_tokens(wrap))
         self.max_images = (limit_mm_per_prompt or {}).get("image", DEFAULT_IMAGE_LIMIT)
         self.allowed_media_domains = list(allowed_media_domains or [])
 

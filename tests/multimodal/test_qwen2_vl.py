@@ -82,6 +82,7 @@ def test_preempted_requests_recompute_their_positions(qwen2_vl_dir, hf_qwen2_vl_
 
 
 def test_image_errors_reach_the_shared_checks(llm):
+    assert llm.input_processor.mm_processor.placeholder == IMAGE  # the "string" content format shows this
     image = make_image(6)
     with pytest.raises(MediaError, match="at most 2") as info:
         llm.generate({"prompt": IMAGE * 3, "multi_modal_data": {"image": [image] * 3}}, GREEDY)

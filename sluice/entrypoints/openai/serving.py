@@ -480,7 +480,7 @@ class OpenAIServing:
         the template rendered with the model's image placeholders, which its processor expands."""
         mm = self.engine.input_processor.mm_processor
         messages, images = split_images([m.to_template("openai") for m in request.messages], content_format,
-                                        mm.image_token if mm else "")
+                                        mm.placeholder if mm else "")
         if mm is None:
             raise APIError("this model takes text only; it cannot read images", param=images[0][1])
         try:
