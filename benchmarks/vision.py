@@ -92,8 +92,8 @@ def main() -> None:
             times["prefix hit"].append(ttft(llm, image_chat(f"Round {r}: describe it.", url)))
         metrics = llm.get_metrics()
     cold = min(times["cold"])
-    print(f"{args.family}, shape {args.shape}, dtype {llm.config.model.torch_dtype}, {torch.get_num_threads()} threads, "
-          f"best of {args.rounds}")
+    print(f"{args.family}, shape {args.shape}, dtype {llm.config.model.torch_dtype}, "
+          f"{torch.get_num_threads()} threads, best of {args.rounds}")
     for case, values in times.items():
         best = min(values)
         print(f"  {case:12s} TTFT {best * 1000:8.1f} ms  ({cold / best:5.1f}x faster than cold)  "

@@ -197,7 +197,7 @@ class MRotaryEmbedding(RotaryEmbedding):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.dim() == 1:
             return super().forward(positions)
-        cos, sin = (torch.cat([table.index_select(0, positions[i])[:, lo:hi] for i, (lo, hi) in enumerate(self.sections)],
+        cos, sin = (torch.cat([table.index_select(0, row)[:, lo:hi] for row, (lo, hi) in zip(positions, self.sections)],
                               -1) for table in (self.cos, self.sin))
         return torch.cat((cos, cos), -1).unsqueeze(1), torch.cat((-sin, sin), -1).unsqueeze(1)
 

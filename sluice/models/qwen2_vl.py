@@ -71,7 +71,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
             text = feature.offset - cursor
             runs.append(torch.arange(start, start + text).expand(3, -1))
             start += text
-            t, h, w = feature.grid_thw[0], feature.grid_thw[1] // self.merge_size, feature.grid_thw[2] // self.merge_size
+            t, h, w = feature.grid_thw
+            h, w = h // self.merge_size, w // self.merge_size
             grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
             runs.append(grid.reshape(3, -1) + start)
             start += max(h, w)
