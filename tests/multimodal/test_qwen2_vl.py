@@ -166,3 +166,21 @@ def test_qwen2_5_vl_matches_transformers(tmp_path):
     with torch.no_grad():
         expected = hf.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     assert out.outputs[0].token_ids == expected.tolist()
+
+
+def test_original_flat_config_with_tied_embeddings():
+    """Qwen/Qwen2-VL-2B-Instruct's config.json shape: text fields at the top level, rope_scaling
+    {"type": "mrope"}, tie_word_embeddings on the outer config."""
+    import transformers
+
+    from sluice.models.qwen2_vl import Qwen2VLForConditionalGeneration
+    from tests.multimodal.tiny_qwen2_vl import TINY_VISION
+
+    text = {k: v for k, v in TINY_TEXT.items() if k != "rope_parameters"}
+    config = transformers.Qwen2VLConfig.from_dict({
+        **text, "vocab_size": 128, "tie_word_embeddings": True, "rope_theta": 1e6,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "vision_config": {**TINY_VISION, "hidden_size": 64, "patch_size": 8}})
+    model = Qwen2VLForConditionalGeneration(config)
+    assert model.lm_head.weight is model.language_model.model.embed_tokens.weight
+    assert model.language_model.model.rotary_emb.sections == [(0, 2), (2, 5), (5, 8)]
