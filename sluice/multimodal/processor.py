@@ -1,6 +1,7 @@
 """Prompt text + images -> token ids with each image's placeholder run expanded, and the features
-the worker needs (pixels, where the run is, the image's content hash). The model folder's own
-transformers processor does the work, so the expansion and the pixels are exactly the model's.
+the worker needs (pixels, where the run is, the image's content hash, Qwen2-VL's patch grid). The
+model folder's own transformers processor does the work (for Qwen2-VL its image processor, and
+the expansion Qwen2VLProcessor makes), so the expansion and the pixels are exactly the model's.
 """
 
 from __future__ import annotations
