@@ -32,7 +32,7 @@ class CachedRequestState:
     lora_request: LoRARequest | None = None
     mm_features: list[MultiModalFeature] = field(default_factory=list)  # its images, in prompt order
     mm_queried: set[int] = field(default_factory=set)  # images counted in the encoder-cache metrics
-    mrope_positions: torch.Tensor | None = None  # M-RoPE models: the prompt's positions [3, prompt length]
+    mrope_positions: list[list[int]] | None = None  # M-RoPE models: the prompt's positions, 3 rows
     mrope_delta: int = 0  # M-RoPE models: what a token after the prompt adds to its index
 
     @classmethod

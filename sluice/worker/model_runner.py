@@ -360,7 +360,7 @@ class ModelRunner:
         context_lens: list[int] = []
         block_tables: list[list[int]] = []
         chunks: list[tuple[CachedRequestState, int]] = []  # (request, index of its first row)
-        mrope: list[torch.Tensor] = []  # M-RoPE models: each request's positions [3, rows]
+        mrope: tuple[list[int], ...] = ([], [], [])  # M-RoPE models: temporal, height, width positions
         # (request, first row whose logits it samples, its drafts: one more row each)
         sample_rows: list[tuple[CachedRequestState, int, list[int]]] = []
         spec = sched.scheduled_spec_decode_tokens
@@ -376,7 +376,7 @@ class ModelRunner:
             ids.extend(drafts)
             positions.extend(range(start, end + len(drafts)))
             if self.uses_mrope:
-                mrope.append(self._mrope_positions(state, start, end + len(drafts)))
+                self._mrope_positions(state, start, end + len(drafts), mrope)
             context_lens.append(start)
             block_tables.append(state.block_ids)
             if end == state.num_tokens and state.pooling_params is None:  # the model proposes the next one
@@ -389,8 +389,7 @@ class ModelRunner:
                 if lora is not None and lora.lora_int_id in failed:
                     out.errors[req_id] = failed[lora.lora_int_id]
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        input_positions = torch.cat(mrope, dim=1).to(self.device) if self.uses_mrope else \
-            torch.tensor(positions, dtype=torch.long, device=self.device)
+        input_positions = torch.tensor(mrope if self.uses_mrope else positions, dtype=torch.long, device=self.device)
         inputs_embeds = self._inputs_embeds(input_ids, chunks, sched, out) if self.encoder_cache else None
         extra = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
         hidden = self.model(input_ids, input_positions, self.kv_caches[: self.num_target_layers], meta, **extra)
@@ -427,17 +426,19 @@ class ModelRunner:
         metas[0].by_kv_group = metas
         return metas[0]
 
-    def _mrope_positions(self, state: CachedRequestState, start: int, end: int) -> torch.Tensor:
-        """M-RoPE positions [3, end - start] of a request's tokens, from the request alone (its prompt
-        and image grids), whatever the step: prompt chunks, prefix-cache hits and recomputation
-        after preemption all read the same table; tokens after the prompt sit at index + delta."""
+    def _mrope_positions(self, state: CachedRequestState, start: int, end: int, rows: tuple[list[int], ...]) -> None:
+        """Append the M-RoPE positions (three rows) of a request's tokens [start, end), from the
+        request alone (its prompt and image grids), whatever the step: prompt chunks, prefix-cache
+        hits and recomputation after preemption all read the same table; tokens after the prompt
+        sit at their index + delta."""
         if state.mrope_positions is None:
-            state.mrope_positions, state.mrope_delta = self.model.mrope_positions(len(state.prompt_token_ids),
-                                                                                   state.mm_features)
-        num_prompt = state.mrope_positions.shape[1]
-        first_after = max(start, num_prompt)
-        after = torch.arange(first_after, max(end, first_after)) + state.mrope_delta
-        return torch.cat((state.mrope_positions[:, start:min(end, num_prompt)], after.expand(3, -1)), dim=1)
+            table, state.mrope_delta = self.model.mrope_positions(len(state.prompt_token_ids), state.mm_features)
+            state.mrope_positions = table.tolist()
+        num_prompt = len(state.prompt_token_ids)
+        after = range(max(start, num_prompt) + state.mrope_delta, max(end, num_prompt) + state.mrope_delta)
+        for row, prompt in zip(rows, state.mrope_positions):
+            row.extend(prompt[start:min(end, num_prompt)])
+            row.extend(after)
 
     def _inputs_embeds(self, input_ids: torch.Tensor, chunks: list[tuple[CachedRequestState, int]],
                        sched: SchedulerOutput, out: RunnerOutput) -> torch.Tensor | None:
