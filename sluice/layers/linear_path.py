@@ -27,7 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from sluice.layers import native
 from sluice.platform import Platform, cache_dir, current_platform
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,52 @@ def measured_once(platform: Platform, key: str, measure: Callable[[], tuple[str,
         logger.info("measured once for this CPU, %s: %s (%s)", key, choices[key], timings)
         _save(platform, choices)
     return choices[key]
+
+
+def prompt_dtype(model_config, hidden: int, inner: int) -> torch.dtype:
+    """The dtype of what only ever runs whole prompts (an encoder, a vision tower), whose speed is
+    matmul throughput: under --dtype auto on a CPU, the faster one here. Where bf16 dot products
+    are no faster than float32 FMAs (AVX512-BF16 without AMX, as on Intel Xeons before Sapphire
+    Rapids' AMX) float32 wins, and it is exact; so one matmul of the FFN's shape is timed in each
+    dtype, once per CPU. Otherwise the model's dtype."""
+    dtype = model_config.torch_dtype
+    if model_config.dtype != "auto" or dtype != torch.bfloat16 or torch.device(model_config.device).type != "cpu":
+        return dtype
+    shape = (512, hidden, inner)
+    key = "encoder dtype for a {}x{}x{} matmul".format(*shape)
+    chosen = measured_once(current_platform("cpu"), key, lambda: _time_dtypes(*shape), ("float32", "bfloat16"))
+    return getattr(torch, chosen)
+
+
+def _time_dtypes(rows: int, hidden: int, inner: int) -> tuple[str, str]:
+    """The faster dtype for one FFN-shaped matmul on one thread (CPU time, which other processes
+    on the cores can't skew), with the packed bf16 kernel where pack_linears may pick it."""
+    weight = torch.randn(inner, hidden) * 0.02
+    x = torch.randn(rows, hidden)
+    runs = {"float32": [lambda: F.linear(x, weight)]}
+    x16, weight16 = x.bfloat16(), weight.bfloat16()
+    runs["bfloat16"] = [lambda: F.linear(x16, weight16)]
+    packed = native.pack_linear(weight16) if current_platform("cpu").native_kernels(torch.bfloat16) else None
+    if packed is not None:
+        runs["bfloat16"].append(lambda: native.linear(x16, packed, inner))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = {dtype: min(_best_cpu_seconds(run) for run in choices) for dtype, choices in runs.items()}
+    finally:
+        torch.set_num_threads(threads)
+    return min(best, key=best.__getitem__), ", ".join(f"{d} {t * 1e3:.2f} ms" for d, t in best.items())
+
+
+def _best_cpu_seconds(run, repeats: int = REPEATS) -> float:
+    """The least CPU time of the calling thread over a few runs, after a warm-up."""
+    run()
+    times = []
+    for _ in range(repeats):
+        started = time.thread_time()
+        run()
+        times.append(time.thread_time() - started)
+    return min(times)
 
 
 def _measure(module) -> tuple[str, str]:

@@ -10,14 +10,11 @@ engine, so nothing about it needs our kernels.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
-from sluice.layers.attention import AttentionMetadata
-from sluice.loader import copy_weight
 from sluice.models.registry import MODEL_REGISTRY
+from sluice.models.vision_language import VisionLanguageModel
 
 # text_config.model_type -> the registry's decoder
 TEXT_MODELS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -47,7 +44,10 @@ class LlavaProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaForConditionalGeneration(nn.Module):
+class LlavaForConditionalGeneration(VisionLanguageModel):
+    tower_name = "vision_tower"
+    prefixes = _PREFIXES
+
     def __init__(self, config) -> None:
         super().__init__()
         import transformers
@@ -78,48 +78,4 @@ class LlavaForConditionalGeneration(nn.Module):
         states = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True).hidden_states
         layers = [self.feature_layers] if isinstance(self.feature_layers, int) else self.feature_layers
         features = torch.cat([states[i][:, 1:] if self.drop_cls else states[i] for i in layers], dim=-1)
-        return self.multi_modal_projector(features)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model.embed(input_ids)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        return self.language_model(input_ids, positions, kv_caches, attn_metadata, inputs_embeds=inputs_embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.language_model.lm_head
-
-    @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Checkpoint names in either transformers layout; the decoder's go through its own loader
-        (which fuses q/k/v and gate/up), the rest are copied as they are."""
-        params = dict(self.named_parameters())
-        pending = {name for name in params if not name.startswith("language_model.")}
-        self.language_model.load_weights(self._load_vision(weights, params, pending))
-        if pending:
-            raise ValueError(f"parameters never loaded: {', '.join(sorted(pending)[:10])}")
-
-    @staticmethod
-    def _load_vision(weights: Iterable[tuple[str, torch.Tensor]], params: dict[str, nn.Parameter],
-                     pending: set[str]) -> Iterable[tuple[str, torch.Tensor]]:
-        """Copy the tower's and projector's tensors as they stream by; yield the decoder's under
-        its own names (one tensor held at a time)."""
-        for hf_name, tensor in weights:
-            name = next((ours + hf_name[len(theirs):] for theirs, ours in _PREFIXES if hf_name.startswith(theirs)),
-                        None)
-            if name is None:
-                raise ValueError(f"unexpected parameter {hf_name!r} for LlavaForConditionalGeneration")
-            if name.startswith("language_model."):
-                yield name[len("language_model."):], tensor
-                continue
-            if name.endswith("position_ids"):
-                continue  # a buffer some checkpoints carry
-            if name not in params:
-                raise ValueError(f"unexpected parameter {hf_name!r} for LlavaForConditionalGeneration")
-            copy_weight(params[name], tensor, hf_name)
-            pending.discard(name)
+        return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))

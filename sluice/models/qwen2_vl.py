@@ -17,14 +17,13 @@ runner computes any token's position from the request alone (mrope_positions).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from sluice.layers.attention import AttentionMetadata
-from sluice.loader import copy_weight
 from sluice.models.qwen2 import Qwen2ForCausalLM
+from sluice.models.vision_language import VisionLanguageModel
 from sluice.multimodal.inputs import MultiModalFeature
 
 # checkpoint prefix -> ours: transformers 5's layout, then the original Qwen/Qwen2-VL-*-Instruct one
@@ -32,7 +31,9 @@ _PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "language_m
              ("visual.", "visual."), ("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
 
 
-class Qwen2VLForConditionalGeneration(nn.Module):
+class Qwen2VLForConditionalGeneration(VisionLanguageModel):
+    tower_name = "visual"
+    prefixes = _PREFIXES
     uses_mrope = True  # the runner passes positions [3, T] (mrope_positions)
 
     @staticmethod
@@ -80,46 +81,6 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         runs.append(torch.arange(start, start + num_prompt_tokens - cursor).expand(3, -1))
         positions = torch.cat(runs, dim=1)
         return positions, int(positions.max()) + 1 - num_prompt_tokens
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model.embed(input_ids)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """positions [3, T] (mrope_positions); the decoder's rotary splits its frequencies by them."""
-        return self.language_model(input_ids, positions, kv_caches, attn_metadata, inputs_embeds=inputs_embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.language_model.lm_head
-
-    @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Checkpoint names in either layout; the decoder's go through its own loader (which fuses
-        q/k/v and gate/up), the vision tower's are copied as they are."""
-        params = dict(self.named_parameters())
-        pending = {name for name in params if not name.startswith("language_model.")}
-        self.language_model.load_weights(self._load_vision(weights, params, pending))
-        if pending:
-            raise ValueError(f"parameters never loaded: {', '.join(sorted(pending)[:10])}")
-
-    @classmethod
-    def _load_vision(cls, weights: Iterable[tuple[str, torch.Tensor]], params: dict[str, nn.Parameter],
-                     pending: set[str]) -> Iterable[tuple[str, torch.Tensor]]:
-        """Copy the tower's tensors as they stream by; yield the decoder's under its own names."""
-        for hf_name, tensor in weights:
-            name = next((ours + hf_name[len(theirs):] for theirs, ours in _PREFIXES if hf_name.startswith(theirs)),
-                        None)
-            if name is not None and name.startswith("language_model."):
-                yield name[len("language_model."):], tensor
-                continue
-            if name not in params:
-                raise ValueError(f"unexpected parameter {hf_name!r} for {cls.__name__}")
-            copy_weight(params[name], tensor, hf_name)
-            pending.discard(name)
 
 
 class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):

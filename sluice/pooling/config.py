@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
 from sluice.config import EngineConfig
+from sluice.layers.linear_path import prompt_dtype
 from sluice.loader import get_tokenizer
 from sluice.pooling.params import PoolingParams
 
@@ -50,63 +47,12 @@ def position_offset(hf_config) -> int:
 
 def complete_encoder_config(config: EngineConfig, hf_config) -> None:
     """An encoder splits a (query, document) pair into token types at [SEP]; configs rarely
-    name its id, the tokenizer does. Its dtype "auto" is settled here (see encoder_dtype)."""
+    name its id, the tokenizer does. Its dtype "auto" is settled here (linear_path.prompt_dtype)."""
     if not is_encoder_only(hf_config):
         return
     if getattr(hf_config, "sep_token_id", None) is None:
         hf_config.sep_token_id = get_tokenizer(config).sep_token_id
-    model = config.model
-    if model.dtype == "auto" and model.torch_dtype == torch.bfloat16 and torch.device(model.device).type == "cpu":
-        model.torch_dtype = encoder_dtype(hf_config)
-
-
-def encoder_dtype(hf_config) -> torch.dtype:
-    """--dtype auto is the fastest dtype here, and an encoder only ever runs prompts: its speed
-    is matmul throughput. Where bf16 dot products are no faster than float32 FMAs (AVX512-BF16
-    without AMX, as on Intel Xeons before Sapphire Rapids' AMX) float32 wins, and it is exact;
-    so one matmul of the model's FFN shape is timed in each dtype, once per CPU (kept on disk
-    beside the linear paths), and the faster one kept."""
-    from sluice.layers.linear_path import measured_once
-    from sluice.platform import current_platform
-
-    shape = (512, hf_config.hidden_size, hf_config.intermediate_size)
-    key = "encoder dtype for a {}x{}x{} matmul".format(*shape)
-    chosen = measured_once(current_platform("cpu"), key, lambda: _time_dtypes(*shape), ("float32", "bfloat16"))
-    return getattr(torch, chosen)
-
-
-def _time_dtypes(rows: int, hidden: int, inner: int) -> tuple[str, str]:
-    """The faster dtype for one FFN-shaped matmul on one thread (CPU time, which other processes
-    on the cores can't skew), with the packed bf16 kernel where pack_linears may pick it."""
-    from sluice.layers import native
-    from sluice.platform import current_platform
-
-    weight = torch.randn(inner, hidden) * 0.02
-    x = torch.randn(rows, hidden)
-    runs = {"float32": [lambda: F.linear(x, weight)]}
-    x16, weight16 = x.bfloat16(), weight.bfloat16()
-    runs["bfloat16"] = [lambda: F.linear(x16, weight16)]
-    packed = native.pack_linear(weight16) if current_platform("cpu").native_kernels(torch.bfloat16) else None
-    if packed is not None:
-        runs["bfloat16"].append(lambda: native.linear(x16, packed, inner))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        best = {dtype: min(_best_seconds(run) for run in choices) for dtype, choices in runs.items()}
-    finally:
-        torch.set_num_threads(threads)
-    return min(best, key=best.__getitem__), ", ".join(f"{d} {t * 1e3:.2f} ms" for d, t in best.items())
-
-
-def _best_seconds(run, repeats: int = 5) -> float:
-    """The least CPU time of the calling thread over a few runs, after a warm-up."""
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.thread_time()
-        run()
-        times.append(time.thread_time() - started)
-    return min(times)
+    config.model.torch_dtype = prompt_dtype(config.model, hf_config.hidden_size, hf_config.intermediate_size)
 
 
 def resolve_runner(config: EngineConfig, hf_config) -> str:

@@ -26,6 +26,7 @@ from sluice.distributed.sharding import check_parallel, shard_weights
 from sluice.layers.attention import AttentionMetadata, attention_layers, build_attention_metadata
 from sluice.layers.fused_moe import pack_experts, process_moe_weights_after_loading, set_moe_methods
 from sluice.layers.linear import pack_linears, process_weights_after_loading, set_linear_methods
+from sluice.layers.linear_path import prompt_dtype
 from sluice.loader import ModelLoadError, ModelSource, iter_weights, load_hf_config, resolve_model
 from sluice.models.decoder_stack import attach_decoder_stacks
 from sluice.models.registry import EAGLE_HEADS, get_model_class
@@ -163,6 +164,8 @@ class ModelRunner:
         # a vision-language model: image features replace the placeholder tokens' embeddings
         self.encoder_cache = EncoderCache(self.model.embed_images, self.device) \
             if hasattr(self.model, "embed_images") else None
+        if self.encoder_cache is not None:  # a vision tower only runs whole images, as an encoder does
+            self.model.tower().to(prompt_dtype(config.model, *self.model.tower_ffn_shape()))
         self.uses_mrope = getattr(self.model, "uses_mrope", False)  # Qwen2-VL: positions [3, T]
         self.lora_manager = LoRAManager(self.model, config.lora, config.lora.torch_dtype(self.dtype), self.device) \
             if config.lora.enable_lora else None

@@ -93,3 +93,26 @@ def test_split_images_shows_the_template_its_content_format():
     assert images == [("data:a", "messages.1.content.1.image_url"), ("data:b", "messages.1.content.2.image_url")]
     text, _ = split_images(messages, "string", "<image>")
     assert text[0] == messages[0] and text[1]["content"] == "Compare\n<image>\n<image>"
+
+
+def test_tower_takes_the_faster_prompt_dtype(llava_dir, llm, monkeypatch):
+    """--dtype auto on a CPU: the decoder runs in bfloat16 while the vision tower, which only runs
+    whole images, takes the dtype prompt_dtype measures as faster (patched here to float32, what
+    a CPU without AMX measures); the image features still reach the bfloat16 projector."""
+    import torch
+
+    import sluice.worker.model_runner as model_runner
+
+    monkeypatch.setattr(model_runner, "prompt_dtype", lambda model_config, width, inner: torch.float32)
+    auto = LLM(llava_dir, dtype="auto", block_size=4, kv_cache_memory_bytes=1 << 22)
+    model = auto.engine_core.executor.worker.runner.model
+    if auto.engine_core.executor.worker.runner.dtype != torch.bfloat16:
+        pytest.skip("--dtype auto is not bfloat16 on this machine")
+    assert next(model.tower().parameters()).dtype == torch.float32
+    assert model.multi_modal_projector.linear_1.weight.dtype == torch.bfloat16
+    pixels = torch.rand(1, 3, 32, 32)
+    reference = llm.engine_core.executor.worker.runner.model.embed_images(pixels)  # all float32
+    torch.testing.assert_close(model.embed_images(pixels).float(), reference, rtol=0.05, atol=0.05)
+    [out] = auto.generate({"prompt": "Look: <image>", "multi_modal_data": {"image": make_image(7)}}, GREEDY,
+                          use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == MAX_TOKENS

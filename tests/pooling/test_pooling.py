@@ -166,15 +166,15 @@ def test_bert_int8_embeddings(bert_dir, bert_tokenizer):
 
 @torch.inference_mode()
 def test_encoder_dtype_auto(bert_dir, bert_tokenizer, monkeypatch):
-    """dtype auto for an encoder is settled by pooling.config.encoder_dtype (a timed matmul per
-    dtype, patched here to choose bfloat16): the BERT path (fused QKV on the bf16 kernels) then
+    """dtype auto for an encoder is settled by linear_path.prompt_dtype (a timed matmul per dtype,
+    patched here to choose bfloat16): the BERT path (fused QKV on the bf16 kernels) then
     runs in bfloat16, close to transformers' float32."""
     import transformers
 
     import sluice.pooling.config as pooling_config
     from sluice.config import resolve_dtype
 
-    monkeypatch.setattr(pooling_config, "encoder_dtype", lambda hf_config: torch.bfloat16)
+    monkeypatch.setattr(pooling_config, "prompt_dtype", lambda model_config, hidden, inner: torch.bfloat16)
     folder = bert_dir("mean")
     llm = LLM(folder, dtype="auto")
     assert llm.engine_core.executor.worker.runner.dtype == resolve_dtype("auto")  # bf16 where the CPU has it
