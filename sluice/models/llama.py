@@ -157,6 +157,8 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config, head_dim: int, options: DecoderOptions, sliding_windows: list[int | None]):
         super().__init__()
+        # the activations' dtype (the model is built under it): a quantized embedding's weight holds blocks
+        self.dtype = torch.get_default_dtype()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.start_layer, self.end_layer = get_pp_group().layer_range(config.num_hidden_layers)
         self.layers = nn.ModuleList(
@@ -174,7 +176,7 @@ class LlamaModel(nn.Module):
         pp = get_pp_group()
         if pp.is_first:
             return self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        return pp.recv((input_ids.shape[0], self.embed_tokens.embedding_dim), self.embed_tokens.weight.dtype)
+        return pp.recv((input_ids.shape[0], self.embed_tokens.embedding_dim), self.dtype)
 
     def stage_output(self, x: torch.Tensor) -> torch.Tensor:
         """The final-normed hidden states on the last stage; on the others, x goes to the next."""

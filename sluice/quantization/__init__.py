@@ -38,9 +38,9 @@ def declared_quantization(hf_config) -> dict | None:
 
 
 def methods_on_ranks(pipeline_parallel_size: int) -> tuple[str, ...]:
-    """The methods that run when the model is split: quantized layers split across tensor-parallel
-    ranks, not into pipeline stages yet (the one place that says so)."""
-    return ("none", "int8", "gguf") if pipeline_parallel_size == 1 else ("none",)
+    """The methods that run when the model is split across tensor-parallel ranks or pipeline
+    stages (the one place that says so)."""
+    return ("none", "int8", "gguf")
 
 
 def gguf_blocks_run_here(device: torch.device, num_stages: int) -> bool:

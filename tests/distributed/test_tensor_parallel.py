@@ -40,9 +40,10 @@ CHANGES = {"llama31_tied": {"num_key_value_heads": 1, "attention_bias": True, "m
            "olmo2": {"num_key_value_heads": 1}}
 OPTIONS = {"llama-int8": {"quantization": "int8"}}
 # pipeline stages (a layer each): Llama's tied lm_head on the last stage, Gemma 3's windowed layer on
-# the first and its global one on the second (the KV manager must keep what the second reads)
+# the first and its global one on the second (the KV manager must keep what the second reads), int8
+# blocks on each stage's layers
 CASES = ([(name, {"tensor_parallel_size": 2}) for name in ARCHS]
-         + [(name, {"pipeline_parallel_size": 2}) for name in ("llama31_tied", "gemma3")])
+         + [(name, {"pipeline_parallel_size": 2}) for name in ("llama31_tied", "gemma3", "llama-int8")])
 
 
 def tokens(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
@@ -165,14 +166,17 @@ def test_served_tp2_answers_like_one_rank_and_a_dead_rank_takes_the_server_down(
 
 
 def test_default_model_on_two_stages_equals_one_rank_and_refuses_two_tensor_ranks():
-    """SmolLM2 (30 layers, 9 heads): two pipeline stages give one rank's tokens (dequantized: GGUF
-    blocks run on one stage only); 9 heads cannot be split over two tensor-parallel ranks."""
+    """SmolLM2 (30 layers, 9 heads): two pipeline stages give one rank's tokens, each stage on its
+    layers' GGUF blocks where the kernel runs (the hidden states cross in float32, not the
+    embedding's block bytes); 9 heads cannot be split over two tensor-parallel ranks."""
+    from sluice.quantization.gguf import kernel_available
+
     options = dict(dtype="float32", max_model_len=128, kv_cache_memory_bytes=16 << 20)
     prompts = [[1, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47], PROMPT]
     one = tokens(LLM(**options), prompts)
     llm = LLM(**options, pipeline_parallel_size=2)
     try:
-        assert llm.engine_core.quantization == "none"
+        assert llm.engine_core.quantization == ("gguf" if kernel_available() else "none")
         assert tokens(llm, prompts) == one
     finally:
         llm.engine_core.shutdown()
@@ -243,8 +247,6 @@ def test_quantized_shares_that_cut_blocks_are_refused_naming_the_layer(monkeypat
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int >= 1; got 0"),
     (dict(tensor_parallel_size=2, quantization="compressed-tensors"),
      r"quantization='compressed-tensors' \(--quantization\) is not supported"),
-    (dict(pipeline_parallel_size=2, quantization="int8"), r"quantization='int8' \(--quantization\) is not "
-                                                          "supported with pipeline stages yet"),
     (dict(pipeline_parallel_size=2, enable_lora=True), r"enable_lora \(--enable-lora\) is not supported with "
                                                        "pipeline stages yet"),
     (dict(tensor_parallel_size=2, speculative_config={"method": "eagle", "model": "x", "num_speculative_tokens": 2}),
