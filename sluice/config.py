@@ -649,9 +649,6 @@ class EngineConfig:
         if parallel.world_size == 1:
             return
         where = parallel.describe_ranks()
-        _check(not self.lora.enable_lora or parallel.pipeline_parallel_size == 1,
-               f"{where}: enable_lora (--enable-lora) is not supported with pipeline stages yet (LoRA slots are "
-               "not split into stages)")
         from sluice.quantization import methods_on_ranks  # imported here: it imports the loader, which imports us
 
         methods = methods_on_ranks(parallel.pipeline_parallel_size)

@@ -8,13 +8,14 @@ before any request uses it; a step then only moves known-good weights into slots
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
 from sluice.config import LoRAConfig
-from sluice.distributed import get_tp_group
+from sluice.distributed import get_pp_group, get_tp_group
 from sluice.distributed.sharding import ShardPlan
 from sluice.layers.linear import GateUpLinear, Linear, MergedLinear
 from sluice.lora.adapter import TARGET_MODULES, LoRAError, LoRAModel, LoRAWeights, load_adapter
@@ -22,6 +23,8 @@ from sluice.lora.layers import LoRALayer, LoRAStep
 from sluice.lora.request import LoRARequest
 
 logger = logging.getLogger("sluice")
+
+_LAYER = re.compile(r"(?:^|.*\.)layers\.(\d+)\.")  # a decoder layer's module path: its index
 
 
 class LoRAManager:
@@ -32,6 +35,12 @@ class LoRAManager:
         self.step = LoRAStep(config.max_loras, dtype, device)
         tp = get_tp_group()
         self.shard_plan = ShardPlan.of(model, tp) if tp.world_size > 1 else None  # adapters split as the layers
+        # the decoder layers other pipeline stages hold: their adapter weights are theirs to check and hold
+        self.other_stages: set[int] = set()
+        pp = get_pp_group()
+        if pp.num_stages > 1:
+            num_layers = model.config.get_text_config().num_hidden_layers
+            self.other_stages = set(range(num_layers)) - set(range(*pp.layer_range(num_layers)))
         # checkpoint module path (as PEFT names it) -> (its LoRA layer, shard index, in, out rows)
         self.targets: dict[str, tuple[LoRALayer, int, int, int]] = {}
         self.layers: list[tuple[LoRALayer, list[str]]] = []  # each layer and its shards' module paths
@@ -93,6 +102,8 @@ class LoRAManager:
         adapter = self.loaded.get(request.lora_int_id)
         if adapter is None:
             adapter = load_adapter(request.lora_path, request.lora_int_id, self.config.max_lora_rank, self.dtype)
+            if self.other_stages:
+                adapter = self._stage_share(adapter)
             if self.shard_plan is not None:
                 adapter = self._shard(request, adapter)
             self._check(request, adapter)
@@ -101,6 +112,13 @@ class LoRAManager:
                 self.loaded.popitem(last=False)
         self.loaded.move_to_end(request.lora_int_id)
         return adapter
+
+    def _stage_share(self, adapter: LoRAModel) -> LoRAModel:
+        """The modules of this pipeline stage's layers (and any a stage cannot place, for `_check`
+        to refuse on every stage)."""
+        modules = {name: w for name, w in adapter.modules.items()
+                   if not ((layer := _LAYER.match(name)) and int(layer[1]) in self.other_stages)}
+        return LoRAModel(adapter.adapter_id, adapter.rank, modules)
 
     def _shard(self, request: LoRARequest, adapter: LoRAModel) -> LoRAModel:
         """This tensor-parallel rank's share of an adapter (`_check` then compares it with this

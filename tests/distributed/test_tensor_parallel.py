@@ -247,8 +247,6 @@ def test_quantized_shares_that_cut_blocks_are_refused_naming_the_layer(monkeypat
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int >= 1; got 0"),
     (dict(tensor_parallel_size=2, quantization="compressed-tensors"),
      r"quantization='compressed-tensors' \(--quantization\) is not supported"),
-    (dict(pipeline_parallel_size=2, enable_lora=True), r"enable_lora \(--enable-lora\) is not supported with "
-                                                       "pipeline stages yet"),
     (dict(tensor_parallel_size=2, speculative_config={"method": "eagle", "model": "x", "num_speculative_tokens": 2}),
      "method 'eagle' loads an EAGLE head, which is not split across ranks yet"),
 ])

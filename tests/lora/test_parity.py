@@ -112,17 +112,26 @@ def test_worker_process_gets_the_adapter(lora_models):
     check_float32(out[0].outputs[0].token_ids, tokens, logits, "mp worker", NUM_TOKENS)
 
 
-def test_tensor_parallel_adapters_equal_one_rank(lora_models):
-    """TP=2 on Phi-3 (B split by output rows on the fused qkv_proj and gate_up_proj, by heads and
-    columns as their weights; A by input columns on o and down, whose partial deltas join the base's
-    all-reduce): a batch mixing two adapters and the base model gives one rank's tokens."""
+@pytest.fixture(scope="module")
+def phi3_mixed(lora_models) -> tuple[str, list, list[dict], list[list[int]]]:
+    """Phi-3, a batch mixing two adapters and the base model, and one rank's tokens for it."""
     model_dir, adapters = lora_models("phi3")
     loras = [None] + [LoRARequest(name, i, adapters[name]) for i, name in enumerate("ab", start=1)]
     prompts = [{"prompt_token_ids": PROMPTS[i % 2]} for i in range(len(loras))]
     one = [o.outputs[0].token_ids for o in engine(model_dir, max_loras=2).generate(
         prompts, GREEDY, use_tqdm=False, lora_request=loras)]
     assert len({tuple(t) for t in one}) == 3, "adapters should give different tokens"
-    llm = engine(model_dir, max_loras=2, tensor_parallel_size=2)
+    return model_dir, loras, prompts, one
+
+
+@pytest.mark.parametrize("ranks", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_split_adapters_equal_one_rank(ranks, phi3_mixed):
+    """Phi-3's adapters split as its layers: under TP=2, B by output rows on the fused qkv_proj and
+    gate_up_proj (by heads and columns, as their weights), A by input columns on o and down, whose
+    partial deltas join the base's all-reduce; under PP=2, each stage holds its own layers'
+    adapter weights. A batch mixing two adapters and the base model gives one rank's tokens."""
+    model_dir, loras, prompts, one = phi3_mixed
+    llm = engine(model_dir, max_loras=2, **ranks)
     try:
         two = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=loras)
         assert [o.outputs[0].token_ids for o in two] == one
