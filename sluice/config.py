@@ -649,15 +649,6 @@ class EngineConfig:
         if parallel.world_size == 1:
             return
         where = parallel.describe_ranks()
-        from sluice.quantization import methods_on_ranks  # imported here: it imports the loader, which imports us
-
-        methods = methods_on_ranks(parallel.pipeline_parallel_size)
-        _check(self.model.quantization in ("auto", *methods),
-               f"{where}: quantization={self.model.quantization!r} (--quantization) is not supported with "
-               + ("pipeline stages yet (quantized layers are not split into stages)"
-                  if parallel.pipeline_parallel_size > 1 else
-                  "several ranks yet (its per-channel scales are not split across ranks)")
-               + f"; use quantization {' or '.join(map(repr, methods))}")
         _check(not self.speculative.enabled or self.speculative.method not in ("eagle", "eagle3"),
                f"{where}: speculative_config method {getattr(self.speculative, 'method', None)!r} loads an EAGLE "
                "head, which is not split across ranks yet; use method 'draft_model', 'ngram' or one rank")

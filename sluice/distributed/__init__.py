@@ -37,12 +37,12 @@ class Communicator:
         """The rank whose step output the executor returns."""
         return self.rank == 0
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of x over the ranks (in place)."""
+    def all_reduce(self, x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """Sum (or op) of x over the ranks (in place)."""
         if self.world_size == 1:
             return x
         start = time.perf_counter()
-        dist.all_reduce(x, group=self.group)
+        dist.all_reduce(x, op=op, group=self.group)
         self._count(start)
         return x
 

@@ -26,7 +26,7 @@ VOCAB_PARALLEL = ("model.embed_tokens.weight", "lm_head.weight")
 LAYERS = "model.layers."
 # an expert's tensor: one per expert (experts.3.w1.weight), or every expert's stacked (experts.gate_proj.weight
 # [E, I, H], experts.gate_up_proj [E, 2I, H])
-_EXPERT = re.compile(r".*\.experts\.(?:\d+\.)?(?P<proj>\w+?)(?:\.weight)?")
+_EXPERT = re.compile(r".*\.experts\.(?:\d+\.)?(?P<proj>\w+?)(?:\.weight(?P<scale>_scale)?)?")
 _COLUMN = ("gate_proj", "up_proj", "w1", "w3")
 _ROW = ("o_proj", "down_proj", "w2")
 # the feed-forward widths a family may have; each must divide into the ranks
@@ -104,7 +104,7 @@ class ShardPlan:
             return self._vocab_rows(tensor)
         expert = _EXPERT.fullmatch(name)
         if expert is not None:
-            return self._expert(name, expert["proj"], tensor)
+            return self._expert(name, expert["proj"], tensor, scale=bool(expert["scale"]))
         prefix, _, leaf = name.rpartition(".")
         proj = prefix.rpartition(".")[2]
         q, kv = self._q_rows(), self._kv_rows()
@@ -116,6 +116,8 @@ class ShardPlan:
         if proj in _COLUMN:
             return _rows(tensor, mlp)
         if proj in _ROW:
+            if leaf == "weight_scale":  # int8 scales per output channel (compressed-tensors): not split
+                return tensor
             if leaf != "weight":  # the bias: added once, after the all-reduce sums the ranks
                 return tensor.clone() if self.rank == 0 else torch.zeros_like(tensor)
             return self._columns(name, tensor, q if proj == "o_proj" else mlp)
@@ -162,10 +164,13 @@ class ShardPlan:
         per_rank = width // self.size
         return self.rank * per_rank, (self.rank + 1) * per_rank
 
-    def _expert(self, name: str, proj: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _expert(self, name: str, proj: str, tensor: torch.Tensor, scale: bool = False) -> torch.Tensor:
         """An expert projection, one expert's [out, in] or every expert's [E, out, in]: gate and up
-        split by output rows, down by input columns (experts have no bias)."""
+        split by output rows, down by input columns (experts have no bias). Its int8 scales per
+        output channel ([..., out, 1], `scale`) follow the rows, and stay whole on down."""
         start, end = self._share(self.moe_intermediate)
+        if scale and proj in _ROW:
+            return tensor
         if proj == "gate_up_proj":
             gate, up = tensor.chunk(2, dim=-2)
             return torch.cat([gate[..., start:end, :], up[..., start:end, :]], dim=-2)

@@ -116,7 +116,7 @@ def load_library() -> ctypes.CDLL | None:
     lib.linear_int8.restype = ctypes.c_int
     lib.linear_int8.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3
                                 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                   ctypes.c_int64, ctypes.c_int])
+                                   ctypes.c_int64, ctypes.c_int, ctypes.c_void_p])
     # routed experts in one call (moe.c; called from sluice/layers/fused_moe.py)
     lib.moe_experts_bf16.restype = ctypes.c_int
     lib.moe_experts_bf16.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2

@@ -4,7 +4,9 @@ sluice.layers.linear.set_linear_methods gives each linear layer its LinearMethod
 
 Methods: gguf (gguf.py: a GGUF file's blocks as stored; `auto` for a GGUF where its kernel runs),
 int8 (int8.py: int8 blocks quantized at load), compressed-tensors (int8.py: an int8 checkpoint as
-stored; `auto` for such a checkpoint), none (dense weights).
+stored; `auto` for such a checkpoint), none (dense weights). Every method runs on split models:
+pipeline stages hold their layers' weights as one rank would, tensor-parallel ranks their rows
+and whole blocks of their inputs (a method refuses a share that cuts its blocks).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 from sluice.loader import ModelLoadError, ModelSource
 from sluice.quantization.base import LinearMethod, QuantizationConfig
 
-__all__ = ["LinearMethod", "QuantizationConfig", "Unquantized", "get_quantization_config", "methods_on_ranks"]
+__all__ = ["LinearMethod", "QuantizationConfig", "Unquantized", "get_quantization_config"]
 
 CHECKPOINT_METHODS = ("compressed-tensors",)  # quantization_config.quant_method values sluice runs
 
@@ -37,32 +39,26 @@ def declared_quantization(hf_config) -> dict | None:
     return declared.to_dict() if hasattr(declared, "to_dict") else vars(declared)
 
 
-def methods_on_ranks(pipeline_parallel_size: int) -> tuple[str, ...]:
-    """The methods that run when the model is split across tensor-parallel ranks or pipeline
-    stages (the one place that says so)."""
-    return ("none", "int8", "gguf")
-
-
-def gguf_blocks_run_here(device: torch.device, num_stages: int) -> bool:
+def gguf_blocks_run_here(device: torch.device) -> bool:
     """Whether `auto` runs a GGUF on its blocks: where quant.c's integer kernel runs (a CPU with
-    AVX-512 VNNI) and the split allows it; there it beats the dequantized bf16 path for one stream
-    and at batch (README, Quantization). Elsewhere the file is dequantized at load."""
-    if device.type != "cpu" or "gguf" not in methods_on_ranks(num_stages):
+    AVX-512 VNNI); there it beats the dequantized bf16 path for one stream and at batch (README,
+    Quantization). Elsewhere the file is dequantized at load."""
+    if device.type != "cpu":
         return False
     from sluice.quantization.gguf import kernel_available
 
     return kernel_available()
 
 
-def get_quantization_config(method: str, source: ModelSource, hf_config, device: torch.device = torch.device("cpu"),
-                            num_stages: int = 1) -> QuantizationConfig:
+def get_quantization_config(method: str, source: ModelSource, hf_config,
+                            device: torch.device = torch.device("cpu")) -> QuantizationConfig:
     """The method the model runs: `method` as the user gave it (auto: the checkpoint's own; a GGUF's
     blocks where they run here; else none), checked against what the checkpoint holds."""
     declared = declared_quantization(hf_config) if source.kind == "hf_folder" else None
     if declared is not None:
         return _checkpoint_config(method, declared, source)
     if method == "auto":
-        method = "gguf" if source.kind == "gguf" and gguf_blocks_run_here(device, num_stages) else "none"
+        method = "gguf" if source.kind == "gguf" and gguf_blocks_run_here(device) else "none"
     if method == "gguf":
         if source.kind != "gguf":
             raise ModelLoadError(f"quantization='gguf' (--quantization) needs a .gguf model; "

@@ -18,6 +18,7 @@ import re
 
 import gguf
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -162,15 +163,28 @@ class ChannelInt8Method(LinearMethod):
             if residual.stride(-1) != 1:
                 residual = residual.contiguous()
             epilogue = native.EPI_RESIDUAL
-        bias = layer.int8_bias
+        bias, amax = layer.int8_bias, self.row_amax_across_ranks(layer, x)
         status = native.load_library().linear_int8(
             x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), int(x.dtype == torch.bfloat16), packed.data_ptr(),
             layer.int8_scale.data_ptr(), layer.int8_sums.data_ptr(), layer.out_features,
             None if bias is None else bias.data_ptr(), None if residual is None else residual.data_ptr(),
-            0 if residual is None else residual.stride(0), out.data_ptr(), out.stride(0), epilogue)
+            0 if residual is None else residual.stride(0), out.data_ptr(), out.stride(0), epilogue,
+            None if amax is None else amax.data_ptr())
         if status != 0:
             raise RuntimeError(f"linear_int8 failed ({status}) for shape {tuple(shape)} x {layer.out_features}")
         return out.view(*shape[:-1], layer.out_features)
+
+    @staticmethod
+    def row_amax_across_ranks(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """Each row's max |x| over every rank's share, where tensor-parallel ranks split the layer's
+        inputs (o, down): each rank then quantizes its share with the whole row's scale, so their
+        integer products sum to one rank's (one small all-reduce per call). None: x is whole here."""
+        from sluice.layers.linear import RowParallelLinear
+
+        tp = get_tp_group()
+        if tp.world_size == 1 or not isinstance(layer, RowParallelLinear):
+            return None
+        return tp.all_reduce(x.abs().amax(dim=-1).float(), op=dist.ReduceOp.MAX)
 
     @staticmethod
     def weight_only(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

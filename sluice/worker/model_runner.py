@@ -35,7 +35,7 @@ from sluice.pooling.pooler import Chunk as PoolChunk
 from sluice.pooling.pooler import Pooler
 from sluice.lora.manager import LoRAManager
 from sluice.platform import available_memory_bytes
-from sluice.quantization import get_quantization_config, methods_on_ranks
+from sluice.quantization import get_quantization_config
 from sluice.spec_decode.draft_model import DraftModel
 from sluice.spec_decode.eagle import EagleProposer, HeadBatch, aux_hidden_state_layers, check_draft_vocabulary
 from sluice.spec_decode.ngram import NgramProposer
@@ -127,12 +127,7 @@ def load_model(hf_config, source: ModelSource, dtype: torch.dtype, device: torch
     model_class = model_class or get_model_class(hf_config)
     tp, pp = get_tp_group(), get_pp_group()
     check_parallel(hf_config, model_class, tp.world_size, pp.num_stages)
-    quant_config = get_quantization_config(quantization, source, hf_config, device, pp.num_stages)
-    split = methods_on_ranks(pp.num_stages)
-    if tp.world_size * pp.num_stages > 1 and quant_config.name not in split:
-        raise ValueError(f"quantization={quant_config.name!r} (--quantization) cannot run on these ranks "
-                         f"(tensor_parallel_size={tp.world_size}, pipeline_parallel_size={pp.num_stages}) yet; "
-                         f"use quantization {' or '.join(map(repr, split))} or one rank")
+    quant_config = get_quantization_config(quantization, source, hf_config, device)
     with _default_dtype(dtype), device:
         model = model_class(hf_config)
     quant_config.prepare_model(model)

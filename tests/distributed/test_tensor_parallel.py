@@ -89,6 +89,28 @@ def test_gguf_blocks_split_at_whole_blocks_equal_one_rank(tmp_path):
         llm.engine_core.shutdown()
 
 
+@pytest.mark.parametrize("ranks", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_compressed_tensors_checkpoint_split_equals_one_rank(ranks, tiny_model_dir, tmp_path):
+    """An int8 checkpoint as stored (compressed-tensors W8A8, a scale per output channel): q/k/v and
+    gate/up split by rows with their scales, o and down by input columns, their scales whole on
+    every rank; in stages, each stage's layers. (Under W8A8 each rank quantizes its share of an
+    activation row with its own scale, as vLLM does: the tokens still agree.)"""
+    from tests.quantization.test_int8 import write_checkpoints
+
+    target = str(tmp_path / "w8a8")
+    write_checkpoints(tiny_model_dir("llama"), target, str(tmp_path / "twin"))
+    options = dict(dtype="float32", max_model_len=128, kv_cache_memory_bytes=4 << 20)
+    prompts = [PROMPT, PROMPTS[1]]
+    one = tokens(LLM(target, **options), prompts)
+    assert all(len(set(t)) > 4 for t in one), one
+    llm = LLM(target, **options, **ranks)
+    try:
+        assert llm.engine_core.quantization == "compressed-tensors"
+        assert tokens(llm, prompts) == one
+    finally:
+        llm.engine_core.shutdown()
+
+
 # ---- the scheduler's paths under TP=2 (the tiny Llama of tests/utils: real vocabulary, GQA) -----
 SHARED = list(range(300, 340))  # 40 tokens: two full 16-token blocks shared by every prompt
 PROMPTS = [SHARED + [5, 6, 7], SHARED + list(range(1000, 1020)), SHARED + [42] * 9, SHARED + [9000, 12]]
@@ -245,8 +267,6 @@ def test_quantized_shares_that_cut_blocks_are_refused_naming_the_layer(monkeypat
      r"tensor_parallel_size=64 \(--tensor-parallel-size, --pipeline-parallel-size\) x data_parallel_size=1: 64 "
      r"ranks need a CPU each"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int >= 1; got 0"),
-    (dict(tensor_parallel_size=2, quantization="compressed-tensors"),
-     r"quantization='compressed-tensors' \(--quantization\) is not supported"),
     (dict(tensor_parallel_size=2, speculative_config={"method": "eagle", "model": "x", "num_speculative_tokens": 2}),
      "method 'eagle' loads an EAGLE head, which is not split across ranks yet"),
 ])

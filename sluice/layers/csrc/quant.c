@@ -654,14 +654,16 @@ static void run_i8gemm(const I8Gemm *g) {
 }
 
 /* One row of x (K values) -> xq + 128 as bytes (K4 of them, the padding 128) and its scale
- * amax / 127: q = round(x * 127 / amax) to nearest even (the rounding mode), as lrintf would. */
-static void quantize_row_u8(const void *x, int bf16, int64_t K, int64_t K4, uint8_t *xu, float *sx) {
+ * amax / 127: q = round(x * 127 / amax) to nearest even (the rounding mode), as lrintf would.
+ * amax is the row's own max |x|, or *given where not NULL. */
+static void quantize_row_u8(const void *x, int bf16, int64_t K, int64_t K4, const float *given, uint8_t *xu,
+                            float *sx) {
     __m512 amax16 = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
+    for (int64_t k = 0; !given && k < K; k += 16) {
         const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
         amax16 = _mm512_max_ps(amax16, _mm512_abs_ps(load16_masked(x, bf16, k, live)));
     }
-    const float amax = _mm512_reduce_max_ps(amax16), inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const float amax = given ? *given : _mm512_reduce_max_ps(amax16), inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     *sx = amax / 127.0f;
     for (int64_t k = 0; k < K4; k += 16) {
         const int64_t left = K4 - k < 16 ? K4 - k : 16;
@@ -676,10 +678,12 @@ static void quantize_row_u8(const void *x, int bf16, int64_t K, int64_t K4, uint
 /* x [M, K] (rows ldx apart; bf16 or float32) @ W^T (+ bias float32 [N] or NULL), W packed by
  * pack_int8 with per-channel scales sw [N] -> out [M, N] in x's dtype, through one epilogue:
  * I8_STORE, I8_RESIDUAL (+ residual [M, N], rows ldr apart, x's dtype) or I8_GELU, the product
- * first rounded to x's dtype as a separate torch op would hold it. -1: not served here. */
+ * first rounded to x's dtype as a separate torch op would hold it. Each row of x is quantized with
+ * its own max |x|, or amax_x [M] where given (a tensor-parallel rank's share of a row, quantized as
+ * the whole row is). -1: not served here. */
 int linear_int8(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, const int8_t *packed, const float *sw,
                 const int32_t *qsum, int64_t N, const float *bias, const void *residual, int64_t ldr, void *out,
-                int64_t ldo, int epilogue) {
+                int64_t ldo, int epilogue, const float *amax_x) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
     const int64_t K4 = round4(K);
     uint8_t *xu = malloc((size_t)(M * K4));
@@ -691,7 +695,8 @@ int linear_int8(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, cons
     }
     const size_t elem = bf16 ? 2 : 4;
 #pragma omp parallel for schedule(static) if (M >= 16)
-    for (int64_t m = 0; m < M; m++) quantize_row_u8((const char *)x + m * ldx * elem, bf16, K, K4, xu + m * K4, sx + m);
+    for (int64_t m = 0; m < M; m++)
+        quantize_row_u8((const char *)x + m * ldx * elem, bf16, K, K4, amax_x ? amax_x + m : NULL, xu + m * K4, sx + m);
     I8Gemm g = {xu, sx, M, K4, N, packed, sw, bias, qsum, residual, ldr, out, ldo, bf16, epilogue};
     run_i8gemm(&g);
     free(xu);
@@ -699,7 +704,7 @@ int linear_int8(const void *x, int64_t M, int64_t K, int64_t ldx, int bf16, cons
     return 0;
 #else
     (void)x; (void)M; (void)K; (void)ldx; (void)bf16; (void)packed; (void)sw; (void)qsum; (void)N; (void)bias;
-    (void)residual; (void)ldr; (void)out; (void)ldo; (void)epilogue;
+    (void)residual; (void)ldr; (void)out; (void)ldo; (void)epilogue; (void)amax_x;
     return -1;
 #endif
 }
