@@ -649,9 +649,6 @@ class EngineConfig:
         if parallel.world_size == 1:
             return
         where = parallel.describe_ranks()
-        _check(not self.speculative.enabled or self.speculative.method not in ("eagle", "eagle3"),
-               f"{where}: speculative_config method {getattr(self.speculative, 'method', None)!r} loads an EAGLE "
-               "head, which is not split across ranks yet; use method 'draft_model', 'ngram' or one rank")
         _check(not self.kv_transfer.enabled, f"{where}: kv_transfer_config (--kv-transfer-config) is not supported "
                                              "with several ranks yet (each rank would serve its own KV shard)")
         _check(self.pooling.runner != "pooling", f"{where}: runner='pooling' (--runner) is not supported with "

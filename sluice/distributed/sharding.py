@@ -87,6 +87,7 @@ class ShardPlan:
     shared_intermediate: int = 0  # Qwen2-MoE's shared expert's
     # (values, bytes) of one block of a tensor loaded as stored GGML blocks (None: dense)
     stored_block: Callable[[str], tuple[int, int] | None] = lambda name: None
+    vocab_parallel: tuple[str, ...] = VOCAB_PARALLEL  # the model's weights split by vocabulary rows
 
     @classmethod
     def of(cls, model: torch.nn.Module, tp: Communicator,
@@ -96,11 +97,11 @@ class ShardPlan:
                    config.num_key_value_heads, config.intermediate_size, config.vocab_size,
                    getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
                    getattr(config, "shared_expert_intermediate_size", None) or 0,
-                   stored_block or (lambda name: None))
+                   stored_block or (lambda name: None), getattr(model, "vocab_parallel_weights", VOCAB_PARALLEL))
 
     def shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's part of a Hugging Face-named checkpoint tensor (a copy; the rest is dropped)."""
-        if name in VOCAB_PARALLEL:
+        if name in self.vocab_parallel:
             return self._vocab_rows(tensor)
         expert = _EXPERT.fullmatch(name)
         if expert is not None:

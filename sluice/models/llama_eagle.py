@@ -40,9 +40,13 @@ def _eagle_names(weights: Iterable[tuple[str, torch.Tensor]], seen: set[str]) ->
 
 
 class _EagleHead(nn.Module):
-    """What both heads share: loading, the target's embeddings when the checkpoint has none."""
+    """What both heads share: loading, the target's embeddings when the checkpoint has none. On
+    tensor-parallel ranks the layers split as the target's do; the head's own embedding and
+    EAGLE-3's reduced lm_head stay whole on every rank (EAGLE-1 uses the target's lm_head)."""
 
     tie_word_embeddings = False
+    tensor_parallel_unsupported: str | None = None
+    vocab_parallel_weights: tuple[str, ...] = ()
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -103,7 +107,8 @@ class Eagle3DecoderLayer(nn.Module):
         super().__init__()
         H, eps, options = config.hidden_size, config.rms_norm_eps, DecoderOptions()
         self.self_attn = LlamaAttention(config, head_dim, options, None)
-        self.self_attn.qkv_proj = QKVLinear(2 * H, config.num_attention_heads, config.num_key_value_heads, head_dim)
+        attn = self.self_attn  # this rank's heads
+        attn.qkv_proj = QKVLinear(2 * H, attn.num_heads, attn.num_kv_heads, head_dim)
         self.mlp = LlamaMLP(config, options)
         self.input_layernorm = RMSNorm(H, eps)
         self.hidden_norm = RMSNorm(H, eps)

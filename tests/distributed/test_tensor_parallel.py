@@ -267,8 +267,6 @@ def test_quantized_shares_that_cut_blocks_are_refused_naming_the_layer(monkeypat
      r"tensor_parallel_size=64 \(--tensor-parallel-size, --pipeline-parallel-size\) x data_parallel_size=1: 64 "
      r"ranks need a CPU each"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int >= 1; got 0"),
-    (dict(tensor_parallel_size=2, speculative_config={"method": "eagle", "model": "x", "num_speculative_tokens": 2}),
-     "method 'eagle' loads an EAGLE head, which is not split across ranks yet"),
 ])
 def test_bad_parallel_configs_are_refused(kwargs, message):
     from sluice.config import EngineConfig

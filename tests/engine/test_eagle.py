@@ -134,6 +134,25 @@ def test_eagle3_in_a_worker_process_equals_plain(target, eagle3_head, plain_refe
     assert tokens(llm, prompts()) == plain_reference
 
 
+def test_eagle_heads_split_over_two_ranks_equal_one_rank(target, eagle_heads, eagle3_head, plain_reference):
+    """TP=2 (gloo): each head's layers split as the target's (EAGLE-3's q/k/v over its doubled
+    width by heads too), its own embedding and reduced lm_head whole on each rank. The perfect
+    EAGLE-1 head (the target's embedding and lm_head, split by vocabulary) still drafts only right
+    tokens; the random EAGLE-3 head drafts what it drafts on one rank (as many accepted)."""
+    one = LLM(target[0], **COMMON, speculative_config=_spec("eagle3", eagle3_head))
+    assert tokens(one, prompts()) == plain_reference
+    want = one.get_metrics()["vllm:spec_decode_num_accepted_tokens"]
+    for method, path in (("eagle", eagle_heads["perfect"]), ("eagle3", eagle3_head)):
+        llm = LLM(target[0], **COMMON, tensor_parallel_size=2, speculative_config=_spec(method, path))
+        try:
+            assert tokens(llm, prompts()) == plain_reference
+            metrics = llm.get_metrics()
+            drafts, accepted = (metrics[f"vllm:spec_decode_num_{kind}_tokens"] for kind in ("draft", "accepted"))
+            assert drafts > 0 and accepted == (drafts if method == "eagle" else want), (drafts, accepted, want)
+        finally:
+            llm.engine_core.shutdown()
+
+
 def test_heads_that_do_not_fit_the_target_are_refused(tmp_path, target, eagle_heads, smollm2_gguf):
     with pytest.raises(ValueError, match="target has hidden_size 576 and vocab_size 49152"):
         LLM(smollm2_gguf, **COMMON, speculative_config=_spec("eagle", eagle_heads["random"]))
