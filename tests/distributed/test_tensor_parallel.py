@@ -1,8 +1,9 @@
-"""Tensor parallel and pipeline stages over gloo (two worker processes): greedy tokens equal one
-rank's, token for token in float32, for every architecture that can be split; the scheduler's
-paths (batched, chunked, preempted, prefix-warm) hold under TP=2 (and under PP=2 with micro-batches in
-test_pipeline_parallel.py); `sluice serve -tp 2` answers the openai client
-the same; a dead rank fails the step with its reason (and takes a server down); bad
+"""Tensor parallel and pipeline stages over gloo (two worker processes): logits equal one rank's
+for every family sluice serves (at the model, in one launch of two ranks); greedy tokens equal one
+rank's, token for token in float32, through the engine (int8, GGUF and compressed-tensors weights
+included); the scheduler's paths (batched, chunked, preempted, prefix-warm) hold under TP=2 (and
+under PP=2 with micro-batches in test_pipeline_parallel.py); `sluice serve -tp 2` answers the
+openai client the same; a dead rank fails the step with its reason (and takes a server down); bad
 configurations are refused at start, naming the numbers."""
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import os
 import gguf
 import openai
 import pytest
+import torch
+import transformers
 
 from sluice import LLM, SamplingParams
+from sluice.distributed import Communicator, PipelineStage
 from sluice.executor.abstract import WorkerDiedError
 
 from tests.models.test_families_llm import save_tiny
@@ -27,23 +31,19 @@ NUM_TOKENS = 16
 PROMPT = [1, 17, 42, 7, 99, 3, 250, 8, 61]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
 TINY = dict(dtype="float32", max_model_len=64, kv_cache_memory_bytes=4 << 20)
-# representative families (the others differ from these only in switches a rank holds whole): Llama
-# tied with one KV head (replicated on both ranks) and o/down biases (added on rank 0 only), Qwen3
-# with an odd vocabulary (the last rank's rows padded), Phi-4's fused checkpoint projections and
-# partial rotary; then Mixtral's experts (each rank 1/2 of every expert), Qwen2-MoE's shared expert
-# (summed with the routed ones in one all-reduce) beside a dense layer, OLMo2's q/k norm over every
-# head (one KV head: replicated heads counted once), and Llama with --quantization int8 (o and down
-# split by whole Q8_0 blocks)
-ARCHS = ["llama31_tied", "qwen3", "phi4_partial_rotary", "mixtral", "qwen2_moe", "olmo2", "llama-int8"]
 UNTIED = {"tie_word_embeddings": False}  # tied, the tiny Gemmas' scaled embeddings echo the last token
-CHANGES = {"llama31_tied": {"num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True}, "qwen3": {"vocab_size": 401}, "gemma3": UNTIED,
-           "olmo2": {"num_key_value_heads": 1}}
+# switches a rank must get right: one KV head (replicated on both ranks) with o/down biases (added on
+# rank 0 only), an odd vocabulary (the last rank's rows padded), OLMo2's q/k norm over every head with
+# one KV head (replicated heads counted once)
+CHANGES = {"llama31_tied": {"num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True},
+           "qwen3": {"vocab_size": 401}, "gemma3": UNTIED, "olmo2": {"num_key_value_heads": 1}}
 OPTIONS = {"llama-int8": {"quantization": "int8"}}
-# pipeline stages (a layer each): Llama's tied lm_head on the last stage, Gemma 3's windowed layer on
-# the first and its global one on the second (the KV manager must keep what the second reads), int8
-# blocks on each stage's layers
-CASES = ([(name, {"tensor_parallel_size": 2}) for name in ARCHS]
-         + [(name, {"pipeline_parallel_size": 2}) for name in ("llama31_tied", "gemma3", "llama-int8")])
+# through the engine (every family is split at the model by test_every_family_split_equals_one_rank):
+# Llama with --quantization int8 (o and down split by whole Q8_0 blocks; in stages, each stage's
+# blocks), Gemma 3's windowed layer on the first stage and its global one on the second (the KV
+# manager must keep what the second reads)
+CASES = [("llama-int8", {"tensor_parallel_size": 2}), ("llama-int8", {"pipeline_parallel_size": 2}),
+         ("gemma3", {"pipeline_parallel_size": 2})]
 
 
 def tokens(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
@@ -68,6 +68,86 @@ def test_two_ranks_greedy_equals_one_rank(name, ranks, tmp_path, monkeypatch):
         assert tokens(llm, [PROMPT]) == [one]
     finally:
         llm.engine_core.shutdown()
+
+
+# ---- every family, at the model: one launch of two gloo ranks ------------------------------------
+FAMILIES = [name for name in CONFIGS if name != "llama"] + list(MOE_CONFIGS)  # llama: its variants
+
+
+def save_family(name: str, folder) -> str:
+    """A tiny random checkpoint of the family as transformers saves it (per-expert tensors for the
+    mixture-of-experts ones), with CHANGES' switches, biases and norms random too."""
+    if name in MOE_CONFIGS:
+        moe_model(name, vocab_size=300).save_pretrained(folder)
+        return str(folder)
+    config = CONFIGS[name]()
+    for field, value in CHANGES.get(name, {}).items():
+        setattr(config, field, value)
+    config.initializer_range = 0.3
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # transformers starts biases and norm weights at 0 and 1: make them count
+        for param_name, param in hf.named_parameters():
+            if param_name.endswith("bias") or "norm" in param_name:
+                param.add_(torch.randn_like(param) * 0.1)
+    hf.save_pretrained(folder)
+    return str(folder)
+
+
+def split_logits(folder: str, tp: Communicator, pp: PipelineStage) -> torch.Tensor | None:
+    """The model of folder loaded as this rank holds it on these ranks (load_model: its tensors
+    sliced as they stream in): logits of a varlen prefill of three prompts and three decode steps
+    through the paged cache; None on a stage that does not end the pipeline."""
+    from sluice import distributed
+    from sluice.loader import load_hf_config, resolve_model
+    from sluice.worker.model_runner import load_model
+    from tests.models.test_model_forward import MiniRunner
+
+    distributed._TP, distributed._PP = tp, pp
+    source = resolve_model(folder)
+    model, _ = load_model(load_hf_config(source), source, torch.float32, torch.device("cpu"), "none")
+    runner = MiniRunner(model.eval())
+    runner.kv_caches = runner.kv_caches[: len(model.model.local_layers())]  # this stage's layers
+    gen = torch.Generator().manual_seed(1)
+    steps = [{rid: torch.randint(3, 300, (n,), generator=gen).tolist() for rid, n in enumerate((7, 12, 3))}]
+    steps += [{rid: [int(t)] for rid, t in enumerate(torch.randint(3, 300, (3,), generator=gen))} for _ in range(3)]
+    logits = [torch.cat(list(runner.step(step).values())) for step in steps]
+    return torch.cat(logits) if pp.is_last else None
+
+
+def families_on_rank(rank: int, init_method: str, folders: dict[str, str]) -> None:
+    """Rank `rank` of two: every family whole, then as tensor-parallel rank `rank`, then as
+    pipeline stage `rank`; the split logits must be the whole model's (float32 rounding)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    splits = {"tp2": (Communicator(rank, 2, dist.group.WORLD), PipelineStage()),
+              "pp2": (Communicator(), PipelineStage(rank, 2, 0 if rank else None, None if rank else 1))}
+    try:
+        for name, folder in folders.items():
+            whole = split_logits(folder, Communicator(), PipelineStage())
+            for split, (tp, pp) in splits.items():
+                got = split_logits(folder, tp, pp)
+                if got is not None:
+                    torch.testing.assert_close(got, whole, atol=1e-4, rtol=1e-4,
+                                               msg=lambda m, where=f"{name} {split}": f"{where}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_family_split_equals_one_rank(tmp_path):
+    """Every family sluice serves (and Llama's variants: tied with one KV head replicated on both
+    ranks and o/down biases added on rank 0 only, Llama 3.1 and YaRN rope), the mixture-of-experts
+    ones (each rank 1/2 of every expert; Qwen2-MoE's shared expert summed with the routed ones in one
+    all-reduce, beside a dense layer), Qwen3's odd vocabulary (the last rank's rows padded), Phi-3's
+    fused checkpoint projections and Phi-4's partial rotary, OLMo2's q/k norm over every head with
+    one KV head, Gemma 3's windowed and global layers on different stages: on two tensor-parallel
+    ranks and on two pipeline stages the logits equal one rank's, in one launch of two ranks."""
+    from sluice.executor.mp import free_port
+
+    folders = {name: save_family(name, tmp_path / name) for name in FAMILIES}
+    torch.multiprocessing.spawn(families_on_rank, args=(f"tcp://127.0.0.1:{free_port()}", folders), nprocs=2)
 
 
 def test_gguf_blocks_split_at_whole_blocks_equal_one_rank(tmp_path):
