@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 import uuid
 import weakref
@@ -44,6 +45,8 @@ logger = logging.getLogger("sluice")
 
 POLL_MS = 1000  # how often a waiting side checks that the other one still lives
 SHUTDOWN_WAIT_S = 5.0
+# a killed rank's sockets close (its peers fail) a moment before the kernel reports its exit
+PEER_DEATH_GRACE_S = 1.0
 
 EXECUTE = b"execute_model"
 SHUTDOWN = b"shutdown"
@@ -159,7 +162,7 @@ class MultiprocExecutor(Executor):
             if status == ERROR:
                 # a rank that was killed makes its peers fail: name the dead one (a rank that reported
                 # its own error, as at start, exits cleanly and is not taken for dead)
-                self._check_alive(failed_only=True)
+                self._name_a_dead_rank()
                 raise RuntimeError(f"worker failed{self._which(worker)}: {payload.decode()}")
             if status == REFUSED:  # a control call's ValueError (a bad LoRA adapter): the caller's to answer
                 refused = refused or payload.decode()
@@ -170,6 +173,16 @@ class MultiprocExecutor(Executor):
 
     def _which(self, worker: WorkerProc) -> str:
         return f" (rank {worker.rank} of {len(self.workers)})" if len(self.workers) > 1 else ""
+
+    def _name_a_dead_rank(self) -> None:
+        """Raise WorkerDiedError for a rank that died (not one that exited cleanly), waiting out the
+        moment between its sockets closing and its exit being reported."""
+        deadline = time.monotonic() + PEER_DEATH_GRACE_S
+        while True:
+            self._check_alive(failed_only=True)
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
 
     def _check_alive(self, failed_only: bool = False) -> None:
         for worker in self.workers:
