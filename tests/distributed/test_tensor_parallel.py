@@ -169,24 +169,34 @@ def test_gguf_blocks_split_at_whole_blocks_equal_one_rank(tmp_path):
         llm.engine_core.shutdown()
 
 
-@pytest.mark.parametrize("ranks", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
-def test_compressed_tensors_checkpoint_split_equals_one_rank(ranks, tiny_model_dir, tmp_path):
-    """An int8 checkpoint as stored (compressed-tensors W8A8, a scale per output channel): q/k/v and
-    gate/up split by rows with their scales, o and down by input columns, their scales whole on
-    every rank; in stages, each stage's layers. (Under W8A8 each rank quantizes its share of an
-    activation row with its own scale, as vLLM does: the tokens still agree.)"""
+COMPRESSED = dict(dtype="float32", max_model_len=128, kv_cache_memory_bytes=4 << 20)
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_model_dir, tmp_path_factory) -> tuple[str, list[list[int]]]:
+    """The tiny Llama as an int8 checkpoint as stored (compressed-tensors W8A8, a scale per output
+    channel), and one rank's tokens on it."""
     from tests.quantization.test_int8 import write_checkpoints
 
-    target = str(tmp_path / "w8a8")
-    write_checkpoints(tiny_model_dir("llama"), target, str(tmp_path / "twin"))
-    options = dict(dtype="float32", max_model_len=128, kv_cache_memory_bytes=4 << 20)
-    prompts = [PROMPT, PROMPTS[1]]
-    one = tokens(LLM(target, **options), prompts)
+    folder = tmp_path_factory.mktemp("compressed")
+    target = str(folder / "w8a8")
+    write_checkpoints(tiny_model_dir("llama"), target, str(folder / "twin"))
+    one = tokens(LLM(target, **COMPRESSED), [PROMPT, PROMPTS[1]])
     assert all(len(set(t)) > 4 for t in one), one
-    llm = LLM(target, **options, **ranks)
+    return target, one
+
+
+@pytest.mark.parametrize("ranks", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_compressed_tensors_checkpoint_split_equals_one_rank(ranks, compressed):
+    """q/k/v and gate/up split by rows with their scales, o and down by input columns, their
+    scales whole on every rank (under W8A8 each rank's share of an activation row quantized with
+    the whole row's scale: per-rank scales part from one rank's tokens within a few steps); in
+    stages, each stage's layers."""
+    target, one = compressed
+    llm = LLM(target, **COMPRESSED, **ranks)
     try:
         assert llm.engine_core.quantization == "compressed-tensors"
-        assert tokens(llm, prompts) == one
+        assert tokens(llm, [PROMPT, PROMPTS[1]]) == one
     finally:
         llm.engine_core.shutdown()
 
