@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import time
 
 import torch
@@ -22,6 +23,9 @@ logger = logging.getLogger("sluice")
 # A rank that waits longer than this on its peers fails instead of hanging (the executor
 # notices a dead rank within a second; this bounds a live but stuck one).
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
+# a decoder layer's tensor or module, by its path (model.layers.3.mlp..., PEFT's
+# base_model.model.model.layers.3.self_attn.q_proj): its index
+_DECODER_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class Communicator:
@@ -92,6 +96,15 @@ class PipelineStage:
     @property
     def is_last(self) -> bool:
         return self.stage == self.num_stages - 1
+
+    def holds(self, name: str, num_layers: int) -> bool:
+        """Whether the tensor or module at this path is this stage's to hold (or refuse): everything
+        but another stage's decoder layer (a layer the model lacks is every stage's to refuse)."""
+        layer = _DECODER_LAYER.search(name)
+        if layer is None or self.num_stages == 1 or not 0 <= int(layer[1]) < num_layers:
+            return True
+        start, end = self.layer_range(num_layers)
+        return start <= int(layer[1]) < end
 
     def layer_range(self, num_layers: int) -> tuple[int, int]:
         """[start, end) of this stage's layers: equal shares, the first stages one more each when

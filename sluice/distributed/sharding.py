@@ -23,7 +23,6 @@ import torch
 from sluice.distributed import Communicator, PipelineStage
 
 VOCAB_PARALLEL = ("model.embed_tokens.weight", "lm_head.weight")
-LAYERS = "model.layers."
 # an expert's tensor: one per expert (experts.3.w1.weight), or every expert's stacked (experts.gate_proj.weight
 # [E, I, H], experts.gate_up_proj [E, 2I, H])
 _EXPERT = re.compile(r".*\.experts\.(?:\d+\.)?(?P<proj>\w+?)(?:\.weight(?P<scale>_scale)?)?")
@@ -204,8 +203,8 @@ def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], model: torch.nn.M
         yield from weights
         return
     plan = ShardPlan.of(model, tp, stored_block) if tp.world_size > 1 else None
-    start, end = pp.layer_range(model.config.num_hidden_layers)
+    num_layers = model.config.num_hidden_layers
     for name, tensor in weights:
-        if name.startswith(LAYERS) and not start <= int(name[len(LAYERS):].partition(".")[0]) < end:
+        if not pp.holds(name, num_layers):
             continue  # another stage's layer
         yield name, tensor if plan is None else plan.shard(name, tensor)

@@ -8,7 +8,6 @@ before any request uses it; a step then only moves known-good weights into slots
 from __future__ import annotations
 
 import logging
-import re
 from collections import OrderedDict
 
 import torch
@@ -24,8 +23,6 @@ from sluice.lora.request import LoRARequest
 
 logger = logging.getLogger("sluice")
 
-_LAYER = re.compile(r"(?:^|.*\.)layers\.(\d+)\.")  # a decoder layer's module path: its index
-
 
 class LoRAManager:
     def __init__(self, model: nn.Module, config: LoRAConfig, dtype: torch.dtype, device: torch.device) -> None:
@@ -35,12 +32,7 @@ class LoRAManager:
         self.step = LoRAStep(config.max_loras, dtype, device)
         tp = get_tp_group()
         self.shard_plan = ShardPlan.of(model, tp) if tp.world_size > 1 else None  # adapters split as the layers
-        # the decoder layers other pipeline stages hold: their adapter weights are theirs to check and hold
-        self.other_stages: set[int] = set()
-        pp = get_pp_group()
-        if pp.num_stages > 1:
-            num_layers = model.config.get_text_config().num_hidden_layers
-            self.other_stages = set(range(num_layers)) - set(range(*pp.layer_range(num_layers)))
+        self.num_layers = model.config.get_text_config().num_hidden_layers  # split into pipeline stages
         # checkpoint module path (as PEFT names it) -> (its LoRA layer, shard index, in, out rows)
         self.targets: dict[str, tuple[LoRALayer, int, int, int]] = {}
         self.layers: list[tuple[LoRALayer, list[str]]] = []  # each layer and its shards' module paths
@@ -102,7 +94,7 @@ class LoRAManager:
         adapter = self.loaded.get(request.lora_int_id)
         if adapter is None:
             adapter = load_adapter(request.lora_path, request.lora_int_id, self.config.max_lora_rank, self.dtype)
-            if self.other_stages:
+            if get_pp_group().num_stages > 1:
                 adapter = self._stage_share(adapter)
             if self.shard_plan is not None:
                 adapter = self._shard(request, adapter)
@@ -115,9 +107,9 @@ class LoRAManager:
 
     def _stage_share(self, adapter: LoRAModel) -> LoRAModel:
         """The modules of this pipeline stage's layers (and any a stage cannot place, for `_check`
-        to refuse on every stage)."""
-        modules = {name: w for name, w in adapter.modules.items()
-                   if not ((layer := _LAYER.match(name)) and int(layer[1]) in self.other_stages)}
+        to refuse on every stage): the other stages' layers are theirs to check and hold."""
+        pp = get_pp_group()
+        modules = {name: w for name, w in adapter.modules.items() if pp.holds(name, self.num_layers)}
         return LoRAModel(adapter.adapter_id, adapter.rank, modules)
 
     def _shard(self, request: LoRARequest, adapter: LoRAModel) -> LoRAModel:

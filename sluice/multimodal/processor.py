@@ -7,6 +7,8 @@ the expansion Qwen2VLProcessor makes), so the expansion and the pixels are exact
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from typing import Any
 
 import numpy as np
@@ -156,9 +158,6 @@ class MultiModalProcessor:
 
 def _folder_chat_template(folder: str) -> str | None:
     """A processor's chat template as model folders keep it (chat_template.json or .jinja)."""
-    import json
-    import os
-
     for name in ("chat_template.jinja", "chat_template.json"):
         path = os.path.join(folder, name)
         if os.path.exists(path):

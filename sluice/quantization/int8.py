@@ -152,7 +152,9 @@ class ChannelInt8Method(LinearMethod):
         packed = getattr(layer, "int8_packed", None)
         if packed is None or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
             out = self.weight_only(layer, x)
-            return F.gelu(out) if epilogue == native.EPI_GELU else out if residual is None else residual + out
+            if epilogue == native.EPI_GELU:
+                return F.gelu(out)
+            return out if residual is None else residual + out
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if x.stride(-1) != 1:
